@@ -1,0 +1,1 @@
+"""The VPPO algorithm: perturbation, token visual dependency, advantage shaping, gradient filtering, loss."""
