@@ -1,0 +1,192 @@
+"""Hugging Face directories in and out: `from_pretrained` and `save_pretrained`.
+
+Tensors stream one at a time (see safetensors_io); every tensor is checked against the
+abstract model before anything is loaded, and errors name the offending keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+from flax import nnx
+
+from vppo_jax.atomic_dir import atomic_directory
+from vppo_jax.models.qwen2_5_vl.config import DTYPES, Qwen2_5_VLConfig
+from vppo_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration, abstract_model
+from vppo_jax.models.qwen2_5_vl.weights import legacy_name, weight_table
+from vppo_jax.safetensors_io import DTYPES as ST_DTYPES
+from vppo_jax.safetensors_io import CheckpointError, SafetensorsDirectory, write_sharded
+
+CONFIG_FILE = "config.json"
+FLOAT_DTYPES = ("F32", "BF16", "F16")
+# Files of the tokenizer and processor that travel with the weights.
+ASSET_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+    "video_preprocessor_config.json", "processor_config.json", "generation_config.json",
+)
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def read_config(directory: str) -> tuple[Qwen2_5_VLConfig, dict]:
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory} has no {CONFIG_FILE}: not a Hugging Face model directory.")
+    with open(path) as f:
+        raw = json.load(f)
+    try:
+        return Qwen2_5_VLConfig.from_hf_dict(raw), raw
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _check_tensors(files: SafetensorsDirectory, config: Qwen2_5_VLConfig) -> dict[str, str]:
+    """Maps every expected legacy name to its key on disk; raises naming missing/unexpected keys."""
+    on_disk = {legacy_name(key): key for key in files.keys()}
+    expected = {name for entry in weight_table(config) for name in entry.hf_names()}
+    missing = sorted(expected - on_disk.keys())
+    # A tied checkpoint may still carry lm_head.weight (a copy of the embeddings): tolerate it.
+    unexpected = sorted(on_disk.keys() - expected - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    if missing or unexpected:
+        raise CheckpointError(
+            "The checkpoint's tensors do not match the Qwen2.5-VL config: "
+            f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''} ({len(missing)}), "
+            f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)}). "
+            "Check that config.json belongs to these weights."
+        )
+    bad_dtype = sorted(k for k in expected if files.dtype_name(on_disk[k]) not in FLOAT_DTYPES)
+    if bad_dtype:
+        raise CheckpointError(
+            f"Tensors {bad_dtype[:10]} have dtypes {sorted({files.dtype_name(on_disk[k]) for k in bad_dtype})}; "
+            f"weights must be one of {FLOAT_DTYPES}."
+        )
+    return on_disk
+
+
+def _stored_dtype(files: SafetensorsDirectory, on_disk: dict[str, str]) -> str:
+    name = files.dtype_name(on_disk["model.embed_tokens.weight"])
+    return {"F32": "float32", "BF16": "bfloat16", "F16": "float32"}[name]
+
+
+def from_pretrained(path: str, dtype: str | None = None, compute_dtype: str | None = None):
+    """Loads an HF Qwen2.5-VL directory. `dtype` is the parameter dtype (default: as stored)."""
+    config, _ = read_config(path)
+    files = SafetensorsDirectory(path)
+    on_disk = _check_tensors(files, config)
+    param_dtype = dtype or _stored_dtype(files, on_disk)
+    config = dataclasses.replace(
+        config.with_dtypes(param_dtype, compute_dtype or param_dtype), source_dir=os.path.abspath(path)
+    )
+    abstract = abstract_model(config)
+    graphdef, abstract_state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(abstract_state))
+    target = np.dtype(DTYPES[param_dtype])
+    for entry in weight_table(config):
+        spec = flat[entry.path]
+        slices = []
+        for name in entry.hf_names():
+            tensor = entry.transform.to_jax(files.read(on_disk[name]))
+            want = spec.value.shape[1:] if entry.layers else spec.value.shape
+            if tensor.shape != want:
+                raise CheckpointError(
+                    f"tensor {on_disk[name]!r} has shape {files.shape(on_disk[name])}, which does not fit "
+                    f"parameter {'.'.join(entry.path)} of shape {want} (after transposition) for this config."
+                )
+            slices.append(tensor.astype(target))
+        value = np.stack(slices) if entry.layers else slices[0]
+        flat[entry.path] = spec.replace(value=jax.numpy.asarray(value))
+        del slices, value
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def hf_config_dict(config: Qwen2_5_VLConfig) -> dict:
+    """The config.json to write: the source's (when loaded from HF) with the dtype updated."""
+    raw = read_config(config.source_dir)[1] if config.source_dir else config_to_hf_dict(config)
+    raw["torch_dtype"] = raw["dtype"] = config.param_dtype
+    return raw
+
+
+def config_to_hf_dict(config: Qwen2_5_VLConfig) -> dict:
+    """An HF config.json for a model built here (for instance the tiny default model)."""
+    from transformers import Qwen2_5_VLConfig as HFConfig
+
+    v, t = config.vision, config.text
+    hf = HFConfig(
+        text_config=dict(
+            vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+            num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps, hidden_act=t.hidden_act,
+            rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)},
+        ),
+        vision_config=dict(
+            depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_heads=v.num_heads,
+            out_hidden_size=v.out_hidden_size, patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+            spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
+            fullatt_block_indexes=list(v.fullatt_block_indexes), hidden_act=v.hidden_act, in_channels=v.in_channels,
+        ),
+        image_token_id=config.image_token_id, video_token_id=config.video_token_id,
+        vision_start_token_id=config.vision_start_token_id, vision_end_token_id=config.vision_end_token_id,
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+    raw = hf.to_dict()
+    raw["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
+    return raw
+
+
+def save_params_as_hf(
+    config: Qwen2_5_VLConfig, params: dict, directory: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+):
+    """Writes flat params {path: array} as legacy-named safetensors, one tensor at a time."""
+    specs, producers = [], {}
+    for entry in weight_table(config):
+        array = params[entry.path]
+        for i, name in enumerate(entry.hf_names()):
+            part = array[i] if entry.layers else array
+            hf_shape = _hf_shape(config, entry.hf_name, part.shape)
+            specs.append((name, hf_shape, np.dtype(part.dtype)))
+            producers[name] = (entry, array, i)
+
+    def produce(name):
+        entry, array, i = producers[name]
+        part = np.asarray(array[i] if entry.layers else array)
+        return entry.transform.to_hf(part, _hf_shape(config, entry.hf_name, part.shape))
+
+    write_sharded(directory, specs, produce, max_shard_bytes)
+
+
+def _hf_shape(config: Qwen2_5_VLConfig, hf_name: str, our_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if hf_name == "visual.patch_embed.proj.weight":
+        v = config.vision
+        return (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    return tuple(reversed(our_shape)) if len(our_shape) == 2 else tuple(our_shape)
+
+
+def copy_assets(source: str | None, directory: str):
+    if not source:
+        return
+    for name in ASSET_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy2(os.path.join(source, name), os.path.join(directory, name))
+
+
+def write_hf_directory(
+    config: Qwen2_5_VLConfig, params: dict, path: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+):
+    """Writes a complete HF directory atomically: config.json, safetensors, tokenizer files."""
+    with atomic_directory(path) as tmp:
+        save_params_as_hf(config, params, tmp, max_shard_bytes)
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(hf_config_dict(config), f, indent=2)
+        copy_assets(config.source_dir, tmp)
+
+
+def save_pretrained(
+    model: Qwen2_5_VLForConditionalGeneration, path: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+):
+    """Writes a directory that transformers' `from_pretrained` loads (legacy tensor names)."""
+    flat = {p: v.value for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    write_hf_directory(model.config, flat, path, max_shard_bytes)

@@ -1,0 +1,208 @@
+"""Host-side preparation of model inputs: everything that depends on image sizes.
+
+The HF processor returns pixel patches of all images concatenated, their grids
+(t, h, w), token ids and mm_token_type_ids. Image sizes vary, but a compiled function
+needs static shapes, so here (in NumPy, on the host) we compute:
+
+* the vision *slot layout*: patches rearranged into attention windows of
+  `window_units**2` merge units (each unit = 2 x 2 patches), every window padded to full
+  size and the number of windows padded to a bucket. Window attention becomes attention
+  inside fixed-size blocks; full attention uses a per-frame segment id. HF instead permutes
+  the real patches into window order with variable-length windows; the two give the same
+  result because padding slots are masked out.
+* for every image token in the text, the slot of the merge unit whose feature it receives
+  (HF scatters the merged features in row-major (batch, position) order);
+* the M-RoPE position ids, exactly as transformers' `get_rope_index` numbers them.
+"""
+from __future__ import annotations
+
+import itertools
+
+import flax.struct
+import jax
+import numpy as np
+
+from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, VisionConfig
+
+TEXT, IMAGE = 0, 1
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum): one compile per bucket, not per size."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+@flax.struct.dataclass
+class VisionInputs:
+    patches: jax.Array  # (S, patch_dim) pixel rows in slot order, zeros in empty slots
+    slot_valid: jax.Array  # (S,) bool
+    segment_ids: jax.Array  # (S,) int32: frame number for full attention, -1 when empty
+    rotary_hw: jax.Array  # (S, 2) int32: patch row and column inside its frame
+
+
+@flax.struct.dataclass
+class ModelInputs:
+    input_ids: jax.Array  # (B, T) int32
+    attention_mask: jax.Array  # (B, T) bool
+    position_ids: jax.Array  # (3, B, T) int32, M-RoPE (t, h, w)
+    image_token_slot: jax.Array  # (B, T) int32: unit slot feeding each image token, 0 elsewhere
+    vision: VisionInputs | None
+
+
+def _windowed_slots(vcfg: VisionConfig, grid_thw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per patch slot of every window: source pixel row (-1 empty), frame id, (h, w) position.
+
+    Windows are listed image by image, frame by frame, row-major; inside a window its units
+    row-major; inside a unit its 2 x 2 patches row-major (the processor's patch order).
+    """
+    m, wu = vcfg.spatial_merge_size, vcfg.window_units
+    sources, frames, positions = [], [], []
+    row_offset, frame_id = 0, 0
+    for t, gh, gw in grid_thw.tolist():
+        uh_n, uw_n = gh // m, gw // m
+        for _ in range(t):
+            nwh, nww = -(-uh_n // wu), -(-uw_n // wu)
+            # Unit coordinates of every slot: (window row, window col, unit row, unit col, sub row, sub col).
+            wh, ww, ih, iw, sh, sw = np.meshgrid(
+                np.arange(nwh), np.arange(nww), np.arange(wu), np.arange(wu), np.arange(m), np.arange(m),
+                indexing="ij",
+            )
+            uh, uw = wh * wu + ih, ww * wu + iw
+            valid = (uh < uh_n) & (uw < uw_n)
+            unit_index = uh * uw_n + uw
+            source = row_offset + unit_index * m * m + sh * m + sw
+            sources.append(np.where(valid, source, -1).reshape(-1))
+            frames.append(np.where(valid, frame_id, -1).reshape(-1))
+            positions.append(np.stack([uh * m + sh, uw * m + sw], axis=-1).reshape(-1, 2))
+            row_offset += gh * gw
+            frame_id += 1
+    return np.concatenate(sources), np.concatenate(frames), np.concatenate(positions)
+
+
+def vision_inputs(
+    vcfg: VisionConfig, pixel_values: np.ndarray, grid_thw: np.ndarray, min_windows: int = 1
+) -> tuple[VisionInputs, np.ndarray]:
+    """Slot layout of all images of a batch, padded to a bucket of windows.
+
+    Returns the inputs and, for each merged feature in HF order (image by image, units
+    row-major), the index of its unit slot.
+    """
+    grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
+    expected_rows = int(np.prod(grid_thw, axis=1).sum())
+    if pixel_values.shape != (expected_rows, vcfg.patch_dim):
+        raise ValueError(
+            f"pixel_values has shape {pixel_values.shape}, but image_grid_thw {grid_thw.tolist()} "
+            f"needs ({expected_rows}, {vcfg.patch_dim})."
+        )
+    if np.any(grid_thw[:, 1:] % vcfg.spatial_merge_size):
+        raise ValueError(f"image_grid_thw {grid_thw.tolist()}: h and w must be multiples of the merge size.")
+    source, frame, hw = _windowed_slots(vcfg, grid_thw)
+    window_slots = vcfg.window_units**2 * vcfg.merge_unit
+    num_windows = bucket(len(source) // window_slots, min_windows)
+    pad = num_windows * window_slots - len(source)
+    source = np.pad(source, (0, pad), constant_values=-1)
+    frame = np.pad(frame, (0, pad), constant_values=-1)
+    hw = np.pad(hw, ((0, pad), (0, 0)))
+    patches = np.where((source >= 0)[:, None], pixel_values[np.maximum(source, 0)], 0).astype(pixel_values.dtype)
+    # A unit's slot is found from its first patch: unit u of HF order has first pixel row 4u.
+    unit_first = source[:: vcfg.merge_unit]
+    unit_slot = np.full(expected_rows // vcfg.merge_unit, -1, np.int64)
+    real = unit_first >= 0
+    unit_slot[unit_first[real] // vcfg.merge_unit] = np.nonzero(real)[0]
+    inputs = VisionInputs(
+        patches=patches,
+        slot_valid=source >= 0,
+        segment_ids=frame.astype(np.int32),
+        rotary_hw=hw.astype(np.int32),
+    )
+    return inputs, unit_slot
+
+
+def rope_index(
+    input_ids: np.ndarray,
+    mm_token_type_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    image_grid_thw: np.ndarray | None,
+    spatial_merge_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """M-RoPE positions (3, B, T) and rope deltas (B,), numbered as transformers numbers them.
+
+    Only unmasked tokens are numbered (padding keeps 0). A text run continues the count on
+    all three axes; an image run gets t = start, h = start + row, w = start + col over its
+    merged grid, and the count then advances by max(rows, cols).
+    """
+    batch, length = input_ids.shape
+    positions = np.zeros((3, batch, length), np.int64)
+    deltas = np.zeros((batch,), np.int64)
+    grids = iter(np.asarray(image_grid_thw).reshape(-1, 3).tolist() if image_grid_thw is not None else [])
+    for b in range(batch):
+        keep = attention_mask[b].astype(bool)
+        types = mm_token_type_ids[b][keep]
+        row, current = [], 0
+        for kind, run in itertools.groupby(types.tolist()):
+            run_length = len(list(run))
+            if kind == TEXT:
+                row.append(np.broadcast_to(np.arange(run_length) + current, (3, run_length)))
+                current += run_length
+                continue
+            if kind != IMAGE:
+                raise ValueError(f"mm_token_type_ids value {kind} (video) is not supported; images only.")
+            t, h, w = (int(x) for x in next(grids))
+            gh, gw = h // spatial_merge_size, w // spatial_merge_size
+            if run_length != t * gh * gw:
+                raise ValueError(
+                    f"row {b}: an image run of {run_length} tokens does not match its grid {[t, h, w]} "
+                    f"({t * gh * gw} tokens)."
+                )
+            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+            row.append(np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + current)
+            current += max(gh, gw)
+        numbered = np.concatenate(row, axis=1) if row else np.zeros((3, 0), np.int64)
+        positions[:, b, keep] = numbered
+        deltas[b] = (numbered.max() + 1 if numbered.size else 0) - int(keep.sum())
+    return positions, deltas
+
+
+def prepare_inputs(
+    config: Qwen2_5_VLConfig,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    image_grid_thw=None,
+    mm_token_type_ids=None,
+    min_windows: int = 1,
+) -> ModelInputs:
+    """Turns the arrays an HF processor returns into static-shape `ModelInputs` (NumPy)."""
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}.")
+    attention_mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask, bool)
+    is_image = input_ids == config.image_token_id
+    if mm_token_type_ids is None:
+        # HF silently falls back to 1D positions here, which changes the logits; we derive the
+        # types from the token ids instead, which is what the processor would have returned.
+        mm_token_type_ids = is_image.astype(np.int64)
+    mm_token_type_ids = np.asarray(mm_token_type_ids)
+    n_image_tokens = int(is_image.sum())
+    vision, image_token_slot = None, np.zeros(input_ids.shape, np.int32)
+    if pixel_values is not None:
+        vcfg = config.vision
+        vision, unit_slot = vision_inputs(vcfg, np.asarray(pixel_values), np.asarray(image_grid_thw), min_windows)
+        if n_image_tokens != len(unit_slot):
+            raise ValueError(
+                f"The text holds {n_image_tokens} image tokens but the images give {len(unit_slot)} "
+                "features: expand each <|image_pad|> to t*h*w/4 tokens."
+            )
+        image_token_slot[is_image] = unit_slot
+    elif n_image_tokens:
+        raise ValueError(f"The text holds {n_image_tokens} image tokens but no pixel_values were given.")
+    positions, _ = rope_index(
+        input_ids, mm_token_type_ids, attention_mask, image_grid_thw, config.vision.spatial_merge_size
+    )
+    return ModelInputs(
+        input_ids=input_ids.astype(np.int32),
+        attention_mask=attention_mask,
+        position_ids=positions.astype(np.int32),
+        image_token_slot=image_token_slot,
+        vision=vision,
+    )

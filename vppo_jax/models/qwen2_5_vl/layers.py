@@ -1,0 +1,112 @@
+"""Building blocks shared by the vision tower and the text decoder.
+
+Numerics follow transformers' Qwen2.5-VL: RMSNorm in fp32 cast back before the weight,
+attention scores softmaxed in fp32, masks applied in fp32.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS: dict[str, Callable] = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+
+
+def normal_init(stddev: float = 0.02):
+    return nnx.initializers.normal(stddev)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel + bias, kernel stored (in, out) (the transpose of torch's Linear)."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, param_dtype, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(normal_init()(rngs.params(), (in_features, out_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """Normalises in fp32, casts back to the input dtype, then scales (HF order of operations)."""
+
+    def __init__(self, size: int, *, eps: float, param_dtype):
+        self.weight = nnx.Param(jnp.ones((size,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * normed.astype(x.dtype)
+
+
+class GatedMLP(nnx.Module):
+    """SwiGLU: down(act(gate(x)) * up(x)); the vision tower has biases, the decoder does not."""
+
+    def __init__(self, hidden: int, intermediate: int, *, act: str, use_bias: bool, param_dtype, dtype, rngs):
+        linear = dict(use_bias=use_bias, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear(hidden, intermediate, **linear)
+        self.up_proj = Linear(hidden, intermediate, **linear)
+        self.down_proj = Linear(intermediate, hidden, **linear)
+        self.act = ACTIVATIONS[act]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    return x * cos + rotate_half(x) * sin
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Scaled dot-product attention with grouped key/value heads.
+
+    q: (..., Tq, H, hd); k, v: (..., Tk, Hkv, hd); mask: broadcastable to (..., Tq, Tk), True
+    where a query may attend. Scores are masked and softmaxed in fp32; a fully masked row
+    (padding) gets a uniform, finite distribution rather than NaN.
+    """
+    *lead, tq, num_heads, head_dim = q.shape
+    num_kv = k.shape[-2]
+    q = q.reshape(*lead, tq, num_kv, num_heads // num_kv, head_dim)
+    scores = jnp.einsum("...qkgd,...skd->...kgqs", q, k).astype(jnp.float32) * head_dim**-0.5
+    scores = jnp.where(mask[..., None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("...kgqs,...skd->...qkgd", probs, v)
+    return out.reshape(*lead, tq, num_heads * head_dim)
+
+
+def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`count` copies of a layer with parameters stacked on a leading axis, for lax.scan."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(layer_rngs):
+        return make_layer(layer_rngs)
+
+    return make(rngs)
+
+
+def scan_layers(layers: nnx.Module, carry, per_layer_inputs, body: Callable):
+    """Runs `body(layer, carry, per_layer_input) -> carry` over stacked layers with lax.scan.
+
+    Scanning compiles one layer instead of L copies: compile time stays flat at 28 or 64 layers.
+    """
+    graphdef, params = nnx.split(layers)
+
+    def step(carry, xs):
+        layer_params, per_layer = xs
+        return body(nnx.merge(graphdef, layer_params), carry, per_layer), None
+
+    carry, _ = jax.lax.scan(step, carry, (params, per_layer_inputs))
+    return carry

@@ -1,0 +1,79 @@
+"""Qwen2.5-VL for conditional generation: vision tower + text decoder + lm_head."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, prepare_inputs
+from vppo_jax.models.qwen2_5_vl.layers import normal_init
+from vppo_jax.models.qwen2_5_vl.text import TextModel
+from vppo_jax.models.qwen2_5_vl.vision import VisionTower
+
+
+class Qwen2_5_VLForConditionalGeneration(nnx.Module):
+    def __init__(self, config: Qwen2_5_VLConfig, *, rngs: nnx.Rngs):
+        t = config.text
+        self.config = config
+        self.visual = VisionTower(config, rngs)
+        self.language_model = TextModel(config, rngs)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nnx.Param(normal_init()(rngs.params(), (t.hidden_size, t.vocab_size), config.jnp_param_dtype))
+        )
+
+    def unembedding(self) -> jax.Array:
+        """The (hidden, vocab) matrix that maps final hidden states to logits."""
+        if self.lm_head is None:
+            return self.language_model.embed_tokens[...].T
+        return self.lm_head[...]
+
+    def input_embeddings(self, inputs: ModelInputs) -> jax.Array:
+        """Token embeddings with the merged image features scattered at the image tokens."""
+        embeddings = self.language_model.embed(inputs.input_ids)
+        if inputs.vision is None:
+            return embeddings
+        features = self.visual(inputs.vision).astype(embeddings.dtype)
+        is_image = inputs.input_ids == self.config.image_token_id
+        return jnp.where(is_image[..., None], features[inputs.image_token_slot], embeddings)
+
+    def hidden_states(self, inputs: ModelInputs) -> jax.Array:
+        """Final normalised hidden states (B, T, D): what losses project in chunks over time."""
+        return self.language_model(self.input_embeddings(inputs), inputs.position_ids, inputs.attention_mask)
+
+    def logits(self, inputs: ModelInputs) -> jax.Array:
+        hidden = self.hidden_states(inputs)
+        return jnp.dot(hidden, self.unembedding().astype(hidden.dtype))
+
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        mm_token_type_ids=None,
+    ) -> jax.Array:
+        """Logits (B, T, V) from the arrays an HF processor returns, like transformers' forward."""
+        inputs = prepare_inputs(
+            self.config, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids
+        )
+        return _jitted_logits(self, inputs)
+
+
+@nnx.jit
+def _jitted_logits(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInputs) -> jax.Array:
+    return model.logits(inputs)
+
+
+def init_model(config: Qwen2_5_VLConfig, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+    """A randomly initialised model (std 0.02 normal weights, unit norms, zero biases)."""
+    return Qwen2_5_VLForConditionalGeneration(config, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: Qwen2_5_VLConfig) -> Qwen2_5_VLForConditionalGeneration:
+    """The model with ShapeDtypeStructs instead of arrays: shapes to check a checkpoint against."""
+    return nnx.eval_shape(functools.partial(init_model, config))

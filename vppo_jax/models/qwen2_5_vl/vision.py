@@ -1,0 +1,121 @@
+"""The Qwen2.5-VL vision tower: patch embedding, 2D rotary, window/full attention blocks, merger.
+
+It runs on the slot layout of `inputs.vision_inputs`: S patch slots grouped in windows of
+`window_units**2 * 4` slots. Window layers attend inside a window; the layers listed in
+`fullatt_block_indexes` attend over the whole frame (same segment id).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+from vppo_jax.models.qwen2_5_vl.inputs import VisionInputs
+from vppo_jax.models.qwen2_5_vl.layers import (
+    GatedMLP,
+    Linear,
+    RMSNorm,
+    apply_rotary,
+    attention,
+    scan_layers,
+    stacked,
+)
+
+VISION_NORM_EPS = 1e-6  # hard-coded in transformers, not read from the config
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, config: Qwen2_5_VLConfig, rngs: nnx.Rngs):
+        vcfg = config.vision
+        linear = dict(use_bias=True, param_dtype=config.jnp_param_dtype, dtype=config.jnp_dtype, rngs=rngs)
+        self.qkv = Linear(vcfg.hidden_size, 3 * vcfg.hidden_size, **linear)
+        self.proj = Linear(vcfg.hidden_size, vcfg.hidden_size, **linear)
+        self.num_heads = vcfg.num_heads
+        self.window_slots = vcfg.window_units**2 * vcfg.merge_unit
+
+    def __call__(self, x, cos, sin, vision: VisionInputs, full: jax.Array) -> jax.Array:
+        slots = x.shape[0]
+        q, k, v = jnp.split(self.qkv(x).reshape(slots, 3 * self.num_heads, -1), 3, axis=1)
+        # The rotation runs in fp32 whatever the compute dtype (as in transformers).
+        q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(x.dtype)
+        k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(x.dtype)
+
+        def full_attention():
+            seg = vision.segment_ids
+            mask = (seg[:, None] == seg[None, :]) & vision.slot_valid[None, :]
+            return attention(q, k, v, mask)
+
+        def window_attention():
+            windows = slots // self.window_slots
+            blocks = lambda a: a.reshape(windows, self.window_slots, *a.shape[1:])
+            valid = blocks(vision.slot_valid)
+            mask = jnp.broadcast_to(valid[:, None, :], (windows, self.window_slots, self.window_slots))
+            return attention(blocks(q), blocks(k), blocks(v), mask).reshape(slots, -1)
+
+        return self.proj(jax.lax.cond(full, full_attention, window_attention))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, config: Qwen2_5_VLConfig, rngs: nnx.Rngs):
+        vcfg, pdt = config.vision, config.jnp_param_dtype
+        self.norm1 = RMSNorm(vcfg.hidden_size, eps=VISION_NORM_EPS, param_dtype=pdt)
+        self.norm2 = RMSNorm(vcfg.hidden_size, eps=VISION_NORM_EPS, param_dtype=pdt)
+        self.attn = VisionAttention(config, rngs)
+        self.mlp = GatedMLP(
+            vcfg.hidden_size, vcfg.intermediate_size, act=vcfg.hidden_act, use_bias=True,
+            param_dtype=pdt, dtype=config.jnp_dtype, rngs=rngs,
+        )
+
+    def __call__(self, x, cos, sin, vision: VisionInputs, full: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x), cos, sin, vision, full)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, then 4 consecutive slots (one 2 x 2 unit) concatenated, Linear-GELU-Linear."""
+
+    def __init__(self, config: Qwen2_5_VLConfig, rngs: nnx.Rngs):
+        vcfg, pdt, dt = config.vision, config.jnp_param_dtype, config.jnp_dtype
+        merged = vcfg.hidden_size * vcfg.merge_unit
+        self.ln_q = RMSNorm(vcfg.hidden_size, eps=VISION_NORM_EPS, param_dtype=pdt)
+        self.fc1 = Linear(merged, merged, use_bias=True, param_dtype=pdt, dtype=dt, rngs=rngs)
+        self.fc2 = Linear(merged, vcfg.out_hidden_size, use_bias=True, param_dtype=pdt, dtype=dt, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.ln_q(x).reshape(x.shape[0] // 4, -1)
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class VisionTower(nnx.Module):
+    def __init__(self, config: Qwen2_5_VLConfig, rngs: nnx.Rngs):
+        vcfg = config.vision
+        self.config = config
+        # Conv3d with kernel == stride over a flattened patch is a matmul with the flattened kernel.
+        self.patch_embed = Linear(
+            vcfg.patch_dim, vcfg.hidden_size, use_bias=False,
+            param_dtype=config.jnp_param_dtype, dtype=config.jnp_dtype, rngs=rngs,
+        )
+        self.blocks = stacked(lambda r: VisionBlock(config, r), vcfg.depth, rngs)
+        self.merger = PatchMerger(config, rngs)
+
+    def rotary(self, rotary_hw: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Axial 2D rotary: head_dim/4 frequencies for rows, as many for columns, in fp32."""
+        vcfg = self.config.vision
+        quarter = vcfg.head_dim // 2
+        inv_freq = 1.0 / vcfg.rope_theta ** (jnp.arange(0, quarter, 2, dtype=jnp.float32) / quarter)
+        angles = rotary_hw.astype(jnp.float32)[:, :, None] * inv_freq  # (S, 2, head_dim/4)
+        angles = angles.reshape(angles.shape[0], -1)
+        angles = jnp.concatenate([angles, angles], axis=-1)[:, None, :]  # broadcast over heads
+        return jnp.cos(angles), jnp.sin(angles)
+
+    def __call__(self, vision: VisionInputs) -> jax.Array:
+        """Merged features, one row per unit slot: (S / 4, out_hidden_size)."""
+        vcfg = self.config.vision
+        x = self.patch_embed(vision.patches)
+        cos, sin = self.rotary(vision.rotary_hw)
+        is_full = jnp.isin(jnp.arange(vcfg.depth), jnp.asarray(vcfg.fullatt_block_indexes, jnp.int32))
+        x = scan_layers(
+            self.blocks, x, is_full, lambda block, h, full: block(h, cos, sin, vision, full)
+        )
+        return self.merger(x)
