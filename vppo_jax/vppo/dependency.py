@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 LOG_RATIO_CLIP = 20.0  # clip on log-ratios before exp (reference code), avoids inf/nan
 K3_MAX = 10.0  # clip on the k3 value (reference code)
+DEFAULT_CHUNK_SIZE = 128  # 128 x 152064 fp32 logits = 74 MiB per sequence and distribution
 
 
 def k3_divergence(logp, logq):
@@ -79,7 +80,8 @@ def _map_token_chunks(chunk_fn, chunk_size, *per_token):
     return jax.tree.map(from_chunks, chunk_outputs)
 
 
-def token_logprobs_and_entropy(hidden, unembedding, tokens, temperature=1.0, chunk_size=256):
+def token_logprobs_and_entropy(hidden, unembedding, tokens, temperature=1.0,
+                               chunk_size=DEFAULT_CHUNK_SIZE):
     """log pi(o_t | s_t) and the entropy H(pi(. | s_t)) per token, chunked over T.
 
     Args:
@@ -126,7 +128,7 @@ ESTIMATORS = {"k3": _sampled_k3, "kl": _exact_kl, "jsd": _jensen_shannon,
 
 
 def token_dependency(name, hidden, hidden_perturbed, unembedding, tokens, mask,
-                     temperature=1.0, chunk_size=256):
+                     temperature=1.0, chunk_size=DEFAULT_CHUNK_SIZE):
     """Per-token visual dependency S_t (spec section 1) with estimator `name`.
 
     Args:
