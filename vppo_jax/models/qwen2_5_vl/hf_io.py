@@ -13,6 +13,7 @@ import shutil
 import jax
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from vppo_jax.atomic_dir import atomic_directory
 from vppo_jax.models.qwen2_5_vl.config import DTYPES, Qwen2_5_VLConfig
@@ -72,35 +73,48 @@ def _stored_dtype(files: SafetensorsDirectory, on_disk: dict[str, str]) -> str:
     return {"F32": "float32", "BF16": "bfloat16", "F16": "float32"}[name]
 
 
-def from_pretrained(path: str, dtype: str | None = None, compute_dtype: str | None = None):
-    """Loads an HF Qwen2.5-VL directory. `dtype` is the parameter dtype (default: as stored)."""
+def read_hf_params(path: str, dtype: str | None = None) -> tuple[Qwen2_5_VLConfig, dict]:
+    """Reads an HF directory into {parameter path: NumPy array}, one tensor at a time.
+
+    `dtype` is the parameter dtype (default: as stored). Stacked parameters are filled
+    layer by layer in place, so peak memory is the parameters plus one tensor.
+    """
     config, _ = read_config(path)
     files = SafetensorsDirectory(path)
     on_disk = _check_tensors(files, config)
     param_dtype = dtype or _stored_dtype(files, on_disk)
-    config = dataclasses.replace(
-        config.with_dtypes(param_dtype, compute_dtype or param_dtype), source_dir=os.path.abspath(path)
-    )
-    abstract = abstract_model(config)
-    graphdef, abstract_state = nnx.split(abstract)
-    flat = dict(nnx.to_flat_state(abstract_state))
+    config = dataclasses.replace(config.with_dtypes(param_dtype), source_dir=os.path.abspath(path))
+    shapes = dict(nnx.to_flat_state(nnx.state(abstract_model(config))))
     target = np.dtype(DTYPES[param_dtype])
-    for entry in weight_table(config):
-        spec = flat[entry.path]
-        slices = []
-        for name in entry.hf_names():
+    params = {}
+    for entry in tqdm(weight_table(config), desc=f"reading {path}", unit="param", disable=None, leave=False):
+        shape = shapes[entry.path].get_value().shape
+        value = np.empty(shape, target)
+        for i, name in enumerate(entry.hf_names()):
             tensor = entry.transform.to_jax(files.read(on_disk[name]))
-            want = spec.value.shape[1:] if entry.layers else spec.value.shape
+            want = shape[1:] if entry.layers else shape
             if tensor.shape != want:
                 raise CheckpointError(
                     f"tensor {on_disk[name]!r} has shape {files.shape(on_disk[name])}, which does not fit "
                     f"parameter {'.'.join(entry.path)} of shape {want} (after transposition) for this config."
                 )
-            slices.append(tensor.astype(target))
-        value = np.stack(slices) if entry.layers else slices[0]
-        flat[entry.path] = spec.replace(value=jax.numpy.asarray(value))
-        del slices, value
+            value[i if entry.layers else ...] = tensor
+        params[entry.path] = value
+    return config, params
+
+
+def model_from_params(config: Qwen2_5_VLConfig, params: dict) -> Qwen2_5_VLForConditionalGeneration:
+    """Builds the model around {path: array}, moving each array to the device as it goes."""
+    graphdef, state = nnx.split(abstract_model(config))
+    flat = dict(nnx.to_flat_state(state))
+    for path in list(params):
+        flat[path] = flat[path].replace(value=jax.numpy.asarray(params.pop(path)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def from_pretrained(path: str, dtype: str | None = None) -> Qwen2_5_VLForConditionalGeneration:
+    """Loads an HF Qwen2.5-VL directory. `dtype` is the parameter (and compute) dtype; default as stored."""
+    return model_from_params(*read_hf_params(path, dtype))
 
 
 def hf_config_dict(config: Qwen2_5_VLConfig) -> dict:
@@ -146,23 +160,19 @@ def save_params_as_hf(
         array = params[entry.path]
         for i, name in enumerate(entry.hf_names()):
             part = array[i] if entry.layers else array
-            hf_shape = _hf_shape(config, entry.hf_name, part.shape)
-            specs.append((name, hf_shape, np.dtype(part.dtype)))
+            specs.append((name, entry.transform.hf_shape(part.shape), np.dtype(part.dtype)))
             producers[name] = (entry, array, i)
 
+    progress = tqdm(total=len(specs), desc=f"writing {directory}", unit="tensor", disable=None, leave=False)
+
     def produce(name):
+        progress.update()
         entry, array, i = producers[name]
         part = np.asarray(array[i] if entry.layers else array)
-        return entry.transform.to_hf(part, _hf_shape(config, entry.hf_name, part.shape))
+        return entry.transform.to_hf(part)
 
     write_sharded(directory, specs, produce, max_shard_bytes)
-
-
-def _hf_shape(config: Qwen2_5_VLConfig, hf_name: str, our_shape: tuple[int, ...]) -> tuple[int, ...]:
-    if hf_name == "visual.patch_embed.proj.weight":
-        v = config.vision
-        return (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-    return tuple(reversed(our_shape)) if len(our_shape) == 2 else tuple(our_shape)
+    progress.close()
 
 
 def copy_assets(source: str | None, directory: str):
@@ -188,5 +198,5 @@ def save_pretrained(
     model: Qwen2_5_VLForConditionalGeneration, path: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 ):
     """Writes a directory that transformers' `from_pretrained` loads (legacy tensor names)."""
-    flat = {p: v.value for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    flat = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     write_hf_directory(model.config, flat, path, max_shard_bytes)

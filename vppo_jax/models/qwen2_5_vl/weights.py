@@ -17,14 +17,18 @@ from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 @dataclasses.dataclass(frozen=True)
 class Transform:
     to_jax: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]  # gets the HF shape to restore
+    to_hf: Callable[[np.ndarray], np.ndarray]
+    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]  # HF shape from ours, before writing
 
 
-IDENTITY = Transform(lambda a: a, lambda a, shape: a)
+IDENTITY = Transform(lambda a: a, lambda a: a, lambda shape: shape)
 # torch Linear stores (out, in); we store (in, out).
-LINEAR = Transform(lambda a: a.T, lambda a, shape: a.T)
-# Conv3d (D, C, T, P, P) with kernel == stride is a Linear on flattened patches.
-CONV_AS_LINEAR = Transform(lambda a: a.reshape(a.shape[0], -1).T, lambda a, shape: a.T.reshape(shape))
+LINEAR = Transform(lambda a: a.T, lambda a: a.T, lambda shape: shape[::-1])
+
+
+def conv_as_linear(hf_shape: tuple[int, ...]) -> Transform:
+    """Conv3d (D, C, T, P, P) with kernel == stride is a Linear on flattened patches."""
+    return Transform(lambda a: a.reshape(a.shape[0], -1).T, lambda a: a.T.reshape(hf_shape), lambda shape: hf_shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +52,9 @@ def _linear(path: tuple[str, ...], hf: str, bias: bool, layers: int) -> list[Ent
 def weight_table(config: Qwen2_5_VLConfig) -> list[Entry]:
     depth, num_layers = config.vision.depth, config.text.num_hidden_layers
     vb, tl = ("visual", "blocks"), ("language_model", "layers")
-    table = [Entry(("visual", "patch_embed", "kernel"), "visual.patch_embed.proj.weight", CONV_AS_LINEAR)]
+    v = config.vision
+    conv_shape = (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    table = [Entry(("visual", "patch_embed", "kernel"), "visual.patch_embed.proj.weight", conv_as_linear(conv_shape))]
     for norm in ("norm1", "norm2"):
         table.append(Entry(vb + (norm, "weight"), f"visual.blocks.{{i}}.{norm}.weight", IDENTITY, depth))
     for name in ("qkv", "proj"):

@@ -1,0 +1,34 @@
+"""Converts an orbax checkpoint of this project back into a Hugging Face Qwen2.5-VL directory.
+
+    python scripts/convert_jax_to_hf.py --checkpoint=/path/qwen7b_jax --out=/path/hf_export
+
+The output loads with transformers' Qwen2_5_VLForConditionalGeneration.from_pretrained:
+config.json, legacy-named safetensors (sharded with an index above --max_shard_gb) and the
+tokenizer and processor files of the original directory. It appears only when complete.
+"""
+import argparse
+import sys
+
+from vppo_jax.models.qwen2_5_vl.checkpoint import load_params
+from vppo_jax.models.qwen2_5_vl.hf_io import write_hf_directory
+from vppo_jax.safetensors_io import CheckpointError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="directory written by convert_hf_to_jax.py")
+    parser.add_argument("--out", required=True, help="output HF directory (must not exist)")
+    parser.add_argument("--max_shard_gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
+    args = parser.parse_args(argv)
+    try:
+        config, params = load_params(args.checkpoint)
+        write_hf_directory(config, params, args.out, int(args.max_shard_gb * 1024**3))
+    except (CheckpointError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The Flax port against transformers' Qwen2.5-VL on tiny random models (fp32 and bf16)."""
+import jax
+import numpy as np
+import pytest
+import torch
+
+from hf_reference import hf_logits, processor_batch, text_ids, tiny_hf_model
+from vppo_jax.models import qwen2_5_vl
+from vppo_jax.models.qwen2_5_vl.inputs import prepare_inputs
+
+# (text ids, image sizes in pixels) per sequence.
+ONE_IMAGE = [(text_ids(10, 1), [(56, 84)])]
+TWO_IMAGES = [(text_ids(9, 2), [(56, 84), (140, 112)])]
+BATCH_OF_THREE = [
+    (text_ids(8, 3), [(84, 56)]),
+    (text_ids(3, 4), [(168, 252)]),
+    (text_ids(25, 5), [(112, 112), (28, 56)]),
+]
+# 252 x 364 px = 9 x 13 units: neither side a multiple of the 4-unit window, so windows are padded.
+UNEVEN_WINDOWS = [(text_ids(6, 6), [(252, 364)])]
+
+
+def load_port(hf_model, tmp_path, **kwargs):
+    hf_model.save_pretrained(tmp_path / "hf")
+    return qwen2_5_vl.from_pretrained(str(tmp_path / "hf"), **kwargs)
+
+
+def max_abs_error_on_real_tokens(hf_model, model, batch):
+    reference = hf_logits(hf_model, batch)
+    ours = np.asarray(model(**batch), np.float32)
+    real = batch["attention_mask"].astype(bool)
+    return np.abs(reference - ours)[real].max()
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return tiny_hf_model(seed=0)
+
+
+@pytest.fixture(scope="module")
+def port(hf_model, tmp_path_factory):
+    return load_port(hf_model, tmp_path_factory.mktemp("port"))
+
+
+@pytest.mark.parametrize(
+    "samples",
+    [[(text_ids(12, 0), [])], ONE_IMAGE, TWO_IMAGES, BATCH_OF_THREE, UNEVEN_WINDOWS],
+    ids=["text_only", "one_image", "two_images_different_sizes", "batch_of_3_padded", "uneven_windows"],
+)
+def test_fp32_logits_match_transformers(hf_model, port, samples):
+    assert max_abs_error_on_real_tokens(hf_model, port, processor_batch(samples)) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(fullatt=()), dict(fullatt=(0, 1)), dict(tied=True), dict(depth=4, fullatt=(1, 3))],
+    ids=["all_windowed", "all_full_attention", "tied_embeddings", "depth4_mixed"],
+)
+def test_fp32_logits_match_transformers_across_configs(tmp_path, config):
+    hf_model = tiny_hf_model(seed=1, **config)
+    model = load_port(hf_model, tmp_path)
+    assert max_abs_error_on_real_tokens(hf_model, model, processor_batch(BATCH_OF_THREE + UNEVEN_WINDOWS)) <= 1e-4
+
+
+def test_merged_vision_features_match(hf_model, port):
+    batch = processor_batch(BATCH_OF_THREE + UNEVEN_WINDOWS)
+    with torch.no_grad():
+        features = hf_model.model.get_image_features(
+            torch.from_numpy(batch["pixel_values"]), torch.from_numpy(batch["image_grid_thw"])
+        ).pooler_output
+    reference = torch.cat(features).numpy()
+    inputs = prepare_inputs(port.config, **batch)
+    ours = np.asarray(port.visual(inputs.vision))
+    is_image = batch["input_ids"] == port.config.image_token_id
+    ours_in_hf_order = ours[inputs.image_token_slot[is_image]]
+    assert ours_in_hf_order.shape == reference.shape
+    assert np.abs(ours_in_hf_order - reference).max() <= 1e-5
+
+
+def test_mrope_position_ids_match(hf_model, port):
+    batch = processor_batch(BATCH_OF_THREE + TWO_IMAGES + UNEVEN_WINDOWS)
+    torch_batch = {k: torch.from_numpy(v) for k, v in batch.items() if k != "pixel_values"}
+    reference, reference_deltas = hf_model.model.get_rope_index(**torch_batch)
+    positions, deltas = qwen2_5_vl.rope_index(
+        batch["input_ids"], batch["mm_token_type_ids"], batch["attention_mask"], batch["image_grid_thw"], 2
+    )
+    np.testing.assert_array_equal(positions, reference.numpy())
+    np.testing.assert_array_equal(deltas, reference_deltas.numpy().reshape(-1))
+
+
+def test_one_compile_per_bucket(port):
+    """Different image sizes that land in the same window bucket reuse one compiled function."""
+    first = prepare_inputs(port.config, **processor_batch([(text_ids(5, 7), [(56, 84)])]))
+    second = prepare_inputs(port.config, **processor_batch([(text_ids(5, 7), [(84, 56)])]))
+    signature = lambda inputs: jax.tree.map(lambda a: (a.shape, a.dtype), inputs)
+    assert signature(first) == signature(second)
+    assert not np.array_equal(first.vision.slot_valid, second.vision.slot_valid)
+
+
+def test_bf16_agrees_with_transformers_bf16(tmp_path):
+    hf32 = tiny_hf_model(seed=2)
+    hf32.save_pretrained(tmp_path / "hf")
+    hf16 = hf32.to(torch.bfloat16)
+    model = qwen2_5_vl.from_pretrained(str(tmp_path / "hf"), dtype="bfloat16")
+    samples = [(text_ids(60, 10 + i), [(56 + 28 * i, 84)]) for i in range(6)]
+    batch = processor_batch(samples)
+    reference = hf_logits(hf16, batch)
+    ours = np.asarray(model(**batch), np.float32)
+    real = batch["attention_mask"].astype(bool)
+    top1_agreement = (reference.argmax(-1) == ours.argmax(-1))[real].mean()
+    log_p = torch.log_softmax(torch.from_numpy(reference), -1)
+    log_q = torch.log_softmax(torch.from_numpy(ours), -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).numpy()[real]
+    assert real.sum() > 500
+    assert top1_agreement >= 0.99, top1_agreement
+    assert kl.mean() <= 1e-3, kl.mean()
