@@ -64,12 +64,16 @@ def loss_counts(response_mask, aggregation="token"):
     raise ValueError(f"unknown aggregation {aggregation!r}; expected 'token' or 'sequence'")
 
 
-def _aggregate(per_token, mask, aggregation):
-    """Sum of a masked (B, T) quantity, per-sequence normalised under "sequence"."""
-    masked = per_token * mask
+def _aggregate(per_token, weights, mask, aggregation):
+    """Sum of weights * per_token; under "sequence" each row is divided by its |o_i|.
+
+    The per-sequence denominator is the response length, not the number of selected
+    tokens: unselected tokens contribute zero to the mean, as in Eq. 6.
+    """
+    weighted = (per_token * weights).sum(axis=-1)
     if aggregation == "sequence":
-        return (masked.sum(axis=-1) / jnp.maximum(mask.sum(axis=-1), 1.0)).sum()
-    return masked.sum()
+        weighted = weighted / jnp.maximum(mask.sum(axis=-1), 1.0)
+    return weighted.sum()
 
 
 def clipped_token_loss(logp, old_logp, shaped_advantages, config):
@@ -119,12 +123,12 @@ def loss_sums(logp, old_logp, advantages, response_mask, alpha=None, token_weigh
     weights = mask if token_weights is None else jax.lax.stop_gradient(token_weights) * mask
 
     token_loss, ratio, indicators = clipped_token_loss(logp, old_logp, shaped[:, None], config)
-    policy = _aggregate(token_loss, weights, config.aggregation)
+    policy = _aggregate(token_loss, weights, mask, config.aggregation)
     entropy = (-logp * mask).sum()
     if ref_logp is None:
         kl = jnp.zeros((), jnp.float32)
     else:
-        kl = _aggregate(k3_divergence(logp, ref_logp), mask, config.aggregation)
+        kl = _aggregate(k3_divergence(logp, ref_logp), mask, mask, config.aggregation)
 
     metric_sums = {name: (active * mask).sum() for name, active in indicators.items()}
     metric_sums["ratio"] = (ratio * mask).sum()

@@ -80,9 +80,10 @@ def advantage_scale(trajectory_scores, trajectory_valid, mode="dynamic",
 def selection_count(lengths, k):
     """ceil(k * |o_i|) in exact integer arithmetic.
 
-    In floating point, k * |o| can land just above an integer (0.7 * 10 = 7.000000000000001
-    in float64) and ceil would bump it up. k (a static config value) is turned into the
-    nearest fraction p/q with q <= 10000, exact for every k with up to four decimals, and
+    In floating point, k * |o| can land just above an integer and ceil bumps it up: in
+    float32 (what the torch reference computes in) 0.3 * 50 = 15.000001, in float64
+    0.28 * 25 = 7.000000000000001. Here k (a static config value) becomes the nearest
+    fraction p/q with q <= 10000, exact for every k with up to four decimals, and
     ceil(|o| p / q) is computed on integers.
     """
     if not 0.0 <= k <= 1.0:
