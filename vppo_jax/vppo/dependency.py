@@ -32,7 +32,7 @@ def k3_divergence(logp, logq):
     """Per-token k3 estimate of KL(p || q) on a token sampled from p (spec section 1).
 
     d = clip(log q(o) - log p(o), -20, 20);  k3 = clip(exp(d) - d - 1, 0, 10).
-    E_p[exp(d) - d - 1] = 1 - 1 + KL(p || q), so it is unbiased before clipping.
+    Since E_p[q/p] = 1 and E_p[-d] = KL(p || q), it is unbiased before clipping.
     """
     d = jnp.clip(logq - logp, -LOG_RATIO_CLIP, LOG_RATIO_CLIP)
     return jnp.clip(jnp.exp(d) - d - 1.0, 0.0, K3_MAX)

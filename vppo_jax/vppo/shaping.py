@@ -33,6 +33,8 @@ def _by_scope(values, scope, group_size):
     if scope == "global":
         return values.reshape(1, -1)
     if scope == "per_group":
+        if group_size is None:
+            raise ValueError("per_group TAS scope needs group_size")
         return values.reshape(-1, group_size)
     raise ValueError(f"unknown TAS scope {scope!r}; expected 'global' or 'per_group'")
 
