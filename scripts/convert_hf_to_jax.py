@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from vppo_jax.models.qwen2_5_vl.checkpoint import save_params
-from vppo_jax.models.qwen2_5_vl.hf_io import read_hf_params
+from vppo_jax.models.qwen2_5_vl.hf_io import open_hf_params
 from vppo_jax.safetensors_io import CheckpointError
 
 
@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: as stored")
     args = parser.parse_args(argv)
     try:
-        config, params = read_hf_params(args.hf_dir, args.dtype)
+        config, params = open_hf_params(args.hf_dir, args.dtype)
         save_params(config, params, args.out)
     except (CheckpointError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

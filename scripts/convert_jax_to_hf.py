@@ -9,7 +9,7 @@ tokenizer and processor files of the original directory. It appears only when co
 import argparse
 import sys
 
-from vppo_jax.models.qwen2_5_vl.checkpoint import load_params
+from vppo_jax.models.qwen2_5_vl.checkpoint import open_params
 from vppo_jax.models.qwen2_5_vl.hf_io import write_hf_directory
 from vppo_jax.safetensors_io import CheckpointError
 
@@ -21,8 +21,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max_shard_gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
     args = parser.parse_args(argv)
     try:
-        config, params = load_params(args.checkpoint)
-        write_hf_directory(config, params, args.out, int(args.max_shard_gb * 1024**3))
+        config, shapes, load = open_params(args.checkpoint)
+        write_hf_directory(config, shapes, load, args.out, int(args.max_shard_gb * 1024**3))
     except (CheckpointError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

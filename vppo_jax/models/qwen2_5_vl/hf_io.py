@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
+from typing import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -73,48 +74,60 @@ def _stored_dtype(files: SafetensorsDirectory, on_disk: dict[str, str]) -> str:
     return {"F32": "float32", "BF16": "bfloat16", "F16": "float32"}[name]
 
 
-def read_hf_params(path: str, dtype: str | None = None) -> tuple[Qwen2_5_VLConfig, dict]:
-    """Reads an HF directory into {parameter path: NumPy array}, one tensor at a time.
+def open_hf_params(path: str, dtype: str | None = None) -> tuple[Qwen2_5_VLConfig, Iterator[tuple[tuple, np.ndarray]]]:
+    """Checks an HF directory and returns its config and an iterator of (parameter path, array).
 
-    `dtype` is the parameter dtype (default: as stored). Stacked parameters are filled
-    layer by layer in place, so peak memory is the parameters plus one tensor.
+    `dtype` is the parameter dtype (default: as stored). Every name, shape and dtype is
+    checked before the first tensor is read; the iterator then reads one parameter at a
+    time (stacked ones filled layer by layer in place), so a consumer that writes each
+    parameter away holds at most one in memory.
     """
     config, _ = read_config(path)
     files = SafetensorsDirectory(path)
     on_disk = _check_tensors(files, config)
     param_dtype = dtype or _stored_dtype(files, on_disk)
     config = dataclasses.replace(config.with_dtypes(param_dtype), source_dir=os.path.abspath(path))
-    shapes = dict(nnx.to_flat_state(nnx.state(abstract_model(config))))
-    target = np.dtype(DTYPES[param_dtype])
-    params = {}
-    for entry in tqdm(weight_table(config), desc=f"reading {path}", unit="param", disable=None, leave=False):
-        shape = shapes[entry.path].get_value().shape
-        value = np.empty(shape, target)
-        for i, name in enumerate(entry.hf_names()):
-            tensor = entry.transform.to_jax(files.read(on_disk[name]))
-            want = shape[1:] if entry.layers else shape
-            if tensor.shape != want:
+    shapes = param_shapes(config)
+    table = weight_table(config)
+    for entry in table:
+        want = shapes[entry.path][0][1:] if entry.layers else shapes[entry.path][0]
+        for name in entry.hf_names():
+            got = entry.transform.hf_shape(want)
+            if files.shape(on_disk[name]) != got:
                 raise CheckpointError(
-                    f"tensor {on_disk[name]!r} has shape {files.shape(on_disk[name])}, which does not fit "
-                    f"parameter {'.'.join(entry.path)} of shape {want} (after transposition) for this config."
+                    f"tensor {on_disk[name]!r} has shape {files.shape(on_disk[name])}, but this config needs "
+                    f"{got} (parameter {'.'.join(entry.path)})."
                 )
-            value[i if entry.layers else ...] = tensor
-        params[entry.path] = value
-    return config, params
+
+    def parameters():
+        for entry in tqdm(table, desc=f"reading {path}", unit="param", disable=None, leave=False):
+            shape, _ = shapes[entry.path]
+            value = np.empty(shape, np.dtype(DTYPES[param_dtype]))
+            for i, name in enumerate(entry.hf_names()):
+                value[i if entry.layers else ...] = entry.transform.to_jax(files.read(on_disk[name]))
+            yield entry.path, value
+
+    return config, parameters()
 
 
-def model_from_params(config: Qwen2_5_VLConfig, params: dict) -> Qwen2_5_VLForConditionalGeneration:
-    """Builds the model around {path: array}, moving each array to the device as it goes."""
+def param_shapes(config: Qwen2_5_VLConfig) -> dict[tuple, tuple[tuple[int, ...], np.dtype]]:
+    """{parameter path: (shape, dtype)} of the model this config describes, nothing allocated."""
+    flat = nnx.to_flat_state(nnx.state(abstract_model(config)))
+    return {p: (v.get_value().shape, np.dtype(v.get_value().dtype)) for p, v in flat}
+
+
+def model_from_params(config: Qwen2_5_VLConfig, params: Iterable[tuple[tuple, np.ndarray]]):
+    """Builds the model from (path, array) pairs, moving each array to the device as it comes."""
     graphdef, state = nnx.split(abstract_model(config))
     flat = dict(nnx.to_flat_state(state))
-    for path in list(params):
-        flat[path] = flat[path].replace(value=jax.numpy.asarray(params.pop(path)))
+    for path, value in params:
+        flat[path] = flat[path].replace(value=jax.numpy.asarray(value))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def from_pretrained(path: str, dtype: str | None = None) -> Qwen2_5_VLForConditionalGeneration:
     """Loads an HF Qwen2.5-VL directory. `dtype` is the parameter (and compute) dtype; default as stored."""
-    return model_from_params(*read_hf_params(path, dtype))
+    return model_from_params(*open_hf_params(path, dtype))
 
 
 def hf_config_dict(config: Qwen2_5_VLConfig) -> dict:
@@ -152,24 +165,34 @@ def config_to_hf_dict(config: Qwen2_5_VLConfig) -> dict:
 
 
 def save_params_as_hf(
-    config: Qwen2_5_VLConfig, params: dict, directory: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    config: Qwen2_5_VLConfig,
+    shapes: dict[tuple, tuple[tuple[int, ...], np.dtype]],
+    load: Callable[[tuple], np.ndarray],
+    directory: str,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ):
-    """Writes flat params {path: array} as legacy-named safetensors, one tensor at a time."""
-    specs, producers = [], {}
-    for entry in weight_table(config):
-        array = params[entry.path]
-        for i, name in enumerate(entry.hf_names()):
-            part = array[i] if entry.layers else array
-            specs.append((name, entry.transform.hf_shape(part.shape), np.dtype(part.dtype)))
-            producers[name] = (entry, array, i)
+    """Writes parameters as legacy-named safetensors, one tensor at a time.
 
+    `load(path)` is called once per parameter, in table order, and only one parameter is
+    held at a time: parameters can stream from a checkpoint on disk.
+    """
+    specs, source = [], {}
+    for entry in weight_table(config):
+        shape, dtype = shapes[entry.path]
+        for i, name in enumerate(entry.hf_names()):
+            specs.append((name, entry.transform.hf_shape(shape[1:] if entry.layers else shape), dtype))
+            source[name] = (entry, i)
     progress = tqdm(total=len(specs), desc=f"writing {directory}", unit="tensor", disable=None, leave=False)
+    current: dict = {}  # the one parameter in memory
 
     def produce(name):
         progress.update()
-        entry, array, i = producers[name]
-        part = np.asarray(array[i] if entry.layers else array)
-        return entry.transform.to_hf(part)
+        entry, i = source[name]
+        if entry.path not in current:
+            current.clear()
+            current[entry.path] = np.asarray(load(entry.path))
+        value = current[entry.path]
+        return entry.transform.to_hf(value[i] if entry.layers else value)
 
     write_sharded(directory, specs, produce, max_shard_bytes)
     progress.close()
@@ -184,11 +207,15 @@ def copy_assets(source: str | None, directory: str):
 
 
 def write_hf_directory(
-    config: Qwen2_5_VLConfig, params: dict, path: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    config: Qwen2_5_VLConfig,
+    shapes: dict[tuple, tuple[tuple[int, ...], np.dtype]],
+    load: Callable[[tuple], np.ndarray],
+    path: str,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ):
     """Writes a complete HF directory atomically: config.json, safetensors, tokenizer files."""
     with atomic_directory(path) as tmp:
-        save_params_as_hf(config, params, tmp, max_shard_bytes)
+        save_params_as_hf(config, shapes, load, tmp, max_shard_bytes)
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(hf_config_dict(config), f, indent=2)
         copy_assets(config.source_dir, tmp)
@@ -199,4 +226,5 @@ def save_pretrained(
 ):
     """Writes a directory that transformers' `from_pretrained` loads (legacy tensor names)."""
     flat = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    write_hf_directory(model.config, flat, path, max_shard_bytes)
+    shapes = {p: (v.shape, np.dtype(v.dtype)) for p, v in flat.items()}
+    write_hf_directory(model.config, shapes, flat.__getitem__, path, max_shard_bytes)

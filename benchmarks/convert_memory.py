@@ -1,0 +1,115 @@
+"""Peak memory of checkpoint conversion, as a ratio to the checkpoint size.
+
+Generates a random bf16 Qwen2.5-VL checkpoint of at least 2 GB (tensor by tensor, so the
+generator itself stays small), converts it HF -> orbax and orbax -> HF with the real
+scripts in fresh processes, and prints each process's peak RSS / checkpoint bytes.
+Target: <= 1.25 in each direction (a 7B checkpoint, 15 GB in bf16, then converts within
+24 GiB). The RSS includes the Python + JAX runtime (measured alone and printed too).
+
+    python benchmarks/convert_memory.py [--workdir=/tmp/convert_memory] [--layers=18]
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import ml_dtypes
+import numpy as np
+
+from flax import nnx
+
+from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, VisionConfig
+from vppo_jax.models.qwen2_5_vl.hf_io import config_to_hf_dict
+from vppo_jax.models.qwen2_5_vl.model import abstract_model
+from vppo_jax.models.qwen2_5_vl.weights import weight_table
+from vppo_jax.safetensors_io import write_sharded
+
+TARGET = 1.25
+
+
+def benchmark_config(layers: int) -> Qwen2_5_VLConfig:
+    return Qwen2_5_VLConfig(
+        vision=VisionConfig(depth=4, hidden_size=1024, intermediate_size=2816, num_heads=16, out_hidden_size=2048,
+                            fullatt_block_indexes=(3,)),
+        text=TextConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+                        num_attention_heads=16, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6,
+                        mrope_section=(16, 24, 24)),
+        tie_word_embeddings=False,
+        param_dtype="bfloat16",
+        dtype="bfloat16",
+    )
+
+
+def write_random_checkpoint(config: Qwen2_5_VLConfig, directory: str) -> int:
+    """Writes legacy-named bf16 safetensors (5 GB shards like the hub) and config.json."""
+    os.makedirs(directory)
+    shapes = dict(nnx.to_flat_state(nnx.state(abstract_model(config))))
+    specs, entries = [], {}
+    for entry in weight_table(config):
+        ours = shapes[entry.path].get_value().shape
+        for name in entry.hf_names():
+            specs.append((name, entry.transform.hf_shape(ours[1:] if entry.layers else ours), np.dtype(ml_dtypes.bfloat16)))
+    shape_of = {name: shape for name, shape, _ in specs}
+    rng = np.random.default_rng(0)
+
+    def produce(name):
+        return (rng.standard_normal(shape_of[name], np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+
+    write_sharded(directory, specs, produce, max_shard_bytes=5 * 1024**3)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config_to_hf_dict(config) | {"dtype": "bfloat16"}, f)
+    return sum(int(np.prod(s[1])) * 2 for s in specs)
+
+
+def peak_rss_of(command: list[str]) -> tuple[int, float]:
+    """Peak RSS in bytes of a fresh child process running `command`, and its wall time."""
+    script = (
+        "import resource, subprocess, sys;"
+        "rc = subprocess.call(sys.argv[1:]);"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
+        "sys.exit(rc)"
+    )
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", script, *command], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{command} failed:\n{out.stderr}")
+    return int(out.stdout.strip().splitlines()[-1]) * 1024, time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--layers", type=int, default=18)
+    args = parser.parse_args()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="convert_memory_")
+    try:
+        config = benchmark_config(args.layers)
+        source = os.path.join(workdir, "hf_source")
+        size = write_random_checkpoint(config, source)
+        print(f"checkpoint: {size / 1e9:.2f} GB bf16 ({args.layers} text layers)")
+        runtime, _ = peak_rss_of([sys.executable, "-c", "import jax, orbax.checkpoint, vppo_jax.models.qwen2_5_vl"])
+        print(f"python + jax runtime alone: {runtime / 1e9:.2f} GB peak RSS")
+        scripts = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts")
+        directions = {
+            "HF -> JAX": [os.path.join(scripts, "convert_hf_to_jax.py"), "--hf_dir", source,
+                          "--out", os.path.join(workdir, "jax")],
+            "JAX -> HF": [os.path.join(scripts, "convert_jax_to_hf.py"), "--checkpoint", os.path.join(workdir, "jax"),
+                          "--out", os.path.join(workdir, "hf_export")],
+        }
+        for label, command in directions.items():
+            peak, seconds = peak_rss_of([sys.executable, *command])
+            ratio = peak / size
+            verdict = "meets" if ratio <= TARGET else "misses"
+            print(f"{label}: peak RSS {peak / 1e9:.2f} GB = {ratio:.2f} x checkpoint ({verdict} target <= {TARGET}), "
+                  f"{seconds:.0f} s")
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
