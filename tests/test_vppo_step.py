@@ -1,0 +1,173 @@
+"""The compiled VPPO step on a tiny Qwen2.5-VL, checked against transformers and NumPy."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from hf_reference import hf_logits, processor_batch, text_ids, tiny_hf_model
+from vppo_jax.models import qwen2_5_vl
+from vppo_jax.vppo import step as step_lib
+from vppo_jax.vppo.batch import build_train_batch
+from vppo_jax.vppo.perturbation import CLIP_MEAN, CLIP_STD
+
+GROUP = 4
+RESPONSE_LENGTHS = [5, 9, 0, 7, 3, 10, 6, 8]  # one empty response; lengths where ceil(0.4 L) rounds up
+REWARDS = np.array([1, 0, 0, 1, 0, 0, 0, 1], np.float32)
+
+
+def numpy_grpo_advantages(rewards, group):
+    grouped = rewards.reshape(-1, group)
+    return ((grouped - grouped.mean(1, keepdims=True)) / (grouped.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    hf_model = tiny_hf_model(seed=4)
+    path = tmp_path_factory.mktemp("step") / "hf"
+    hf_model.save_pretrained(path)
+    model = qwen2_5_vl.from_pretrained(str(path))
+    samples = []
+    for row, length in enumerate(RESPONSE_LENGTHS):
+        prompt = text_ids(6, 100 + row // GROUP)  # the group's prompt
+        samples.append((prompt + text_ids(length, 200 + row), [(56, 84)]))
+    arrays = processor_batch(samples, seed=7)
+    # Rows of a group share the prompt image: copy the first image of each group.
+    per_image = arrays["pixel_values"].shape[0] // len(samples)
+    pixels = arrays["pixel_values"].reshape(len(samples), per_image, -1)
+    pixels = np.repeat(pixels[::GROUP], GROUP, axis=0).reshape(arrays["pixel_values"].shape)
+    arrays["pixel_values"] = pixels
+    length = arrays["input_ids"].shape[1]
+    response = np.zeros_like(arrays["input_ids"], bool)
+    for row, n in enumerate(RESPONSE_LENGTHS):
+        response[row, length - n:] = n > 0
+    return hf_model, model, arrays, response
+
+
+def init(model, optimizer):
+    """A train state on copies of the model's arrays: the step donates (consumes) its state."""
+    graphdef, state = step_lib.init_state(model, optimizer)
+    return graphdef, jax.tree.map(jnp.array, state)
+
+
+def train_batch(model, arrays, response, micro_batches=1):
+    return build_train_batch(
+        model.config, arrays["input_ids"], arrays["attention_mask"], response,
+        numpy_grpo_advantages(REWARDS, GROUP), arrays["pixel_values"], arrays["image_grid_thw"], micro_batches,
+    )
+
+
+def hf_token_logprobs(hf_model, arrays, pixel_values=None):
+    batch = dict(arrays, pixel_values=arrays["pixel_values"] if pixel_values is None else pixel_values)
+    logits = torch.from_numpy(hf_logits(hf_model, batch)).double()
+    return torch.log_softmax(logits, -1).numpy()
+
+
+def test_scores_match_transformers(setup):
+    """old_logp = HF teacher-forced log-probs; exact-KL dependency against a gray image =
+    KL between HF's distributions with the original and the gray image (NumPy)."""
+    hf_model, model, arrays, response = setup
+    config = step_lib.StepConfig(group_size=GROUP, estimator="kl", perturbation="gray")
+    graphdef, state = init(model, optax.sgd(0.0))
+    scored = step_lib.make_score_rollouts(config, graphdef)(state.params, train_batch(model, arrays, response),
+                                                             jax.random.key(0))
+    logp = hf_token_logprobs(hf_model, arrays)
+    gray = ((128 / 255 - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)).astype(np.float32)
+    gray_pixels = np.broadcast_to(np.repeat(gray, 2 * 14 * 14), arrays["pixel_values"].shape).copy()
+    logq = hf_token_logprobs(hf_model, arrays, gray_pixels)
+
+    targets = np.concatenate([arrays["input_ids"][:, 1:], np.zeros_like(arrays["input_ids"][:, :1])], 1)
+    mask = np.concatenate([response[:, 1:], np.zeros_like(response[:, :1])], 1)
+    expected_logp = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    expected_kl = (np.exp(logp) * (logp - logq)).sum(-1)
+    np.testing.assert_allclose(np.asarray(scored.old_logp[0])[mask], expected_logp[mask], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(scored.dependency[0])[mask], expected_kl[mask], atol=1e-4)
+    assert np.all(np.asarray(scored.dependency[0])[~mask] == 0)
+    assert expected_kl[mask].max() > 1e-4  # the image matters, so the check has teeth
+
+
+def test_vppo_step_lowers_the_loss_on_a_fixed_batch(setup):
+    _, model, arrays, response = setup
+    config = step_lib.StepConfig(group_size=GROUP)
+    optimizer = step_lib.make_optimizer(1e-3)
+    graphdef, state = init(model, optimizer)
+    batch = step_lib.make_score_rollouts(config, graphdef)(state.params, train_batch(model, arrays, response),
+                                                           jax.random.key(1))
+    train_step = step_lib.make_train_step(config, optimizer, graphdef)
+    losses = []
+    for i in range(6):
+        state, metrics = train_step(state, batch, jax.random.key(2))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 1e-3, losses
+    assert int(state.step) == 6 and int(state.skipped_steps) == 0
+    # TGF keeps ceil(0.4 |o|) tokens of each response (NumPy count, not the code under test).
+    lengths = np.array(RESPONSE_LENGTHS)
+    selected = sum(int(np.ceil(0.4 * n - 1e-9)) for n in lengths)
+    assert float(metrics["tgf/selected_fraction"]) == pytest.approx(selected / lengths.sum(), abs=1e-6)
+    assert float(metrics["tas/alpha_min"]) >= 0.9 - 1e-6
+    assert np.isfinite(float(metrics["dependency/token_p90"]))
+
+
+def test_gradient_accumulation_over_4_micro_batches_equals_full_batch(setup):
+    _, model, arrays, response = setup
+    config = step_lib.StepConfig(group_size=GROUP)
+    optimizer = optax.sgd(1.0)  # the parameter change is then exactly -gradient
+    graphdef, state = init(model, optimizer)
+    full = step_lib.make_score_rollouts(config, graphdef)(state.params, train_batch(model, arrays, response),
+                                                          jax.random.key(3))
+    micro = train_batch(model, arrays, response, micro_batches=4)
+    regroup = lambda a: a.reshape(4, -1, *a.shape[2:])
+    micro = micro.replace(old_logp=regroup(full.old_logp), dependency=regroup(full.dependency),
+                          old_entropy=regroup(full.old_entropy))
+    train_step = step_lib.make_train_step(config, optimizer, graphdef)
+    before = jax.tree.map(np.asarray, state.params)
+    copy = lambda s: jax.tree.map(jnp.array, s)
+    state_full, metrics_full = train_step(copy(state), full, jax.random.key(4))
+    state_micro, metrics_micro = train_step(copy(state), micro, jax.random.key(4))
+    grads_full = jax.tree.map(lambda a, b: np.asarray(a) - b, state_full.params, before)
+    grads_micro = jax.tree.map(lambda a, b: np.asarray(a) - b, state_micro.params, before)
+    biggest = max(np.abs(g).max() for g in jax.tree.leaves(grads_full))
+    assert biggest > 1e-3
+    for a, b in zip(jax.tree.leaves(grads_full), jax.tree.leaves(grads_micro)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert float(metrics_full["loss"]) == pytest.approx(float(metrics_micro["loss"]), abs=1e-5)
+
+
+def test_grpo_baseline_traces_no_perturbed_forward(setup, monkeypatch):
+    _, model, arrays, response = setup
+    calls = []
+    original = step_lib.perturb_images
+    monkeypatch.setattr(step_lib, "perturb_images", lambda *a: calls.append(1) or original(*a))
+    batch = train_batch(model, arrays, response)
+    for vppo in (False, True):
+        config = step_lib.StepConfig(group_size=GROUP, vppo=vppo)
+        graphdef, state = init(model, optax.sgd(0.0))
+        jax.jit(lambda s, b, k: step_lib.train_step(config, optax.sgd(0.0), graphdef, s, b, k)).lower(
+            state, batch, jax.random.key(0))
+        assert len(calls) == (1 if vppo else 0)
+
+
+def test_non_finite_update_is_skipped(setup):
+    _, model, arrays, response = setup
+    config = step_lib.StepConfig(group_size=GROUP)
+    optimizer = step_lib.make_optimizer(1e-3)
+    graphdef, state = init(model, optimizer)
+    batch = train_batch(model, arrays, response)
+    advantages = batch.advantages.copy()
+    advantages[0, 1] = np.nan  # e.g. a reward that came back NaN
+    batch = batch.replace(advantages=advantages)
+    before = jax.tree.map(np.asarray, state.params)
+    state, metrics = step_lib.make_train_step(config, optimizer, graphdef)(state, batch, jax.random.key(0))
+    assert float(metrics["skipped"]) == 1.0 and int(state.skipped_steps) == 1
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_static_tas_needs_beta_max():
+    with pytest.raises(ValueError, match="beta_max"):
+        step_lib.StepConfig(tas_mode="static")
+    with pytest.raises(ValueError, match="estimator"):
+        step_lib.StepConfig(estimator="l2")
