@@ -97,20 +97,34 @@ def test_one_compile_per_bucket(port):
     assert not np.array_equal(first.vision.slot_valid, second.vision.slot_valid)
 
 
-def test_bf16_agrees_with_transformers_bf16(tmp_path):
+def _agreement_and_kl(reference, ours, real):
+    top1 = (reference.argmax(-1) == ours.argmax(-1))[real].mean()
+    log_p = torch.log_softmax(torch.from_numpy(reference).double(), -1)
+    log_q = torch.log_softmax(torch.from_numpy(ours).double(), -1)
+    return top1, (log_p.exp() * (log_p - log_q)).sum(-1).numpy()[real].mean()
+
+
+@pytest.mark.parametrize("head_scale", [1.0, 10.0])
+def test_bf16_agrees_with_transformers_bf16(tmp_path, head_scale):
+    """Top-1 agreement >= 99% and mean KL <= 1e-3 against transformers in bf16.
+
+    A random init gives near-tied logits (median top-1 margin 0.03 nats) where bf16
+    rounding alone flips the argmax: there transformers' own bf16 agrees with its fp32 on
+    only ~98.3% of tokens, so with head_scale 1 we require agreeing with HF bf16 at least as
+    well as HF bf16 agrees with HF fp32. Scaling lm_head by 10 gives margins of 0.27 nats,
+    still small next to a trained model's, and there the 99% bound applies.
+    """
     hf32 = tiny_hf_model(seed=2)
+    with torch.no_grad():
+        hf32.lm_head.weight.mul_(head_scale)
     hf32.save_pretrained(tmp_path / "hf")
-    hf16 = hf32.to(torch.bfloat16)
-    model = qwen2_5_vl.from_pretrained(str(tmp_path / "hf"), dtype="bfloat16")
-    samples = [(text_ids(60, 10 + i), [(56 + 28 * i, 84)]) for i in range(6)]
-    batch = processor_batch(samples)
-    reference = hf_logits(hf16, batch)
-    ours = np.asarray(model(**batch), np.float32)
+    batch = processor_batch([(text_ids(60, 10 + i), [(56 + 28 * i, 84)]) for i in range(16)])
+    reference32 = hf_logits(hf32, batch)
+    reference16 = hf_logits(hf32.to(torch.bfloat16), batch)
+    ours = np.asarray(qwen2_5_vl.from_pretrained(str(tmp_path / "hf"), dtype="bfloat16")(**batch), np.float32)
     real = batch["attention_mask"].astype(bool)
-    top1_agreement = (reference.argmax(-1) == ours.argmax(-1))[real].mean()
-    log_p = torch.log_softmax(torch.from_numpy(reference), -1)
-    log_q = torch.log_softmax(torch.from_numpy(ours), -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).numpy()[real]
-    assert real.sum() > 500
-    assert top1_agreement >= 0.99, top1_agreement
-    assert kl.mean() <= 1e-3, kl.mean()
+    assert real.sum() > 1000
+    top1, kl = _agreement_and_kl(reference16, ours, real)
+    hf_own_top1, _ = _agreement_and_kl(reference32, reference16, real)
+    assert kl <= 1e-3, kl
+    assert top1 >= (0.99 if head_scale > 1 else hf_own_top1), (top1, hf_own_top1)

@@ -64,7 +64,7 @@ def open_params(path: str):
         shape, dtype = shapes[param_path]
         with context:
             try:
-                tree = ocp.load_pytree(params_dir, _nested(param_path, jax.ShapeDtypeStruct(shape, dtype, sharding=on_host)))
+                tree = ocp.load(params_dir, _nested(param_path, jax.ShapeDtypeStruct(shape, dtype, sharding=on_host)))
             except (ValueError, KeyError, FileNotFoundError) as e:
                 raise CheckpointError(
                     f"{params_dir}: parameter {'.'.join(param_path)} {shape} {dtype} does not match the "

@@ -57,7 +57,13 @@ class GatedMLP(nnx.Module):
         self.act = ACTIVATIONS[act]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(activate(self.act, self.gate_proj(x)) * self.up_proj(x))
+
+
+def activate(act: Callable, x: jax.Array) -> jax.Array:
+    """The activation in fp32, rounded once: torch's bf16 kernels compute elementwise ops in
+    fp32 internally, while x * sigmoid(x) in bf16 would round twice."""
+    return act(x.astype(jnp.float32)).astype(x.dtype)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
@@ -80,10 +86,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     num_kv = k.shape[-2]
     q = q.reshape(*lead, tq, num_kv, num_heads // num_kv, head_dim)
     scores = jnp.einsum("...qkgd,...skd->...kgqs", q, k).astype(jnp.float32) * head_dim**-0.5
-    scores = jnp.where(mask[..., None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("...kgqs,...skd->...qkgd", probs, v)
+    probs = masked_softmax(scores, mask[..., None, None, :, :])
+    # Probabilities stay fp32 through the value product, as in torch's fused attention
+    # kernels (transformers' default "sdpa"); only the output is rounded to the dtype.
+    out = jnp.einsum("...kgqs,...skd->...qkgd", probs, v.astype(jnp.float32)).astype(v.dtype)
     return out.reshape(*lead, tq, num_heads * head_dim)
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax over the last axis of fp32 scores where `mask` is True (broadcast to the scores)."""
+    return jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
 
 
 def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -102,11 +114,22 @@ def scan_layers(layers: nnx.Module, carry, per_layer_inputs, body: Callable):
 
     Scanning compiles one layer instead of L copies: compile time stays flat at 28 or 64 layers.
     """
+    with_no_output = lambda layer, carry, per_layer: (body(layer, carry, per_layer), None)
+    return scan_layers_with_outputs(layers, carry, per_layer_inputs, with_no_output)[0]
+
+
+def scan_layers_with_outputs(layers: nnx.Module, carry, per_layer_inputs, body: Callable):
+    """Like `scan_layers` for `body(...) -> (carry, output)`; returns the carry and the outputs stacked."""
     graphdef, params = nnx.split(layers)
 
     def step(carry, xs):
         layer_params, per_layer = xs
-        return body(nnx.merge(graphdef, layer_params), carry, per_layer), None
+        return body(nnx.merge(graphdef, layer_params), carry, per_layer)
 
-    carry, _ = jax.lax.scan(step, carry, (params, per_layer_inputs))
-    return carry
+    return jax.lax.scan(step, carry, (params, per_layer_inputs))
+
+
+def unstacked(layers: nnx.Module, count: int) -> list[nnx.Module]:
+    """The `count` stacked layers as separate modules, for code that runs them one by one."""
+    graphdef, params = nnx.split(layers)
+    return [nnx.merge(graphdef, jax.tree.map(lambda p: p[i], params)) for i in range(count)]

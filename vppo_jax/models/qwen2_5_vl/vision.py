@@ -13,9 +13,11 @@ from flax import nnx
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vppo_jax.models.qwen2_5_vl.inputs import VisionInputs
 from vppo_jax.models.qwen2_5_vl.layers import (
+    ACTIVATIONS,
     GatedMLP,
     Linear,
     RMSNorm,
+    activate,
     apply_rotary,
     attention,
     scan_layers,
@@ -84,7 +86,7 @@ class PatchMerger(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.ln_q(x).reshape(x.shape[0] // 4, -1)
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.fc2(activate(ACTIVATIONS["gelu"], self.fc1(x)))
 
 
 class VisionTower(nnx.Module):
