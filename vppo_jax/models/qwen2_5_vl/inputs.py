@@ -32,6 +32,23 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (max(n, minimum) - 1).bit_length()
 
 
+def left_pad_to_bucket(batch: dict, min_length: int = 1, pad_id: int = 0) -> dict:
+    """The batch with its (B, T) token arrays left-padded to bucket(T, min_length) columns.
+
+    `batch` holds the arrays of an HF processor (already left-padded to its longest row).
+    Left padding puts every prompt's last token in the last column, where decoding goes on;
+    bucketing keeps the number of compiled prompt shapes small.
+    """
+    input_ids = np.asarray(batch["input_ids"])
+    length = bucket(input_ids.shape[1], min_length)
+    padded = {"attention_mask": np.ones_like(input_ids), **batch}
+    for name, value in (("input_ids", pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+        if name in padded:
+            array = np.asarray(padded[name])
+            padded[name] = np.pad(array, ((0, 0), (length - array.shape[1], 0)), constant_values=value)
+    return padded
+
+
 @flax.struct.dataclass
 class VisionInputs:
     patches: jax.Array  # (S, patch_dim) pixel rows in slot order, zeros in empty slots

@@ -10,7 +10,7 @@ from flax import nnx
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, prepare_inputs
 from vppo_jax.models.qwen2_5_vl.layers import normal_init
-from vppo_jax.models.qwen2_5_vl.text import TextModel
+from vppo_jax.models.qwen2_5_vl.text import DecoderLayer, KVCache, TextModel
 from vppo_jax.models.qwen2_5_vl.vision import VisionTower
 
 
@@ -48,6 +48,35 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
     def logits(self, inputs: ModelInputs) -> jax.Array:
         hidden = self.hidden_states(inputs)
         return jnp.dot(hidden, self.unembedding().astype(hidden.dtype))
+
+    def prefill(self, inputs: ModelInputs, cache_length: int) -> tuple[jax.Array, KVCache]:
+        """Logits (B, V) after the last prompt token and a KV cache of `cache_length` slots.
+
+        Prompts must be left-padded, so that the last position is a real token in every row.
+        """
+        embeddings = self.input_embeddings(inputs)
+        hidden, cache = self.language_model.prefill(
+            embeddings, inputs.position_ids, inputs.attention_mask, cache_length
+        )
+        return jnp.dot(hidden[:, -1], self.unembedding().astype(hidden.dtype)), cache
+
+    def decode_step(
+        self,
+        layers: list[DecoderLayer],
+        tokens: jax.Array,
+        position_ids: jax.Array,
+        slot_mask: jax.Array,
+        cache: KVCache,
+        index: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        """Logits (B, V) after one text token per sequence (B,) written at cache slot `index`.
+
+        position_ids (3, B, 1): its M-RoPE position; slot_mask (B, S): the slots it attends to;
+        layers: `self.language_model.decoding_layers()`, taken once outside the decode loop.
+        """
+        embeddings = self.language_model.embed(tokens[:, None])
+        hidden, cache = self.language_model.decode(layers, embeddings, position_ids, slot_mask, cache, index)
+        return jnp.dot(hidden[:, 0], self.unembedding().astype(hidden.dtype)), cache
 
     def __call__(
         self,

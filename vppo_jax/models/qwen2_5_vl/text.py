@@ -1,13 +1,57 @@
-"""The Qwen2 text decoder with multimodal rotary positions (M-RoPE)."""
+"""The Qwen2 text decoder with multimodal rotary positions (M-RoPE), and its KV-cache decode path."""
 from __future__ import annotations
 
+from typing import Sequence
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig
-from vppo_jax.models.qwen2_5_vl.layers import GatedMLP, Linear, RMSNorm, apply_rotary, attention, normal_init, scan_layers, stacked
+from vppo_jax.models.qwen2_5_vl.layers import (
+    GatedMLP,
+    Linear,
+    RMSNorm,
+    apply_rotary,
+    attention,
+    masked_softmax,
+    normal_init,
+    scan_layers,
+    scan_layers_with_outputs,
+    stacked,
+    unstacked,
+)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every decoder layer, preallocated for prompt + response slots.
+
+    One array per layer (not stacked) and keys stored transposed: the decode loop updates
+    each in place and attends with plain batched matmuls. On CPU, slicing a stacked cache
+    or contracting keys over their minor axis costs more than the attention itself.
+    """
+
+    keys: tuple[jax.Array, ...]  # per layer (B, kv_heads, head_dim, S)
+    values: tuple[jax.Array, ...]  # per layer (B, kv_heads, S, head_dim)
+
+
+def attend_to_cache(q: jax.Array, keys: jax.Array, values: jax.Array, slot_mask: jax.Array) -> jax.Array:
+    """Attention of one new token per sequence over its cache.
+
+    q: (B, 1, H, hd); keys (B, Hkv, hd, S) and values (B, Hkv, S, hd) of one layer;
+    slot_mask (B, S): the slots the token may attend to. Returns (B, 1, H * hd).
+    """
+    batch, _, num_heads, head_dim = q.shape
+    num_kv = keys.shape[1]
+    q = q.reshape(batch, num_kv, num_heads // num_kv, head_dim)
+    scores = jnp.einsum("bkgd,bkds->bkgs", q, keys).astype(jnp.float32) * head_dim**-0.5
+    probs = masked_softmax(scores, slot_mask[:, None, None, :])
+    # Probabilities stay fp32 through the value product; only the output is rounded to the dtype.
+    out = jnp.einsum("bkgs,bksd->bkgd", probs, values.astype(jnp.float32)).astype(values.dtype)
+    return out.reshape(batch, 1, num_heads * head_dim)
 
 
 def mrope_cos_sin(tcfg: TextConfig, position_ids: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
@@ -36,12 +80,23 @@ class TextAttention(nnx.Module):
         self.o_proj = Linear(t.num_attention_heads * t.head_dim, t.hidden_size, use_bias=False, **linear)
         self.head_dim = t.head_dim
 
-    def __call__(self, x, cos, sin, mask) -> jax.Array:
+    def __call__(self, x, cos, sin, mask, cache=None, index=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Self-attention output and the keys and values attended to.
+
+        Without a cache the T tokens of x attend to each other under `mask` (B, T, T).
+        With a layer's cache (keys, values) and T = 1, the token's key and value are written
+        at slot `index` and it attends to the cache slots where `mask` (B, S) is True.
+        """
         batch, length, _ = x.shape
         split = lambda y: y.reshape(batch, length, -1, self.head_dim)
         q = apply_rotary(split(self.q_proj(x)), cos, sin)
         k = apply_rotary(split(self.k_proj(x)), cos, sin)
-        return self.o_proj(attention(q, k, split(self.v_proj(x)), mask))
+        v = split(self.v_proj(x))
+        if cache is None:
+            return self.o_proj(attention(q, k, v, mask)), (k, v)
+        keys = jax.lax.dynamic_update_slice(cache[0], k.transpose(0, 2, 3, 1), (0, 0, 0, index))
+        values = jax.lax.dynamic_update_slice(cache[1], v.transpose(0, 2, 1, 3), (0, 0, index, 0))
+        return self.o_proj(attend_to_cache(q, keys, values, mask)), (keys, values)
 
 
 class DecoderLayer(nnx.Module):
@@ -55,9 +110,11 @@ class DecoderLayer(nnx.Module):
             param_dtype=pdt, dtype=config.jnp_dtype, rngs=rngs,
         )
 
-    def __call__(self, x, cos, sin, mask) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, cos, sin, mask, cache=None, index=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The layer's output and its keys and values (see `TextAttention`)."""
+        attended, keys_values = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, index)
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), keys_values
 
 
 class TextModel(nnx.Module):
@@ -75,11 +132,55 @@ class TextModel(nnx.Module):
 
     def __call__(self, embeddings: jax.Array, position_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """Final hidden states (B, T, D). Causal attention over unmasked keys."""
-        length = embeddings.shape[1]
+        cos, sin, mask = self._rotary_and_causal_mask(position_ids, attention_mask)
+        x = scan_layers(self.layers, embeddings, None, lambda layer, h, _: layer(h, cos, sin, mask)[0])
+        return self.norm(x)
+
+    def prefill(self, embeddings, position_ids, attention_mask, cache_length: int) -> tuple[jax.Array, KVCache]:
+        """Final hidden states of the prompt (B, T, D), and a cache of `cache_length` slots
+        holding the prompt's keys and values in slots [0, T)."""
+        cos, sin, mask = self._rotary_and_causal_mask(position_ids, attention_mask)
+        x, (keys, values) = scan_layers_with_outputs(
+            self.layers, embeddings, None, lambda layer, h, _: layer(h, cos, sin, mask)
+        )
+        empty_slots = cache_length - embeddings.shape[1]
+        keys = jnp.pad(keys.transpose(0, 1, 3, 4, 2), [(0, 0)] * 4 + [(0, empty_slots)])
+        values = jnp.pad(values.transpose(0, 1, 3, 2, 4), [(0, 0)] * 3 + [(0, empty_slots), (0, 0)])
+        return self.norm(x), KVCache(keys=tuple(keys), values=tuple(values))
+
+    def _rotary_and_causal_mask(self, position_ids, attention_mask):
+        length = attention_mask.shape[1]
         causal = jnp.tril(jnp.ones((length, length), bool))
         mask = causal[None] & attention_mask[:, None, :].astype(bool)
         cos, sin = mrope_cos_sin(self.config.text, position_ids, self.config.jnp_dtype)
-        x = scan_layers(
-            self.layers, embeddings, None, lambda layer, h, _: layer(h, cos, sin, mask)
-        )
-        return self.norm(x)
+        return cos, sin, mask
+
+    def decoding_layers(self) -> list[DecoderLayer]:
+        """The decoder layers as separate modules, for `decode`.
+
+        Take them once, outside the decode loop: indexing the stacked weights inside it copies
+        every layer's weights at every step on CPU.
+        """
+        return unstacked(self.layers, self.config.text.num_hidden_layers)
+
+    def decode(
+        self,
+        layers: Sequence[DecoderLayer],
+        embeddings: jax.Array,
+        position_ids: jax.Array,
+        slot_mask: jax.Array,
+        cache: KVCache,
+        index: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        """One new token per sequence (B, 1, D), written at cache slot `index`.
+
+        It attends to the slots where slot_mask (B, S) is True (its own included). Returns
+        its final hidden state (B, 1, D) and the updated cache.
+        """
+        cos, sin = mrope_cos_sin(self.config.text, position_ids, self.config.jnp_dtype)
+        x, keys, values = embeddings, [], []
+        for layer, layer_cache in zip(layers, zip(cache.keys, cache.values)):
+            x, (layer_keys, layer_values) = layer(x, cos, sin, slot_mask, layer_cache, index)
+            keys.append(layer_keys)
+            values.append(layer_values)
+        return self.norm(x), KVCache(keys=tuple(keys), values=tuple(values))

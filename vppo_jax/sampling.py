@@ -1,0 +1,225 @@
+"""Rollout: G sampled responses per prompt, from a compiled prefill and a compiled decode loop.
+
+    from vppo_jax import sampling
+    params = sampling.SamplingParams(max_new_tokens=2048, temperature=1.0, group_size=8)
+    keys = jax.random.split(jax.random.key(seed), num_prompts * params.group_size)
+    rollout = sampling.generate(model, processor_batch, keys, params)
+    rollout.tokens, rollout.mask, rollout.logprobs, rollout.truncated  # (num_prompts * G, ...)
+
+Row p * G + g holds sample g of prompt p. The prefill runs the vision tower and the prompt
+once per prompt and repeats the resulting KV cache for the prompt's G samples. Decoding is
+one `lax.while_loop` that feeds one token per sequence per step and stops when every
+sequence has produced an end token or `max_new_tokens` tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, left_pad_to_bucket, prepare_inputs
+from vppo_jax.models.qwen2_5_vl.text import KVCache
+
+IM_END, END_OF_TEXT = 151645, 151643  # Qwen2.5 chat: <|im_end|> ends a turn, <|endoftext|> pads
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0  # 0.0: greedy
+    top_k: int = 0  # 0: no top-k truncation
+    top_p: float = 1.0  # 1.0: no nucleus truncation
+    group_size: int = 1  # G samples per prompt
+    end_token_ids: tuple[int, ...] = (IM_END, END_OF_TEXT)
+    pad_token_id: int = END_OF_TEXT  # written after a sequence's end
+    min_prompt_length: int = 64  # prompts are left-padded to powers of two from here
+
+
+@flax.struct.dataclass
+class Rollout:
+    tokens: jax.Array  # (N, max_new_tokens) int32, pad_token_id after the end
+    mask: jax.Array  # (N, max_new_tokens) bool: the response, its end token included
+    logprobs: jax.Array  # (N, max_new_tokens) fp32 log-prob of each token, 0 outside the mask
+    truncated: jax.Array  # (N,) bool: no end token within max_new_tokens
+
+
+def vision_token_ids(config: Qwen2_5_VLConfig) -> tuple[int, ...]:
+    """Tokens the sampler must never emit: one in a response breaks the next forward's image scatter."""
+    return (config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id)
+
+
+def truncate(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Logits (N, V) with -inf outside the top-k tokens and then outside the top-p nucleus.
+
+    The nucleus is the smallest set of most likely tokens (among the top k) whose
+    probability, renormalised over the top k, reaches top_p (transformers' order).
+    """
+    if top_k == 0 and top_p >= 1.0:
+        return logits
+    ranked = jax.lax.top_k(logits, top_k)[0] if top_k else -jnp.sort(-logits, axis=-1)  # descending
+    kept = jnp.ones(ranked.shape, bool)
+    if top_p < 1.0:
+        probs = jax.nn.softmax(ranked, axis=-1)
+        kept = jnp.cumsum(probs, axis=-1) - probs < top_p  # mass of the more likely tokens
+    threshold = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def draw(logits: jax.Array, keys: jax.Array) -> jax.Array:
+    """One token per row of softmax(logits) (N, V), by inverting the CDF at one uniform per row.
+
+    Gumbel-max would need V random numbers per row, which on CPU cost more than the
+    decoder. The threshold stays below the total, and a cumulative sum of non-negative
+    numbers never decreases, so the drawn token always has positive probability.
+    """
+    probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    cdf = jnp.cumsum(probs, axis=-1)
+    total = cdf[:, -1:]
+    uniform = jax.vmap(jax.random.uniform)(keys)[:, None]
+    threshold = jnp.minimum(uniform * total, jnp.nextafter(total, 0))
+    return jnp.sum(cdf <= threshold, axis=-1, dtype=jnp.int32)
+
+
+def sample_tokens(
+    logits: jax.Array, keys: jax.Array, params: SamplingParams, banned_ids: tuple[int, ...] = ()
+) -> tuple[jax.Array, jax.Array]:
+    """Next tokens (N,) from logits (N, V), one key per row, and their fp32 log-probs.
+
+    The log-prob is taken under softmax(logits / temperature) over the whole vocabulary
+    (temperature 1 when greedy), before banning and truncation: what a teacher-forced
+    forward pass of the trainer computes for the same token.
+    """
+    logits = logits.astype(jnp.float32)
+    scaled = logits / params.temperature if params.temperature > 0 else logits
+    banned = np.isin(np.arange(logits.shape[-1]), banned_ids)
+    allowed = jnp.where(banned, -jnp.inf, scaled)
+    if params.temperature > 0:
+        tokens = draw(truncate(allowed, params.top_k, params.top_p), keys)
+    else:
+        tokens = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens, logprobs
+
+
+@flax.struct.dataclass
+class _Prefilled:
+    logits: jax.Array  # (N, V) after the last prompt token
+    prompt_mask: jax.Array  # (N, T) bool: real prompt tokens
+    next_position: jax.Array  # (N,) M-RoPE position of the first response token, on all three axes
+
+
+@flax.struct.dataclass
+class _DecodeState:
+    step: jax.Array  # index of the next response token to sample
+    cache: KVCache
+    tokens: jax.Array
+    mask: jax.Array
+    logprobs: jax.Array
+    finished: jax.Array  # (N,) bool: an end token has been sampled
+
+
+@jax.jit(static_argnames=("graphdef", "cache_length", "group_size"))
+def _prefill(graphdef, state, inputs: ModelInputs, cache_length: int, group_size: int) -> tuple[_Prefilled, KVCache]:
+    """The prompts' cache (prompt in slots [0, T), empty response slots after), G rows per prompt."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.prefill(inputs, cache_length)
+    # Text after the prompt continues from its largest position (transformers: rope delta).
+    next_position = jnp.max(inputs.position_ids, axis=(0, 2)) + 1
+    prefilled = _Prefilled(logits, inputs.attention_mask.astype(bool), next_position)
+    return jax.tree.map(lambda a: jnp.repeat(a, group_size, axis=0), (prefilled, cache))
+
+
+# The cache is donated and returned: the loop then updates the caller's buffer in place
+# instead of copying the rollout's largest buffer first.
+@jax.jit(static_argnames=("graphdef", "params"), donate_argnames=("cache",))
+def _decode(
+    graphdef, state, prefilled: _Prefilled, cache: KVCache, keys: jax.Array, params: SamplingParams
+) -> tuple[Rollout, KVCache]:
+    model = nnx.merge(graphdef, state)
+    layers = model.language_model.decoding_layers()
+    banned = vision_token_ids(model.config)
+    end_ids = np.asarray(params.end_token_ids, np.int32).reshape(-1)
+    rows, prompt_length = prefilled.prompt_mask.shape
+    response_slots = jnp.arange(params.max_new_tokens)
+
+    def record(state: _DecodeState, logits: jax.Array) -> _DecodeState:
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, state.step)
+        tokens, logprobs = sample_tokens(logits, step_keys, params, banned)
+        live = ~state.finished
+        tokens = jnp.where(live, tokens, params.pad_token_id)
+        column = lambda buffer, values: jax.lax.dynamic_update_slice(buffer, values[:, None], (0, state.step))
+        return _DecodeState(
+            step=state.step + 1,
+            cache=state.cache,
+            tokens=column(state.tokens, tokens),
+            mask=column(state.mask, live),
+            logprobs=column(state.logprobs, jnp.where(live, logprobs, 0.0)),
+            finished=state.finished | (live & jnp.isin(tokens, end_ids)),
+        )
+
+    def decode_one(state: _DecodeState) -> _DecodeState:
+        previous = state.step - 1  # the last sampled token goes in at its slot, then predicts the next
+        slot = prompt_length + previous
+        position = jnp.broadcast_to(prefilled.next_position + previous, (3, rows))[..., None]
+        slot_mask = jnp.concatenate([prefilled.prompt_mask, (response_slots <= previous)[None].repeat(rows, 0)], 1)
+        token = jax.lax.dynamic_index_in_dim(state.tokens, previous, axis=1, keepdims=False)
+        logits, cache = model.decode_step(layers, token, position, slot_mask, state.cache, slot)
+        return record(state.replace(cache=cache), logits)
+
+    def not_done(state: _DecodeState) -> jax.Array:
+        return (state.step < params.max_new_tokens) & ~jnp.all(state.finished)
+
+    shape = (rows, params.max_new_tokens)
+    start = _DecodeState(
+        step=jnp.int32(0),
+        cache=cache,
+        tokens=jnp.full(shape, params.pad_token_id, jnp.int32),
+        mask=jnp.zeros(shape, bool),
+        logprobs=jnp.zeros(shape, jnp.float32),
+        finished=jnp.zeros((rows,), bool),
+    )
+    end = jax.lax.while_loop(not_done, decode_one, record(start, prefilled.logits))
+    return Rollout(tokens=end.tokens, mask=end.mask, logprobs=end.logprobs, truncated=~end.finished), end.cache
+
+
+def generate(
+    model: Qwen2_5_VLForConditionalGeneration,
+    batch: dict,
+    keys: jax.Array,
+    params: SamplingParams,
+    mesh: Mesh | None = None,
+) -> Rollout:
+    """G samples for each prompt of an HF-processor batch (left-padded), one key per sample.
+
+    keys: (num_prompts * G,) PRNG keys; the same keys reproduce the same rollout. With a
+    mesh, prompts and samples are split over all its axes (data parallelism); the number of
+    prompts must divide evenly. The model's parameters are used where they are.
+    """
+    batch = left_pad_to_bucket(batch, params.min_prompt_length, params.pad_token_id)
+    inputs = prepare_inputs(model.config, **batch)
+    if mesh is not None:
+        inputs, keys = _split_rows(mesh, inputs, keys)
+    graphdef, state = nnx.split(model)
+    cache_length = inputs.input_ids.shape[1] + params.max_new_tokens
+    prefilled, cache = _prefill(graphdef, state, inputs, cache_length, params.group_size)
+    return _decode(graphdef, state, prefilled, cache, keys, params)[0]
+
+
+def _split_rows(mesh: Mesh, inputs: ModelInputs, keys: jax.Array) -> tuple[ModelInputs, jax.Array]:
+    """Places the per-row arrays split over the mesh; the images' patches stay replicated."""
+    rows = lambda *spec: NamedSharding(mesh, PartitionSpec(*spec))
+    split = mesh.axis_names
+    inputs = inputs.replace(
+        input_ids=jax.device_put(inputs.input_ids, rows(split)),
+        attention_mask=jax.device_put(inputs.attention_mask, rows(split)),
+        position_ids=jax.device_put(inputs.position_ids, rows(None, split)),
+        image_token_slot=jax.device_put(inputs.image_token_slot, rows(split)),
+        vision=jax.device_put(inputs.vision, rows()),
+    )
+    return inputs, jax.device_put(keys, rows(split))
