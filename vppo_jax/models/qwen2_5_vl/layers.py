@@ -57,7 +57,13 @@ class GatedMLP(nnx.Module):
         self.act = ACTIVATIONS[act]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(activate(self.act, self.gate_proj(x)) * self.up_proj(x))
+
+
+def activate(act: Callable, x: jax.Array) -> jax.Array:
+    """The activation in fp32, rounded once: torch's bf16 kernels compute elementwise ops in
+    fp32 internally, while x * sigmoid(x) in bf16 would round twice."""
+    return act(x.astype(jnp.float32)).astype(x.dtype)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
@@ -80,8 +86,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     num_kv = k.shape[-2]
     q = q.reshape(*lead, tq, num_kv, num_heads // num_kv, head_dim)
     scores = jnp.einsum("...qkgd,...skd->...kgqs", q, k).astype(jnp.float32) * head_dim**-0.5
-    probs = masked_softmax(scores, mask[..., None, None, :, :]).astype(v.dtype)
-    out = jnp.einsum("...kgqs,...skd->...qkgd", probs, v)
+    probs = masked_softmax(scores, mask[..., None, None, :, :])
+    # Probabilities stay fp32 through the value product, as in torch's fused attention
+    # kernels (transformers' default "sdpa"); only the output is rounded to the dtype.
+    out = jnp.einsum("...kgqs,...skd->...qkgd", probs, v.astype(jnp.float32)).astype(v.dtype)
     return out.reshape(*lead, tq, num_heads * head_dim)
 
 
