@@ -132,7 +132,8 @@ def from_pretrained(path: str, dtype: str | None = None) -> Qwen2_5_VLForConditi
 
 def hf_config_dict(config: Qwen2_5_VLConfig) -> dict:
     """The config.json to write: the source's (when loaded from HF) with the dtype updated."""
-    raw = read_config(config.source_dir)[1] if config.source_dir else config_to_hf_dict(config)
+    from_source = config.source_dir and os.path.isfile(os.path.join(config.source_dir, CONFIG_FILE))
+    raw = read_config(config.source_dir)[1] if from_source else config_to_hf_dict(config)
     raw["torch_dtype"] = raw["dtype"] = config.param_dtype
     return raw
 
@@ -148,6 +149,7 @@ def config_to_hf_dict(config: Qwen2_5_VLConfig) -> dict:
             num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
             num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps, hidden_act=t.hidden_act,
             rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)},
+            bos_token_id=None, eos_token_id=None,  # Qwen's ids do not exist in small test vocabularies
         ),
         vision_config=dict(
             depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_heads=v.num_heads,

@@ -1,0 +1,13 @@
+"""VPPO on Qwen2.5-VL-32B-Instruct (paper: 64.6 avg@8): longer responses (4096 tokens).
+
+    python -m vppo_jax.train --config=configs/vppo_32b.py --workdir=runs/vppo_32b \
+        --config.model.path=ckpt/qwen32b --config.data.train_files=virl39k.parquet
+"""
+from configs import vppo_7b
+
+
+def get_config(arg: str = ""):
+    config = vppo_7b.get_config(arg)
+    if arg != "runlocal":
+        config.rollout.max_new_tokens = 4096
+    return config

@@ -1,0 +1,99 @@
+"""A training run's workdir: its resolved config and its orbax checkpoints.
+
+A checkpoint holds everything needed to continue exactly: the train state (step,
+parameters, optimizer state, skipped-update count), the run's PRNG key, the data
+iterator's position and small host-side counters. Orbax writes each checkpoint to a
+temporary directory and renames it when complete, asynchronously, so a run killed at any
+moment resumes from the latest complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+# Fields a restarted run may change without becoming another run.
+RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "eval.every_steps")
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def claim_workdir(workdir: str, config: ml_collections.ConfigDict):
+    """Writes the resolved config into the workdir, or checks that it matches the one there.
+
+    A workdir belongs to one run: starting a different config in it is refused (it would
+    mix two runs' checkpoints and metrics) with the differing fields named.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, CONFIG_FILE)
+    resolved = json.loads(config.to_json_best_effort())
+    if os.path.exists(path):
+        with open(path) as f:
+            existing = _flatten(json.load(f))
+        current = _flatten(resolved)
+        differing = sorted(
+            key for key in existing.keys() | current.keys()
+            if existing.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES)
+        )
+        if differing:
+            details = ", ".join(f"{k}: {existing.get(k)!r} -> {current.get(k)!r}" for k in differing[:8])
+            raise ValueError(
+                f"{workdir} holds a run of another config ({details}). Use a new --workdir, or remove "
+                "this one to start over."
+            )
+    with open(path, "w") as f:
+        json.dump(resolved, f, indent=2)
+
+
+class RunCheckpoints:
+    def __init__(self, workdir: str, keep: int):
+        self.manager = ocp.CheckpointManager(
+            os.path.join(os.path.abspath(workdir), "checkpoints"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, rng: jax.Array, data_state: dict, host: dict):
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                rng=ocp.args.StandardSave(jax.random.key_data(rng)),
+                data=ocp.args.JsonSave(data_state),
+                host=ocp.args.JsonSave(host),
+            ),
+        )
+
+    def restore(self, step: int, abstract_state):
+        """(state, rng, data_state, host) of checkpoint `step`; arrays laid out like `abstract_state`."""
+        abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        rng_shape = jax.ShapeDtypeStruct((2,), np.uint32)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                rng=ocp.args.StandardRestore(rng_shape),
+                data=ocp.args.JsonRestore(),
+                host=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored.state, jax.random.wrap_key_data(restored.rng), restored.data, restored.host
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
