@@ -1,0 +1,175 @@
+"""The sampler against transformers (greedy generate, teacher-forced forward) and analytic distributions."""
+import jax
+import numpy as np
+import pytest
+import torch
+from jax.sharding import Mesh
+from scipy import stats
+
+from hf_reference import IMAGE_TOKEN, VISION_END, VISION_START, processor_batch, text_ids, tiny_hf_model
+from vppo_jax import sampling
+from vppo_jax.models import qwen2_5_vl
+
+VIDEO_TOKEN = 1003
+VISION_IDS = (IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END)
+# Four prompts of different lengths, each with an image of a different size.
+PROMPTS = [
+    (text_ids(8, 3), [(84, 56)]),
+    (text_ids(3, 4), [(56, 112)]),
+    (text_ids(20, 5), [(112, 112)]),
+    (text_ids(12, 6), [(56, 56)]),
+]
+NEW_TOKENS = 40
+
+
+def repeat_prompts(batch: dict, times: int) -> dict:
+    """Each prompt and its image `times` times in a row, the layout of the sampler's groups.
+
+    (processor_batch would draw a new random image for every repeated prompt.)
+    """
+    pixel_rows = np.prod(batch["image_grid_thw"], axis=1)  # one image per prompt
+    images = np.split(batch["pixel_values"], np.cumsum(pixel_rows)[:-1])
+    repeated = {k: np.repeat(v, times, axis=0) for k, v in batch.items() if k != "pixel_values"}
+    repeated["pixel_values"] = np.concatenate([image for image in images for _ in range(times)])
+    return repeated
+
+
+def keys_for(count: int, seed: int = 0) -> jax.Array:
+    return jax.random.split(jax.random.key(seed), count)
+
+
+def torch_batch(batch: dict) -> dict:
+    return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return tiny_hf_model(seed=0)
+
+
+@pytest.fixture(scope="module")
+def port(hf_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("port") / "hf"
+    hf_model.save_pretrained(path)
+    return qwen2_5_vl.from_pretrained(str(path))
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf_model):
+    """transformers' greedy continuation of PROMPTS, NEW_TOKENS tokens, no early stop."""
+    batch = processor_batch(PROMPTS)
+    with torch.no_grad():
+        out = hf_model.generate(
+            **torch_batch(batch), do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS
+        )
+    response = out[:, batch["input_ids"].shape[1]:].numpy()
+    # transformers does not ban vision tokens; with random weights greedy could pick one.
+    # This model and these prompts never do, so the comparison below covers every token.
+    assert not np.isin(response, VISION_IDS).any()
+    return response
+
+
+@pytest.mark.parametrize("devices", [1, 4], ids=["one_device", "data_parallel_4"])
+def test_greedy_matches_transformers_generate(port, hf_greedy, devices):
+    mesh = Mesh(np.array(jax.devices()[:devices]), ("data",)) if devices > 1 else None
+    params = sampling.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, end_token_ids=(), pad_token_id=0)
+    rollout = sampling.generate(port, processor_batch(PROMPTS), keys_for(len(PROMPTS)), params, mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(rollout.tokens), hf_greedy)
+    assert np.asarray(rollout.mask).all() and np.asarray(rollout.truncated).all()
+    assert len(rollout.tokens.sharding.device_set) == devices
+
+
+def test_end_tokens_stop_each_sequence(port, hf_greedy):
+    # End tokens taken from transformers' greedy output: row 0's 6th token and row 2's 11th.
+    end_ids = (int(hf_greedy[0, 5]), int(hf_greedy[2, 10]))
+    params = sampling.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, end_token_ids=end_ids, pad_token_id=0)
+    rollout = sampling.generate(port, processor_batch(PROMPTS), keys_for(len(PROMPTS)), params)
+    for row, reference in enumerate(hf_greedy):
+        ends = np.flatnonzero(np.isin(reference, end_ids))
+        length = ends[0] + 1 if len(ends) else NEW_TOKENS
+        expected = np.where(np.arange(NEW_TOKENS) < length, reference, 0)
+        np.testing.assert_array_equal(np.asarray(rollout.tokens[row]), expected)
+        np.testing.assert_array_equal(np.asarray(rollout.mask[row]), np.arange(NEW_TOKENS) < length)
+        assert bool(rollout.truncated[row]) == (len(ends) == 0)
+    assert not np.asarray(rollout.truncated)[[0, 2]].any()
+
+
+def test_logprobs_match_teacher_forced_forward(hf_model, port):
+    group, temperature = 2, 0.7
+    params = sampling.SamplingParams(
+        max_new_tokens=24, temperature=temperature, top_k=50, top_p=0.9, group_size=group, end_token_ids=(),
+        pad_token_id=0,
+    )
+    rollout = sampling.generate(port, processor_batch(PROMPTS), keys_for(len(PROMPTS) * group), params)
+    tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
+    assert not np.isin(tokens, VISION_IDS).any()
+
+    # The same sequences, prompt then response, through transformers' full forward pass.
+    batch = repeat_prompts(processor_batch(PROMPTS), group)
+    prompt_length = batch["input_ids"].shape[1]
+    full = dict(batch)
+    full["input_ids"] = np.concatenate([batch["input_ids"], tokens], axis=1)
+    full["attention_mask"] = np.concatenate([batch["attention_mask"], mask], axis=1)
+    full["mm_token_type_ids"] = np.concatenate([batch["mm_token_type_ids"], np.zeros_like(tokens)], axis=1)
+    with torch.no_grad():
+        logits = hf_model(**torch_batch(full)).logits[:, prompt_length - 1 : -1] / temperature
+    reference = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[..., None].long())[..., 0]
+    error = np.abs(np.asarray(rollout.logprobs) - reference.numpy())[mask]
+    assert error.max() <= 1e-4, error.max()
+
+
+def test_group_samples_equal_repeated_prompts(port):
+    group = 3
+    params = dict(max_new_tokens=16, temperature=1.0, end_token_ids=(), pad_token_id=0)
+    keys = keys_for(len(PROMPTS) * group, seed=7)
+    grouped = sampling.generate(
+        port, processor_batch(PROMPTS), keys, sampling.SamplingParams(group_size=group, **params)
+    )
+    repeated = sampling.generate(
+        port, repeat_prompts(processor_batch(PROMPTS), group), keys, sampling.SamplingParams(**params)
+    )
+    np.testing.assert_array_equal(np.asarray(grouped.tokens), np.asarray(repeated.tokens))
+    np.testing.assert_allclose(np.asarray(grouped.logprobs), np.asarray(repeated.logprobs), atol=1e-5)
+    # The G samples of a prompt differ from each other (different keys).
+    assert len({tuple(row) for row in np.asarray(grouped.tokens)[:group]}) == group
+
+
+def truncated_distribution(logits, banned, temperature, top_k, top_p):
+    """Reference in NumPy: ban, scale, keep the top k, then the smallest nucleus of mass top_p."""
+    scaled = np.where(np.isin(np.arange(len(logits)), banned), -np.inf, logits.astype(np.float64) / temperature)
+    order = np.argsort(-scaled, kind="stable")
+    kept = order[: top_k or len(logits)]
+    probs = np.exp(scaled[kept] - scaled[kept].max())
+    probs /= probs.sum()
+    nucleus = np.searchsorted(np.cumsum(probs), top_p - 1e-9) + 1 if top_p < 1 else len(kept)
+    expected = np.zeros(len(logits))
+    expected[kept[:nucleus]] = probs[:nucleus] / probs[:nucleus].sum()
+    return expected
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8), (0.8, 6, 0.7)],
+    ids=["plain", "temperature", "top_k", "top_p", "all_three"],
+)
+def test_token_frequencies_match_truncated_distribution(temperature, top_k, top_p):
+    vocab, draws = 12, 40_000
+    logits = np.random.default_rng(0).normal(0, 1.5, vocab).astype(np.float32)
+    banned = tuple(np.argsort(-logits)[:2])  # ban the two most likely tokens: they must never appear
+    params = sampling.SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
+    tokens, _ = jax.jit(sampling.sample_tokens, static_argnums=(2, 3))(
+        np.broadcast_to(logits, (draws, vocab)), keys_for(draws, seed=1), params, banned
+    )
+    counts = np.bincount(np.asarray(tokens), minlength=vocab)
+    expected = truncated_distribution(logits, banned, temperature, top_k, top_p)
+    support = expected > 0
+    assert counts[~support].sum() == 0
+    assert stats.chisquare(counts[support], expected[support] * draws).pvalue > 1e-3
+
+
+def test_greedy_never_picks_a_banned_token():
+    logits = np.array([[0.0, 5.0, 1.0, 4.0]], np.float32)
+    params = sampling.SamplingParams(max_new_tokens=1, temperature=0.0)
+    tokens, logprobs = sampling.sample_tokens(logits, keys_for(1), params, banned_ids=(1,))
+    assert int(tokens[0]) == 3
+    np.testing.assert_allclose(float(logprobs[0]), 4.0 - np.log(np.exp(logits).sum()), rtol=1e-6)
