@@ -1,0 +1,30 @@
+"""Decoding one entry of a row's image list, in any of the forms ViRL39K-style files use."""
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+from PIL import Image
+
+
+def open_image(entry: Any, base_dir: str) -> Image.Image:
+    """A decoded PIL image from raw bytes, an HF datasets {"bytes", "path"} dict, or a file path.
+
+    Relative paths are relative to `base_dir` (the data file's directory). HF datasets keeps
+    the original file name in "path" next to the bytes, so bytes win when both are present.
+    Raises ValueError for an entry of another type, and whatever PIL raises for a missing,
+    corrupt or oversized file (OSError, DecompressionBombError, SyntaxError, ...).
+    """
+    if isinstance(entry, dict):
+        data, path = entry.get("bytes"), entry.get("path")
+        entry = data if data else path
+    if isinstance(entry, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(entry))
+    elif isinstance(entry, str) and entry:
+        image = Image.open(os.path.join(base_dir, entry))
+    else:
+        kind = type(entry).__name__
+        raise ValueError(f"an image entry must be bytes, a path or a {{'bytes', 'path'}} dict, got {kind}")
+    image.load()  # decode now: a truncated file fails here, not later in a worker thread
+    return image

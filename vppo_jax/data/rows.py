@@ -1,0 +1,152 @@
+"""Random access to the rows of parquet and JSON-lines files: a grain RandomAccessDataSource.
+
+Nothing is decoded up front. A parquet file is read one row group at a time (a few recent
+groups are cached), so a 39k-row ViRL39K file with its image bytes never sits in memory;
+HF datasets writes image parquet in groups of 100 rows. A JSON-lines file is indexed by
+the byte offset of each line once, and a row is read by seeking to it.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+ROW_GROUP_CACHE = 4  # row groups kept decoded per parquet file (sequential reads hit, shuffled reads rarely do)
+LARGE_ROW_GROUP_BYTES = 256 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    index: int  # position in the concatenation of all files
+    fields: dict[str, Any]  # the requested columns present in the row, as Python objects
+    base_dir: str  # directory of the row's file: image paths are relative to it
+    error: str = ""  # why the row could not be parsed, "" when it was
+
+
+class ParquetRows:
+    def __init__(self, path: str, columns: Sequence[str]):
+        self.path = path
+        self.columns = list(columns)
+        self._open()
+        names, metadata = self._file.schema_arrow.names, self._file.metadata
+        missing = [c for c in self.columns if c not in names]
+        if missing:
+            raise ValueError(
+                f"{path} has no column {missing}; its columns are {names}. "
+                "Set data.problem_key / answer_key / images_key to the names this file uses."
+            )
+        groups = [metadata.row_group(g) for g in range(metadata.num_row_groups)]
+        self.group_starts = np.cumsum([0] + [g.num_rows for g in groups]).tolist()
+        largest = max((g.total_byte_size for g in groups), default=0)
+        if largest > LARGE_ROW_GROUP_BYTES:
+            log.warning(
+                "%s: row groups of up to %d MB; every example read decodes its whole group. Rewrite the file "
+                "with pyarrow.parquet.write_table(table, path, row_group_size=100) for faster random access.",
+                path, largest >> 20,
+            )
+
+    def _open(self):
+        self._file = pq.ParquetFile(self.path)
+        self._cache: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()  # grain reads from several threads; pyarrow file handles are not shared safely
+
+    def __len__(self) -> int:
+        return self.group_starts[-1]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        group = bisect.bisect_right(self.group_starts, index) - 1
+        with self._lock:
+            table = self._cache.pop(group, None)
+            if table is None:
+                table = self._file.read_row_group(group, columns=self.columns)
+            self._cache[group] = table
+            while len(self._cache) > ROW_GROUP_CACHE:
+                self._cache.popitem(last=False)
+        return table.slice(index - self.group_starts[group], 1).to_pylist()[0]
+
+    def __getstate__(self):  # grain pickles sources into worker processes: reopen there
+        return {"path": self.path, "columns": self.columns, "group_starts": self.group_starts}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
+
+
+class JsonLinesRows:
+    def __init__(self, path: str):
+        self.path = path
+        offsets = []
+        with open(path, "rb") as f:
+            offset = 0
+            for line in f:
+                if line.strip():
+                    offsets.append(offset)
+                offset += len(line)
+        if offsets:
+            with open(path, "rb") as f:
+                f.seek(offsets[0])
+                if f.read(1) == b"[":
+                    raise ValueError(f"{path} is one JSON array; write one JSON object per line (JSON Lines).")
+        self.offsets = np.asarray(offsets, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """The row's object; raises ValueError when the line is not a JSON object."""
+        with open(self.path, "rb") as f:
+            f.seek(int(self.offsets[index]))
+            row = json.loads(f.readline())
+        if not isinstance(row, dict):
+            raise ValueError(f"line holds a JSON {type(row).__name__}, not an object")
+        return row
+
+
+def open_rows(path: str, columns: Sequence[str]) -> ParquetRows | JsonLinesRows:
+    if path.endswith(".parquet"):
+        return ParquetRows(path, columns)
+    if path.endswith((".jsonl", ".json")):
+        return JsonLinesRows(path)
+    raise ValueError(f"{path}: unknown data file type; use .parquet or .jsonl (JSON Lines, also accepted as .json).")
+
+
+class RowSource:
+    """The rows of several files, concatenated in order; `source[i]` is a `Row`."""
+
+    def __init__(self, paths: Sequence[str], columns: Sequence[str]):
+        if isinstance(paths, str) or not paths or not all(paths):
+            raise ValueError(f"Data files must be a non-empty list of paths, got {paths!r}.")
+        self.columns = tuple(columns)
+        self.files = [open_rows(os.path.abspath(p), columns) for p in paths]
+        self.file_starts = np.cumsum([0] + [len(f) for f in self.files]).tolist()
+        if len(self) == 0:
+            raise ValueError(f"The data files {list(paths)} hold no rows.")
+
+    def __len__(self) -> int:
+        return self.file_starts[-1]
+
+    def __getitem__(self, index: int) -> Row:
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range for {len(self)} rows")
+        k = bisect.bisect_right(self.file_starts, index) - 1
+        file = self.files[k]
+        base_dir = os.path.dirname(file.path)
+        try:
+            row = file[index - self.file_starts[k]]
+        except ValueError as error:  # json.JSONDecodeError is a ValueError
+            return Row(index, {}, base_dir, error=f"{file.path}: {error}")
+        return Row(index, {c: row[c] for c in self.columns if c in row}, base_dir)
+
+    def __repr__(self) -> str:  # grain records the source's repr in its checkpoints
+        return f"RowSource({[f.path for f in self.files]}, columns={self.columns})"
