@@ -14,6 +14,7 @@ sequence has produced an end token or `max_new_tokens` tokens.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.struct
 import jax
@@ -74,16 +75,32 @@ def truncate(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
 def draw(logits: jax.Array, keys: jax.Array) -> jax.Array:
     """One token per row of softmax(logits) (N, V), by inverting the CDF at one uniform per row.
 
-    Gumbel-max would need V random numbers per row, which on CPU cost more than the
-    decoder. The threshold stays below the total, and a cumulative sum of non-negative
-    numbers never decreases, so the drawn token always has positive probability.
+    Gumbel-max would need V random numbers per row, and a cumulative sum over V is slow on
+    CPU too (either costs more than a decoder layer), so the CDF is inverted in two levels
+    of about sqrt(V): first a block of tokens, then a token inside it.
     """
+    rows, vocab = logits.shape
+    block = 1 << math.ceil(math.log2(vocab) / 2)
     probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    cdf = jnp.cumsum(probs, axis=-1)
-    total = cdf[:, -1:]
-    uniform = jax.vmap(jax.random.uniform)(keys)[:, None]
-    threshold = jnp.minimum(uniform * total, jnp.nextafter(total, 0))
-    return jnp.sum(cdf <= threshold, axis=-1, dtype=jnp.int32)
+    blocks = jnp.pad(probs, ((0, 0), (0, -vocab % block))).reshape(rows, -1, block)
+    block_cdf = jnp.cumsum(blocks.sum(axis=-1), axis=-1)
+    target = jax.vmap(jax.random.uniform)(keys) * block_cdf[:, -1]
+    chosen, mass_before = _invert(block_cdf, target)
+    within = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]
+    token, _ = _invert(jnp.cumsum(within, axis=-1), target - mass_before)
+    return chosen * block + token
+
+
+def _invert(cdf: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """First index whose running total cdf (N, K) exceeds target (N,), and the total before it.
+
+    The target is clamped into [0, total): as a cumulative sum of non-negative numbers never
+    decreases, the index found always has positive mass, despite rounding.
+    """
+    target = jnp.clip(target, 0, jnp.nextafter(cdf[:, -1], 0))
+    index = jnp.sum(cdf <= target[:, None], axis=-1, dtype=jnp.int32)
+    before = jnp.take_along_axis(cdf, jnp.maximum(index - 1, 0)[:, None], axis=-1)[:, 0]
+    return index, jnp.where(index > 0, before, 0.0)
 
 
 def sample_tokens(
@@ -103,7 +120,7 @@ def sample_tokens(
         tokens = draw(truncate(allowed, params.top_k, params.top_p), keys)
     else:
         tokens = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    logprobs = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(scaled, axis=-1)
     return tokens, logprobs
 
 

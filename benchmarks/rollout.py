@@ -1,0 +1,144 @@
+"""Rollout speed: our compiled sampler against transformers `generate`, same weights and inputs.
+
+A fixed tiny-but-not-trivial Qwen2.5-VL (text: hidden 256, 4 layers, 4 heads, 2 KV heads,
+intermediate 768, vocab 4096; vision: depth 2, hidden 64), 32 prompts each with one
+112 x 112 image, sampling at temperature 1.0 for exactly 128 new tokens, fp32 on CPU.
+transformers samples with the weights we convert from it.
+
+It prints both throughputs (new tokens per second of a whole rollout: vision, prefill and
+decode), our compile time separately, their ratio (target >= 3x), and our decode loop's
+achieved FLOP/s as a fraction of a plain jitted matmul's FLOP/s measured in the same run
+(target >= 50%). Timings are medians of interleaved repeats, after warm-up.
+
+Run from the repository root: python -m benchmarks.rollout [--repeats 3]
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+sys.path.insert(0, "tests")
+from hf_reference import processor_batch, text_ids  # noqa: E402
+
+from vppo_jax import sampling  # noqa: E402
+from vppo_jax.models import qwen2_5_vl  # noqa: E402
+from vppo_jax.models.qwen2_5_vl.inputs import left_pad_to_bucket, prepare_inputs  # noqa: E402
+
+PROMPTS, NEW_TOKENS = 32, 128
+HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 256, 4, 4, 2, 768, 4096
+FLOOR_MATMUL = 1024  # n x n x n fp32: a compute-bound shape, this CPU's best FLOP/s
+TARGET_RATIO, TARGET_FLOOR_FRACTION = 3.0, 0.5
+
+
+def hf_model() -> Qwen2_5_VLForConditionalGeneration:
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, rms_norm_eps=1e-6,
+            max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=HIDDEN, patch_size=14,
+            temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[1],
+        ),
+        image_token_id=1000, video_token_id=1003, vision_start_token_id=1001, vision_end_token_id=1002,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def decode_flops(prompt_lengths: np.ndarray) -> float:
+    """Matmul FLOPs of the decode loop: 2 per weight per token, plus attention over the real context."""
+    head_dim = HIDDEN // HEADS
+    weights_per_layer = HIDDEN * (HEADS + 2 * KV_HEADS) * head_dim + HEADS * head_dim * HIDDEN + 3 * HIDDEN * INTERMEDIATE
+    weights = LAYERS * weights_per_layer + HIDDEN * VOCAB
+    # Token t of a row (t = 0 comes from the prefill) attends to the prompt and t earlier response tokens.
+    steps = np.arange(1, NEW_TOKENS)
+    context = (prompt_lengths[:, None] + steps[None, :]).sum()
+    return 2.0 * weights * PROMPTS * (NEW_TOKENS - 1) + 2.0 * 2 * LAYERS * HEADS * head_dim * context
+
+
+def matmul_flops_per_second(repeats: int = 20) -> float:
+    a = jnp.ones((FLOOR_MATMUL, FLOOR_MATMUL), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, a))
+    best = min(timed(lambda: matmul(a, a)) for _ in range(repeats))
+    return 2.0 * FLOOR_MATMUL**3 / best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    reference = hf_model()
+    with tempfile.TemporaryDirectory() as directory:
+        reference.save_pretrained(directory)
+        model = qwen2_5_vl.from_pretrained(directory)
+    batch = processor_batch([(text_ids(8 + p % 16, p), [(112, 112)]) for p in range(PROMPTS)])
+    torch_batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+    params = sampling.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, end_token_ids=())
+    keys = jax.random.split(jax.random.key(0), PROMPTS)
+
+    def ours():
+        return sampling.generate(model, batch, keys, params).tokens
+
+    def theirs():
+        with torch.no_grad():
+            return reference.generate(
+                **torch_batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+            )
+
+    # Our decode loop alone, on a prefilled cache (donated, so a fresh prefill per run).
+    inputs = prepare_inputs(model.config, **left_pad_to_bucket(batch, params.min_prompt_length))
+    graphdef, state = nnx.split(model)
+    cache_length = inputs.input_ids.shape[1] + NEW_TOKENS
+
+    def decode_only():
+        prefilled, cache = jax.block_until_ready(sampling._prefill(graphdef, state, inputs, cache_length, 1))
+        return timed(lambda: sampling._decode(graphdef, state, prefilled, cache, keys, params))
+
+    first_call = timed(ours)
+    theirs()  # warm-up
+    ours_times, theirs_times, decode_times = [], [], []
+    for _ in range(args.repeats):
+        ours_times.append(timed(ours))
+        theirs_times.append(timed(theirs))
+        decode_times.append(decode_only())
+    floor = matmul_flops_per_second()
+
+    tokens = PROMPTS * NEW_TOKENS
+    ours_time, theirs_time, decode_time = (statistics.median(t) for t in (ours_times, theirs_times, decode_times))
+    achieved = decode_flops(batch["attention_mask"].sum(axis=1)) / decode_time
+    ratio, fraction = theirs_time / ours_time, achieved / floor
+    print(f"{PROMPTS} prompts x {NEW_TOKENS} new tokens, fp32, {jax.device_count()} CPU device(s), "
+          f"{torch.get_num_threads()} torch threads; medians of {args.repeats}")
+    print(f"  transformers generate: {tokens / theirs_time:8.0f} tokens/s  ({theirs_time * 1e3:.0f} ms per rollout)")
+    print(f"  ours:                  {tokens / ours_time:8.0f} tokens/s  ({ours_time * 1e3:.0f} ms per rollout)")
+    print(f"  our compile time:      {first_call - ours_time:8.1f} s (first call minus a compiled call)")
+    print(f"  ratio: {ratio:.2f}x  (target >= {TARGET_RATIO:.0f}x)")
+    print(f"  our decode loop: {decode_time / (NEW_TOKENS - 1) * 1e3:.2f} ms per step, {achieved / 1e9:.1f} GFLOP/s")
+    print(f"  plain jitted {FLOOR_MATMUL}^3 matmul: {floor / 1e9:.1f} GFLOP/s")
+    print(f"  decode loop / matmul floor: {fraction:.0%}  (target >= {TARGET_FLOOR_FRACTION:.0%})")
+
+
+if __name__ == "__main__":
+    main()
