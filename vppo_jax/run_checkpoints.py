@@ -13,7 +13,6 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = "config.json"
@@ -73,7 +72,7 @@ class RunCheckpoints:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                rng=ocp.args.StandardSave(jax.random.key_data(rng)),
+                rng=ocp.args.StandardSave({"key": jax.random.key_data(rng)}),
                 data=ocp.args.JsonSave(data_state),
                 host=ocp.args.JsonSave(host),
             ),
@@ -82,7 +81,7 @@ class RunCheckpoints:
     def restore(self, step: int, abstract_state):
         """(state, rng, data_state, host) of checkpoint `step`; arrays laid out like `abstract_state`."""
         abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        rng_shape = jax.ShapeDtypeStruct((2,), np.uint32)
+        rng_shape = {"key": ocp.utils.to_shape_dtype_struct(jax.random.key_data(jax.random.key(0)))}
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -92,7 +91,7 @@ class RunCheckpoints:
                 host=ocp.args.JsonRestore(),
             ),
         )
-        return restored.state, jax.random.wrap_key_data(restored.rng), restored.data, restored.host
+        return restored.state, jax.random.wrap_key_data(restored.rng["key"]), restored.data, restored.host
 
     def close(self):
         self.manager.wait_until_finished()

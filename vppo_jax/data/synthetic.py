@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from vppo_jax.processing import INSTRUCTION, SYSTEM_PROMPT
+
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
 SHAPES = ("circle", "square", "triangle")
 GRID = 3
@@ -56,15 +58,15 @@ def _question(rng: np.random.Generator, objects) -> tuple[str, str, str]:
     if kind == 0:
         colour = list(COLORS)[rng.integers(len(COLORS))]
         n = colours.count(colour)
-        return f"How many {colour} shapes are there?", str(n), f"I count {n} {colour} shapes."
+        return f"How many {colour} shapes are there?", str(n), f"I count {n} {colour} shape{'' if n == 1 else 's'}."
     if kind == 1:
         shape = SHAPES[rng.integers(len(SHAPES))]
         n = shapes.count(shape)
-        return f"How many {shape}s are there?", str(n), f"I count {n} {shape}s."
+        return f"How many {shape}s are there?", str(n), f"I count {n} {shape}{'' if n == 1 else 's'}."
     colour = list(COLORS)[rng.integers(len(COLORS))]
     shape = SHAPES[rng.integers(len(SHAPES))]
     n = sum(1 for _, s, c in objects if s == shape and c == colour)
-    return f"How many {colour} {shape}s are there?", str(n), f"I count {n} {colour} {shape}s."
+    return f"How many {colour} {shape}s are there?", str(n), f"I count {n} {colour} {shape}{'' if n == 1 else 's'}."
 
 
 def generate_rows(count: int, seed: int, image_size: int = 84) -> list[dict]:
@@ -90,13 +92,24 @@ def write_parquet(rows: list[dict], path: str):
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
+def split_paths(directory: str) -> dict[str, str]:
+    return {split: os.path.join(directory, f"{split}.parquet") for split in ("train", "val")}
+
+
 def write_splits(directory: str, train: int, val: int, seed: int, image_size: int = 84) -> dict[str, str]:
     """Writes train.parquet and val.parquet (disjoint seeds) and returns their paths."""
-    paths = {}
+    paths = split_paths(directory)
     for split, count, split_seed in (("train", train, seed), ("val", val, seed + 1_000_003)):
-        paths[split] = os.path.join(directory, f"{split}.parquet")
         write_parquet(generate_rows(count, split_seed, image_size), paths[split])
     return paths
+
+
+def tokenizer_corpus(train_file: str) -> list[str]:
+    """Texts a tokenizer for this task must encode compactly: problems, worked answers, and
+    the chat prompt around them."""
+    table = pq.read_table(train_file, columns=["problem", "reasoning"]).to_pylist()
+    chat = f"system {SYSTEM_PROMPT} user {INSTRUCTION} assistant"
+    return [chat] * 50 + [f"{row['problem']} {row['reasoning']}" for row in table]
 
 
 def main():

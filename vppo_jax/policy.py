@@ -1,0 +1,42 @@
+"""Loading the policy to train: model and tokenizer from an HF directory or a converted checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from tokenizers import Tokenizer
+
+from vppo_jax.models.qwen2_5_vl import from_pretrained
+from vppo_jax.models.qwen2_5_vl.checkpoint import HF_DIR, PARAMS_DIR, load_model
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclasses.dataclass
+class Policy:
+    model: object
+    tokenizer: Tokenizer
+    hf_dir: str  # where config.json and the tokenizer files live
+
+    def token_id(self, token: str) -> int:
+        found = self.tokenizer.token_to_id(token)
+        if found is None:
+            raise ValueError(f"The tokenizer in {self.hf_dir} has no {token} token; it is not a Qwen tokenizer.")
+        return found
+
+
+def load_policy(path: str, dtype: str) -> Policy:
+    """An HF directory (config.json + safetensors) or a scripts/convert_hf_to_jax.py output."""
+    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        model, hf_dir = load_model(path), os.path.join(path, HF_DIR)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        model, hf_dir = from_pretrained(path, dtype), path
+    else:
+        raise FileNotFoundError(
+            f"model.path={path!r} is neither an HF model directory (config.json + *.safetensors) nor a "
+            "checkpoint written by scripts/convert_hf_to_jax.py."
+        )
+    tokenizer_path = os.path.join(hf_dir, TOKENIZER_FILE)
+    if not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(f"{hf_dir} has no {TOKENIZER_FILE}; copy the tokenizer files of the original model there.")
+    return Policy(model=model, tokenizer=Tokenizer.from_file(tokenizer_path), hf_dir=hf_dir)

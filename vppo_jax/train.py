@@ -1,0 +1,233 @@
+"""Train a Qwen2.5-VL policy with VPPO (or a GRPO/DAPO baseline) from an experiment config.
+
+    python -m vppo_jax.train --config=configs/tiny.py --workdir=runs/tiny
+    python -m vppo_jax.train --config=configs/vppo_7b.py --workdir=runs/vppo_7b --config.algo.tgf_k=0.2
+
+One step = one rollout batch: sample G responses for each prompt (dynamic sampling keeps
+only groups whose accuracy is neither 0 nor 1, resampling until the batch is full), grade
+them, compute GRPO advantages, then `updates_per_rollout` optimizer updates (the VPPO step)
+on consecutive slices of the batch. Metrics go to workdir/metrics.jsonl and TensorBoard;
+checkpoints to workdir/checkpoints; a restarted run resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+from tqdm.auto import tqdm
+
+from vppo_jax import config as config_lib
+from vppo_jax import data as data_lib
+from vppo_jax import processing, sampling
+from vppo_jax.metrics import MetricsWriter, Timer
+from vppo_jax.policy import load_policy
+from vppo_jax.evaluation import evaluate_prompts
+from vppo_jax.rollout import GradedGroups, concatenate, sample_and_grade, update_arrays
+from vppo_jax.run_checkpoints import RunCheckpoints, claim_workdir
+from vppo_jax.vppo import step as step_lib
+from vppo_jax.vppo.advantages import grpo_advantages, online_group_filter
+from vppo_jax.vppo.batch import build_train_batch
+
+
+class Trainer:
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config, self.workdir = config, workdir
+        claim_workdir(workdir, config)
+        self.policy = load_policy(config.model.path, config.model.dtype)
+        model_config = self.policy.model.config
+        self.builder = processing.PromptBuilder(
+            self.policy.tokenizer, processing.ImageProcessor.from_pretrained(self.policy.hf_dir),
+            image_token_id=model_config.image_token_id, vision_start_token_id=model_config.vision_start_token_id,
+            vision_end_token_id=model_config.vision_end_token_id, max_prompt_length=config.data.max_prompt_length,
+            min_pixels=config.data.min_pixels or None, max_pixels=config.data.max_pixels or None,
+        )
+        special = self.builder.special
+        rollout = config.rollout
+        self.sampling = sampling.SamplingParams(
+            max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_k=rollout.top_k,
+            top_p=rollout.top_p, group_size=rollout.group_size, end_token_ids=(special.im_end, special.endoftext),
+            pad_token_id=special.endoftext, min_prompt_length=rollout.prompt_buckets[0],
+        )
+        self.step_config = config_lib.step_config(config)
+        self.optimizer = step_lib.make_optimizer(
+            config_lib.learning_rate(config), config.optim.b1, config.optim.b2, config.optim.weight_decay,
+            config.optim.max_grad_norm,
+        )
+        self.graphdef, self.state = step_lib.init_state(self.policy.model, self.optimizer)
+        self.train_step = step_lib.make_train_step(self.step_config, self.optimizer, self.graphdef)
+        self.score_rollouts = step_lib.make_score_rollouts(self.step_config, self.graphdef)
+        d = config.data
+        columns = dict(problem_key=d.problem_key, answer_key=d.answer_key, images_key=d.images_key,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+        self.data = data_lib.prompt_iterator(data_lib.prompt_dataset(d.train_files, self.builder, seed=d.seed, **columns))
+        self.val_prompts = []
+        if d.val_files and d.val_files[0]:
+            val = data_lib.prompt_dataset(d.val_files, self.builder, seed=d.seed, shuffle=False, num_epochs=1, **columns)
+            self.val_prompts = [p for p in val if not p.skipped][: config.eval.max_examples or None]
+        self.skips = data_lib.SkipCounter()
+        self.rng = jax.random.key(config.train.seed)
+        self.checkpoints = RunCheckpoints(workdir, config.checkpoint.keep)
+        self.start_step = self._resume()
+        self.metrics = MetricsWriter(workdir, resume_step=self.start_step, enabled=jax.process_index() == 0)
+
+    def _resume(self) -> int:
+        latest = self.checkpoints.latest_step()
+        if latest is None:
+            return 0
+        self.state, self.rng, data_state, host = self.checkpoints.restore(latest, self.state)
+        self.data.set_state(data_state)
+        self.skips.counts.update(host["skips"])
+        return latest
+
+    def current_policy(self):
+        """The policy with the state's current parameters (sharing their buffers)."""
+        return dataclasses.replace(self.policy, model=nnx.merge(self.graphdef, self.state.params))
+
+    def next_prompts(self, count: int) -> list:
+        prompts = []
+        while len(prompts) < count:
+            record = next(self.data)
+            if not self.skips.count(record):  # skips are counted and warned about once per kind
+                prompts.append(record)
+        return prompts
+
+    def collect(self, key: jax.Array) -> tuple[GradedGroups, dict]:
+        """Dynamic sampling: rounds of sampling until prompts_per_step groups pass the filter.
+
+        The batch always holds prompts_per_step groups (static shapes): when the rounds run
+        out, filtered-out groups fill it as `live=False` groups, which carry no loss.
+        """
+        r, a = self.config.rollout, self.config.algo
+        policy = self.current_policy()
+        kept, dropped, sampled_rewards = [], [], []
+        stats = {"rollout/timeouts": 0, "rollout/grader_errors": 0, "rollout/truncated": 0.0}
+        rounds = 0
+        while rounds < r.max_filter_rounds and sum(len(g.prompts) for g in kept) < r.prompts_per_step:
+            prompts = self.next_prompts(r.prompts_per_step)
+            keys = jax.random.split(jax.random.fold_in(key, rounds), len(prompts) * r.group_size)
+            groups, grader = sample_and_grade(policy, prompts, keys, self.sampling, self.config.reward,
+                                              self.policy.model.config.image_token_id)
+            keep = np.ones(len(prompts), bool)
+            if a.online_filter:
+                keep = np.asarray(online_group_filter(groups.rewards, r.group_size, tuple(a.accuracy_bounds))[0])
+            stats["rollout/timeouts"] += grader["timeouts"]
+            stats["rollout/grader_errors"] += grader["errors"]
+            stats["rollout/truncated"] += float(groups.truncated.sum())
+            sampled_rewards.append(groups.rewards)
+            kept.append(groups.select(np.nonzero(keep)[0]))
+            filler = groups.select(np.nonzero(~keep)[0])
+            filler.live[:] = False
+            dropped.append(filler)
+            rounds += 1
+        pool = concatenate(kept + dropped, self.sampling.pad_token_id)
+        batch = pool.select(np.arange(r.prompts_per_step))
+        rewards = np.concatenate(sampled_rewards)
+        stats |= {
+            "rollout/accuracy": float(rewards.mean()),
+            "rollout/filter_rounds": rounds,
+            "rollout/live_groups": int(batch.live.sum()),
+            "rollout/response_length": float(batch.mask.sum(1).mean()),
+        }
+        stats["rollout/truncated"] /= len(rewards)
+        return batch, stats
+
+    def update_batches(self, groups: GradedGroups) -> list[step_lib.TrainBatch]:
+        """`updates_per_rollout` TrainBatches over consecutive slices of the groups."""
+        c = self.config
+        per_update = len(groups.prompts) // c.train.updates_per_rollout
+        batches = []
+        for u in range(c.train.updates_per_rollout):
+            part = groups.select(np.arange(u * per_update, (u + 1) * per_update))
+            arrays = update_arrays(part)
+            batches.append(build_train_batch(
+                self.policy.model.config, arrays["input_ids"], arrays["attention_mask"], arrays["response_tokens"],
+                np.asarray(grpo_advantages(part.rewards, c.rollout.group_size)),
+                arrays.get("pixel_values"), arrays.get("image_grid_thw"), c.train.micro_batches,
+            ))
+        return batches
+
+    def evaluate(self, key: jax.Array) -> dict[str, float]:
+        e = self.config.eval
+        params = dataclasses.replace(self.sampling, temperature=e.temperature, top_p=e.top_p, top_k=0)
+        summary, _ = evaluate_prompts(self.current_policy(), self.val_prompts, e.k, params, self.config.reward, key)
+        return {f"eval/{name}": value for name, value in summary.items()}
+
+    def train(self):
+        c = self.config
+        progress = tqdm(range(self.start_step, c.train.steps), initial=self.start_step, total=c.train.steps,
+                        desc="train", unit="step", disable=jax.process_index() != 0)
+        for step in progress:
+            timer, key = Timer(), jax.random.fold_in(self.rng, step)
+            rollout_key, score_key, update_key, eval_key = jax.random.split(key, 4)
+            with timer("rollout"):
+                groups, metrics = self.collect(rollout_key)
+            batches = self.update_batches(groups)
+            if len(batches) > 1 or c.train.micro_batches > 1:
+                # pi_old statistics for every slice from the rollout policy, before any update.
+                with timer("dependency"):
+                    batches = [self.score_rollouts(self.state.params, b, jax.random.fold_in(score_key, i))
+                               for i, b in enumerate(batches)]
+            with timer("update"):
+                updates = []
+                for i, batch in enumerate(batches):
+                    self.state, update_metrics = self.train_step(self.state, batch, jax.random.fold_in(update_key, i))
+                    updates.append(jax.device_get(update_metrics))
+            metrics |= {name: float(np.mean([u[name] for u in updates])) for name in updates[0]}
+            metrics |= self.skips.metrics()
+            metrics["train/skipped_updates"] = int(self.state.skipped_steps)
+            if self.val_prompts and (step + 1) % c.eval.every_steps == 0:
+                with timer("eval"):
+                    metrics |= self.evaluate(eval_key)
+            timings = timer.metrics()
+            tokens = float(sum(np.asarray(b.response_mask).sum() for b in batches))
+            metrics |= timings | {"time/tokens_per_second": tokens / max(timings["time/step"], 1e-9)}
+            self.metrics.write(step, metrics)
+            progress.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}", loss=f"{metrics['loss']:.3f}")
+            if (step + 1) % c.checkpoint.every_steps == 0 or step + 1 == c.train.steps:
+                self.checkpoints.save(step + 1, self.state, self.rng, self.data.get_state(),
+                                      {"skips": dict(self.skips.counts)})
+        self.checkpoints.close()
+        self.metrics.close()
+
+
+def prepare_embedded_default(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """With no model and no data given, make the synthetic task and the tiny model in the
+    workdir (once; later runs reuse them) and point the config at them."""
+    if config.model.path and config.data.train_files[0]:
+        return config
+    from vppo_jax.data import synthetic
+    from vppo_jax.tiny import write_tiny_model
+
+    assets = os.path.join(workdir, "embedded")
+    files = synthetic.split_paths(assets)
+    if not all(os.path.exists(f) for f in files.values()):
+        synthetic.write_splits(assets, config.synthetic.train, config.synthetic.val, config.synthetic.seed)
+    model_dir = os.path.join(assets, "tiny_model")
+    if not os.path.exists(model_dir):
+        write_tiny_model(model_dir, synthetic.tokenizer_corpus(files["train"]), seed=config.train.seed)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.path = config.model.path or model_dir
+    if not config.data.train_files[0]:
+        config.data.train_files, config.data.val_files = [files["train"]], [files["val"]]
+    return config
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's config, metrics and checkpoints.")
+
+
+def main(argv):
+    del argv
+    config = prepare_embedded_default(_CONFIG.value, _WORKDIR.value)
+    Trainer(config, _WORKDIR.value).train()
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
