@@ -1,0 +1,130 @@
+"""The trainer end to end on the tiny default: outputs, exact resume after SIGKILL, bad input."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vppo_jax.data import synthetic
+from vppo_jax.metrics import read_metrics
+from vppo_jax.run_checkpoints import claim_workdir
+from vppo_jax.tiny import write_tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny model and a small synthetic task, shared by the runs below."""
+    directory = tmp_path_factory.mktemp("assets")
+    files = synthetic.write_splits(str(directory), train=48, val=4, seed=0)
+    model = write_tiny_model(str(directory / "model"), synthetic.tokenizer_corpus(files["train"]))
+    return {"model": model, **files}
+
+
+def write_config(path, assets, **overrides) -> str:
+    """A config file: the tiny test recipe on the shared assets, plus `overrides` (dotted names)."""
+    lines = [
+        "from configs import tiny",
+        "def get_config(arg=''):",
+        "    c = tiny.get_config('test')",
+        f"    c.model.path = {assets['model']!r}",
+        f"    c.data.train_files = [{assets['train']!r}]",
+        f"    c.data.val_files = [{assets['val']!r}]",
+        *(f"    c.{name} = {value!r}" for name, value in overrides.items()),
+        "    return c",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def train_command(config: str, workdir) -> list[str]:
+    return [sys.executable, "-m", "vppo_jax.train", f"--config={config}", f"--workdir={workdir}"]
+
+
+def run(config: str, workdir):
+    out = subprocess.run(train_command(config, workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def deterministic(lines: list[dict]) -> list[dict]:
+    return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines]
+
+
+def test_tiny_run_writes_metrics_tensorboard_and_checkpoints(tmp_path, assets):
+    config = write_config(tmp_path / "config.py", assets, **{"train.steps": 2, "checkpoint.every_steps": 1})
+    run(config, tmp_path / "run")
+    lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [line["step"] for line in lines] == [0, 1]
+    for name in ("loss", "rollout/accuracy", "grad_norm", "time/rollout", "time/update", "time/tokens_per_second",
+                 "eval/avg@2", "eval/pass@2", "data/skipped_bad_image"):
+        assert name in lines[-1], name
+    assert os.listdir(tmp_path / "run" / "tensorboard")
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 2
+
+
+def test_sigkill_and_restart_gives_the_metrics_of_an_uninterrupted_run(tmp_path, assets):
+    # No online filter: a random policy scores 0, and the entropy term must still move the
+    # parameters so every later step depends on the restored state.
+    overrides = {"train.steps": 4, "checkpoint.every_steps": 1, "algo.online_filter": False}
+    config = write_config(tmp_path / "config.py", assets, **overrides)
+    run(config, tmp_path / "straight")
+    reference = deterministic(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+    assert len({line["entropy"] for line in reference}) > 1  # the state changes from step to step
+
+    workdir = tmp_path / "killed"
+    process = subprocess.Popen(train_command(config, workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "2").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(read_metrics(workdir / "metrics.jsonl")) < 4
+    run(config, workdir)
+    assert deterministic(read_metrics(workdir / "metrics.jsonl")) == reference
+
+
+def test_bad_examples_are_skipped_and_counted(tmp_path, assets):
+    rows = synthetic.generate_rows(12, seed=5)
+    rows[0]["images"] = [{"bytes": b"not an image", "path": None}]
+    rows[1]["answer"] = None
+    rows[2]["problem"] = "count " * 400  # longer than max_prompt_length
+    bad = tmp_path / "bad.parquet"
+    synthetic.write_parquet(rows, str(bad))
+    config = write_config(tmp_path / "config.py", dict(assets, train=str(bad)), **{"train.steps": 2})
+    run(config, tmp_path / "run")
+    last = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert last["data/skipped_bad_image"] >= 1
+    assert last["data/skipped_missing_field"] >= 1
+    assert last["data/skipped_too_long"] >= 1
+
+
+def test_a_hanging_grader_times_out_and_the_run_goes_on(tmp_path, assets):
+    config = write_config(tmp_path / "config.py", assets, **{
+        "train.steps": 1, "reward.name": "tests.hanging_reward:hang", "reward.timeout_s": 0.5,
+        "eval.every_steps": 100,
+    })
+    run(config, tmp_path / "run")
+    (line,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert line["rollout/timeouts"] > 0 and line["rollout/accuracy"] == 0.0
+
+
+def test_a_workdir_of_another_config_is_refused(tmp_path):
+    from configs import tiny
+
+    config = tiny.get_config("test")
+    claim_workdir(str(tmp_path), config)
+    claim_workdir(str(tmp_path), config)  # the same run resumes
+    config.train.steps = 99  # extending a run is allowed
+    claim_workdir(str(tmp_path), config)
+    config.algo.tgf_k = 0.2
+    with pytest.raises(ValueError, match=r"another config \(algo.tgf_k: 0.4 -> 0.2\)"):
+        claim_workdir(str(tmp_path), config)
