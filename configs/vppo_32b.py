@@ -1,7 +1,7 @@
 """VPPO on Qwen2.5-VL-32B-Instruct (paper: 64.6 avg@8): longer responses (4096 tokens).
 
     python -m vppo_jax.train --config=configs/vppo_32b.py --workdir=runs/vppo_32b \
-        --config.model.path=ckpt/qwen32b --config.data.train_files=virl39k.parquet
+        --config.model.path=ckpt/qwen32b --config.data.train_files="('virl39k.parquet',)"
 """
 from configs import vppo_7b
 

@@ -2,7 +2,7 @@
 
     python scripts/convert_hf_to_jax.py --hf_dir=Qwen2.5-VL-7B-Instruct --out=ckpt/qwen7b --dtype=bfloat16
     python -m vppo_jax.train --config=configs/vppo_7b.py --workdir=runs/vppo_7b \
-        --config.model.path=ckpt/qwen7b --config.data.train_files=virl39k.parquet
+        --config.model.path=ckpt/qwen7b --config.data.train_files="('virl39k.parquet',)"
 
 Hardware: the reference used 8 GPUs (15.5 h for DAPO, 17.0 h for VPPO). Shrink the same
 recipe to a CPU smoke run with `--config=configs/vppo_7b.py:runlocal`.

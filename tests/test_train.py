@@ -33,8 +33,8 @@ def write_config(path, assets, **overrides) -> str:
         "def get_config(arg=''):",
         "    c = tiny.get_config('test')",
         f"    c.model.path = {assets['model']!r}",
-        f"    c.data.train_files = [{assets['train']!r}]",
-        f"    c.data.val_files = [{assets['val']!r}]",
+        f"    c.data.train_files = ({assets['train']!r},)",
+        f"    c.data.val_files = ({assets['val']!r},)",
         *(f"    c.{name} = {value!r}" for name, value in overrides.items()),
         "    return c",
     ]

@@ -21,8 +21,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(path="", dtype="bfloat16"))
 
     c.data = ml_collections.ConfigDict(dict(
-        train_files=[""],  # parquet or jsonl in the ViRL39K schema (problem, answer, images)
-        val_files=[""],
+        train_files=("",),  # parquet or jsonl in the ViRL39K schema (problem, answer, images)
+        val_files=("",),
         problem_key="problem", answer_key="answer", images_key="images",
         min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28,  # the reference's image budget
         max_prompt_length=4096,
@@ -34,7 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
         group_size=8,
         temperature=1.0, top_p=0.99, top_k=0,
         max_new_tokens=2048,
-        prompt_buckets=[512, 1024, 2048, 4096],
+        prompt_buckets=(512, 1024, 2048, 4096),
         max_filter_rounds=8,  # dynamic sampling: rounds of sampling to fill the batch
     ))
 

@@ -214,7 +214,7 @@ def prepare_embedded_default(config: ml_collections.ConfigDict, workdir: str) ->
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.path = config.model.path or model_dir
     if not config.data.train_files[0]:
-        config.data.train_files, config.data.val_files = [files["train"]], [files["val"]]
+        config.data.train_files, config.data.val_files = (files["train"],), (files["val"],)
     return config
 
 
