@@ -157,8 +157,9 @@ def test_token_frequencies_match_truncated_distribution(temperature, top_k, top_
     logits = np.random.default_rng(0).normal(0, 1.5, vocab).astype(np.float32)
     banned = tuple(np.argsort(-logits)[:2])  # ban the two most likely tokens: they must never appear
     params = sampling.SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
+    uniforms = jax.random.uniform(jax.random.key(1), (draws,))
     tokens, _ = jax.jit(sampling.sample_tokens, static_argnums=(2, 3))(
-        np.broadcast_to(logits, (draws, vocab)), keys_for(draws, seed=1), params, banned
+        np.broadcast_to(logits, (draws, vocab)), uniforms, params, banned
     )
     counts = np.bincount(np.asarray(tokens), minlength=vocab)
     expected = truncated_distribution(logits, banned, temperature, top_k, top_p)
@@ -170,6 +171,6 @@ def test_token_frequencies_match_truncated_distribution(temperature, top_k, top_
 def test_greedy_never_picks_a_banned_token():
     logits = np.array([[0.0, 5.0, 1.0, 4.0]], np.float32)
     params = sampling.SamplingParams(max_new_tokens=1, temperature=0.0)
-    tokens, logprobs = sampling.sample_tokens(logits, keys_for(1), params, banned_ids=(1,))
+    tokens, logprobs = sampling.sample_tokens(logits, np.zeros(1), params, banned_ids=(1,))
     assert int(tokens[0]) == 3
     np.testing.assert_allclose(float(logprobs[0]), 4.0 - np.log(np.exp(logits).sum()), rtol=1e-6)

@@ -72,8 +72,8 @@ def truncate(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def draw(logits: jax.Array, keys: jax.Array) -> jax.Array:
-    """One token per row of softmax(logits) (N, V), by inverting the CDF at one uniform per row.
+def draw(logits: jax.Array, uniforms: jax.Array) -> jax.Array:
+    """One token per row of softmax(logits) (N, V), by inverting its CDF at uniforms (N,) in [0, 1).
 
     Gumbel-max would need V random numbers per row, and a cumulative sum over V is slow on
     CPU too (either costs more than a decoder layer), so the CDF is inverted in two levels
@@ -84,7 +84,7 @@ def draw(logits: jax.Array, keys: jax.Array) -> jax.Array:
     probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     blocks = jnp.pad(probs, ((0, 0), (0, -vocab % block))).reshape(rows, -1, block)
     block_cdf = jnp.cumsum(blocks.sum(axis=-1), axis=-1)
-    target = jax.vmap(jax.random.uniform)(keys) * block_cdf[:, -1]
+    target = uniforms * block_cdf[:, -1]
     chosen, mass_before = _invert(block_cdf, target)
     within = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]
     token, _ = _invert(jnp.cumsum(within, axis=-1), target - mass_before)
@@ -104,20 +104,19 @@ def _invert(cdf: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def sample_tokens(
-    logits: jax.Array, keys: jax.Array, params: SamplingParams, banned_ids: tuple[int, ...] = ()
+    logits: jax.Array, uniforms: jax.Array, params: SamplingParams, banned_ids: tuple[int, ...] = ()
 ) -> tuple[jax.Array, jax.Array]:
-    """Next tokens (N,) from logits (N, V), one key per row, and their fp32 log-probs.
+    """Next tokens (N,) from logits (N, V), one uniform in [0, 1) per row, and their fp32 log-probs.
 
     The log-prob is taken under softmax(logits / temperature) over the whole vocabulary
     (temperature 1 when greedy), before banning and truncation: what a teacher-forced
     forward pass of the trainer computes for the same token.
     """
-    logits = logits.astype(jnp.float32)
+    logits = jnp.asarray(logits, jnp.float32)
     scaled = logits / params.temperature if params.temperature > 0 else logits
-    banned = np.isin(np.arange(logits.shape[-1]), banned_ids)
-    allowed = jnp.where(banned, -jnp.inf, scaled)
+    allowed = scaled.at[:, np.asarray(banned_ids, np.int32)].set(-jnp.inf)  # writes B x len(banned) entries
     if params.temperature > 0:
-        tokens = draw(truncate(allowed, params.top_k, params.top_p), keys)
+        tokens = draw(truncate(allowed, params.top_k, params.top_p), uniforms)
     else:
         tokens = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
     logprobs = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(scaled, axis=-1)
@@ -164,10 +163,13 @@ def _decode(
     end_ids = np.asarray(params.end_token_ids, np.int32).reshape(-1)
     rows, prompt_length = prefilled.prompt_mask.shape
     response_slots = jnp.arange(params.max_new_tokens)
+    # Row i's uniform at step t comes from its key folded with t; all are drawn before the loop.
+    step_uniform = lambda key, t: jax.random.uniform(jax.random.fold_in(key, t))
+    uniforms = jax.vmap(jax.vmap(step_uniform, (None, 0)), (0, None))(keys, response_slots)  # (N, max_new)
 
     def record(state: _DecodeState, logits: jax.Array) -> _DecodeState:
-        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, state.step)
-        tokens, logprobs = sample_tokens(logits, step_keys, params, banned)
+        step_uniforms = jax.lax.dynamic_index_in_dim(uniforms, state.step, axis=1, keepdims=False)
+        tokens, logprobs = sample_tokens(logits, step_uniforms, params, banned)
         live = ~state.finished
         tokens = jnp.where(live, tokens, params.pad_token_id)
         column = lambda buffer, values: jax.lax.dynamic_update_slice(buffer, values[:, None], (0, state.step))
