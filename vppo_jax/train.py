@@ -17,7 +17,7 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 from tqdm.auto import tqdm
@@ -224,6 +224,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's config,
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; the progress bar says enough
     config = prepare_embedded_default(_CONFIG.value, _WORKDIR.value)
     Trainer(config, _WORKDIR.value).train()
 
