@@ -220,6 +220,9 @@ def generate(
     mesh, prompts and samples are split over all its axes (data parallelism); the number of
     prompts must divide evenly. The model's parameters are used where they are.
     """
+    rows = len(batch["input_ids"]) * params.group_size
+    if keys.shape != (rows,):
+        raise ValueError(f"keys has shape {keys.shape}; expected ({rows},): one key per sample, prompts x group_size.")
     batch = left_pad_to_bucket(batch, params.min_prompt_length, params.pad_token_id)
     inputs = prepare_inputs(model.config, **batch)
     if mesh is not None:

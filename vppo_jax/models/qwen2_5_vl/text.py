@@ -159,7 +159,8 @@ class TextModel(nnx.Module):
         """The decoder layers as separate modules, for `decode`.
 
         Take them once, outside the decode loop: indexing the stacked weights inside it copies
-        every layer's weights at every step on CPU.
+        every layer's weights at every step on CPU. Taken in a jitted function, they are one
+        copy of the decoder's weights for as long as it runs.
         """
         return unstacked(self.layers, self.config.text.num_hidden_layers)
 
