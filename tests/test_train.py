@@ -110,7 +110,7 @@ def test_bad_examples_are_skipped_and_counted(tmp_path, assets):
 def test_a_hanging_grader_times_out_and_the_run_goes_on(tmp_path, assets):
     config = write_config(tmp_path / "config.py", assets, **{
         "train.steps": 1, "reward.name": "tests.hanging_reward:hang", "reward.timeout_s": 0.5,
-        "eval.every_steps": 100,
+        "eval.every_steps": 100, "rollout.prompts_per_step": 2, "rollout.group_size": 2,
     })
     run(config, tmp_path / "run")
     (line,) = read_metrics(tmp_path / "run" / "metrics.jsonl")

@@ -1,18 +1,18 @@
 """From prompt records to graded groups of responses, and from those to update batches.
 
-    groups = sample_and_grade(policy, prompts, keys, sampling_params, reward)
+    groups, grader_stats = sample_and_grade(policy, prompts, keys, sampling_params, grade, image_token_id)
     arrays = update_arrays(groups)          # full sequences (prompt + response), per row
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import numpy as np
 
 from vppo_jax import sampling
 from vppo_jax.models.qwen2_5_vl.inputs import left_pad_to_bucket
-from vppo_jax.rewards import score_responses
 
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")
 
@@ -82,9 +82,10 @@ def _image_rows(prompts: list) -> list[np.ndarray]:
     return rows
 
 
-def sample_and_grade(policy, prompts: list, keys: jax.Array, params: sampling.SamplingParams, reward: dict,
+def sample_and_grade(policy, prompts: list, keys: jax.Array, params: sampling.SamplingParams, grade: Callable,
                      image_token_id: int, mesh=None) -> tuple[GradedGroups, dict]:
-    """Samples G responses per prompt and grades them; returns the groups and grader stats."""
+    """Samples G responses per prompt and grades them with `grade(responses, answers) ->
+    (rewards, stats)` (a RewardPool's score_responses); returns the groups and grader stats."""
     arrays = left_pad_to_bucket(
         collate_prompts(prompts, params.pad_token_id, image_token_id), params.min_prompt_length, params.pad_token_id
     )
@@ -92,7 +93,7 @@ def sample_and_grade(policy, prompts: list, keys: jax.Array, params: sampling.Sa
     tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
     texts = [policy.tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(tokens, mask)]
     answers = [p.answer for p in prompts for _ in range(params.group_size)]
-    rewards, stats = score_responses(texts, answers, reward=reward["name"], timeout_s=reward["timeout_s"])
+    rewards, stats = grade(texts, answers)
     groups = GradedGroups(
         prompt_arrays=arrays, prompts=list(prompts), tokens=tokens, mask=mask,
         truncated=np.asarray(rollout.truncated), texts=texts, rewards=np.asarray(rewards, np.float32),

@@ -12,6 +12,7 @@ checkpoints to workdir/checkpoints; a restarted run resumes from the latest chec
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -27,6 +28,7 @@ from vppo_jax import data as data_lib
 from vppo_jax import processing, sampling
 from vppo_jax.metrics import MetricsWriter, Timer
 from vppo_jax.policy import load_policy
+from vppo_jax.rewards import RewardPool
 from vppo_jax.evaluation import evaluate_prompts
 from vppo_jax.rollout import GradedGroups, concatenate, sample_and_grade, update_arrays
 from vppo_jax.run_checkpoints import RunCheckpoints, claim_workdir
@@ -71,6 +73,10 @@ class Trainer:
             val = data_lib.prompt_dataset(d.val_files, self.builder, seed=d.seed, shuffle=False, num_epochs=1, **columns)
             self.val_prompts = [p for p in val if not p.skipped][: config.eval.max_examples or None]
         self.skips = data_lib.SkipCounter()
+        self.reward_pool = RewardPool(min(config.reward.workers, os.cpu_count() or 1))
+        self.grade = functools.partial(
+            self.reward_pool.score_responses, reward=config.reward.name, timeout_s=config.reward.timeout_s
+        )
         self.rng = jax.random.key(config.train.seed)
         self.checkpoints = RunCheckpoints(workdir, config.checkpoint.keep)
         self.start_step = self._resume()
@@ -111,7 +117,7 @@ class Trainer:
         while rounds < r.max_filter_rounds and sum(len(g.prompts) for g in kept) < r.prompts_per_step:
             prompts = self.next_prompts(r.prompts_per_step)
             keys = jax.random.split(jax.random.fold_in(key, rounds), len(prompts) * r.group_size)
-            groups, grader = sample_and_grade(policy, prompts, keys, self.sampling, self.config.reward,
+            groups, grader = sample_and_grade(policy, prompts, keys, self.sampling, self.grade,
                                               self.policy.model.config.image_token_id)
             keep = np.ones(len(prompts), bool)
             if a.online_filter:
@@ -155,7 +161,7 @@ class Trainer:
     def evaluate(self, key: jax.Array) -> dict[str, float]:
         e = self.config.eval
         params = dataclasses.replace(self.sampling, temperature=e.temperature, top_p=e.top_p, top_k=0)
-        summary, _ = evaluate_prompts(self.current_policy(), self.val_prompts, e.k, params, self.config.reward, key)
+        summary, _ = evaluate_prompts(self.current_policy(), self.val_prompts, e.k, params, self.grade, key)
         return {f"eval/{name}": value for name, value in summary.items()}
 
     def train(self):
@@ -194,6 +200,7 @@ class Trainer:
                                       {"skips": dict(self.skips.counts)})
         self.checkpoints.close()
         self.metrics.close()
+        self.reward_pool.close()
 
 
 def prepare_embedded_default(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
