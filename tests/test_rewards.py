@@ -134,15 +134,19 @@ def test_a_hung_grader_times_out_and_the_pool_goes_on():
     _start_jax()
     others = _spawned_children()  # e.g. the shared pool's workers
     pool = rewards.RewardPool(workers=2)
-    started_with = _spawned_children() - others
+    # The pool's own record: right after start() a child may not have exec'd spawn_main yet,
+    # so its command line cannot identify it.
+    pool_pids = lambda: {worker.process.pid for worker in pool._workers}
+    started_with = pool_pids()
     scores, stats = pool.score_responses(["a", "hang", "b", "c"], ["a", "hang", "b", "x"],
                                          "test_hangs_on_hang", timeout_s=SHORT_TIMEOUT_S)
     np.testing.assert_array_equal(scores, [1, 0, 1, 0])
     assert stats == {"timeouts": 1, "errors": 0}
 
-    workers = _spawned_children() - others
+    workers = pool_pids()
     (hung,) = started_with - workers
     assert len(workers) == 2 and not psutil.pid_exists(hung)  # killed, reaped, replaced
+    assert workers <= _spawned_children()
 
     scores, stats = pool.score_responses(["a", "b", "c"], ["a", "b", "c"], "test_hangs_on_hang",
                                          timeout_s=GENEROUS_TIMEOUT_S)
