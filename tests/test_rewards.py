@@ -146,7 +146,6 @@ def test_a_hung_grader_times_out_and_the_pool_goes_on():
     workers = pool_pids()
     (hung,) = started_with - workers
     assert len(workers) == 2 and not psutil.pid_exists(hung)  # killed, reaped, replaced
-    assert workers <= _spawned_children()
 
     scores, stats = pool.score_responses(["a", "b", "c"], ["a", "b", "c"], "test_hangs_on_hang",
                                          timeout_s=GENEROUS_TIMEOUT_S)
