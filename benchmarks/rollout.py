@@ -3,7 +3,12 @@
 A fixed tiny-but-not-trivial Qwen2.5-VL (text: hidden 256, 4 layers, 4 heads, 2 KV heads,
 intermediate 768, vocab 4096; vision: depth 2, hidden 64), 32 prompts each with one
 112 x 112 image, sampling at temperature 1.0 for exactly 128 new tokens, fp32 on CPU.
-transformers samples with the weights we convert from it.
+transformers samples with the weights we convert from it, using one torch thread per core.
+
+Ours runs on one CPU device per core (`--devices`, default: all cores) with the prompts
+split over them, the sampler's data-parallel mesh: XLA:CPU runs each of the decode step's
+small matmuls on a single thread, so one device leaves the other cores mostly idle.
+`--devices 1` measures the single-device sampler.
 
 It prints both throughputs (new tokens per second of a whole rollout: vision, prefill and
 decode), our compile time separately, their ratio (target >= 3x), and our decode loop's
@@ -13,27 +18,40 @@ call: (32 x 256) @ (256 x 16384), the step's FLOPs, as every weight of the decod
 lm_head is a 256-row matrix. For scale it also prints a compute-bound 1024^3 matmul.
 Timings are medians of interleaved repeats, after warm-up.
 
-Run from the repository root: python -m benchmarks.rollout [--repeats 3]
+Run from the repository root: python -m benchmarks.rollout [--repeats 3] [--devices N]
 """
 import argparse
-import statistics
-import sys
-import tempfile
-import time
+import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
-from flax import nnx
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--devices", type=int, default=os.cpu_count(), help="CPU devices for our sampler")
+    return parser.parse_args()
+
+
+ARGS = parse_args()
+# The number of CPU devices is fixed when JAX starts: set it before importing it.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={ARGS.devices}"
+
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 sys.path.insert(0, "tests")
 from hf_reference import processor_batch, text_ids  # noqa: E402
 
 from vppo_jax import sampling  # noqa: E402
 from vppo_jax.models import qwen2_5_vl  # noqa: E402
-from vppo_jax.models.qwen2_5_vl.inputs import left_pad_to_bucket, prepare_inputs  # noqa: E402
 
 PROMPTS, NEW_TOKENS = 32, 128
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 256, 4, 4, 2, 768, 4096
@@ -88,11 +106,7 @@ def matmul_flops_per_second(m: int, k: int, n: int, repeats: int = 20) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-
+    torch.set_num_threads(os.cpu_count())
     reference = hf_model()
     with tempfile.TemporaryDirectory() as directory:
         reference.save_pretrained(directory)
@@ -101,9 +115,10 @@ def main():
     torch_batch = {k: torch.from_numpy(v) for k, v in batch.items()}
     params = sampling.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, end_token_ids=())
     keys = jax.random.split(jax.random.key(0), PROMPTS)
+    mesh = Mesh(np.array(jax.devices()), ("data",)) if jax.device_count() > 1 else None
 
     def ours():
-        return sampling.generate(model, batch, keys, params).tokens
+        return sampling.generate(model, batch, keys, params, mesh).tokens
 
     def theirs():
         with torch.no_grad():
@@ -112,19 +127,15 @@ def main():
                 max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
             )
 
-    # Our decode loop alone, on a prefilled cache (donated, so a fresh prefill per run).
-    inputs = prepare_inputs(model.config, **left_pad_to_bucket(batch, params.min_prompt_length))
-    graphdef, state = nnx.split(model)
-    cache_length = inputs.input_ids.shape[1] + NEW_TOKENS
-
     def decode_only():
-        prefilled, cache = jax.block_until_ready(sampling._prefill(graphdef, state, inputs, cache_length, 1))
-        return timed(lambda: sampling._decode(graphdef, state, prefilled, cache, keys, params))
+        prefilled = jax.block_until_ready(sampling.prefill(model, batch, params, mesh))
+        return timed(lambda: sampling.decode(model, prefilled, keys, params).tokens)
 
     first_call = timed(ours)
-    theirs()  # warm-up
+    for _ in range(2):  # the first runs after compiling are slower (allocations)
+        ours(), theirs()
     ours_times, theirs_times, decode_times = [], [], []
-    for _ in range(args.repeats):
+    for _ in range(ARGS.repeats):
         ours_times.append(timed(ours))
         theirs_times.append(timed(theirs))
         decode_times.append(decode_only())
@@ -136,7 +147,7 @@ def main():
     achieved = decode_flops(batch["attention_mask"].sum(axis=1)) / decode_time
     ratio, fraction = theirs_time / ours_time, achieved / floor
     print(f"{PROMPTS} prompts x {NEW_TOKENS} new tokens, fp32, {jax.device_count()} CPU device(s), "
-          f"{torch.get_num_threads()} torch threads; medians of {args.repeats}")
+          f"{torch.get_num_threads()} torch threads; medians of {ARGS.repeats}")
     print(f"  transformers generate: {tokens / theirs_time:8.0f} tokens/s  ({theirs_time * 1e3:.0f} ms per rollout)")
     print(f"  ours:                  {tokens / ours_time:8.0f} tokens/s  ({ours_time * 1e3:.0f} ms per rollout)")
     print(f"  our compile time:      {first_call - ours_time:8.1f} s (first call minus a compiled call)")

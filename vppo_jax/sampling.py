@@ -3,7 +3,7 @@
     from vppo_jax import sampling
     params = sampling.SamplingParams(max_new_tokens=2048, temperature=1.0, group_size=8)
     keys = jax.random.split(jax.random.key(seed), num_prompts * params.group_size)
-    rollout = sampling.generate(model, processor_batch, keys, params)
+    rollout = sampling.generate(model, processor_batch, keys, params)  # = decode(prefill(...))
     rollout.tokens, rollout.mask, rollout.logprobs, rollout.truncated  # (num_prompts * G, ...)
 
 Row p * G + g holds sample g of prompt p. The prefill runs the vision tower and the prompt
@@ -124,10 +124,13 @@ def sample_tokens(
 
 
 @flax.struct.dataclass
-class _Prefilled:
+class Prefilled:
+    """Prompts after the prefill, G rows per prompt: what `decode` continues."""
+
     logits: jax.Array  # (N, V) after the last prompt token
     prompt_mask: jax.Array  # (N, T) bool: real prompt tokens
     next_position: jax.Array  # (N,) M-RoPE position of the first response token, on all three axes
+    cache: KVCache  # prompt in slots [0, T), max_new_tokens empty slots after
 
 
 @flax.struct.dataclass
@@ -141,21 +144,20 @@ class _DecodeState:
 
 
 @jax.jit(static_argnames=("graphdef", "cache_length", "group_size"))
-def _prefill(graphdef, state, inputs: ModelInputs, cache_length: int, group_size: int) -> tuple[_Prefilled, KVCache]:
-    """The prompts' cache (prompt in slots [0, T), empty response slots after), G rows per prompt."""
+def _prefill(graphdef, state, inputs: ModelInputs, cache_length: int, group_size: int) -> Prefilled:
     model = nnx.merge(graphdef, state)
     logits, cache = model.prefill(inputs, cache_length)
     # Text after the prompt continues from its largest position (transformers: rope delta).
     next_position = jnp.max(inputs.position_ids, axis=(0, 2)) + 1
-    prefilled = _Prefilled(logits, inputs.attention_mask.astype(bool), next_position)
-    return jax.tree.map(lambda a: jnp.repeat(a, group_size, axis=0), (prefilled, cache))
+    prefilled = Prefilled(logits, inputs.attention_mask.astype(bool), next_position, cache)
+    return jax.tree.map(lambda a: jnp.repeat(a, group_size, axis=0), prefilled)
 
 
 # The cache is donated and returned: the loop then updates the caller's buffer in place
 # instead of copying the rollout's largest buffer first.
 @jax.jit(static_argnames=("graphdef", "params"), donate_argnames=("cache",))
 def _decode(
-    graphdef, state, prefilled: _Prefilled, cache: KVCache, keys: jax.Array, params: SamplingParams
+    graphdef, state, prefilled: Prefilled, cache: KVCache, keys: jax.Array, params: SamplingParams
 ) -> tuple[Rollout, KVCache]:
     model = nnx.merge(graphdef, state)
     layers = model.language_model.decoding_layers()
@@ -207,6 +209,38 @@ def _decode(
     return Rollout(tokens=end.tokens, mask=end.mask, logprobs=end.logprobs, truncated=~end.finished), end.cache
 
 
+def prefill(
+    model: Qwen2_5_VLForConditionalGeneration, batch: dict, params: SamplingParams, mesh: Mesh | None = None
+) -> Prefilled:
+    """Runs the prompts of an HF-processor batch (left-padded) once and repeats them G times.
+
+    With a mesh, prompts are split over all its axes (data parallelism); their number must
+    divide evenly. The model's parameters are used where they are.
+    """
+    batch = left_pad_to_bucket(batch, params.min_prompt_length, params.pad_token_id)
+    inputs = prepare_inputs(model.config, **batch)
+    if mesh is not None:
+        inputs = _split_rows(mesh, inputs)
+    graphdef, state = nnx.split(model)
+    cache_length = inputs.input_ids.shape[1] + params.max_new_tokens
+    return _prefill(graphdef, state, inputs, cache_length, params.group_size)
+
+
+def decode(
+    model: Qwen2_5_VLForConditionalGeneration, prefilled: Prefilled, keys: jax.Array, params: SamplingParams
+) -> Rollout:
+    """Samples a response for every row of `prefilled`, one PRNG key per row (N,).
+
+    The same keys reproduce the same rollout. The prefilled cache is consumed (donated).
+    """
+    rows = prefilled.prompt_mask.shape[0]
+    if keys.shape != (rows,):
+        raise ValueError(f"keys has shape {keys.shape}; expected ({rows},): one key per sample, prompts x group_size.")
+    keys = jax.device_put(keys, prefilled.next_position.sharding)
+    graphdef, state = nnx.split(model)
+    return _decode(graphdef, state, prefilled.replace(cache=None), prefilled.cache, keys, params)[0]
+
+
 def generate(
     model: Qwen2_5_VLForConditionalGeneration,
     batch: dict,
@@ -214,34 +248,18 @@ def generate(
     params: SamplingParams,
     mesh: Mesh | None = None,
 ) -> Rollout:
-    """G samples for each prompt of an HF-processor batch (left-padded), one key per sample.
-
-    keys: (num_prompts * G,) PRNG keys; the same keys reproduce the same rollout. With a
-    mesh, prompts and samples are split over all its axes (data parallelism); the number of
-    prompts must divide evenly. The model's parameters are used where they are.
-    """
-    rows = len(batch["input_ids"]) * params.group_size
-    if keys.shape != (rows,):
-        raise ValueError(f"keys has shape {keys.shape}; expected ({rows},): one key per sample, prompts x group_size.")
-    batch = left_pad_to_bucket(batch, params.min_prompt_length, params.pad_token_id)
-    inputs = prepare_inputs(model.config, **batch)
-    if mesh is not None:
-        inputs, keys = _split_rows(mesh, inputs, keys)
-    graphdef, state = nnx.split(model)
-    cache_length = inputs.input_ids.shape[1] + params.max_new_tokens
-    prefilled, cache = _prefill(graphdef, state, inputs, cache_length, params.group_size)
-    return _decode(graphdef, state, prefilled, cache, keys, params)[0]
+    """G samples for each prompt of an HF-processor batch: `prefill`, then `decode` with one key per sample."""
+    return decode(model, prefill(model, batch, params, mesh), keys, params)
 
 
-def _split_rows(mesh: Mesh, inputs: ModelInputs, keys: jax.Array) -> tuple[ModelInputs, jax.Array]:
-    """Places the per-row arrays split over the mesh; the images' patches stay replicated."""
-    rows = lambda *spec: NamedSharding(mesh, PartitionSpec(*spec))
-    split = mesh.axis_names
-    inputs = inputs.replace(
-        input_ids=jax.device_put(inputs.input_ids, rows(split)),
-        attention_mask=jax.device_put(inputs.attention_mask, rows(split)),
-        position_ids=jax.device_put(inputs.position_ids, rows(None, split)),
-        image_token_slot=jax.device_put(inputs.image_token_slot, rows(split)),
-        vision=jax.device_put(inputs.vision, rows()),
+def _split_rows(mesh: Mesh, inputs: ModelInputs) -> ModelInputs:
+    """Places the per-row arrays, and the images' patch slots, split over the mesh."""
+    split = lambda *spec: NamedSharding(mesh, PartitionSpec(*spec))
+    axes = mesh.axis_names
+    return inputs.replace(
+        input_ids=jax.device_put(inputs.input_ids, split(axes)),
+        attention_mask=jax.device_put(inputs.attention_mask, split(axes)),
+        position_ids=jax.device_put(inputs.position_ids, split(None, axes)),
+        image_token_slot=jax.device_put(inputs.image_token_slot, split(axes)),
+        vision=jax.device_put(inputs.vision, split(axes)),
     )
-    return inputs, jax.device_put(keys, rows(split))
