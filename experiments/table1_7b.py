@@ -1,0 +1,20 @@
+"""The paper's Table 1 rows on Qwen2.5-VL-7B: GRPO, DAPO and VPPO on ViRL39K (avg@8 53.1, 55.0, 57.5).
+
+    python -m vppo_jax.sweeps.launch experiments/table1_7b.py --root=/mnt/shared/sweeps \
+        --mode=tpu-pod --pod=NAME --zone=ZONE --python=.venv/bin/python
+    python -m vppo_jax.evaluate --checkpoint=/mnt/shared/sweeps/table1_7b/vppo --data data/benchmarks/*.parquet
+    python -m vppo_jax.sweeps.aggregate experiments/table1_7b.py --root=/mnt/shared/sweeps
+
+Evaluate each trial on the eight benchmarks (README, "Experiments"); the aggregator then
+tabulates their avg@8 next to each other. Paths are relative to the repository root on the
+workers: edit them to where the model and data are.
+"""
+CONFIG = "configs/vppo_7b.py"
+FIXED = {"model.path": "ckpt/qwen7b", "data.train_files": ("data/virl39k.parquet",)}
+TRIALS = {
+    "grpo": {"config": "configs/grpo_7b.py"},
+    "dapo": {"config": "configs/dapo_7b.py"},
+    "vppo": {},
+}
+BENCHMARKS = ("mathverse", "dynamath", "mmk12", "geo3k", "mathvision", "wemath", "logicvista", "mmmu_pro")
+METRICS = ("benchmarks/average/avg@8", *(f"benchmarks/{name}/avg@8" for name in BENCHMARKS), "time/step")

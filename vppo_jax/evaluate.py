@@ -1,0 +1,250 @@
+"""avg@k and pass@k of a policy on benchmark files, at the paper's evaluation settings.
+
+    python -m vppo_jax.evaluate --checkpoint=runs/vppo_7b --data mathverse.parquet dynamath.parquet
+    python -m vppo_jax.evaluate --checkpoint=Qwen2.5-VL-7B-Instruct --data mathverse.parquet --out=results/base --k=8
+
+--checkpoint is one of
+- a training run's workdir (config.json + checkpoints/): its latest checkpoint (or --step),
+  with the run's own prompt length, image budget, response length and reward;
+- an HF directory or a scripts/convert_hf_to_jax.py checkpoint: with the paper recipe's
+  settings (vppo_jax/config.py).
+Every problem gets k responses sampled at temperature 1.0, top-p 1.0 (spec section 7). Per
+benchmark file (parquet or JSON lines with problem/answer/images columns, names settable):
+avg@k, the mean accuracy over all k x N responses (the paper's metric), and pass@k, the
+share of problems with at least one correct response. The average is the unweighted mean
+over benchmarks, as in the paper's Avg column. Examples the data pipeline cannot use (bad
+image, prompt too long, ...) are left out and counted in the summary.
+
+Writes OUT/<benchmark>.jsonl (one line per problem: index, answer, responses, rewards) and
+OUT/summary.json (OUT defaults to WORKDIR/evaluation for a run, where the sweep aggregator
+finds it), and prints the results as a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import zlib
+
+import jax
+import ml_collections
+from flax import nnx
+
+from vppo_jax import config as config_lib
+from vppo_jax import data as data_lib
+from vppo_jax import processing, sampling
+from vppo_jax.evaluation import evaluate_prompts
+from vppo_jax.policy import Policy, load_policy
+from vppo_jax.rewards import RewardPool
+from vppo_jax.run_checkpoints import CONFIG_FILE, RunCheckpoints
+from vppo_jax.vppo import step as step_lib
+
+# Spec section 7: the paper samples its evaluation responses at temperature 1.0, top-p 1.0.
+PAPER_SAMPLING = dict(temperature=1.0, top_p=1.0, top_k=0)
+EVALUATION_DIR, SUMMARY_FILE = "evaluation", "summary.json"  # a run's evaluation, where the sweep aggregator looks
+
+
+def is_run_workdir(path: str) -> bool:
+    """A training run's workdir holds the resolved experiment config (an HF config.json has no "train")."""
+    try:
+        with open(os.path.join(path, CONFIG_FILE)) as f:
+            return "train" in json.load(f)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """Steps of the run's complete checkpoints: orbax writes each into a temporary folder and
+    renames it to its step number once complete."""
+    directory = os.path.join(workdir, "checkpoints")
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return sorted(int(name) for name in names if name.isdigit())
+
+
+def load_run(workdir: str, step: int | None, dtype: str | None) -> tuple[Policy, ml_collections.ConfigDict, int]:
+    """The policy of a training run at checkpoint `step` (the latest if None), and the run's config."""
+    with open(os.path.join(workdir, CONFIG_FILE)) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    config.model.dtype = dtype or config.model.dtype
+    if not os.path.exists(config.model.path):
+        raise FileNotFoundError(
+            f"{workdir}/{CONFIG_FILE} names model.path={config.model.path!r}, which does not exist here. Relative "
+            "paths are relative to where the run was started: run this command from there."
+        )
+    steps = saved_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"{workdir} has no checkpoint yet; a run saves one every checkpoint.every_steps steps.")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"{workdir}/checkpoints has no checkpoint {step}; it holds steps {steps}.")
+    checkpoints = RunCheckpoints(workdir, config.checkpoint.keep)
+    # The run's base model gives the architecture and tokenizer; the checkpoint, the parameters.
+    policy = load_policy(config.model.path, config.model.dtype)
+    optimizer = step_lib.make_optimizer(config_lib.learning_rate(config), config.optim.b1, config.optim.b2,
+                                        config.optim.weight_decay, config.optim.max_grad_norm)
+    # Orbax restores into the train state's structure; eval_shape gives it without allocating optimizer state.
+    abstract_state = jax.eval_shape(lambda: step_lib.init_state(policy.model, optimizer)[1])
+    state = checkpoints.restore(step, abstract_state)[0]
+    checkpoints.close()
+    model = nnx.merge(nnx.graphdef(policy.model), state.params)
+    return dataclasses.replace(policy, model=model), config, step
+
+
+def load_checkpoint(path: str, step: int | None, dtype: str | None):
+    """(policy, settings config, step or None) for a run workdir, an HF directory or a converted checkpoint."""
+    if is_run_workdir(path):
+        return load_run(path, step, dtype)
+    if step is not None:
+        raise ValueError(f"--step={step} needs a training run's workdir; {path} is not one.")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--checkpoint={path!r} does not exist.")
+    config = config_lib.default_config()
+    try:
+        policy = load_policy(path, dtype or config.model.dtype)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"--checkpoint={path!r} is neither a training run's workdir (config.json + checkpoints/), an HF model "
+            "directory (config.json + *.safetensors) nor a checkpoint written by scripts/convert_hf_to_jax.py."
+        ) from error
+    return policy, config, None
+
+
+def prompt_builder(policy: Policy, config: ml_collections.ConfigDict) -> processing.PromptBuilder:
+    """The prompt, image budget and length limit of `config` (as the trainer builds them)."""
+    model_config, d = policy.model.config, config.data
+    return processing.PromptBuilder(
+        policy.tokenizer, processing.ImageProcessor.from_pretrained(policy.hf_dir),
+        image_token_id=model_config.image_token_id, vision_start_token_id=model_config.vision_start_token_id,
+        vision_end_token_id=model_config.vision_end_token_id, max_prompt_length=d.max_prompt_length,
+        min_pixels=d.min_pixels or None, max_pixels=d.max_pixels or None,
+    )
+
+
+def benchmark_name(path: str) -> str:
+    return os.path.basename(path).split(".")[0]
+
+
+def prompt_chunks(path: str, builder: processing.PromptBuilder, config, size: int, max_examples: int, skips):
+    """The usable prompts of a benchmark file in file order, `size` at a time; a whole benchmark's
+    images would not fit in memory at the recipe's image budget."""
+    d = config.data
+    dataset = data_lib.prompt_dataset([path], builder, seed=0, shuffle=False, num_epochs=1, problem_key=d.problem_key,
+                                      answer_key=d.answer_key, images_key=d.images_key)
+    chunk, used = [], 0
+    for prompt in dataset:
+        if skips.count(prompt):
+            continue
+        chunk.append(prompt)
+        used += 1
+        if len(chunk) == size or used == max_examples:
+            yield chunk
+            chunk = []
+        if used == max_examples:
+            return
+    if chunk:
+        yield chunk
+
+
+def evaluate_benchmark(policy, path: str, builder, config, params, grade, k: int, key: jax.Array, batch_prompts: int,
+                       max_examples: int) -> tuple[dict, list[dict]]:
+    """(summary, per-problem results) of one benchmark file."""
+    skips = data_lib.SkipCounter()
+    results, avg, passed = [], 0.0, 0.0
+    for number, chunk in enumerate(prompt_chunks(path, builder, config, batch_prompts, max_examples, skips)):
+        summary, chunk_results = evaluate_prompts(policy, chunk, k, params, grade, jax.random.fold_in(key, number),
+                                                  batch_prompts=batch_prompts)
+        # Both metrics are means over problems (all with k responses): chunk means weighted by size.
+        avg += summary[f"avg@{k}"] * len(chunk)
+        passed += summary[f"pass@{k}"] * len(chunk)
+        results += chunk_results
+    skipped = sum(skips.counts.values())
+    if not results:
+        raise ValueError(f"{path}: none of its {skipped} examples could be used ({dict(skips.counts)}); check the "
+                         "column names (--problem_key, --answer_key, --images_key) and the warnings above.")
+    summary = {"problems": len(results), "skipped": skipped, f"avg@{k}": avg / len(results),
+               f"pass@{k}": passed / len(results)}
+    return summary, results
+
+
+def markdown_table(summary: dict) -> str:
+    k = summary["k"]
+    lines = [f"| benchmark | problems | skipped | avg@{k} (%) | pass@{k} (%) |", "|---|---|---|---|---|"]
+    rows = [(name, s["problems"], s["skipped"], s) for name, s in summary["benchmarks"].items()]
+    rows.append(("average", "", "", summary["average"]))
+    for name, problems, skipped, s in rows:
+        lines.append(f"| {name} | {problems} | {skipped} | {100 * s[f'avg@{k}']:.1f} | {100 * s[f'pass@{k}']:.1f} |")
+    return "\n".join(lines)
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    names = [benchmark_name(path) for path in args.data]
+    if len(set(names)) < len(names):
+        raise ValueError(f"Benchmark files must have different names (results are written per name): {args.data}")
+    out = args.out or (os.path.join(args.checkpoint, EVALUATION_DIR) if is_run_workdir(args.checkpoint) else None)
+    if out is None:
+        raise ValueError("--out is needed with an HF directory or a converted checkpoint (a run's workdir defaults to "
+                         f"WORKDIR/{EVALUATION_DIR}).")
+    policy, config, step = load_checkpoint(args.checkpoint, args.step, args.dtype)
+    for field in ("problem_key", "answer_key", "images_key"):
+        config.data[field] = getattr(args, field) or config.data[field]
+    config.rollout.max_new_tokens = args.max_new_tokens or config.rollout.max_new_tokens
+    config.reward.name = args.reward or config.reward.name
+    builder = prompt_builder(policy, config)
+    special = builder.special
+    params = sampling.SamplingParams(
+        max_new_tokens=config.rollout.max_new_tokens, group_size=args.k,
+        end_token_ids=(special.im_end, special.endoftext), pad_token_id=special.endoftext,
+        min_prompt_length=config.rollout.prompt_buckets[0], **PAPER_SAMPLING,
+    )
+    summary = {"checkpoint": args.checkpoint, "step": step, "k": args.k, "reward": config.reward.name,
+               "sampling": dict(PAPER_SAMPLING, max_new_tokens=params.max_new_tokens), "benchmarks": {}}
+    metrics = (f"avg@{args.k}", f"pass@{args.k}")
+    os.makedirs(out, exist_ok=True)
+    with RewardPool(min(config.reward.workers, os.cpu_count() or 1)) as pool:
+        grade = functools.partial(pool.score_responses, reward=config.reward.name, timeout_s=config.reward.timeout_s)
+        for name, path in zip(names, args.data):
+            # Keyed by name: a benchmark's samples do not depend on which other files are evaluated.
+            key = jax.random.fold_in(jax.random.key(args.seed), zlib.crc32(name.encode()))
+            result, results = evaluate_benchmark(policy, path, builder, config, params, grade, args.k, key,
+                                                 args.batch_prompts, args.max_examples)
+            summary["benchmarks"][name] = result
+            with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in results)
+            scores = ", ".join(f"{m} {result[m]:.4f}" for m in metrics)
+            print(f"{name}: {scores} on {result['problems']} problems", flush=True)
+    benchmarks = summary["benchmarks"].values()
+    summary["average"] = {m: sum(b[m] for b in benchmarks) / len(benchmarks) for m in metrics}
+    with open(os.path.join(out, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(markdown_table(summary))
+    return summary
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a run's workdir, HF directory or converted checkpoint")
+    parser.add_argument("--data", required=True, nargs="+", action="extend", help="benchmark files (.parquet, .jsonl)")
+    parser.add_argument("--out", help="directory for summary.json and the per-problem <benchmark>.jsonl "
+                        f"(default with a run's workdir: WORKDIR/{EVALUATION_DIR})")
+    parser.add_argument("--k", type=int, default=8, help="responses per problem")
+    parser.add_argument("--step", type=int, default=None, help="with a run's workdir: its checkpoint (default latest)")
+    parser.add_argument("--problem_key", default=None, help="column of the problem text (default: problem)")
+    parser.add_argument("--answer_key", default=None, help="column of the reference answer (default: answer)")
+    parser.add_argument("--images_key", default=None, help="column of the image list (default: images)")
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="default: the run's, or the recipe's 2048")
+    parser.add_argument("--reward", default=None, help="registered reward name (default: the run's, or accuracy)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the run's, or bfloat16")
+    parser.add_argument("--max_examples", type=int, default=0, help="first N usable problems per file (0: all)")
+    parser.add_argument("--batch_prompts", type=int, default=16, help="problems sampled together")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None):
+    evaluate(parse_args(argv))
+
+
+if __name__ == "__main__":  # the reward workers are spawned: they re-import this module
+    main()
