@@ -9,8 +9,9 @@ from __future__ import annotations
 import ml_collections
 import optax
 
+from vppo_jax import sampling
 from vppo_jax.vppo.loss import LossConfig
-from vppo_jax.vppo.step import StepConfig
+from vppo_jax.vppo.step import StepConfig, make_optimizer
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -98,3 +99,19 @@ def learning_rate(c: ml_collections.ConfigDict) -> optax.Schedule:
         return main
     warmup = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
     return optax.join_schedules([warmup, main], [o.warmup_steps])
+
+
+def optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    o = c.optim
+    return make_optimizer(learning_rate(c), o.b1, o.b2, o.weight_decay, o.max_grad_norm)
+
+
+def sampling_params(c: ml_collections.ConfigDict, special, **overrides) -> sampling.SamplingParams:
+    """The rollout's sampling settings; `special` holds the tokenizer's end/pad token ids."""
+    r = c.rollout
+    settings = dict(
+        max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+        group_size=r.group_size, end_token_ids=(special.im_end, special.endoftext),
+        pad_token_id=special.endoftext, min_prompt_length=r.prompt_buckets[0],
+    )
+    return sampling.SamplingParams(**(settings | overrides))

@@ -34,9 +34,9 @@ from flax import nnx
 
 from vppo_jax import config as config_lib
 from vppo_jax import data as data_lib
-from vppo_jax import processing, sampling
+from vppo_jax import processing
 from vppo_jax.evaluation import evaluate_prompts
-from vppo_jax.policy import Policy, load_policy
+from vppo_jax.policy import Policy, load_policy, prompt_builder
 from vppo_jax.rewards import RewardPool
 from vppo_jax.run_checkpoints import CONFIG_FILE, RunCheckpoints
 from vppo_jax.vppo import step as step_lib
@@ -82,8 +82,7 @@ def load_run(workdir: str, step: int | None, dtype: str | None) -> tuple[Policy,
     checkpoints = RunCheckpoints(workdir, config.checkpoint.keep)
     # The run's base model gives the architecture and tokenizer; the checkpoint, the parameters.
     policy = load_policy(config.model.path, config.model.dtype)
-    optimizer = step_lib.make_optimizer(config_lib.learning_rate(config), config.optim.b1, config.optim.b2,
-                                        config.optim.weight_decay, config.optim.max_grad_norm)
+    optimizer = config_lib.optimizer(config)
     # Orbax restores into the train state's structure; eval_shape gives it without allocating optimizer state.
     abstract_state = jax.eval_shape(lambda: step_lib.init_state(policy.model, optimizer)[1])
     state = checkpoints.restore(step, abstract_state)[0]
@@ -109,17 +108,6 @@ def load_checkpoint(path: str, step: int | None, dtype: str | None):
             "directory (config.json + *.safetensors) nor a checkpoint written by scripts/convert_hf_to_jax.py."
         ) from error
     return policy, config, None
-
-
-def prompt_builder(policy: Policy, config: ml_collections.ConfigDict) -> processing.PromptBuilder:
-    """The prompt, image budget and length limit of `config` (as the trainer builds them)."""
-    model_config, d = policy.model.config, config.data
-    return processing.PromptBuilder(
-        policy.tokenizer, processing.ImageProcessor.from_pretrained(policy.hf_dir),
-        image_token_id=model_config.image_token_id, vision_start_token_id=model_config.vision_start_token_id,
-        vision_end_token_id=model_config.vision_end_token_id, max_prompt_length=d.max_prompt_length,
-        min_pixels=d.min_pixels or None, max_pixels=d.max_pixels or None,
-    )
 
 
 def benchmark_name(path: str) -> str:
@@ -191,13 +179,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         config.data[field] = getattr(args, field) or config.data[field]
     config.rollout.max_new_tokens = args.max_new_tokens or config.rollout.max_new_tokens
     config.reward.name = args.reward or config.reward.name
-    builder = prompt_builder(policy, config)
-    special = builder.special
-    params = sampling.SamplingParams(
-        max_new_tokens=config.rollout.max_new_tokens, group_size=args.k,
-        end_token_ids=(special.im_end, special.endoftext), pad_token_id=special.endoftext,
-        min_prompt_length=config.rollout.prompt_buckets[0], **PAPER_SAMPLING,
-    )
+    d = config.data
+    builder = prompt_builder(policy, d.max_prompt_length, d.min_pixels or None, d.max_pixels or None)
+    params = config_lib.sampling_params(config, builder.special, group_size=args.k, **PAPER_SAMPLING)
     summary = {"checkpoint": args.checkpoint, "step": step, "k": args.k, "reward": config.reward.name,
                "sampling": dict(PAPER_SAMPLING, max_new_tokens=params.max_new_tokens), "benchmarks": {}}
     metrics = (f"avg@{args.k}", f"pass@{args.k}")

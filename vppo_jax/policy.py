@@ -6,6 +6,8 @@ import os
 
 from tokenizers import Tokenizer
 
+from vppo_jax import processing
+
 from vppo_jax.models.qwen2_5_vl import from_pretrained
 from vppo_jax.models.qwen2_5_vl.checkpoint import HF_DIR, PARAMS_DIR, load_model
 
@@ -40,3 +42,16 @@ def load_policy(path: str, dtype: str) -> Policy:
     if not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(f"{hf_dir} has no {TOKENIZER_FILE}; copy the tokenizer files of the original model there.")
     return Policy(model=model, tokenizer=Tokenizer.from_file(tokenizer_path), hf_dir=hf_dir)
+
+
+def prompt_builder(policy: Policy, max_prompt_length: int, min_pixels: int | None = None,
+                   max_pixels: int | None = None) -> processing.PromptBuilder:
+    """Prompts for this policy: its tokenizer, image processor and vision token ids; `min/max_pixels`
+    is the recipe's image budget (None: none)."""
+    config = policy.model.config
+    return processing.PromptBuilder(
+        policy.tokenizer, processing.ImageProcessor.from_pretrained(policy.hf_dir),
+        image_token_id=config.image_token_id, vision_start_token_id=config.vision_start_token_id,
+        vision_end_token_id=config.vision_end_token_id, max_prompt_length=max_prompt_length,
+        min_pixels=min_pixels, max_pixels=max_pixels,
+    )

@@ -25,9 +25,8 @@ from tqdm.auto import tqdm
 
 from vppo_jax import config as config_lib
 from vppo_jax import data as data_lib
-from vppo_jax import processing, sampling
 from vppo_jax.metrics import MetricsWriter, Timer
-from vppo_jax.policy import load_policy
+from vppo_jax.policy import load_policy, prompt_builder
 from vppo_jax.rewards import RewardPool
 from vppo_jax.evaluation import evaluate_prompts
 from vppo_jax.rollout import GradedGroups, concatenate, sample_and_grade, update_arrays
@@ -42,29 +41,14 @@ class Trainer:
         self.config, self.workdir = config, workdir
         claim_workdir(workdir, config)
         self.policy = load_policy(config.model.path, config.model.dtype)
-        model_config = self.policy.model.config
-        self.builder = processing.PromptBuilder(
-            self.policy.tokenizer, processing.ImageProcessor.from_pretrained(self.policy.hf_dir),
-            image_token_id=model_config.image_token_id, vision_start_token_id=model_config.vision_start_token_id,
-            vision_end_token_id=model_config.vision_end_token_id, max_prompt_length=config.data.max_prompt_length,
-            min_pixels=config.data.min_pixels or None, max_pixels=config.data.max_pixels or None,
-        )
-        special = self.builder.special
-        rollout = config.rollout
-        self.sampling = sampling.SamplingParams(
-            max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_k=rollout.top_k,
-            top_p=rollout.top_p, group_size=rollout.group_size, end_token_ids=(special.im_end, special.endoftext),
-            pad_token_id=special.endoftext, min_prompt_length=rollout.prompt_buckets[0],
-        )
+        d = config.data
+        self.builder = prompt_builder(self.policy, d.max_prompt_length, d.min_pixels or None, d.max_pixels or None)
+        self.sampling = config_lib.sampling_params(config, self.builder.special)
         self.step_config = config_lib.step_config(config)
-        self.optimizer = step_lib.make_optimizer(
-            config_lib.learning_rate(config), config.optim.b1, config.optim.b2, config.optim.weight_decay,
-            config.optim.max_grad_norm,
-        )
+        self.optimizer = config_lib.optimizer(config)
         self.graphdef, self.state = step_lib.init_state(self.policy.model, self.optimizer)
         self.train_step = step_lib.make_train_step(self.step_config, self.optimizer, self.graphdef)
         self.score_rollouts = step_lib.make_score_rollouts(self.step_config, self.graphdef)
-        d = config.data
         columns = dict(problem_key=d.problem_key, answer_key=d.answer_key, images_key=d.images_key,
                        process_index=jax.process_index(), process_count=jax.process_count())
         self.data = data_lib.prompt_iterator(data_lib.prompt_dataset(d.train_files, self.builder, seed=d.seed, **columns))

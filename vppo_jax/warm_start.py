@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from vppo_jax import processing
 from vppo_jax.data.images import open_image
 from vppo_jax.models.qwen2_5_vl import save_pretrained
-from vppo_jax.policy import load_policy
+from vppo_jax.policy import load_policy, prompt_builder
 from vppo_jax.vppo.batch import build_train_batch
 from vppo_jax.vppo.dependency import token_logprobs_and_entropy
 
@@ -79,11 +79,7 @@ def warm_start(model_dir: str, data_file: str, out: str, steps: int, batch_size:
     """Trains `steps` SFT steps on `data_file` and writes the result as an HF directory at `out`."""
     policy = load_policy(model_dir, "float32")
     config = policy.model.config
-    builder = processing.PromptBuilder(
-        policy.tokenizer, processing.ImageProcessor.from_pretrained(policy.hf_dir),
-        image_token_id=config.image_token_id, vision_start_token_id=config.vision_start_token_id,
-        vision_end_token_id=config.vision_end_token_id, max_prompt_length=512, min_pixels=None, max_pixels=None,
-    )
+    builder = prompt_builder(policy, max_prompt_length=512)
     examples = supervised_examples(policy, builder, data_file)
     optimizer = optax.adamw(optax.cosine_decay_schedule(learning_rate, steps), weight_decay=0.0)
     graphdef, params = nnx.split(policy.model, nnx.Param)
