@@ -10,7 +10,7 @@ import sys
 
 from vppo_jax.models.qwen2_5_vl.checkpoint import save_params
 from vppo_jax.models.qwen2_5_vl.hf_io import open_hf_params
-from vppo_jax.safetensors_io import CheckpointError
+from vppo_jax.cli import run_conversion
 
 
 def main(argv=None) -> int:
@@ -19,14 +19,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: as stored")
     args = parser.parse_args(argv)
-    try:
+
+    def convert():
         config, params = open_hf_params(args.hf_dir, args.dtype)
         save_params(config, params, args.out)
-    except (CheckpointError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out}")
-    return 0
+
+    return run_conversion(convert, args.out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import sys
 
 from vppo_jax.models.qwen2_5_vl.checkpoint import open_params
 from vppo_jax.models.qwen2_5_vl.hf_io import write_hf_directory
-from vppo_jax.safetensors_io import CheckpointError
+from vppo_jax.cli import run_conversion
 
 
 def main(argv=None) -> int:
@@ -20,14 +20,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output HF directory (must not exist)")
     parser.add_argument("--max_shard_gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
     args = parser.parse_args(argv)
-    try:
+
+    def convert():
         config, shapes, load = open_params(args.checkpoint)
         write_hf_directory(config, shapes, load, args.out, int(args.max_shard_gb * 1024**3))
-    except (CheckpointError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out}")
-    return 0
+
+    return run_conversion(convert, args.out)
 
 
 if __name__ == "__main__":
