@@ -9,6 +9,7 @@ from scipy import stats
 from hf_reference import IMAGE_TOKEN, VISION_END, VISION_START, processor_batch, text_ids, tiny_hf_model
 from vppo_jax import sampling
 from vppo_jax.models import qwen2_5_vl
+from vppo_jax.models.qwen2_5_vl.inputs import left_pad_to_bucket, length_bucket
 
 VIDEO_TOKEN = 1003
 VISION_IDS = (IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END)
@@ -174,3 +175,14 @@ def test_greedy_never_picks_a_banned_token():
     tokens, logprobs = sampling.sample_tokens(logits, np.zeros(1), params, banned_ids=(1,))
     assert int(tokens[0]) == 3
     np.testing.assert_allclose(float(logprobs[0]), 4.0 - np.log(np.exp(logits).sum()), rtol=1e-6)
+
+
+def test_prompts_are_left_padded_to_few_lengths():
+    assert [length_bucket(n, 16) for n in (1, 16, 17, 33, 41, 49, 65, 700)] == [16, 16, 24, 48, 48, 64, 96, 768]
+    batch = processor_batch(PROMPTS)
+    padded = left_pad_to_bucket(batch, 16, pad_id=0)
+    extra = padded["input_ids"].shape[1] - batch["input_ids"].shape[1]
+    assert padded["input_ids"].shape[1] == length_bucket(batch["input_ids"].shape[1], 16) and extra > 0
+    for name in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        np.testing.assert_array_equal(padded[name][:, extra:], batch[name])
+        assert not padded[name][:, :extra].any()

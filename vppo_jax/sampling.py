@@ -39,7 +39,7 @@ class SamplingParams:
     group_size: int = 1  # G samples per prompt
     end_token_ids: tuple[int, ...] = (IM_END, END_OF_TEXT)
     pad_token_id: int = END_OF_TEXT  # written after a sequence's end
-    min_prompt_length: int = 64  # prompts are left-padded to powers of two from here
+    min_prompt_length: int = 16  # prompts are left-padded to 2^k or 1.5 * 2^k tokens, at least this many
 
 
 @flax.struct.dataclass

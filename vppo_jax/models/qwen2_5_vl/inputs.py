@@ -32,15 +32,22 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (max(n, minimum) - 1).bit_length()
 
 
+def length_bucket(n: int, minimum: int = 1) -> int:
+    """Smallest 2^k or 1.5 * 2^k >= max(n, minimum): less than a third is padding, with twice
+    as many buckets as `bucket`."""
+    size = bucket(n, minimum)
+    return size * 3 // 4 if size % 4 == 0 and size * 3 // 4 >= max(n, minimum) else size
+
+
 def left_pad_to_bucket(batch: dict, min_length: int = 1, pad_id: int = 0) -> dict:
-    """The batch with its (B, T) token arrays left-padded to bucket(T, min_length) columns.
+    """The batch with its (B, T) token arrays left-padded to length_bucket(T, min_length) columns.
 
     `batch` holds the arrays of an HF processor (already left-padded to its longest row).
     Left padding puts every prompt's last token in the last column, where decoding goes on;
     bucketing keeps the number of compiled prompt shapes small.
     """
     input_ids = np.asarray(batch["input_ids"])
-    length = bucket(input_ids.shape[1], min_length)
+    length = length_bucket(input_ids.shape[1], min_length)
     padded = {"attention_mask": np.ones_like(input_ids), **batch}
     for name, value in (("input_ids", pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
         if name in padded:
