@@ -18,7 +18,7 @@ call: (32 x 256) @ (256 x 16384), the step's FLOPs, as every weight of the decod
 lm_head is a 256-row matrix. For scale it also prints a compute-bound 1024^3 matmul.
 Timings are medians of interleaved repeats, after warm-up.
 
-Run from the repository root: python -m benchmarks.rollout [--repeats 3] [--devices N]
+Run from the repository root: python -m benchmarks.rollout [--repeats 5] [--devices N]
 """
 import argparse
 import os
@@ -26,7 +26,7 @@ import os
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--devices", type=int, default=os.cpu_count(), help="CPU devices for our sampler")
     return parser.parse_args()
 
@@ -56,6 +56,10 @@ from vppo_jax.models import qwen2_5_vl  # noqa: E402
 PROMPTS, NEW_TOKENS = 32, 128
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 256, 4, 4, 2, 768, 4096
 TARGET_RATIO, TARGET_FLOOR_FRACTION = 3.0, 0.5
+HEAD_DIM = HIDDEN // HEADS
+# Weights one token meets, every one a matrix with HIDDEN rows: q/k/v, o, gate/up/down, lm_head.
+STEP_WEIGHTS = LAYERS * (HIDDEN * (HEADS + 2 * KV_HEADS) * HEAD_DIM + HEADS * HEAD_DIM * HIDDEN
+                         + 3 * HIDDEN * INTERMEDIATE) + HIDDEN * VOCAB
 
 
 def hf_model() -> Qwen2_5_VLForConditionalGeneration:
@@ -83,12 +87,6 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-HEAD_DIM = HIDDEN // HEADS
-# Weights one token meets, every one a matrix with HIDDEN rows: q/k/v, o, gate/up/down, lm_head.
-STEP_WEIGHTS = LAYERS * (HIDDEN * (HEADS + 2 * KV_HEADS) * HEAD_DIM + HEADS * HEAD_DIM * HIDDEN
-                         + 3 * HIDDEN * INTERMEDIATE) + HIDDEN * VOCAB
-
-
 def decode_flops(prompt_lengths: np.ndarray) -> float:
     """FLOPs of the decode loop: 2 per weight per token, plus attention over the real context."""
     # Token t of a row (t = 0 comes from the prefill) attends to the prompt and t earlier response tokens.
@@ -97,7 +95,7 @@ def decode_flops(prompt_lengths: np.ndarray) -> float:
     return 2.0 * STEP_WEIGHTS * PROMPTS * (NEW_TOKENS - 1) + 2.0 * 2 * LAYERS * HEADS * HEAD_DIM * context
 
 
-def matmul_flops_per_second(m: int, k: int, n: int, repeats: int = 20) -> float:
+def matmul_flops_per_second(m: int, k: int, n: int, repeats: int = 50) -> float:
     """Best FLOP/s of a plain jitted fp32 (m x k) @ (k x n) matmul."""
     a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
     matmul = jax.jit(jnp.matmul)
