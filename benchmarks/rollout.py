@@ -127,7 +127,7 @@ def main():
 
     def decode_only():
         prefilled = jax.block_until_ready(sampling.prefill(model, batch, params, mesh))
-        return timed(lambda: sampling.decode(model, prefilled, keys, params).tokens)
+        return timed(lambda: sampling.decode(model, prefilled, keys, params, mesh).tokens)
 
     first_call = timed(ours)
     for _ in range(2):  # the first runs after compiling are slower (allocations)

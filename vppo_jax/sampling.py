@@ -14,6 +14,7 @@ sequence has produced an end token or `max_new_tokens` tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.struct
@@ -155,9 +156,23 @@ def _prefill(graphdef, state, inputs: ModelInputs, cache_length: int, group_size
 
 # The cache is donated and returned: the loop then updates the caller's buffer in place
 # instead of copying the rollout's largest buffer first.
-@jax.jit(static_argnames=("graphdef", "params"), donate_argnames=("cache",))
+@jax.jit(static_argnames=("graphdef", "params", "mesh"), donate_argnames=("cache",))
 def _decode(
-    graphdef, state, prefilled: Prefilled, cache: KVCache, keys: jax.Array, params: SamplingParams
+    graphdef, state, prefilled: Prefilled, cache: KVCache, keys: jax.Array, params: SamplingParams, mesh: Mesh | None
+) -> tuple[Rollout, KVCache]:
+    decode_rows = functools.partial(_decode_rows, graphdef, params)
+    if mesh is not None:
+        # Each device decodes its rows in a loop of its own: one shared loop would all-reduce
+        # "have all rows ended?" at every step, and no device could stop early.
+        rows = PartitionSpec(mesh.axis_names)
+        decode_rows = jax.shard_map(
+            decode_rows, mesh=mesh, in_specs=(PartitionSpec(), rows, rows, rows), out_specs=rows
+        )
+    return decode_rows(state, prefilled, cache, keys)
+
+
+def _decode_rows(
+    graphdef, params: SamplingParams, state, prefilled: Prefilled, cache: KVCache, keys: jax.Array
 ) -> tuple[Rollout, KVCache]:
     model = nnx.merge(graphdef, state)
     layers = model.language_model.decoding_layers()
@@ -227,18 +242,22 @@ def prefill(
 
 
 def decode(
-    model: Qwen2_5_VLForConditionalGeneration, prefilled: Prefilled, keys: jax.Array, params: SamplingParams
+    model: Qwen2_5_VLForConditionalGeneration,
+    prefilled: Prefilled,
+    keys: jax.Array,
+    params: SamplingParams,
+    mesh: Mesh | None = None,
 ) -> Rollout:
     """Samples a response for every row of `prefilled`, one PRNG key per row (N,).
 
     The same keys reproduce the same rollout. The prefilled cache is consumed (donated).
+    With the mesh of `prefill`, each device decodes its own rows.
     """
     rows = prefilled.prompt_mask.shape[0]
     if keys.shape != (rows,):
         raise ValueError(f"keys has shape {keys.shape}; expected ({rows},): one key per sample, prompts x group_size.")
-    keys = jax.device_put(keys, prefilled.next_position.sharding)
     graphdef, state = nnx.split(model)
-    return _decode(graphdef, state, prefilled.replace(cache=None), prefilled.cache, keys, params)[0]
+    return _decode(graphdef, state, prefilled.replace(cache=None), prefilled.cache, keys, params, mesh)[0]
 
 
 def generate(
@@ -249,7 +268,7 @@ def generate(
     mesh: Mesh | None = None,
 ) -> Rollout:
     """G samples for each prompt of an HF-processor batch: `prefill`, then `decode` with one key per sample."""
-    return decode(model, prefill(model, batch, params, mesh), keys, params)
+    return decode(model, prefill(model, batch, params, mesh), keys, params, mesh)
 
 
 def _split_rows(mesh: Mesh, inputs: ModelInputs) -> ModelInputs:
