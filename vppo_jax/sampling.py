@@ -251,7 +251,8 @@ def decode(
     """Samples a response for every row of `prefilled`, one PRNG key per row (N,).
 
     The same keys reproduce the same rollout. The prefilled cache is consumed (donated).
-    With the mesh of `prefill`, each device decodes its own rows.
+    With the mesh of `prefill`, each device decodes its own rows with a full copy of the
+    parameters (data parallelism only).
     """
     rows = prefilled.prompt_mask.shape[0]
     if keys.shape != (rows,):
