@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
-from vppo_jax.models.qwen2_5_vl.inputs import prepare_inputs
+from vppo_jax.models.qwen2_5_vl.inputs import count_windows, prepare_inputs
 from vppo_jax.vppo.step import TrainBatch
 
 
@@ -59,17 +59,13 @@ def build_train_batch(
     else:
         parts = [(None, None)] * micro_batches
 
-    def micro_inputs(min_windows):
-        return [
-            prepare_inputs(config, input_ids[m * rows:(m + 1) * rows], attention_mask[m * rows:(m + 1) * rows],
-                           pixels, grid, min_windows=min_windows)
-            for m, (pixels, grid) in enumerate(parts)
-        ]
-
-    inputs = micro_inputs(1)
-    if pixel_values is not None:  # one window bucket for all, so they stack
-        windows = max(i.vision.patches.shape[0] for i in inputs) // (config.vision.window_units**2 * config.vision.merge_unit)
-        inputs = micro_inputs(windows)
+    # One window bucket for all micro-batches, so their vision inputs stack.
+    windows = max((count_windows(config.vision, grid) for _, grid in parts if grid is not None), default=1)
+    inputs = [
+        prepare_inputs(config, input_ids[m * rows:(m + 1) * rows], attention_mask[m * rows:(m + 1) * rows],
+                       pixels, grid, min_windows=windows)
+        for m, (pixels, grid) in enumerate(parts)
+    ]
     stacked_inputs = jax.tree.map(lambda *leaves: np.stack(leaves), *inputs)
     split = lambda a: a.reshape(micro_batches, rows, *a.shape[1:])
     return TrainBatch(

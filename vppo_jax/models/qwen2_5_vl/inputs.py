@@ -103,6 +103,12 @@ def _windowed_slots(vcfg: VisionConfig, grid_thw: np.ndarray) -> tuple[np.ndarra
     return np.concatenate(sources), np.concatenate(frames), np.concatenate(positions)
 
 
+def count_windows(vcfg: VisionConfig, grid_thw: np.ndarray) -> int:
+    """Attention windows the images of `grid_thw` fill, before bucketing."""
+    m, wu = vcfg.spatial_merge_size, vcfg.window_units
+    return sum(t * -(-(h // m) // wu) * -(-(w // m) // wu) for t, h, w in np.asarray(grid_thw).reshape(-1, 3).tolist())
+
+
 def vision_inputs(
     vcfg: VisionConfig, pixel_values: np.ndarray, grid_thw: np.ndarray, min_windows: int = 1
 ) -> tuple[VisionInputs, np.ndarray]:
@@ -122,7 +128,7 @@ def vision_inputs(
         raise ValueError(f"image_grid_thw {grid_thw.tolist()}: h and w must be multiples of the merge size.")
     source, frame, hw = _windowed_slots(vcfg, grid_thw)
     window_slots = vcfg.window_units**2 * vcfg.merge_unit
-    num_windows = bucket(len(source) // window_slots, min_windows)
+    num_windows = bucket(count_windows(vcfg, grid_thw), min_windows)
     pad = num_windows * window_slots - len(source)
     source = np.pad(source, (0, pad), constant_values=-1)
     frame = np.pad(frame, (0, pad), constant_values=-1)
