@@ -129,10 +129,6 @@ def perturb_images(config: StepConfig, inputs: ModelInputs, key: jax.Array) -> M
     return inputs.replace(vision=vision.replace(patches=patches))
 
 
-def _policy(graphdef, params):
-    return nnx.merge(graphdef, params)
-
-
 def _token_scores(config: StepConfig, model, inputs, targets, response_mask, hidden, key):
     """Token dependency of the rollout policy: KL-type divergence between I and I'."""
     hidden_perturbed = jax.lax.stop_gradient(model.hidden_states(perturb_images(config, inputs, key)))
@@ -144,7 +140,7 @@ def _token_scores(config: StepConfig, model, inputs, targets, response_mask, hid
 
 def score_rollouts(config: StepConfig, graphdef, params, batch: TrainBatch, key: jax.Array) -> TrainBatch:
     """Fills old_logp, old_entropy and dependency with the given (rollout) policy, no gradient."""
-    model = _policy(graphdef, params)
+    model = nnx.merge(graphdef, params)
 
     def score(micro):
         inputs, targets, mask, micro_key = micro
@@ -215,7 +211,7 @@ def train_step(config: StepConfig, optimizer: optax.GradientTransformation, grap
     def micro_loss(params, micro: TrainBatch, alpha_m, weights_m):
         """Loss of one micro-batch, its sums divided by the whole batch's counts (exact
         accumulation). Returns the per-token statistics the metrics need as auxiliaries."""
-        model = _policy(graphdef, params)
+        model = nnx.merge(graphdef, params)
         hidden = model.hidden_states(micro.inputs)
         logp, entropy = dependency_lib.token_logprobs_and_entropy(
             hidden, model.unembedding(), micro.targets, config.temperature, config.vocab_chunk
