@@ -28,6 +28,7 @@ from vppo_jax import data as data_lib
 from vppo_jax.metrics import MetricsWriter, Timer
 from vppo_jax.policy import load_policy, prompt_builder
 from vppo_jax.rewards import RewardPool
+from vppo_jax.embedded import prepare_embedded_default
 from vppo_jax.evaluation import evaluate_prompts
 from vppo_jax.rollout import GradedGroups, concatenate, sample_and_grade, update_arrays
 from vppo_jax.run_checkpoints import RunCheckpoints, claim_workdir
@@ -185,35 +186,6 @@ class Trainer:
         self.checkpoints.close()
         self.metrics.close()
         self.reward_pool.close()
-
-
-def prepare_embedded_default(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """With no model and no data given, make the synthetic task, the tiny model and its
-    supervised warm start in workdir/embedded (once; a restarted run reuses them) and point
-    the config at them."""
-    if config.model.path and config.data.train_files[0]:
-        return config
-    from vppo_jax.data import synthetic
-    from vppo_jax.tiny import write_tiny_model
-    from vppo_jax.warm_start import warm_start
-
-    s = config.synthetic
-    assets = os.path.join(workdir, "embedded")
-    files = synthetic.split_paths(assets)
-    if not all(os.path.exists(f) for f in files.values()):
-        synthetic.write_splits(assets, s.train, s.val, s.seed)
-    model_dir = os.path.join(assets, "tiny_model")
-    if not os.path.exists(model_dir):
-        write_tiny_model(model_dir, synthetic.tokenizer_corpus(files["train"]), seed=config.train.seed)
-    if s.warm_start_steps:
-        warm_dir, model_dir = model_dir, os.path.join(assets, "warm_start")
-        if not os.path.exists(model_dir):
-            warm_start(warm_dir, files["train"], model_dir, s.warm_start_steps, s.warm_start_batch, s.warm_start_lr)
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model.path = config.model.path or model_dir
-    if not config.data.train_files[0]:
-        config.data.train_files, config.data.val_files = (files["train"],), (files["val"],)
-    return config
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
