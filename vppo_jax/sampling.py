@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
+from vppo_jax import sharding
 from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, left_pad_to_bucket, prepare_inputs
 from vppo_jax.models.qwen2_5_vl.text import KVCache
@@ -132,6 +133,8 @@ class Prefilled:
     prompt_mask: jax.Array  # (N, T) bool: real prompt tokens
     next_position: jax.Array  # (N,) M-RoPE position of the first response token, on all three axes
     cache: KVCache  # prompt in slots [0, T), max_new_tokens empty slots after
+    # Rows of real prompts; the rest pad the prompts to a multiple of the mesh's batch shards.
+    real_rows: int | None = flax.struct.field(pytree_node=False, default=None)
 
 
 @flax.struct.dataclass
@@ -144,8 +147,7 @@ class _DecodeState:
     finished: jax.Array  # (N,) bool: an end token has been sampled
 
 
-@jax.jit(static_argnames=("graphdef", "cache_length", "group_size"))
-def _prefill(graphdef, state, inputs: ModelInputs, cache_length: int, group_size: int) -> Prefilled:
+def _prefill(graphdef, cache_length: int, group_size: int, state, inputs: ModelInputs) -> Prefilled:
     model = nnx.merge(graphdef, state)
     logits, cache = model.prefill(inputs, cache_length)
     # Text after the prompt continues from its largest position (transformers: rope delta).
@@ -154,20 +156,19 @@ def _prefill(graphdef, state, inputs: ModelInputs, cache_length: int, group_size
     return jax.tree.map(lambda a: jnp.repeat(a, group_size, axis=0), prefilled)
 
 
-# The cache is donated and returned: the loop then updates the caller's buffer in place
-# instead of copying the rollout's largest buffer first.
-@jax.jit(static_argnames=("graphdef", "params", "mesh"), donate_argnames=("cache",))
-def _decode(
-    graphdef, state, prefilled: Prefilled, cache: KVCache, keys: jax.Array, params: SamplingParams, mesh: Mesh | None
-) -> tuple[Rollout, KVCache]:
-    decode_rows = functools.partial(_decode_rows, graphdef, params)
-    if mesh is not None:
-        # Each device decodes its rows in a loop of its own: one shared loop would all-reduce
-        # "have all rows ended?" at every step, and no device could stop early.
-        rows = PartitionSpec(mesh.axis_names)
-        decode_rows = jax.shard_map(
-            decode_rows, mesh=mesh, in_specs=(PartitionSpec(), rows, rows, rows), out_specs=rows
-        )
+def _decode(graphdef, params: SamplingParams, mesh: Mesh, state, prefilled: Prefilled, cache: KVCache,
+            keys: jax.Array) -> tuple[Rollout, KVCache]:
+    # Every step reads every weight: gather the fsdp slices once, before the loop, instead of
+    # at every step; each device keeps its tensor slice (one more copy of params / tensor).
+    state = jax.lax.with_sharding_constraint(state, sharding.gathered(sharding.param_shardings(mesh, state), "fsdp"))
+    # Each group of rows (one per device of data x fsdp) decodes in a loop of its own: one
+    # shared loop would all-reduce "have all rows ended?" at every step, and no group could
+    # stop early. Inside a group the compiler splits heads over tensor.
+    rows = PartitionSpec(tuple(axis for axis in ("data", "fsdp") if axis in mesh.axis_names))
+    decode_rows = jax.shard_map(
+        functools.partial(_decode_rows, graphdef, params), mesh=mesh, in_specs=(PartitionSpec(), rows, rows, rows),
+        out_specs=rows, axis_names=set(rows[0]), check_vma=False,
+    )
     return decode_rows(state, prefilled, cache, keys)
 
 
@@ -229,16 +230,22 @@ def prefill(
 ) -> Prefilled:
     """Runs the prompts of an HF-processor batch (left-padded) once and repeats them G times.
 
-    With a mesh, prompts are split over all its axes (data parallelism); their number must
-    divide evenly. The model's parameters are used where they are.
+    On a mesh (default: one device), prompts and image patch slots are split over its batch
+    axes (data x fsdp), padded with empty prompts to a multiple of them; the parameters and
+    the KV cache are split by the sharding rules (`vppo_jax/sharding.py`).
     """
+    mesh = sharding.mesh_or_default(mesh)
     batch = left_pad_to_bucket(batch, params.min_prompt_length, params.pad_token_id)
-    inputs = prepare_inputs(model.config, **batch)
-    if mesh is not None:
-        inputs = _split_rows(mesh, inputs)
+    prompts = batch["input_ids"].shape[0]
+    inputs = prepare_inputs(model.config, **_pad_prompts(batch, sharding.batch_shards(mesh), params.pad_token_id))
     graphdef, state = nnx.split(model)
     cache_length = inputs.input_ids.shape[1] + params.max_new_tokens
-    return _prefill(graphdef, state, inputs, cache_length, params.group_size)
+    run = _compiled(("prefill", graphdef, cache_length, params.group_size), mesh, (state, inputs), lambda: (
+        functools.partial(_prefill, graphdef, cache_length, params.group_size),
+        (sharding.param_shardings(mesh, state), sharding.inputs_shardings(mesh, inputs)),
+        lambda out: _prefilled_shardings(mesh, out), (),
+    ))
+    return run(state, inputs).replace(real_rows=prompts * params.group_size)
 
 
 def decode(
@@ -251,14 +258,26 @@ def decode(
     """Samples a response for every row of `prefilled`, one PRNG key per row (N,).
 
     The same keys reproduce the same rollout. The prefilled cache is consumed (donated).
-    With the mesh of `prefill`, each device decodes its own rows with a full copy of the
-    parameters (data parallelism only).
+    Use the mesh of `prefill`; the rollout comes back whole on every device (replicated).
     """
+    mesh = sharding.mesh_or_default(mesh)
     rows = prefilled.prompt_mask.shape[0]
-    if keys.shape != (rows,):
-        raise ValueError(f"keys has shape {keys.shape}; expected ({rows},): one key per sample, prompts x group_size.")
+    real = prefilled.real_rows or rows
+    if keys.shape != (real,):
+        raise ValueError(f"keys has shape {keys.shape}; expected ({real},): one key per sample, prompts x group_size.")
+    if real < rows:  # padding prompts sample with copies of a real key; their rows are dropped below
+        keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], rows - real)])
     graphdef, state = nnx.split(model)
-    return _decode(graphdef, state, prefilled.replace(cache=None), prefilled.cache, keys, params, mesh)[0]
+    cache = prefilled.cache
+    prefilled = prefilled.replace(cache=None, real_rows=None)
+    run = _compiled(("decode", graphdef, params), mesh, (state, prefilled, cache, keys), lambda: (
+        functools.partial(_decode, graphdef, params, mesh),
+        (sharding.param_shardings(mesh, state), _prefilled_shardings(mesh, prefilled),
+         sharding.cache_shardings(mesh, cache), sharding.rows_shardings(mesh, keys)),
+        lambda out: (sharding.replicated(mesh), sharding.cache_shardings(mesh, out[1])), (2,),
+    ))
+    rollout = run(state, prefilled, cache, keys)[0]
+    return rollout if real == rows else jax.tree.map(lambda a: a[:real], rollout)
 
 
 def generate(
@@ -272,14 +291,42 @@ def generate(
     return decode(model, prefill(model, batch, params, mesh), keys, params, mesh)
 
 
-def _split_rows(mesh: Mesh, inputs: ModelInputs) -> ModelInputs:
-    """Places the per-row arrays, and the images' patch slots, split over the mesh."""
-    split = lambda *spec: NamedSharding(mesh, PartitionSpec(*spec))
-    axes = mesh.axis_names
-    return inputs.replace(
-        input_ids=jax.device_put(inputs.input_ids, split(axes)),
-        attention_mask=jax.device_put(inputs.attention_mask, split(axes)),
-        position_ids=jax.device_put(inputs.position_ids, split(None, axes)),
-        image_token_slot=jax.device_put(inputs.image_token_slot, split(axes)),
-        vision=jax.device_put(inputs.vision, split(axes)),
-    )
+def _pad_prompts(batch: dict, multiple: int, pad_id: int) -> dict:
+    """The batch with prompts of one pad token appended up to a multiple of `multiple` rows."""
+    missing = -batch["input_ids"].shape[0] % multiple
+    if not missing:
+        return batch
+    padded = dict(batch)
+    for name, last in (("input_ids", pad_id), ("attention_mask", 1), ("mm_token_type_ids", 0)):
+        if name in batch:
+            array = np.asarray(batch[name])
+            rows = np.zeros((missing, array.shape[1]), array.dtype)
+            rows[:, :-1], rows[:, -1] = (pad_id if name == "input_ids" else 0), last
+            padded[name] = np.concatenate([array, rows])
+    return padded
+
+
+def _prefilled_shardings(mesh: Mesh, prefilled: Prefilled):
+    """Rows over the batch axes; the cache's heads over tensor too."""
+    cache = prefilled.cache
+    shardings = sharding.rows_shardings(mesh, prefilled.replace(cache=None))
+    return shardings if cache is None else shardings.replace(cache=sharding.cache_shardings(mesh, cache))
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(key: tuple, mesh: Mesh, args: tuple, build):
+    """`run(*args)`: the function of `key` compiled for `mesh` and the shapes of `args`, with
+    explicit shardings. `build() -> (function, in_shardings, out_shardings(output shapes),
+    donated argument positions)` runs once per key and shapes; arguments are placed first."""
+    shapes = tuple(jax.tree.leaves(jax.tree.map(lambda a: (a.shape, str(a.dtype)), args)))
+    cache_key = (key, mesh, jax.tree.structure(args), shapes)
+    if cache_key not in _COMPILED:
+        function, in_shardings, out_shardings, donate = build()
+        function = sharding.under_mesh(mesh, function)
+        out_shapes = jax.eval_shape(function, *args)
+        _COMPILED[cache_key] = in_shardings, jax.jit(
+            function, in_shardings=in_shardings, out_shardings=out_shardings(out_shapes), donate_argnums=donate)
+    in_shardings, run = _COMPILED[cache_key]
+    return lambda *call_args: run(*sharding.put(call_args, in_shardings))

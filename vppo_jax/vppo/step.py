@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from vppo_jax import sharding
 from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs
 from vppo_jax.vppo import dependency as dependency_lib
 from vppo_jax.vppo import perturbation, shaping
@@ -287,13 +288,67 @@ def _step_metrics(config, loss, sums, metric_sums, counts, grad_norm, finite, pe
     return metrics
 
 
-def make_train_step(config: StepConfig, optimizer: optax.GradientTransformation, graphdef):
-    """train_step compiled once per batch shape; the state's buffers are donated (reused in
-    place), so params and optimizer state are never held twice."""
-    return jax.jit(
-        lambda state, batch, key: train_step(config, optimizer, graphdef, state, batch, key), donate_argnums=0
-    )
+def jit_train_step(config: StepConfig, optimizer: optax.GradientTransformation, graphdef, mesh,
+                   state_shardings, batch_shardings):
+    """train_step compiled for `mesh` with explicit shardings (what `plan` lowers too). The
+    state's buffers are donated (reused in place): params and optimizer state are never held twice."""
+    step = sharding.under_mesh(mesh, lambda state, batch, key: train_step(config, optimizer, graphdef, state,
+                                                                          batch, key))
+    replicated = sharding.replicated(mesh)
+    return jax.jit(step, in_shardings=(state_shardings, batch_shardings, replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
-def make_score_rollouts(config: StepConfig, graphdef):
-    return jax.jit(lambda params, batch, key: score_rollouts(config, graphdef, params, batch, key))
+def jit_score_rollouts(config: StepConfig, graphdef, mesh, params_shardings, batch_shardings, scored_shardings):
+    score = sharding.under_mesh(mesh, lambda params, batch, key: score_rollouts(config, graphdef, params, batch,
+                                                                              key))
+    return jax.jit(score, in_shardings=(params_shardings, batch_shardings, sharding.replicated(mesh)),
+                   out_shardings=scored_shardings)
+
+
+def scored_like(batch: TrainBatch) -> TrainBatch:
+    """The shapes score_rollouts returns for `batch` (ShapeDtypeStructs)."""
+    scores = jax.ShapeDtypeStruct(batch.targets.shape, jnp.float32)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch).replace(
+        old_logp=scores, old_entropy=scores, dependency=scores)
+
+
+def make_train_step(config: StepConfig, optimizer: optax.GradientTransformation, graphdef, mesh=None):
+    """`step(state, batch, key) -> (state, metrics)` on `mesh` (default: one device): the state
+    and the batch (NumPy or placed) are placed by the sharding rules, the compiled step is
+    cached per batch structure, metrics come back replicated, the state is donated."""
+    mesh = sharding.mesh_or_default(mesh)
+    compiled = {}
+
+    def run(state: TrainState, batch: TrainBatch, key: jax.Array):
+        signature = (jax.tree.structure(state), jax.tree.structure(batch))
+        if signature not in compiled:
+            sharding.check_rows(batch.targets.shape[1], mesh, "train batch (rows per micro-batch)")
+            state_shardings = sharding.train_state_shardings(mesh, optimizer, state)
+            batch_shardings = sharding.inputs_shardings(mesh, batch, leading=1)
+            compiled[signature] = (state_shardings, batch_shardings, jit_train_step(
+                config, optimizer, graphdef, mesh, state_shardings, batch_shardings))
+        state_shardings, batch_shardings, step = compiled[signature]
+        return step(sharding.put(state, state_shardings), sharding.put(batch, batch_shardings), key)
+
+    return run
+
+
+def make_score_rollouts(config: StepConfig, graphdef, mesh=None):
+    """`score(params, batch, key) -> batch` with old_logp, old_entropy and dependency filled, on `mesh`."""
+    mesh = sharding.mesh_or_default(mesh)
+    compiled = {}
+
+    def run(params, batch: TrainBatch, key: jax.Array):
+        signature = (jax.tree.structure(params), jax.tree.structure(batch))
+        if signature not in compiled:
+            sharding.check_rows(batch.targets.shape[1], mesh, "train batch (rows per micro-batch)")
+            params_shardings = sharding.param_shardings(mesh, params)
+            batch_shardings = sharding.inputs_shardings(mesh, batch, leading=1)
+            scored_shardings = sharding.inputs_shardings(mesh, scored_like(batch), leading=1)
+            compiled[signature] = (params_shardings, batch_shardings, jit_score_rollouts(
+                config, graphdef, mesh, params_shardings, batch_shardings, scored_shardings))
+        params_shardings, batch_shardings, score = compiled[signature]
+        return score(sharding.put(params, params_shardings), sharding.put(batch, batch_shardings), key)
+
+    return run

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vppo_jax.sharding import constrain
+
 ACTIVATIONS: dict[str, Callable] = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
@@ -57,7 +59,9 @@ class GatedMLP(nnx.Module):
         self.act = ACTIVATIONS[act]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(activate(self.act, self.gate_proj(x)) * self.up_proj(x))
+        hidden = activate(self.act, self.gate_proj(x)) * self.up_proj(x)
+        # Rows as x's, hidden units over the tensor axis (a no-op outside a mesh).
+        return self.down_proj(constrain(hidden, "batch", *[None] * (hidden.ndim - 2), "act_mlp"))
 
 
 def activate(act: Callable, x: jax.Array) -> jax.Array:

@@ -23,6 +23,7 @@ from vppo_jax.models.qwen2_5_vl.layers import (
     stacked,
     unstacked,
 )
+from vppo_jax.sharding import constrain
 
 
 @flax.struct.dataclass
@@ -88,10 +89,10 @@ class TextAttention(nnx.Module):
         at slot `index` and it attends to the cache slots where `mask` (B, S) is True.
         """
         batch, length, _ = x.shape
-        split = lambda y: y.reshape(batch, length, -1, self.head_dim)
-        q = apply_rotary(split(self.q_proj(x)), cos, sin)
-        k = apply_rotary(split(self.k_proj(x)), cos, sin)
-        v = split(self.v_proj(x))
+        split = lambda y, heads: constrain(y.reshape(batch, length, -1, self.head_dim), "batch", None, heads, None)
+        q = apply_rotary(split(self.q_proj(x), "act_heads"), cos, sin)
+        k = apply_rotary(split(self.k_proj(x), "act_kv_heads"), cos, sin)
+        v = split(self.v_proj(x), "act_kv_heads")
         if cache is None:
             return self.o_proj(attention(q, k, v, mask)), (k, v)
         keys = jax.lax.dynamic_update_slice(cache[0], k.transpose(0, 2, 3, 1), (0, 0, 0, index))
@@ -114,7 +115,12 @@ class DecoderLayer(nnx.Module):
         """The layer's output and its keys and values (see `TextAttention`)."""
         attended, keys_values = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, index)
         x = x + attended
-        return x + self.mlp(self.post_attention_layernorm(x)), keys_values
+        return residual(x + self.mlp(self.post_attention_layernorm(x))), keys_values
+
+
+def residual(x: jax.Array) -> jax.Array:
+    """The residual stream (B, T, D): rows split over the batch axes, the model dim whole."""
+    return constrain(x, "batch", "length", "act_embed")
 
 
 class TextModel(nnx.Module):
@@ -128,7 +134,7 @@ class TextModel(nnx.Module):
         self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, param_dtype=config.jnp_param_dtype)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.jnp_dtype)
+        return residual(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.jnp_dtype))
 
     def __call__(self, embeddings: jax.Array, position_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """Final hidden states (B, T, D). Causal attention over unmasked keys."""

@@ -23,6 +23,7 @@ from vppo_jax.models.qwen2_5_vl.layers import (
     scan_layers,
     stacked,
 )
+from vppo_jax.sharding import constrain
 
 VISION_NORM_EPS = 1e-6  # hard-coded in transformers, not read from the config
 
@@ -39,6 +40,7 @@ class VisionAttention(nnx.Module):
     def __call__(self, x, cos, sin, vision: VisionInputs, full: jax.Array) -> jax.Array:
         slots = x.shape[0]
         q, k, v = jnp.split(self.qkv(x).reshape(slots, 3 * self.num_heads, -1), 3, axis=1)
+        q, k, v = (constrain(a, "batch", "act_heads", None) for a in (q, k, v))
         # The rotation runs in fp32 whatever the compute dtype (as in transformers).
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(x.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(x.dtype)
@@ -71,7 +73,8 @@ class VisionBlock(nnx.Module):
 
     def __call__(self, x, cos, sin, vision: VisionInputs, full: jax.Array) -> jax.Array:
         x = x + self.attn(self.norm1(x), cos, sin, vision, full)
-        return x + self.mlp(self.norm2(x))
+        # Patch slots split like rows, the model dim whole.
+        return constrain(x + self.mlp(self.norm2(x)), "batch", "act_embed")
 
 
 class PatchMerger(nnx.Module):
@@ -114,7 +117,7 @@ class VisionTower(nnx.Module):
     def __call__(self, vision: VisionInputs) -> jax.Array:
         """Merged features, one row per unit slot: (S / 4, out_hidden_size)."""
         vcfg = self.config.vision
-        x = self.patch_embed(vision.patches)
+        x = constrain(self.patch_embed(vision.patches), "batch", "act_embed")
         cos, sin = self.rotary(vision.rotary_hw)
         is_full = jnp.isin(jnp.arange(vcfg.depth), jnp.asarray(vcfg.fullatt_block_indexes, jnp.int32))
         x = scan_layers(

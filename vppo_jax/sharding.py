@@ -1,0 +1,309 @@
+"""Sharding over a named device mesh: ONE table from logical axis names to mesh axes.
+
+    mesh = sharding.make_mesh(config.mesh)                  # axes (data, fsdp, tensor)
+    params = sharding.put(params, sharding.param_shardings(mesh, params))
+    x = sharding.constrain(x, "batch", "length", "act_embed")   # inside jitted code
+
+Mesh axes:
+    data    replicas: batch rows are split over it, nothing else.
+    fsdp    batch rows AND the parameters' model dimension ("embed"): every device stores a
+            slice of each weight and the compiler gathers a layer's weights where they are
+            used (ZeRO-3 / fully sharded data parallelism); optimizer state is sliced alike.
+    tensor  attention heads, MLP hidden units and the vocabulary (Megatron-style).
+
+Parameters name their axes in PARAM_AXES (by parameter path); activations, the KV cache
+and batches name theirs where they are built. RULES maps each logical name to mesh axes.
+A dimension that its mesh axes do not divide is left whole (replicated): the vision MLP's
+3420 units over tensor=8, say. A spec that would use one mesh axis twice is refused.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes (None: replicated). The one table.
+RULES: dict[str, tuple[str, ...] | str | None] = {
+    # Activations, batches and the KV cache.
+    "batch": ("data", "fsdp"),  # rows (sequences, prompts) and image patch slots
+    "length": None,  # tokens of a sequence, KV cache slots
+    "act_embed": None,  # the residual stream's model dim: whole on each device (rows are split)
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+    # Parameters (and the optimizer state, which mirrors them).
+    "layers": None,  # the stacked-layer axis: every device holds its slice of every layer
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+}
+
+# Parameter path suffix -> logical axes of the (unstacked) parameter. The longest matching
+# suffix wins; stacked layers (language_model/layers, visual/blocks) get "layers" first.
+PARAM_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed_tokens": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    # Text attention: q/k/v produce heads, o consumes them.
+    "q_proj/kernel": ("embed", "heads"), "q_proj/bias": ("heads",),
+    "k_proj/kernel": ("embed", "kv_heads"), "k_proj/bias": ("kv_heads",),
+    "v_proj/kernel": ("embed", "kv_heads"), "v_proj/bias": ("kv_heads",),
+    "o_proj/kernel": ("heads", "embed"),
+    # Gated MLPs (text and vision).
+    "gate_proj/kernel": ("embed", "mlp"), "gate_proj/bias": ("mlp",),
+    "up_proj/kernel": ("embed", "mlp"), "up_proj/bias": ("mlp",),
+    "down_proj/kernel": ("mlp", "embed"), "down_proj/bias": (None,),
+    # Vision attention: one fused qkv projection, heads on its output.
+    "qkv/kernel": ("embed", "heads"), "qkv/bias": ("heads",),
+    "attn/proj/kernel": ("heads", "embed"), "attn/proj/bias": (None,),
+    "patch_embed/kernel": (None, "embed"),
+    "merger/fc1/kernel": ("embed", "mlp"), "merger/fc1/bias": ("mlp",),
+    "merger/fc2/kernel": ("mlp", "embed"), "merger/fc2/bias": (None,),
+    "weight": (None,),  # every RMSNorm scale: small, replicated
+}
+STACKED = ("language_model/layers/", "visual/blocks/")
+
+
+# --- the mesh -------------------------------------------------------------------------
+
+
+def make_mesh(shape: dict | Any, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all) from {axis: size}; one
+    size may be -1 (whatever the others leave)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = dict(shape)
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh: unknown axes {sorted(unknown)}; the axes are {MESH_AXES}.")
+    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+    free = [i for i, s in enumerate(sizes) if s == -1]
+    if len(free) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive, with at most one -1.")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices do not split into "
+                             f"groups of {fixed}.")
+        sizes[free[0]] = len(devices) // fixed
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but there are "
+                         f"{len(devices)}: the sizes must multiply to the device count (use -1 for one axis).")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def single_device_mesh() -> Mesh:
+    """The mesh of one device: what the code runs on when no mesh is given."""
+    return make_mesh({}, jax.devices()[:1])
+
+
+def mesh_or_default(mesh: Mesh | None) -> Mesh:
+    """`mesh`, checked to use only our axis names, or the one-device mesh when None."""
+    if mesh is None:
+        return single_device_mesh()
+    unknown = set(mesh.axis_names) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh axes {mesh.axis_names}: {sorted(unknown)} unknown; name them from {MESH_AXES}.")
+    return mesh
+
+
+def under_mesh(mesh: Mesh, function):
+    """`function` traced with `mesh` as the context of the model's sharding constraints."""
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return function(*args)
+    return traced
+
+
+def batch_shards(mesh) -> int:
+    """How many pieces the rows of a batch are split into."""
+    return math.prod(_axis_sizes(mesh).get(axis, 1) for axis in _as_tuple(RULES["batch"]))
+
+
+def check_rows(rows: int, mesh, what: str):
+    shards = batch_shards(mesh)
+    if rows % shards:
+        raise ValueError(f"{what}: {rows} rows do not split over the mesh's {shards} batch shards "
+                         f"(data x fsdp = {dict(_axis_sizes(mesh))}); make it a multiple of {shards}.")
+
+
+# --- logical -> mesh ------------------------------------------------------------------
+
+
+def logical_spec(logical, mesh, shape=None, name: str = "") -> PartitionSpec:
+    """The PartitionSpec of an array whose axes have the given logical names.
+
+    Raises if two of its axes map to the same mesh axis (a collision, whatever the mesh's
+    sizes). With `shape`, an axis its mesh axes do not divide keeps the longest prefix of
+    them that does (often none: replicated). Mesh axes the mesh lacks, or that are manual
+    here (inside shard_map), are dropped.
+    """
+    sizes = _axis_sizes(mesh)
+    manual = _manual_axes(mesh)
+    used: dict[str, str] = {}
+    spec = []
+    for dim, axis in enumerate(logical):
+        if axis is not None and axis not in RULES:
+            raise KeyError(f"{name or 'array'}: logical axis {axis!r} has no rule in sharding.RULES "
+                           f"(known: {sorted(RULES)}).")
+        mesh_axes = _as_tuple(RULES[axis]) if axis is not None else ()
+        for mesh_axis in mesh_axes:
+            if mesh_axis in used:
+                raise ValueError(f"{name or 'array'}: logical axes {tuple(logical)} map mesh axis {mesh_axis!r} "
+                                 f"twice (from {used[mesh_axis]!r} and {axis!r}); change sharding.RULES.")
+            used[mesh_axis] = axis
+        mesh_axes = tuple(a for a in mesh_axes if a in sizes and a not in manual)
+        if shape is not None:
+            while mesh_axes and shape[dim] % math.prod(sizes[a] for a in mesh_axes):
+                mesh_axes = mesh_axes[:-1]
+        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return PartitionSpec(*spec)
+
+
+def named(mesh: Mesh, *logical, shape=None, name: str = "") -> NamedSharding:
+    return NamedSharding(mesh, logical_spec(logical, mesh, shape, name))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def gathered(shardings, mesh_axis: str):
+    """The shardings with `mesh_axis` taken out: arrays whole along it."""
+    def without(entry):
+        kept = tuple(a for a in _as_tuple(entry) if a != mesh_axis)
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+    return jax.tree.map(lambda s: NamedSharding(s.mesh, PartitionSpec(*map(without, s.spec))), shardings)
+
+
+def constrain(x: jax.Array, *logical) -> jax.Array:
+    """x with its sharding pinned to the logical axes, under the mesh being traced for (a
+    no-op without one): guides the compiler to split rows and gather weights, not the reverse."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_spec(logical, mesh, x.shape))
+
+
+# --- parameters and optimizer state ---------------------------------------------------
+
+
+def param_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of the parameter at `path` ('language_model/layers/mlp/up_proj/kernel')."""
+    matches = [suffix for suffix in PARAM_AXES if path == suffix or path.endswith("/" + suffix)]
+    if not matches:
+        raise KeyError(f"parameter {path}: no entry in sharding.PARAM_AXES; add its logical axes there.")
+    axes = PARAM_AXES[max(matches, key=len)]
+    if path.startswith(STACKED):
+        axes = ("layers", *axes)
+    if len(axes) != ndim:
+        raise ValueError(f"parameter {path} has {ndim} axes but sharding.PARAM_AXES names {len(axes)}: {axes}.")
+    return axes
+
+
+def tree_paths(tree) -> Any:
+    """The tree with each array leaf replaced by its '/'-joined path (nnx Variable wrappers skipped)."""
+    def name(path, _):
+        keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+        return "/".join(str(k) for k in keys if k != "value")
+    return jax.tree_util.tree_map_with_path(name, tree)
+
+
+def param_shardings(mesh: Mesh, params) -> Any:
+    """NamedShardings for a tree of parameters (nnx.State of arrays or ShapeDtypeStructs)."""
+    return jax.tree.map(
+        lambda path, p: named(mesh, *param_axes(path, len(p.shape)), shape=p.shape, name=path),
+        tree_paths(params), params,
+    )
+
+
+def opt_state_shardings(mesh: Mesh, optimizer, opt_state, params_shardings) -> Any:
+    """The optimizer state's shardings: every parameter-shaped part (Adam's moments) like the
+    parameters, everything else (step counts) replicated."""
+    import optax  # the optimizer's own view of which state leaves mirror the parameters
+
+    return optax.tree_utils.tree_map_params(
+        optimizer, lambda _, sharding: sharding, opt_state, params_shardings,
+        transform_non_params=lambda _: replicated(mesh),
+    )
+
+
+def train_state_shardings(mesh: Mesh, optimizer, state) -> Any:
+    """Shardings of a vppo.step.TrainState (arrays or ShapeDtypeStructs)."""
+    params = param_shardings(mesh, state.params)
+    return state.replace(
+        step=replicated(mesh), skipped_steps=replicated(mesh), params=params,
+        opt_state=opt_state_shardings(mesh, optimizer, state.opt_state, params),
+    )
+
+
+# --- batches and the KV cache ---------------------------------------------------------
+
+# Which axis of a ModelInputs field holds the rows: position_ids is (3, B, T), the rest
+# (B, ...) ; the vision fields hold patch slots, split like rows.
+_ROW_AXIS = {"position_ids": 1}
+
+
+def inputs_shardings(mesh: Mesh, inputs, leading: int = 0) -> Any:
+    """Shardings of ModelInputs (or a TrainBatch) with `leading` extra axes (micro-batches)
+    before each field's own: rows and patch slots over the batch axes, the rest whole."""
+    def sharding(path, leaf):
+        field = path.rsplit("/", 1)[-1]
+        row_axis = leading + _ROW_AXIS.get(field, 0)
+        logical = [None] * leaf.ndim
+        logical[row_axis] = "batch"
+        return named(mesh, *logical, name=path)
+    return jax.tree.map(sharding, tree_paths(inputs), inputs)
+
+
+def cache_shardings(mesh: Mesh, cache) -> Any:
+    """KV cache (per layer (B, kv_heads, ., .)): rows over the batch axes, heads over tensor."""
+    return jax.tree.map(lambda leaf: named(mesh, "batch", "act_kv_heads", None, None, shape=leaf.shape), cache)
+
+
+def rows_shardings(mesh: Mesh, tree) -> Any:
+    """Every leaf split over the batch axes along its first axis."""
+    return jax.tree.map(lambda leaf: named(mesh, "batch", *[None] * (leaf.ndim - 1)), tree)
+
+
+# --- placing host data ----------------------------------------------------------------
+
+
+def put(tree, shardings) -> Any:
+    """`tree` placed with `shardings`. Across processes every process passes the same global
+    values and fills only its own devices' shards (jax.device_put cannot target devices of
+    other processes); an array already placed so is returned as it is."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def place(x, sharding):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)  # a global array: resharded by a collective
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(place, tree, shardings)
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def _as_tuple(axes) -> tuple[str, ...]:
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _axis_sizes(mesh) -> dict[str, int]:
+    return dict(zip(mesh.axis_names, mesh.axis_sizes if hasattr(mesh, "axis_sizes") else mesh.devices.shape))
+
+
+def _manual_axes(mesh) -> set[str]:
+    types = getattr(mesh, "axis_types", None) or ()
+    return {name for name, kind in zip(mesh.axis_names, types) if kind == AxisType.Manual}
