@@ -12,6 +12,9 @@ from vppo_jax.config import default_config
 
 def get_config(arg: str = ""):
     config = default_config()  # the defaults are this recipe
+    # Every device holds 1/n of the weights and optimizer state and decodes/trains 1/n of the
+    # rows (FSDP); `python -m vppo_jax.plan` prints what this needs per device.
+    config.mesh.fsdp = -1
     if arg == "runlocal":
         config.rollout.prompts_per_step = 4
         config.rollout.group_size = 4

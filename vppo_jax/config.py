@@ -70,7 +70,10 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep=3))
     c.eval = ml_collections.ConfigDict(dict(every_steps=10, k=8, temperature=1.0, top_p=1.0, max_examples=0))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Device mesh (vppo_jax/sharding.py): batch rows over data x fsdp, parameters and optimizer
+    # state over fsdp (model dim) and tensor (heads, MLP, vocab). One size may be -1 (the rest
+    # of the devices). The default is one device, as a run on a CPU wants; recipes set theirs.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
     return c
 
 

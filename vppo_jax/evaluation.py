@@ -11,8 +11,9 @@ from vppo_jax.rollout import sample_and_grade
 
 
 def evaluate_prompts(policy, prompts: list, k: int, params: sampling.SamplingParams, grade, key: jax.Array,
-                     batch_prompts: int = 16) -> tuple[dict[str, float], list[dict]]:
-    """(summary, per-example results) over `prompts`, in batches of `batch_prompts`.
+                     batch_prompts: int = 16, mesh=None) -> tuple[dict[str, float], list[dict]]:
+    """(summary, per-example results) over `prompts`, in batches of `batch_prompts`, sampled
+    on `mesh` (default: one device).
 
     avg@k is the mean accuracy over all k x N responses (the paper's metric); pass@k the
     share of problems with at least one correct response among their k.
@@ -22,7 +23,7 @@ def evaluate_prompts(policy, prompts: list, k: int, params: sampling.SamplingPar
     for start in range(0, len(prompts), batch_prompts):
         chunk = prompts[start:start + batch_prompts]
         keys = jax.random.split(jax.random.fold_in(key, start), len(chunk) * k)
-        groups, _ = sample_and_grade(policy, chunk, keys, params, grade, policy.model.config.image_token_id)
+        groups, _ = sample_and_grade(policy, chunk, keys, params, grade, policy.model.config.image_token_id, mesh)
         for p, prompt in enumerate(chunk):
             rows = slice(p * k, (p + 1) * k)
             results.append({

@@ -5,6 +5,11 @@ parameters, optimizer state, skipped-update count), the run's PRNG key, the data
 iterator's position and small host-side counters. Orbax writes each checkpoint to a
 temporary directory and renames it when complete, asynchronously, so a run killed at any
 moment resumes from the latest complete checkpoint.
+
+In a multi-process run every process calls save and restore (orbax coordinates them):
+each writes and reads the shards of the sharded arrays its devices hold; the data
+iterator positions and host counters, one per process, are gathered and written by
+process 0, and each process restores its own.
 """
 from __future__ import annotations
 
@@ -13,7 +18,10 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+
+from vppo_jax import distributed
 
 CONFIG_FILE = "config.json"
 # Fields a restarted run may change without becoming another run.
@@ -68,20 +76,24 @@ class RunCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state, rng: jax.Array, data_state: dict, host: dict):
+        """Called by every process with its own data_state and host dict."""
+        data_states, hosts = zip(*distributed.allgather((data_state, host)))
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                rng=ocp.args.StandardSave({"key": jax.random.key_data(rng)}),
-                data=ocp.args.JsonSave(data_state),
-                host=ocp.args.JsonSave(host),
+                # As NumPy: the key lives on one process's device, and orbax saves host arrays from process 0.
+                rng=ocp.args.StandardSave({"key": np.asarray(jax.random.key_data(rng))}),
+                data=ocp.args.JsonSave({"processes": list(data_states)}),
+                host=ocp.args.JsonSave({"processes": list(hosts)}),
             ),
         )
 
     def restore(self, step: int, abstract_state):
-        """(state, rng, data_state, host) of checkpoint `step`; arrays laid out like `abstract_state`."""
+        """(state, rng, data states, host dicts) of checkpoint `step`, the last two one per process that
+        saved it; arrays laid out like `abstract_state` (its shardings too)."""
         abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        rng_shape = {"key": ocp.utils.to_shape_dtype_struct(jax.random.key_data(jax.random.key(0)))}
+        rng_shape = {"key": ocp.utils.to_shape_dtype_struct(np.asarray(jax.random.key_data(jax.random.key(0))))}
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -91,7 +103,8 @@ class RunCheckpoints:
                 host=ocp.args.JsonRestore(),
             ),
         )
-        return restored.state, jax.random.wrap_key_data(restored.rng["key"]), restored.data, restored.host
+        return (restored.state, jax.random.wrap_key_data(np.asarray(restored.rng["key"])), restored.data["processes"],
+                restored.host["processes"])
 
     def close(self):
         self.manager.wait_until_finished()

@@ -75,27 +75,31 @@ STACKED = ("language_model/layers/", "visual/blocks/")
 
 
 def make_mesh(shape: dict | Any, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all) from {axis: size}; one
-    size may be -1 (whatever the others leave)."""
+    """A (data, fsdp, tensor) mesh from {axis: size} (missing axes: 1); one size may be -1,
+    whatever the others leave of the devices (default: all). A mesh smaller than the devices
+    takes the first ones; with several processes it must span them all."""
     devices = list(jax.devices() if devices is None else devices)
     shape = dict(shape)
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"mesh: unknown axes {sorted(unknown)}; the axes are {MESH_AXES}.")
     sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+    described = dict(zip(MESH_AXES, sizes))
     free = [i for i, s in enumerate(sizes) if s == -1]
     if len(free) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive, with at most one -1.")
+        raise ValueError(f"mesh {described}: sizes must be positive, with at most one -1.")
     fixed = math.prod(s for s in sizes if s != -1)
     if free:
         if len(devices) % fixed:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices do not split into "
-                             f"groups of {fixed}.")
+            raise ValueError(f"mesh {described}: {len(devices)} devices do not split into groups of {fixed}.")
         sizes[free[0]] = len(devices) // fixed
-    if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but there are "
-                         f"{len(devices)}: the sizes must multiply to the device count (use -1 for one axis).")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    count = math.prod(sizes)
+    if count > len(devices) or (count < len(devices) and jax.process_count() > 1):
+        raise ValueError(f"mesh {described} needs {count} devices, but there are {len(devices)} "
+                         f"({jax.process_count()} processes): the sizes must multiply to the device count "
+                         "(use -1 for one axis).")
+    # jax.make_mesh orders the devices by the physical topology (TPU ICI rings) where it knows it.
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices[:count])
 
 
 def single_device_mesh() -> Mesh:
@@ -285,6 +289,8 @@ def put(tree, shardings) -> Any:
     def place(x, sharding):
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed PRNG keys: place their bits
+            return jax.random.wrap_key_data(place(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return jax.device_put(x, sharding)  # a global array: resharded by a collective
         host = np.asarray(x)

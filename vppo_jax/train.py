@@ -8,6 +8,12 @@ only groups whose accuracy is neither 0 nor 1, resampling until the batch is ful
 them, compute GRPO advantages, then `updates_per_rollout` optimizer updates (the VPPO step)
 on consecutive slices of the batch. Metrics go to workdir/metrics.jsonl and TensorBoard;
 checkpoints to workdir/checkpoints; a restarted run resumes from the latest checkpoint.
+
+Parameters, optimizer state and batches are sharded over the config's mesh
+(vppo_jax/sharding.py). Multi-host (vppo_jax/distributed.py): every process runs this
+command; each reads and decodes only its share of the data, the prompt records of a step
+are gathered so that all build the same global batch (the one a single process would
+read), rewards are graded in shares, and process 0 writes metrics.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from tqdm.auto import tqdm
 
 from vppo_jax import config as config_lib
 from vppo_jax import data as data_lib
+from vppo_jax import distributed, sharding
 from vppo_jax.metrics import MetricsWriter, Timer
 from vppo_jax.policy import load_policy, prompt_builder
 from vppo_jax.rewards import RewardPool
@@ -40,28 +47,38 @@ from vppo_jax.vppo.batch import build_train_batch
 class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config, self.workdir = config, workdir
-        claim_workdir(workdir, config)
-        self.policy = load_policy(config.model.path, config.model.dtype)
+        self.mesh = sharding.make_mesh(config.mesh)
+        check_batch_shapes(config, self.mesh)
+        if jax.process_index() == 0:
+            claim_workdir(workdir, config)
+        # Weights load into host memory; init_sharded_state places each device's slices.
+        with jax.default_device(_host_device()):
+            self.policy = load_policy(config.model.path, config.model.dtype)
         d = config.data
         self.builder = prompt_builder(self.policy, d.max_prompt_length, d.min_pixels or None, d.max_pixels or None)
         self.sampling = config_lib.sampling_params(config, self.builder.special)
         self.step_config = config_lib.step_config(config)
         self.optimizer = config_lib.optimizer(config)
-        self.graphdef, self.state = step_lib.init_state(self.policy.model, self.optimizer)
-        self.train_step = step_lib.make_train_step(self.step_config, self.optimizer, self.graphdef)
-        self.score_rollouts = step_lib.make_score_rollouts(self.step_config, self.graphdef)
+        self.model_config = self.policy.model.config
+        self.graphdef, self.state = step_lib.init_sharded_state(self.policy.model, self.optimizer, self.mesh)
+        self.policy = dataclasses.replace(self.policy, model=None)  # its arrays now live in self.state
+        self.train_step = step_lib.make_train_step(self.step_config, self.optimizer, self.graphdef, self.mesh)
+        self.score_rollouts = step_lib.make_score_rollouts(self.step_config, self.graphdef, self.mesh)
         columns = dict(problem_key=d.problem_key, answer_key=d.answer_key, images_key=d.images_key,
                        process_index=jax.process_index(), process_count=jax.process_count())
         self.data = data_lib.prompt_iterator(data_lib.prompt_dataset(d.train_files, self.builder, seed=d.seed, **columns))
         self.val_prompts = []
         if d.val_files and d.val_files[0]:
             val = data_lib.prompt_dataset(d.val_files, self.builder, seed=d.seed, shuffle=False, num_epochs=1, **columns)
+            val = sorted(sum(distributed.allgather(list(val)), []), key=lambda p: p.index)  # file order
             self.val_prompts = [p for p in val if not p.skipped][: config.eval.max_examples or None]
         self.skips = data_lib.SkipCounter()
         self.reward_pool = RewardPool(min(config.reward.workers, os.cpu_count() or 1))
         self.grade = functools.partial(
             self.reward_pool.score_responses, reward=config.reward.name, timeout_s=config.reward.timeout_s
         )
+        if jax.process_count() > 1:
+            self.grade = functools.partial(_grade_in_shares, self.grade)
         self.rng = jax.random.key(config.train.seed)
         self.checkpoints = RunCheckpoints(workdir, config.checkpoint.keep)
         self.start_step = self._resume()
@@ -71,9 +88,12 @@ class Trainer:
         latest = self.checkpoints.latest_step()
         if latest is None:
             return 0
-        self.state, self.rng, data_state, host = self.checkpoints.restore(latest, self.state)
-        self.data.set_state(data_state)
-        self.skips.counts.update(host["skips"])
+        self.state, self.rng, data_states, hosts = self.checkpoints.restore(latest, self.state)
+        if len(data_states) != jax.process_count():
+            raise ValueError(f"checkpoint {latest} was written by {len(data_states)} processes and this run has "
+                             f"{jax.process_count()}: each process resumes its own share of the data.")
+        self.data.set_state(data_states[jax.process_index()])
+        self.skips.counts.update(hosts[jax.process_index()]["skips"])
         return latest
 
     def current_policy(self):
@@ -81,12 +101,14 @@ class Trainer:
         return dataclasses.replace(self.policy, model=nnx.merge(self.graphdef, self.state.params))
 
     def next_prompts(self, count: int) -> list:
+        """`count` prompts: this process's share read here, the others' gathered, in the order
+        one process reading the whole stream would have them (without skips)."""
         prompts = []
-        while len(prompts) < count:
+        while len(prompts) < count // jax.process_count():
             record = next(self.data)
             if not self.skips.count(record):  # skips are counted and warned about once per kind
                 prompts.append(record)
-        return prompts
+        return distributed.interleave(distributed.allgather(prompts))
 
     def collect(self, key: jax.Array) -> tuple[GradedGroups, dict]:
         """Dynamic sampling: rounds of sampling until prompts_per_step groups pass the filter.
@@ -103,7 +125,7 @@ class Trainer:
             prompts = self.next_prompts(r.prompts_per_step)
             keys = jax.random.split(jax.random.fold_in(key, rounds), len(prompts) * r.group_size)
             groups, grader = sample_and_grade(policy, prompts, keys, self.sampling, self.grade,
-                                              self.policy.model.config.image_token_id)
+                                              self.model_config.image_token_id, self.mesh)
             keep = np.ones(len(prompts), bool)
             if a.online_filter:
                 keep = np.asarray(online_group_filter(groups.rewards, r.group_size, tuple(a.accuracy_bounds))[0])
@@ -137,7 +159,7 @@ class Trainer:
             part = groups.select(np.arange(u * per_update, (u + 1) * per_update))
             arrays = update_arrays(part)
             batches.append(build_train_batch(
-                self.policy.model.config, arrays["input_ids"], arrays["attention_mask"], arrays["response_tokens"],
+                self.model_config, arrays["input_ids"], arrays["attention_mask"], arrays["response_tokens"],
                 np.asarray(grpo_advantages(part.rewards, c.rollout.group_size)),
                 arrays.get("pixel_values"), arrays.get("image_grid_thw"), c.train.micro_batches,
             ))
@@ -146,7 +168,8 @@ class Trainer:
     def evaluate(self, key: jax.Array) -> dict[str, float]:
         e = self.config.eval
         params = dataclasses.replace(self.sampling, temperature=e.temperature, top_p=e.top_p, top_k=0)
-        summary, _ = evaluate_prompts(self.current_policy(), self.val_prompts, e.k, params, self.grade, key)
+        summary, _ = evaluate_prompts(self.current_policy(), self.val_prompts, e.k, params, self.grade, key,
+                                      mesh=self.mesh)
         return {f"eval/{name}": value for name, value in summary.items()}
 
     def train(self):
@@ -159,6 +182,7 @@ class Trainer:
             with timer("rollout"):
                 groups, metrics = self.collect(rollout_key)
             batches = self.update_batches(groups)
+            tokens = float(sum(np.asarray(b.response_mask).sum() for b in batches))  # while still on the host
             if len(batches) > 1 or c.train.micro_batches > 1:
                 # pi_old statistics for every slice from the rollout policy, before any update.
                 with timer("dependency"):
@@ -170,13 +194,13 @@ class Trainer:
                     self.state, update_metrics = self.train_step(self.state, batch, jax.random.fold_in(update_key, i))
                     updates.append(jax.device_get(update_metrics))
             metrics |= {name: float(np.mean([u[name] for u in updates])) for name in updates[0]}
-            metrics |= self.skips.metrics()
+            skip_counts = distributed.allgather(self.skips.metrics())  # every process's own skips
+            metrics |= {name: sum(counts[name] for counts in skip_counts) for name in skip_counts[0]}
             metrics["train/skipped_updates"] = int(self.state.skipped_steps)
             if self.val_prompts and (step + 1) % c.eval.every_steps == 0:
                 with timer("eval"):
                     metrics |= self.evaluate(eval_key)
             timings = timer.metrics()
-            tokens = float(sum(np.asarray(b.response_mask).sum() for b in batches))
             metrics |= timings | {"time/tokens_per_second": tokens / max(timings["time/step"], 1e-9)}
             self.metrics.write(step, metrics)
             progress.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}", loss=f"{metrics['loss']:.3f}")
@@ -192,10 +216,49 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's config, metrics and checkpoints.")
 
 
+def check_batch_shapes(config: ml_collections.ConfigDict, mesh):
+    """Refuses, before anything is loaded, batches that the processes or the mesh cannot split."""
+    r, t = config.rollout, config.train
+    if r.prompts_per_step % (t.updates_per_rollout * jax.process_count()):
+        raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of "
+                         f"train.updates_per_rollout x processes = {t.updates_per_rollout} x {jax.process_count()}.")
+    rows = r.prompts_per_step * r.group_size // t.updates_per_rollout
+    if rows % t.micro_batches:
+        raise ValueError(f"{rows} rows per update do not split into train.micro_batches={t.micro_batches}.")
+    sharding.check_rows(rows // t.micro_batches, mesh, "rows per micro-batch (rollout.prompts_per_step x "
+                        "rollout.group_size / train.updates_per_rollout / train.micro_batches)")
+
+
+def _host_device():
+    """This host's CPU device where JAX has one (it does unless JAX_PLATFORMS leaves it out)."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return jax.local_devices()[0]
+
+
+def _grade_in_shares(grade, responses: list[str], answers: list[str]):
+    """`grade` with every process grading its share of the responses."""
+    def combine(parts):
+        rewards = np.concatenate([np.asarray(r, np.float32).reshape(-1) for r, _ in parts])
+        return rewards, {key: sum(stats[key] for _, stats in parts) for key in parts[0][1]}
+    return distributed.shared_work(lambda pairs: grade([p[0] for p in pairs], [p[1] for p in pairs]),
+                                   list(zip(responses, answers)), combine)
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; the progress bar says enough
-    config = prepare_embedded_default(_CONFIG.value, _WORKDIR.value)
+    distributed.initialize()
+    # The embedded default's assets are made once, by process 0, before the others look for them.
+    if jax.process_index() == 0:
+        config = prepare_embedded_default(_CONFIG.value, _WORKDIR.value)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("embedded default ready")
+    if jax.process_index() != 0:
+        config = prepare_embedded_default(_CONFIG.value, _WORKDIR.value)
     Trainer(config, _WORKDIR.value).train()
 
 

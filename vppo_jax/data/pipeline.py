@@ -6,9 +6,10 @@
     prompt = next(iterator)            # a Prompt; count skipped ones with data.SkipCounter
     state = iterator.get_state()       # checkpoint it; iterator.set_state(state) resumes at the next prompt
 
-Order: each process takes every process_count-th row (disjoint shards covering the data),
-shuffles its shard with `seed` and a different permutation every epoch (grain folds the
-epoch into the seed), repeats, and decodes rows into prompts lazily as they are read.
+Order: the rows are shuffled with `seed`, a different permutation every epoch (grain folds
+the epoch into the seed), and repeated; process i takes elements i, i + n, i + 2n, ... of
+that stream (n = process_count), so n processes together read exactly what one process
+reads, each only its share, and decode rows into prompts lazily as they are read.
 """
 from __future__ import annotations
 
@@ -74,10 +75,11 @@ def prompt_dataset(
     source = RowSource(files, (problem_key, answer_key, images_key))
     if len(source) < process_count:
         raise ValueError(f"{len(source)} rows cannot be shared among {process_count} processes: every shard needs one.")
-    rows = grain.MapDataset.source(source)[process_index::process_count]
+    rows = grain.MapDataset.source(source)
     if shuffle:
         rows = rows.shuffle(seed=seed)
-    return rows.repeat(num_epochs).map(RowToPrompt(builder, problem_key, answer_key, images_key))
+    rows = rows.repeat(num_epochs)[process_index::process_count]
+    return rows.map(RowToPrompt(builder, problem_key, answer_key, images_key))
 
 
 def prompt_iterator(

@@ -117,6 +117,19 @@ def init_state(model: nnx.Module, optimizer: optax.GradientTransformation) -> tu
     return graphdef, state
 
 
+def init_sharded_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh) -> tuple[nnx.GraphDef, TrainState]:
+    """`init_state` on `mesh`: the parameters placed by the sharding rules (from wherever the
+    model holds them, e.g. host memory), the optimizer state created already sharded on the
+    devices (never whole on one device). The model must not be used afterwards."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    params_shardings = sharding.param_shardings(mesh, params)
+    params = sharding.put(params, params_shardings)
+    make = lambda p: init_state(nnx.merge(graphdef, p), optimizer)[1]
+    state_shardings = sharding.train_state_shardings(mesh, optimizer, jax.eval_shape(make, params))
+    return graphdef, jax.jit(make, in_shardings=(params_shardings,), out_shardings=state_shardings,
+                             donate_argnums=0)(params)
+
+
 def perturb_images(config: StepConfig, inputs: ModelInputs, key: jax.Array) -> ModelInputs:
     """The images I' of spec section 2, in patch space; an independent draw per patch slot,
     hence per rollout (each rollout's image occupies its own slots)."""
@@ -329,7 +342,8 @@ def make_train_step(config: StepConfig, optimizer: optax.GradientTransformation,
             compiled[signature] = (state_shardings, batch_shardings, jit_train_step(
                 config, optimizer, graphdef, mesh, state_shardings, batch_shardings))
         state_shardings, batch_shardings, step = compiled[signature]
-        return step(sharding.put(state, state_shardings), sharding.put(batch, batch_shardings), key)
+        return step(sharding.put(state, state_shardings), sharding.put(batch, batch_shardings),
+                    sharding.put(key, sharding.replicated(mesh)))
 
     return run
 
@@ -349,6 +363,7 @@ def make_score_rollouts(config: StepConfig, graphdef, mesh=None):
             compiled[signature] = (params_shardings, batch_shardings, jit_score_rollouts(
                 config, graphdef, mesh, params_shardings, batch_shardings, scored_shardings))
         params_shardings, batch_shardings, score = compiled[signature]
-        return score(sharding.put(params, params_shardings), sharding.put(batch, batch_shardings), key)
+        return score(sharding.put(params, params_shardings), sharding.put(batch, batch_shardings),
+                     sharding.put(key, sharding.replicated(mesh)))
 
     return run

@@ -1,0 +1,84 @@
+"""Multi-host runs: starting jax.distributed, and exchanging small host data between processes.
+
+Every process runs the same command. On a Cloud TPU pod nothing else is needed (JAX finds
+the workers itself); elsewhere name the coordinator and each process:
+
+    python -m vppo_jax.train --config=... --workdir=... \
+        --coordinator_address=HOST0:1234 --num_processes=2 --process_id=0    # and =1 on the other
+
+On CPU the processes' collectives go over gloo (TCP), so two processes on one machine
+(each with --xla_force_host_platform_device_count fake devices) run a real multi-host
+program: tests/test_multihost.py does that.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+
+import jax
+import numpy as np
+from absl import flags
+
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "host:port of process 0, for a multi-process run off TPU (with --num_processes, "
+    "--process_id). Empty: automatic on a Cloud TPU VM, else one process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in [0, num_processes).")
+
+CHUNK_BYTES = 64 << 20  # host data crosses the devices in pieces of this size per process
+
+
+def initialize():
+    """Starts jax.distributed from the flags (or on a TPU VM); a single process does nothing.
+
+    Call it before anything touches a device.
+    """
+    if _COORDINATOR.value:
+        if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+            raise ValueError(f"--process_id={_PROCESS_ID.value} must be in [0, --num_processes={_NUM_PROCESSES.value}).")
+        # CPU processes reach each other's devices through gloo (jax's CPU default now; explicit
+        # so that a changed default cannot leave a CPU run without cross-process collectives).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif _NUM_PROCESSES.value > 1:
+        raise ValueError("--num_processes > 1 needs --coordinator_address (host:port of process 0).")
+    elif on_cloud_tpu():
+        jax.distributed.initialize()  # workers, coordinator and ids from the TPU VM's metadata
+
+
+def on_cloud_tpu() -> bool:
+    """A TPU VM: its chips show up as /dev/accel* (v2-v4) or /dev/vfio/* (v5 and later)."""
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")) or "TPU_WORKER_HOSTNAMES" in os.environ
+
+
+def allgather(value) -> list:
+    """[value of process 0, value of process 1, ...] for any picklable value, on every process."""
+    count = jax.process_count()
+    if count == 1:
+        return [value]
+    from jax.experimental import multihost_utils  # collectives over all processes' devices
+
+    data = np.frombuffer(pickle.dumps(value), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(count)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    pieces = [np.asarray(multihost_utils.process_allgather(padded[start:start + CHUNK_BYTES]))
+              for start in range(0, padded.size, CHUNK_BYTES)]
+    gathered = np.concatenate(pieces, axis=1)
+    return [pickle.loads(gathered[i, :sizes[i]].tobytes()) for i in range(count)]
+
+
+def interleave(per_process: list[list]) -> list:
+    """Element k of process i goes to position k * n + i: with data sharded as global[i::n],
+    this rebuilds the global order a single process reads."""
+    longest = max((len(items) for items in per_process), default=0)
+    return [items[k] for k in range(longest) for items in per_process if k < len(items)]
+
+
+def shared_work(function, items: list, combine):
+    """`combine([function(part) for each process's part])`: every process does its contiguous
+    share of `items` and all get every result."""
+    count, index = jax.process_count(), jax.process_index()
+    share = -(-len(items) // count)
+    return combine(allgather(function(items[index * share:(index + 1) * share])))
