@@ -17,30 +17,34 @@ def get_config(arg: str = ""):
     config.model.path = ""
     config.model.dtype = "float32"
     config.synthetic = ml_collections.ConfigDict(dict(
-        train=2000, val=64, seed=0, warm_start_steps=200, warm_start_batch=32, warm_start_lr=3e-3,
+        train=2000, val=128, seed=0, teacher_noise=0.35, warm_start_steps=200, warm_start_batch=32, warm_start_lr=3e-3,
     ))
+    # python -m vppo_jax.demo: the methods compared (same budget each) and how many validation
+    # problems the report's dependency figures sample responses for.
+    config.demo = ml_collections.ConfigDict(dict(methods=("vppo", "grpo"), report_prompts=32))
     config.data.train_files = ("",)
     config.data.val_files = ("",)
     config.data.min_pixels = 0  # the synthetic images are 84 x 84: no recipe-sized upscaling
     config.data.max_pixels = 0
     config.data.max_prompt_length = 256
     config.rollout.prompts_per_step = 8
-    config.rollout.group_size = 4
+    config.rollout.group_size = 8
     config.rollout.max_new_tokens = 32
     config.rollout.top_p = 1.0
     config.rollout.prompt_buckets = (64,)
     config.rollout.max_filter_rounds = 2
     config.reward.timeout_s = 5.0
-    config.optim.learning_rate = 1e-4
-    config.train.steps = 20
+    config.optim.learning_rate = 1e-3
+    config.optim.warmup_steps = 10
+    config.train.steps = 80
     config.train.updates_per_rollout = 1
-    config.checkpoint.every_steps = 5
-    config.eval.every_steps = 5
+    config.checkpoint.every_steps = 20
+    config.eval.every_steps = 20
     config.eval.k = 4
-    config.eval.max_examples = 64
+    config.eval.max_examples = 128
     if arg == "test":  # the end-to-end tests: even smaller
         config.synthetic.train, config.synthetic.val, config.synthetic.warm_start_steps = 64, 8, 0
-        config.rollout.prompts_per_step = 4
+        config.rollout.prompts_per_step, config.rollout.group_size = 4, 4
         config.rollout.max_new_tokens = 8
         config.train.steps = 4
         config.checkpoint.every_steps = config.eval.every_steps = 2

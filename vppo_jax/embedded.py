@@ -24,7 +24,7 @@ def prepare_embedded_default(config: ml_collections.ConfigDict, workdir: str) ->
     assets = os.path.join(workdir, "embedded")
     files = synthetic.split_paths(assets)
     if not all(os.path.exists(f) for f in files.values()):
-        synthetic.write_splits(assets, s.train, s.val, s.seed)
+        synthetic.write_splits(assets, s.train, s.val, s.seed, teacher_noise=s.teacher_noise)
     model_dir = os.path.join(assets, "tiny_model")
     if not os.path.exists(model_dir):
         write_tiny_model(model_dir, synthetic.tokenizer_corpus(files["train"]), seed=config.train.seed)

@@ -6,6 +6,12 @@ kind. Rows follow the ViRL39K schema (problem, answer, images as PNG bytes) so t
 data pipeline reads them, plus a `reasoning` field: a short worked answer ending in
 \\boxed{} for the supervised warm start. Deterministic by seed.
 
+The worked answers come from a noisy teacher: with probability `teacher_noise` the teacher
+misperceives (a count off by one, another colour) and its reasoning and boxed answer are
+wrong, while `answer` stays right. A policy fitted to those demonstrations spreads its
+probability over near-miss answers, as a VLM warm-started on imperfect traces does; RL
+with the verifiable reward is what moves that mass onto the right answer.
+
     python -m vppo_jax.data.synthetic --out=data/synthetic --train=2000 --val=200 --seed=0
 """
 from __future__ import annotations
@@ -46,7 +52,7 @@ def draw_scene(objects: list[tuple[int, str, str]], size: int) -> Image.Image:
 
 
 def _question(rng: np.random.Generator, objects) -> tuple[str, str, str]:
-    """(problem, answer, reasoning) for one scene."""
+    """(problem, answer, reasoning) for one scene, answered correctly."""
     shapes = [shape for _, shape, _ in objects]
     colours = [colour for _, _, colour in objects]
     unique_shapes = [s for s in SHAPES if shapes.count(s) == 1]
@@ -69,20 +75,35 @@ def _question(rng: np.random.Generator, objects) -> tuple[str, str, str]:
     return f"How many {colour} {shape}s are there?", str(n), f"I count {n} {colour} {shape}{'' if n == 1 else 's'}."
 
 
-def generate_rows(count: int, seed: int, image_size: int = 84) -> list[dict]:
+def _misperceived(rng: np.random.Generator, answer: str, thought: str) -> tuple[str, str]:
+    """The teacher's wrong (answer, reasoning): a neighbouring count or another colour."""
+    if answer in COLORS:
+        wrong = [c for c in COLORS if c != answer][rng.integers(len(COLORS) - 1)]
+        return wrong, thought.replace(f"is {answer}.", f"is {wrong}.")
+    n = int(answer)
+    wrong = n + 1 if n == 0 or rng.random() < 0.5 else n - 1
+    plural = lambda k, noun: f"{k} {noun}{'' if k == 1 else 's'}"
+    noun = thought.removeprefix(f"I count {n} ").removesuffix(".").removesuffix("s")
+    return str(wrong), f"I count {plural(wrong, noun)}."
+
+
+def generate_rows(count: int, seed: int, image_size: int = 84, teacher_noise: float = 0.0) -> list[dict]:
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(count):
         cells = rng.choice(GRID * GRID, size=rng.integers(1, 6), replace=False)
         objects = [(int(c), SHAPES[rng.integers(len(SHAPES))], list(COLORS)[rng.integers(len(COLORS))]) for c in cells]
         problem, answer, thought = _question(rng, objects)
+        taught = answer
+        if rng.random() < teacher_noise:
+            taught, thought = _misperceived(rng, answer, thought)
         buffer = io.BytesIO()
         draw_scene(objects, image_size).save(buffer, format="PNG")
         rows.append({
             "problem": problem,
             "answer": answer,
             "images": [{"bytes": buffer.getvalue(), "path": None}],
-            "reasoning": f"<think> {thought} </think> \\boxed{{{answer}}}",
+            "reasoning": f"<think> {thought} </think> \\boxed{{{taught}}}",
         })
     return rows
 
@@ -96,11 +117,12 @@ def split_paths(directory: str) -> dict[str, str]:
     return {split: os.path.join(directory, f"{split}.parquet") for split in ("train", "val")}
 
 
-def write_splits(directory: str, train: int, val: int, seed: int, image_size: int = 84) -> dict[str, str]:
+def write_splits(directory: str, train: int, val: int, seed: int, image_size: int = 84,
+                 teacher_noise: float = 0.0) -> dict[str, str]:
     """Writes train.parquet and val.parquet (disjoint seeds) and returns their paths."""
     paths = split_paths(directory)
     for split, count, split_seed in (("train", train, seed), ("val", val, seed + 1_000_003)):
-        write_parquet(generate_rows(count, split_seed, image_size), paths[split])
+        write_parquet(generate_rows(count, split_seed, image_size, teacher_noise), paths[split])
     return paths
 
 
@@ -118,8 +140,9 @@ def main():
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--val", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacher_noise", type=float, default=0.0, help="share of wrong worked answers")
     args = parser.parse_args()
-    print(write_splits(args.out, args.train, args.val, args.seed))
+    print(write_splits(args.out, args.train, args.val, args.seed, teacher_noise=args.teacher_noise))
 
 
 if __name__ == "__main__":

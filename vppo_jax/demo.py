@@ -1,0 +1,146 @@
+"""The embedded default end to end: warm start, VPPO and GRPO runs of equal budget, a report.
+
+    python -m vppo_jax.demo --config=configs/tiny.py --workdir=runs/tiny
+
+1. the synthetic task, the tiny model and its supervised warm start (vppo_jax/embedded.py),
+   made once in workdir/embedded;
+2. the warm start's validation accuracy (cached in workdir/embedded/warm_start_eval.json);
+3. one training run per method in `config.demo.methods`, each in workdir/<method>: "vppo"
+   is the config as given, "grpo" the same recipe with algo.vppo=False (no token
+   dependency, no advantage shaping, no token filtering; same sampling, clipping, budget);
+4. token dependency of responses sampled from the first method's final policy;
+5. the report in workdir/report (vppo_jax/report.py).
+
+Every stage resumes: a killed demo, run again with the same flags, picks up where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pyarrow.parquet as pq
+from absl import app, flags, logging
+
+from vppo_jax.embedded import prepare_embedded_default
+from vppo_jax.metrics import METRICS_FILE, read_metrics
+from vppo_jax.report import DependencySample, write_report
+from vppo_jax.rewards import RewardPool
+from vppo_jax.rollout import sample_and_grade, update_arrays
+from vppo_jax.train import Trainer
+from vppo_jax.vppo import step as step_lib
+from vppo_jax.vppo.batch import build_train_batch
+
+METHODS = ("vppo", "grpo")
+
+
+def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+    if method not in METHODS:
+        raise ValueError(f"demo.methods holds {method!r}; choose from {METHODS}.")
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.algo.vppo = method == "vppo"
+    return config
+
+
+def warm_start_accuracy(trainer: Trainer, path: str) -> float:
+    """The trainer's validation metric before its first update, computed once and cached."""
+    metric = f"eval/avg@{trainer.config.eval.k}"
+    if os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if metric in cached:
+            return cached[metric]
+    if trainer.start_step:
+        raise ValueError(f"{path} is missing but {trainer.workdir} has already trained: the warm start's "
+                         "accuracy can no longer be measured there. Use a new --workdir.")
+    summary = trainer.evaluate(jax.random.key(trainer.config.train.seed))
+    with open(path, "w") as f:
+        json.dump(summary, f)
+    return summary[metric]
+
+
+def accuracy_curve(workdir: str, metric: str) -> list[tuple[int, float]]:
+    """(RL steps done, validation metric) at every evaluation of a run."""
+    lines = read_metrics(os.path.join(workdir, METRICS_FILE))
+    return [(line["step"] + 1, line[metric]) for line in lines if line.get(metric) is not None]
+
+
+def dependency_samples(trainer: Trainer, count: int, key: jax.Array) -> list[DependencySample]:
+    """Responses sampled from the trainer's current policy for its first `count` validation
+    problems, each token with its visual dependency under the VPPO estimator of the config."""
+    config, policy = trainer.config, trainer.current_policy()
+    prompts = trainer.val_prompts[:count]
+    sample_key, score_key = jax.random.split(key)
+    keys = jax.random.split(sample_key, len(prompts) * trainer.sampling.group_size)
+    with RewardPool(1) as pool:
+        grade = lambda texts, answers: pool.score_responses(texts, answers, config.reward.name, config.reward.timeout_s)
+        groups, _ = sample_and_grade(policy, prompts, keys, trainer.sampling, grade,
+                                     policy.model.config.image_token_id)
+    arrays = update_arrays(groups)
+    batch = build_train_batch(
+        policy.model.config, arrays["input_ids"], arrays["attention_mask"], arrays["response_tokens"],
+        np.zeros(len(groups.texts), np.float32), arrays.get("pixel_values"), arrays.get("image_grid_thw"),
+    )
+    # Scored as VPPO would score them, whichever method trained the policy.
+    score = step_lib.make_score_rollouts(dataclasses.replace(trainer.step_config, vppo=True), trainer.graphdef)
+    scored = score(trainer.state.params, batch, score_key)
+    targets, mask = np.asarray(batch.targets[0]), np.asarray(batch.response_mask[0])
+    dependency = np.asarray(scored.dependency[0])
+    rows = _validation_rows(config)
+    samples = []
+    for r in range(len(groups.texts)):
+        prompt = groups.prompts[r // groups.group_size]
+        row = rows[prompt.index]
+        samples.append(DependencySample(
+            problem=row[config.data.problem_key], answer=prompt.answer,
+            image_png=row[config.data.images_key][0]["bytes"] if row[config.data.images_key] else None,
+            tokens=[policy.tokenizer.decode([int(t)]) for t in targets[r][mask[r]]],
+            dependency=dependency[r][mask[r]], reward=float(groups.rewards[r]),
+        ))
+    return samples
+
+
+def _validation_rows(config) -> list[dict]:
+    d = config.data
+    return [row for f in d.val_files for row in pq.read_table(f, columns=[d.problem_key, d.images_key]).to_pylist()]
+
+
+def run_demo(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Runs the stages of the module docstring; returns the path of the report's markdown."""
+    start = time.perf_counter()
+    if "demo" not in config:
+        raise ValueError("the config has no `demo` section (methods, report_prompts): use configs/tiny.py.")
+    config = prepare_embedded_default(config, workdir)
+    metric = f"eval/avg@{config.eval.k}"
+    trainers, warm_start = {}, None
+    for method in config.demo.methods:
+        trainer = Trainer(method_config(config, method), os.path.join(workdir, method))
+        if warm_start is None:
+            warm_start = warm_start_accuracy(trainer, os.path.join(workdir, "embedded", "warm_start_eval.json"))
+            print(f"warm start: {metric} = {100 * warm_start:.1f}%")
+        print(f"training {method} in {trainer.workdir}")
+        trainer.train()
+        trainers[method] = trainer
+    curves = {method: accuracy_curve(trainer.workdir, metric) for method, trainer in trainers.items()}
+    first = trainers[config.demo.methods[0]]
+    samples = dependency_samples(first, config.demo.report_prompts, jax.random.key(config.train.seed + 1))
+    path = write_report(os.path.join(workdir, "report"), curves, warm_start, metric.removeprefix("eval/"), samples,
+                        time.perf_counter() - start)
+    print(open(path).read().split("\n![")[0])
+    return path
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    # --config and --workdir are the trainer's flags (defined when vppo_jax.train is imported).
+    print(f"report: {run_demo(flags.FLAGS.config, flags.FLAGS.workdir)}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
