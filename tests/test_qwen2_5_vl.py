@@ -77,6 +77,21 @@ def test_merged_vision_features_match(hf_model, port):
     assert np.abs(ours_in_hf_order - reference).max() <= 1e-5
 
 
+def test_full_attention_reads_only_its_frames_windows(hf_model, port):
+    """A 1-window frame, then a 3-window frame that ends the batch: the second frame's
+    look-ahead (4 windows) runs past the last window, whose clipped index must not count that
+    window twice; and neither frame may see the other."""
+    batch = processor_batch([(text_ids(3, 9), [(112, 112)]), (text_ids(4, 6), [(112, 336)])])
+    inputs = prepare_inputs(port.config, **batch)
+    assert inputs.vision.frame_windows == 4 and inputs.vision.slot_valid.size // 64 == 4
+    with torch.no_grad():
+        reference = torch.cat(hf_model.model.get_image_features(
+            torch.from_numpy(batch["pixel_values"]), torch.from_numpy(batch["image_grid_thw"])
+        ).pooler_output).numpy()
+    ours = np.asarray(port.visual(inputs.vision))[inputs.image_token_slot[batch["input_ids"] == port.config.image_token_id]]
+    assert np.abs(ours - reference).max() <= 1e-5
+
+
 def test_mrope_position_ids_match(hf_model, port):
     batch = processor_batch(BATCH_OF_THREE + TWO_IMAGES + UNEVEN_WINDOWS)
     torch_batch = {k: torch.from_numpy(v) for k, v in batch.items() if k != "pixel_values"}

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
-from vppo_jax.models.qwen2_5_vl.inputs import count_windows, prepare_inputs
+from vppo_jax.models.qwen2_5_vl.inputs import count_windows, largest_frame_windows, prepare_inputs
 from vppo_jax.vppo.step import TrainBatch
 
 
@@ -59,11 +59,13 @@ def build_train_batch(
     else:
         parts = [(None, None)] * micro_batches
 
-    # One window bucket for all micro-batches, so their vision inputs stack.
-    windows = max((count_windows(config.vision, grid) for _, grid in parts if grid is not None), default=1)
+    # One window layout for all micro-batches, so their vision inputs stack.
+    grids = [grid for _, grid in parts if grid is not None]
+    windows = max((count_windows(config.vision, grid) for grid in grids), default=1)
+    frame_windows = max((largest_frame_windows(config.vision, grid) for grid in grids), default=1)
     inputs = [
         prepare_inputs(config, input_ids[m * rows:(m + 1) * rows], attention_mask[m * rows:(m + 1) * rows],
-                       pixels, grid, min_windows=windows)
+                       pixels, grid, min_windows=windows, min_frame_windows=frame_windows)
         for m, (pixels, grid) in enumerate(parts)
     ]
     stacked_inputs = jax.tree.map(lambda *leaves: np.stack(leaves), *inputs)

@@ -7,7 +7,9 @@ needs static shapes, so here (in NumPy, on the host) we compute:
 * the vision *slot layout*: patches rearranged into attention windows of
   `window_units**2` merge units (each unit = 2 x 2 patches), every window padded to full
   size and the number of windows padded to a bucket. Window attention becomes attention
-  inside fixed-size blocks; full attention uses a per-frame segment id. HF instead permutes
+  inside fixed-size blocks; full attention uses a per-frame segment id and, since a frame's
+  windows are consecutive, looks only `frame_windows` windows ahead of the frame's first
+  (the largest frame's window count, bucketed: a static field). HF instead permutes
   the real patches into window order with variable-length windows; the two give the same
   result because padding slots are masked out.
 * for every image token in the text, the slot of the merge unit whose feature it receives
@@ -62,6 +64,8 @@ class VisionInputs:
     slot_valid: jax.Array  # (S,) bool
     segment_ids: jax.Array  # (S,) int32: frame number for full attention, -1 when empty
     rotary_hw: jax.Array  # (S, 2) int32: patch row and column inside its frame
+    # Static: windows of the batch's largest frame, bucketed (0: all windows of the batch).
+    frame_windows: int = flax.struct.field(pytree_node=False, default=0)
 
 
 @flax.struct.dataclass
@@ -103,16 +107,29 @@ def _windowed_slots(vcfg: VisionConfig, grid_thw: np.ndarray) -> tuple[np.ndarra
     return np.concatenate(sources), np.concatenate(frames), np.concatenate(positions)
 
 
+def _frame_windows(vcfg: VisionConfig, grid_thw: np.ndarray) -> list[int]:
+    """Attention windows of each frame of `grid_thw`, in order."""
+    m, wu = vcfg.spatial_merge_size, vcfg.window_units
+    return [-(-(h // m) // wu) * -(-(w // m) // wu) for t, h, w in np.asarray(grid_thw).reshape(-1, 3).tolist()
+            for _ in range(t)]
+
+
 def count_windows(vcfg: VisionConfig, grid_thw: np.ndarray) -> int:
     """Attention windows the images of `grid_thw` fill, before bucketing."""
-    m, wu = vcfg.spatial_merge_size, vcfg.window_units
-    return sum(t * -(-(h // m) // wu) * -(-(w // m) // wu) for t, h, w in np.asarray(grid_thw).reshape(-1, 3).tolist())
+    return sum(_frame_windows(vcfg, grid_thw))
+
+
+def largest_frame_windows(vcfg: VisionConfig, grid_thw: np.ndarray) -> int:
+    """Attention windows of the largest frame of `grid_thw`, before bucketing."""
+    return max(_frame_windows(vcfg, grid_thw), default=1)
 
 
 def vision_inputs(
-    vcfg: VisionConfig, pixel_values: np.ndarray, grid_thw: np.ndarray, min_windows: int = 1
+    vcfg: VisionConfig, pixel_values: np.ndarray, grid_thw: np.ndarray, min_windows: int = 1,
+    min_frame_windows: int = 1,
 ) -> tuple[VisionInputs, np.ndarray]:
-    """Slot layout of all images of a batch, padded to a bucket of windows.
+    """Slot layout of all images of a batch, padded to a bucket of windows. The minimums let
+    several batches share one layout shape (micro-batches stack).
 
     Returns the inputs and, for each merged feature in HF order (image by image, units
     row-major), the index of its unit slot.
@@ -144,6 +161,7 @@ def vision_inputs(
         slot_valid=source >= 0,
         segment_ids=frame.astype(np.int32),
         rotary_hw=hw.astype(np.int32),
+        frame_windows=min(bucket(largest_frame_windows(vcfg, grid_thw), min_frame_windows), num_windows),
     )
     return inputs, unit_slot
 
@@ -201,6 +219,7 @@ def prepare_inputs(
     image_grid_thw=None,
     mm_token_type_ids=None,
     min_windows: int = 1,
+    min_frame_windows: int = 1,
 ) -> ModelInputs:
     """Turns the arrays an HF processor returns into static-shape `ModelInputs` (NumPy)."""
     input_ids = np.asarray(input_ids)
@@ -217,7 +236,9 @@ def prepare_inputs(
     vision, image_token_slot = None, np.zeros(input_ids.shape, np.int32)
     if pixel_values is not None:
         vcfg = config.vision
-        vision, unit_slot = vision_inputs(vcfg, np.asarray(pixel_values), np.asarray(image_grid_thw), min_windows)
+        vision, unit_slot = vision_inputs(
+            vcfg, np.asarray(pixel_values), np.asarray(image_grid_thw), min_windows, min_frame_windows
+        )
         if n_image_tokens != len(unit_slot):
             raise ValueError(
                 f"The text holds {n_image_tokens} image tokens but the images give {len(unit_slot)} "

@@ -2,7 +2,8 @@
 
 It runs on the slot layout of `inputs.vision_inputs`: S patch slots grouped in windows of
 `window_units**2 * 4` slots. Window layers attend inside a window; the layers listed in
-`fullatt_block_indexes` attend over the whole frame (same segment id).
+`fullatt_block_indexes` attend over the whole frame (same segment id), reading only the
+windows of that frame.
 """
 from __future__ import annotations
 
@@ -45,14 +46,24 @@ class VisionAttention(nnx.Module):
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(x.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(x.dtype)
 
+        windows = slots // self.window_slots
+        blocks = lambda a: jnp.asarray(a).reshape(windows, self.window_slots, *a.shape[1:])
+
         def full_attention():
-            seg = vision.segment_ids
-            mask = (seg[:, None] == seg[None, :]) & vision.slot_valid[None, :]
-            return attention(q, k, v, mask)
+            # A frame fills consecutive windows, so each query window attends over the `span`
+            # windows from its frame's first: the cost grows with frame size, not batch size.
+            span = vision.frame_windows or windows
+            frame = blocks(vision.segment_ids).max(axis=1)  # -1 for padding windows
+            frame = jnp.where(frame < 0, windows, frame)  # padding sorts last, the rest is ascending
+            ahead = jnp.searchsorted(frame, frame, side="left")[:, None] + jnp.arange(span)  # (windows, span)
+            gather = lambda a: blocks(a)[jnp.minimum(ahead, windows - 1)].reshape(windows, -1, *a.shape[1:])
+            # Past the last window, the clipped index repeats a window: masked, not counted twice.
+            in_range = jnp.repeat(ahead < windows, self.window_slots, axis=1)
+            mask = ((blocks(vision.segment_ids)[:, :, None] == gather(vision.segment_ids)[:, None, :])
+                    & (gather(vision.slot_valid) & in_range)[:, None, :])
+            return attention(blocks(q), gather(k), gather(v), mask).reshape(slots, -1)
 
         def window_attention():
-            windows = slots // self.window_slots
-            blocks = lambda a: a.reshape(windows, self.window_slots, *a.shape[1:])
             valid = blocks(vision.slot_valid)
             mask = jnp.broadcast_to(valid[:, None, :], (windows, self.window_slots, self.window_slots))
             return attention(blocks(q), blocks(k), blocks(v), mask).reshape(slots, -1)
