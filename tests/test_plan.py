@@ -1,0 +1,66 @@
+"""The planner on the tiny config: per-device figures against sizes computed here, the verdict, bad meshes."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+from flax import nnx
+
+from vppo_jax.models.qwen2_5_vl import abstract_model
+from vppo_jax.plan import model_config
+from vppo_jax.sharding import tree_paths
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_plan(*flags: str) -> subprocess.CompletedProcess:
+    # The planner makes its own fake devices: the test process's XLA_FLAGS must not leak in.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, "-m", "vppo_jax.plan", "--config=configs/tiny.py", *flags], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_tiny_plan_on_four_devices(tmp_path):
+    out = run_plan("--topology=cpu-4", "--mesh=1,4,1", "--device_memory_gib=0.1", f"--json={tmp_path / 'plan.json'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+
+    # Parameters: every matrix of the tiny model splits 4 ways on its model dim; norms and
+    # some biases stay whole. So a quarter of the matrices plus at most all the vectors.
+    state = nnx.split(abstract_model(model_config("tiny", "", "float32")), nnx.Param)[1]
+    stacked = lambda path: path.startswith(("language_model/layers/", "visual/blocks/"))
+    sizes = [(math.prod(p.shape) * 4, p.ndim - stacked(path))
+             for path, p in zip(jax.tree.leaves(tree_paths(state)), jax.tree.leaves(state))]
+    matrices = sum(size for size, ndim in sizes if ndim == 2)
+    vectors = sum(size for size, ndim in sizes if ndim == 1)
+    assert matrices / 4 <= plan["params"] <= matrices / 4 + vectors
+    assert plan["opt_state"] == 2 * plan["params"] + 8  # Adam's two moments; int32 step counts of Adam and the schedule
+
+    phases = {p["name"]: p for p in plan["phases"]}
+    assert set(phases) == {"update step", "rollout prefill", "rollout decode"}  # one update per rollout: no scoring
+    # The decode loop takes the parameters and the KV cache (2 layers x keys and values, fp32,
+    # 8 prompts x 4 samples over 4 devices, 2 kv heads x 32 dims, prompt 64 + 32 new slots).
+    cache = 2 * 2 * (8 * 4 // 4) * 2 * 32 * (64 + 32) * 4
+    assert phases["rollout decode"]["arguments"] >= plan["params"] + cache
+    assert phases["rollout decode"]["aliased"] >= cache  # the donated cache is updated in place
+    # The update takes the train state and gives it back in place (donated).
+    assert phases["update step"]["aliased"] >= plan["params"] + plan["opt_state"]
+    for phase in phases.values():
+        assert phase["temporaries"] > 0 and phase["compile_s"] > 0
+        assert phase["total"] == (phase["arguments"] + phase["outputs"] - phase["aliased"] + phase["temporaries"]
+                                  + phase["resident"])
+
+    assert not plan["fits"] and plan["peak"] > 0.1 * 2**30
+    assert "verdict: does NOT fit in 0.1 GiB per device" in out.stdout and "to fit:" in out.stdout
+    assert "fits per device on (v5p 95 GiB: yes, v4 32 GiB: yes, h100 80 GiB: yes)" in out.stdout
+    assert "| update step |" in out.stdout
+
+
+def test_a_mesh_that_does_not_cover_the_topology_is_refused():
+    out = run_plan("--topology=v5p-8", "--mesh=1,3,1")
+    assert out.returncode != 0
+    assert "mesh {'data': 1, 'fsdp': 3, 'tensor': 1} uses 3 of the 4 devices of v5p-8" in out.stderr
+    out = run_plan("--topology=v6e-9")
+    assert out.returncode != 0 and "--topology='v6e-9': choose one of" in out.stderr

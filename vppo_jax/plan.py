@@ -1,0 +1,316 @@
+"""Will a recipe fit? Per-device memory of the compiled train step and sampler, before launch.
+
+    python -m vppo_jax.plan --config=configs/vppo_7b.py --model=7b --topology=v5p-32 [--mesh=1,-1,1]
+
+Nothing is allocated: the real train step (and the rollout scoring, when the recipe uses it),
+the sampler's prefill and decode loop are lowered and compiled for the recipe's shapes with
+abstract arrays on as many fake CPU devices as the topology has chips, on the recipe's mesh
+(or --mesh=data,fsdp,tensor). Printed per device: parameters and optimizer state (from
+their shardings) and each program's arguments, outputs and temporaries (XLA's memory
+analysis), then the peak against the device's memory and a verdict.
+
+What is assumed (state of the code, not of the hardware):
+- the optimizer state stays on the devices while sampling, so every phase adds it;
+- one image per prompt at the recipe's largest image (data.max_pixels, as a square), the
+  longest prompt bucket and max_new_tokens for every row: the worst case of a step;
+- XLA:CPU compiles the program, not the TPU/GPU compiler: fusion, rematerialisation and
+  buffer reuse differ there, so temporaries are an estimate (same order, not the byte).
+Topologies: a TPU name counts TensorCores, JAX sees one device per chip (v4, v5p megacore),
+so v5p-8 = 4 devices, v5p-32 = 16, v4-64 = 32; 8xh100 = 8 GPUs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+GIB = 1 << 30
+# Memory per device (GiB) and devices per topology.
+DEVICE_MEMORY_GIB = {"v5p": 95, "v4": 32, "h100": 80}
+TOPOLOGIES = {"v5p-8": ("v5p", 4), "v5p-32": ("v5p", 16), "v4-64": ("v4", 32), "8xh100": ("h100", 8)}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+_MODEL = flags.DEFINE_string("model", "", "7b, 32b, tiny (the embedded default's architecture) or an HF/converted "
+                             "model directory. Default: the config's model.path, tiny when empty.")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", f"One of {sorted(TOPOLOGIES)}, or cpu-N (N devices).")
+_MESH = flags.DEFINE_string("mesh", "", "data,fsdp,tensor sizes (one may be -1). Default: the config's mesh.")
+_DEVICE_MEMORY = flags.DEFINE_float("device_memory_gib", 0.0, "Memory per device; default: the topology's.")
+_JSON = flags.DEFINE_string("json", "", "Also write the figures (bytes per device) to this JSON file.")
+
+
+def topology(name: str) -> tuple[int, float]:
+    """(devices, GiB per device) of a topology name."""
+    if name in TOPOLOGIES:
+        kind, devices = TOPOLOGIES[name]
+        return devices, DEVICE_MEMORY_GIB[kind]
+    if name.startswith("cpu-") and name[4:].isdigit():
+        return int(name[4:]), 0.0
+    raise ValueError(f"--topology={name!r}: choose one of {sorted(TOPOLOGIES)} or cpu-N.")
+
+
+def model_config(name: str, config_path: str, dtype: str):
+    """A Qwen2.5-VL config by size name (known sizes, no download), the tiny default's, or a directory's."""
+    from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, TextConfig, VisionConfig
+
+    name = name or config_path or "tiny"
+    sizes = {"7b": (3584, 28, 28, 4, 18944), "32b": (5120, 64, 40, 8, 27648)}
+    if name.lower() in sizes:
+        hidden, layers, heads, kv_heads, mlp = sizes[name.lower()]
+        return Qwen2_5_VLConfig(
+            vision=VisionConfig(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                out_hidden_size=hidden, fullatt_block_indexes=(7, 15, 23, 31)),
+            text=TextConfig(vocab_size=152064, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                            num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=1e-6,
+                            rope_theta=1e6, mrope_section=(16, 24, 24)),
+            tie_word_embeddings=False,
+        ).with_dtypes(dtype)
+    if name == "tiny":
+        from vppo_jax import tiny
+
+        class Ids:  # the tiny tokenizer numbers its special tokens from 0 in SPECIAL_TOKENS order
+            get_vocab_size = staticmethod(lambda: tiny.VOCAB_SIZE)
+            token_to_id = staticmethod(tiny.SPECIAL_TOKENS.index)
+
+        return tiny.tiny_config(Ids()).with_dtypes(dtype)
+    from vppo_jax.models.qwen2_5_vl.hf_io import read_config
+
+    config_dir = os.path.join(name, "hf") if os.path.isdir(os.path.join(name, "hf")) else name
+    return read_config(config_dir)[0].with_dtypes(dtype)
+
+
+def image_grid(config, max_pixels: int) -> tuple[int, int, int]:
+    """(t, h, w) patches of the largest square image within the budget (112 px without one)."""
+    unit = config.vision.patch_size * config.vision.spatial_merge_size
+    side = max(1, math.isqrt(max_pixels) // unit) if max_pixels else 112 // unit
+    return 1, side * config.vision.spatial_merge_size, side * config.vision.spatial_merge_size
+
+
+def abstract_batch(model_cfg, rows: int, length: int, grid, leading: tuple[int, ...] = ()):
+    """ModelInputs of ShapeDtypeStructs: `rows` sequences of `length` tokens, one image each."""
+    import jax
+    import numpy as np
+
+    from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, VisionInputs, bucket, count_windows
+
+    vcfg = model_cfg.vision
+    windows = bucket(count_windows(vcfg, np.array([grid] * rows)))
+    slots = windows * vcfg.window_units**2 * vcfg.merge_unit
+    shape = lambda *s, dtype: jax.ShapeDtypeStruct((*leading, *s), dtype)
+    return ModelInputs(
+        input_ids=shape(rows, length, dtype=np.int32), attention_mask=shape(rows, length, dtype=np.bool_),
+        position_ids=shape(3, rows, length, dtype=np.int32), image_token_slot=shape(rows, length, dtype=np.int32),
+        vision=VisionInputs(patches=shape(slots, vcfg.patch_dim, dtype=np.float32),
+                            slot_valid=shape(slots, dtype=np.bool_), segment_ids=shape(slots, dtype=np.int32),
+                            rotary_hw=shape(slots, 2, dtype=np.int32)),
+    )
+
+
+@dataclasses.dataclass
+class Phase:
+    name: str
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int  # XLA's peak of live temporaries (buffer assignment)
+    resident: int  # optimizer state held on the device besides (0 for the update, which takes it as an argument)
+    compile_s: float
+
+    @property
+    def program(self) -> int:
+        """Arguments + outputs (less the donated buffers they share) + temporaries."""
+        return self.arguments + self.outputs - self.aliased + self.temporaries
+
+    @property
+    def total(self) -> int:
+        return self.program + self.resident
+
+
+def compiled_phase(name: str, jitted, args, resident: int) -> Phase:
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    # (XLA:CPU's peak_memory_in_bytes comes out below its own temp size: not used.)
+    m = compiled.memory_analysis()
+    return Phase(name, m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
+                 m.temp_size_in_bytes, resident, seconds)
+
+
+def bytes_per_device(tree, shardings) -> int:
+    import jax
+
+    return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+               for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
+def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode")) -> dict:
+    """Per-device bytes of parameters, optimizer state and each compiled phase on `mesh`."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from vppo_jax import config as config_lib
+    from vppo_jax import sampling, sharding
+    from vppo_jax.models.qwen2_5_vl import abstract_model
+    from vppo_jax.models.qwen2_5_vl.inputs import length_bucket
+    from vppo_jax.vppo import step as step_lib
+
+    r, t, d = config.rollout, config.train, config.data
+    optimizer, step_config = config_lib.optimizer(config), config_lib.step_config(config)
+    model = abstract_model(model_cfg)
+    graphdef, params = nnx.split(model, nnx.Param)
+    state = jax.eval_shape(lambda p: step_lib.init_state(nnx.merge(graphdef, p), optimizer)[1], params)
+    state_shardings = sharding.train_state_shardings(mesh, optimizer, state)
+    sharded = lambda tree, shardings: jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+    state = sharded(state, state_shardings)
+    params_bytes = bytes_per_device(state.params, state_shardings.params)
+    opt_bytes = bytes_per_device(state.opt_state, state_shardings.opt_state)
+
+    grid = image_grid(model_cfg, d.max_pixels)
+    prompt_length = length_bucket(d.max_prompt_length, r.prompt_buckets[0])
+    rows = r.prompts_per_step * r.group_size // t.updates_per_rollout // t.micro_batches
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+    results = []
+
+    # The update on one micro-batched slice of the rollout batch, as the trainer runs it.
+    inputs = abstract_batch(model_cfg, rows, prompt_length + r.max_new_tokens, grid, leading=(t.micro_batches,))
+    per_row = lambda dtype: jax.ShapeDtypeStruct((t.micro_batches, rows, prompt_length + r.max_new_tokens), dtype)
+    batch = step_lib.TrainBatch(inputs=inputs, targets=per_row(np.int32), response_mask=per_row(np.bool_),
+                                advantages=jax.ShapeDtypeStruct((t.micro_batches, rows), np.float32))
+    precomputed = t.updates_per_rollout > 1 or t.micro_batches > 1
+    if precomputed:  # the trainer scores the rollouts first (pi_old, dependency)
+        batch_shardings = sharding.inputs_shardings(mesh, batch, leading=1)
+        scored = step_lib.scored_like(batch)
+        scored_shardings = sharding.inputs_shardings(mesh, scored, leading=1)
+        if "score" in phases:
+            jitted = step_lib.jit_score_rollouts(step_config, graphdef, mesh, state_shardings.params,
+                                                 batch_shardings, scored_shardings)
+            results.append(compiled_phase("score rollouts", jitted, (state.params, sharded(batch, batch_shardings),
+                                                                     key), opt_bytes))
+        batch = scored
+    batch_shardings = sharding.inputs_shardings(mesh, batch, leading=1)
+    if "update" in phases:
+        jitted = step_lib.jit_train_step(step_config, optimizer, graphdef, mesh, state_shardings, batch_shardings)
+        results.append(compiled_phase("update step", jitted, (state, sharded(batch, batch_shardings), key), 0))
+
+    # The sampler: every prompt of a round at once, G samples each.
+    prompts = -(-r.prompts_per_step // sharding.batch_shards(mesh)) * sharding.batch_shards(mesh)
+    inputs = abstract_batch(model_cfg, prompts, prompt_length, grid)
+    cache_length = prompt_length + r.max_new_tokens
+    in_shardings, prefill = sampling.compiled_prefill(graphdef, state.params, inputs, cache_length, r.group_size,
+                                                      mesh)
+    if "prefill" in phases:
+        results.append(compiled_phase("rollout prefill", prefill, sharded((state.params, inputs), in_shardings),
+                                      opt_bytes))
+    if "decode" in phases:
+        prefilled = jax.eval_shape(prefill, state.params, sharded(inputs, in_shardings[1]))
+        params = sampling.SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
+                                         top_p=r.top_p, group_size=r.group_size)
+        keys = jax.ShapeDtypeStruct((prompts * r.group_size,), key.dtype)
+        args = (state.params, prefilled.replace(cache=None), prefilled.cache, keys)
+        in_shardings, decode = sampling.compiled_decode(graphdef, *args, params, mesh)
+        results.append(compiled_phase("rollout decode", decode, sharded(args, in_shardings), opt_bytes))
+    return dict(params=params_bytes, opt_state=opt_bytes, phases=results, rows=rows, prompts=prompts,
+                length=prompt_length + r.max_new_tokens, grid=grid)
+
+
+def report(result: dict, mesh_shape: dict, devices: int, memory_gib: float) -> str:
+    gib = lambda b: f"{b / GIB:,.2f}"
+    lines = [
+        f"mesh {mesh_shape} on {devices} devices; update: {result['rows']} rows x {result['length']} tokens per "
+        f"micro-batch, sampler: {result['prompts']} prompts, image grid {result['grid']} per row",
+        f"parameters {gib(result['params'])} GiB, optimizer state {gib(result['opt_state'])} GiB per device",
+        "",
+        "| phase | arguments | outputs | aliased | temporaries | program | + optimizer state | total GiB | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in result["phases"]:
+        lines.append(f"| {p.name} | {gib(p.arguments)} | {gib(p.outputs)} | {gib(p.aliased)} | {gib(p.temporaries)} "
+                     f"| {gib(p.program)} | {gib(p.resident)} | {gib(p.total)} | {p.compile_s:.0f} |")
+    peak = max(p.total for p in result["phases"])
+    worst = max(result["phases"], key=lambda p: p.total)
+    lines.append("")
+    lines.append(f"peak per device: {gib(peak)} GiB ({worst.name})")
+    if memory_gib:
+        fits = peak <= memory_gib * GIB
+        lines.append(f"verdict: {'fits' if fits else 'does NOT fit'} in {memory_gib:g} GiB per device "
+                     f"({100 * peak / (memory_gib * GIB):.0f}% of it)")
+        if not fits:
+            lines.append("to fit: " + advice(result, memory_gib * GIB, mesh_shape))
+    others = ", ".join(f"{kind} {size} GiB: {'yes' if peak <= size * GIB else 'no'}"
+                       for kind, size in DEVICE_MEMORY_GIB.items())
+    lines.append(f"fits per device on ({others})")
+    return "\n".join(lines)
+
+
+def advice(result: dict, budget: float, mesh_shape: dict) -> str:
+    """What to change, from which term is too large."""
+    tips = []
+    state = result["params"] + result["opt_state"]
+    if state > budget / 2:
+        tips.append(f"parameters + optimizer state alone take {state / GIB:.1f} GiB: more devices on fsdp "
+                    f"(now {mesh_shape['fsdp']}) or tensor (now {mesh_shape['tensor']})")
+    phases = {p.name: p for p in result["phases"]}
+    update = phases.get("update step")
+    if update and update.total > budget:
+        tips.append(f"the update's temporaries are {update.temporaries / GIB:,.0f} GiB for {result['rows']} rows per "
+                    "micro-batch: more train.micro_batches or devices on data/fsdp (they scale with the rows per "
+                    "device; the vision tower's full-attention layers, dense over all patch slots of a micro-batch, "
+                    "grow with their square)")
+    rollout = [p for name, p in phases.items() if name.startswith("rollout") and p.total > budget]
+    if rollout:
+        tips.append("the sampler's " + " and ".join(f"{p.name.split()[1]} ({p.temporaries / GIB:,.0f} GiB temporaries, "
+                    f"{p.arguments / GIB:,.0f} GiB arguments)" for p in rollout)
+                    + ": fewer rollout.prompts_per_step per round, a smaller data.max_pixels, or more devices")
+    return "; ".join(tips) or "no single term dominates: more devices"
+
+
+def main(argv):
+    del argv
+    devices, memory_gib = topology(_TOPOLOGY.value)
+    memory_gib = _DEVICE_MEMORY.value or memory_gib
+    import jax
+
+    # Fake CPU devices, one per chip of the topology; possible only before JAX starts its backend.
+    os.environ["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                       if "force_host_platform_device_count" not in f)
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", devices)
+    if jax.device_count() != devices:
+        raise RuntimeError(f"wanted {devices} fake CPU devices, JAX has {jax.device_count()}: run the planner in a "
+                           "fresh process.")
+    from vppo_jax import sharding
+
+    config = _CONFIG.value
+    mesh_shape = dict(config.mesh)
+    if _MESH.value:
+        sizes = [int(s) for s in _MESH.value.split(",")]
+        if len(sizes) != 3:
+            raise ValueError(f"--mesh={_MESH.value!r}: give data,fsdp,tensor, e.g. 1,-1,1.")
+        mesh_shape = dict(zip(sharding.MESH_AXES, sizes))
+    mesh = sharding.make_mesh(mesh_shape)
+    if mesh.size != devices:
+        raise ValueError(f"mesh {mesh_shape} uses {mesh.size} of the {devices} devices of {_TOPOLOGY.value}: give "
+                         "--mesh=data,fsdp,tensor with a product of the device count (one size may be -1).")
+    mesh_shape = dict(mesh.shape)
+    model_cfg = model_config(_MODEL.value, config.model.path, config.model.dtype)
+    print(f"planning {_MODEL.value or config.model.path or 'tiny'} ({model_cfg.param_dtype}) on {_TOPOLOGY.value}",
+          flush=True)
+    result = plan(config, model_cfg, mesh)
+    print(report(result, mesh_shape, devices, memory_gib))
+    if _JSON.value:
+        peak = max(p.total for p in result["phases"])
+        with open(_JSON.value, "w") as f:
+            json.dump(dict(result, phases=[dataclasses.asdict(p) | {"total": p.total} for p in result["phases"]],
+                           mesh=mesh_shape, topology=_TOPOLOGY.value, device_memory_gib=memory_gib, peak=peak,
+                           fits=bool(memory_gib) and peak <= memory_gib * GIB), f, indent=1)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
