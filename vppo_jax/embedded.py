@@ -31,7 +31,8 @@ def prepare_embedded_default(config: ml_collections.ConfigDict, workdir: str) ->
     if s.warm_start_steps:
         warm_dir, model_dir = model_dir, os.path.join(assets, "warm_start")
         if not os.path.exists(model_dir):
-            warm_start(warm_dir, files["train"], model_dir, s.warm_start_steps, s.warm_start_batch, s.warm_start_lr)
+            warm_start(warm_dir, files["train"], model_dir, s.warm_start_steps, s.warm_start_batch, s.warm_start_lr,
+                       seed=config.train.seed)
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.path = config.model.path or model_dir
     if not config.data.train_files[0]:
