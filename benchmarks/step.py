@@ -14,6 +14,7 @@ import time
 import jax
 import numpy as np
 
+from vppo_jax import sharding
 from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, TextConfig, VisionConfig, init_model
 from vppo_jax.vppo import step as step_lib
 from vppo_jax.vppo.batch import build_train_batch
@@ -58,7 +59,10 @@ def compiled_step(vppo: bool, model_config, batch, group: int):
     optimizer = step_lib.make_optimizer(1e-6)
     graphdef, state = step_lib.init_state(init_model(model_config), optimizer)
     start = time.perf_counter()
-    compiled = step_lib.make_train_step(config, optimizer, graphdef).lower(state, batch, jax.random.key(0)).compile()
+    mesh = sharding.single_device_mesh()
+    jitted = step_lib.jit_train_step(config, optimizer, graphdef, mesh, sharding.train_state_shardings(
+        mesh, optimizer, state), sharding.inputs_shardings(mesh, batch, leading=1))
+    compiled = jitted.lower(state, batch, jax.random.key(0)).compile()
     return compiled, state, time.perf_counter() - start
 
 

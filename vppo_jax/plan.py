@@ -259,9 +259,9 @@ def advice(result: dict, budget: float, mesh_shape: dict) -> str:
     update = phases.get("update step")
     if update and update.total > budget:
         tips.append(f"the update's temporaries are {update.temporaries / GIB:,.0f} GiB for {result['rows']} rows per "
-                    "micro-batch: more train.micro_batches or devices on data/fsdp (they scale with the rows per "
-                    "device; the vision tower's full-attention layers, dense over all patch slots of a micro-batch, "
-                    "grow with their square)")
+                    "micro-batch: more train.micro_batches or devices on data/fsdp (down to one row per device), "
+                    "a smaller data.max_pixels (the vision tower's full-attention layers are dense over all patch "
+                    "slots of a micro-batch: their cost grows with its square), shorter sequences")
     rollout = [p for name, p in phases.items() if name.startswith("rollout") and p.total > budget]
     if rollout:
         tips.append("the sampler's " + " and ".join(f"{p.name.split()[1]} ({p.temporaries / GIB:,.0f} GiB temporaries, "
