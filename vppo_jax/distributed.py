@@ -18,30 +18,24 @@ import pickle
 
 import jax
 import numpy as np
-from absl import flags
-
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", "", "host:port of process 0, for a multi-process run off TPU (with --num_processes, "
-    "--process_id). Empty: automatic on a Cloud TPU VM, else one process.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in [0, num_processes).")
 
 CHUNK_BYTES = 64 << 20  # host data crosses the devices in pieces of this size per process
 
 
-def initialize():
-    """Starts jax.distributed from the flags (or on a TPU VM); a single process does nothing.
+def initialize(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0):
+    """Starts jax.distributed with these settings (the trainer's flags of the same names), or
+    on its own on a TPU VM; a single process elsewhere does nothing.
 
     Call it before anything touches a device.
     """
-    if _COORDINATOR.value:
-        if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
-            raise ValueError(f"--process_id={_PROCESS_ID.value} must be in [0, --num_processes={_NUM_PROCESSES.value}).")
+    if coordinator_address:
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes}).")
         # CPU processes reach each other's devices through gloo (jax's CPU default now; explicit
         # so that a changed default cannot leave a CPU run without cross-process collectives).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    elif _NUM_PROCESSES.value > 1:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif num_processes > 1:
         raise ValueError("--num_processes > 1 needs --coordinator_address (host:port of process 0).")
     elif on_cloud_tpu():
         jax.distributed.initialize()  # workers, coordinator and ids from the TPU VM's metadata

@@ -34,13 +34,19 @@ GIB = 1 << 30
 DEVICE_MEMORY_GIB = {"v5p": 95, "v4": 32, "h100": 80}
 TOPOLOGIES = {"v5p-8": ("v5p", 4), "v5p-32": ("v5p", 16), "v4-64": ("v4", 32), "8xh100": ("h100", 8)}
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
-_MODEL = flags.DEFINE_string("model", "", "7b, 32b, tiny (the embedded default's architecture) or an HF/converted "
-                             "model directory. Default: the config's model.path, tiny when empty.")
-_TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", f"One of {sorted(TOPOLOGIES)}, or cpu-N (N devices).")
-_MESH = flags.DEFINE_string("mesh", "", "data,fsdp,tensor sizes (one may be -1). Default: the config's mesh.")
-_DEVICE_MEMORY = flags.DEFINE_float("device_memory_gib", 0.0, "Memory per device; default: the topology's.")
-_JSON = flags.DEFINE_string("json", "", "Also write the figures (bytes per device) to this JSON file.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command line (defined only when run as a program: the trainer has a --config too)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+    flags.DEFINE_string("model", "", "7b, 32b, tiny (the embedded default's architecture) or an HF/converted "
+                        "model directory. Default: the config's model.path, tiny when empty.")
+    flags.DEFINE_string("topology", "v5p-8", f"One of {sorted(TOPOLOGIES)}, or cpu-N (N devices).")
+    flags.DEFINE_string("mesh", "", "data,fsdp,tensor sizes (one may be -1). Default: the config's mesh.")
+    flags.DEFINE_float("device_memory_gib", 0.0, "Memory per device; default: the topology's.")
+    flags.DEFINE_string("json", "", "Also write the figures (bytes per device) to this JSON file.")
+    flags.mark_flags_as_required(["config"])
 
 
 def topology(name: str) -> tuple[int, float]:
@@ -272,8 +278,8 @@ def advice(result: dict, budget: float, mesh_shape: dict) -> str:
 
 def main(argv):
     del argv
-    devices, memory_gib = topology(_TOPOLOGY.value)
-    memory_gib = _DEVICE_MEMORY.value or memory_gib
+    devices, memory_gib = topology(FLAGS.topology)
+    memory_gib = FLAGS.device_memory_gib or memory_gib
     import jax
 
     # Fake CPU devices, one per chip of the topology; possible only before JAX starts its backend.
@@ -286,31 +292,31 @@ def main(argv):
                            "fresh process.")
     from vppo_jax import sharding
 
-    config = _CONFIG.value
+    config = FLAGS.config
     mesh_shape = dict(config.mesh)
-    if _MESH.value:
-        sizes = [int(s) for s in _MESH.value.split(",")]
+    if FLAGS.mesh:
+        sizes = [int(s) for s in FLAGS.mesh.split(",")]
         if len(sizes) != 3:
-            raise ValueError(f"--mesh={_MESH.value!r}: give data,fsdp,tensor, e.g. 1,-1,1.")
+            raise ValueError(f"--mesh={FLAGS.mesh!r}: give data,fsdp,tensor, e.g. 1,-1,1.")
         mesh_shape = dict(zip(sharding.MESH_AXES, sizes))
     mesh = sharding.make_mesh(mesh_shape)
     if mesh.size != devices:
-        raise ValueError(f"mesh {mesh_shape} uses {mesh.size} of the {devices} devices of {_TOPOLOGY.value}: give "
+        raise ValueError(f"mesh {mesh_shape} uses {mesh.size} of the {devices} devices of {FLAGS.topology}: give "
                          "--mesh=data,fsdp,tensor with a product of the device count (one size may be -1).")
     mesh_shape = dict(mesh.shape)
-    model_cfg = model_config(_MODEL.value, config.model.path, config.model.dtype)
-    print(f"planning {_MODEL.value or config.model.path or 'tiny'} ({model_cfg.param_dtype}) on {_TOPOLOGY.value}",
+    model_cfg = model_config(FLAGS.model, config.model.path, config.model.dtype)
+    print(f"planning {FLAGS.model or config.model.path or 'tiny'} ({model_cfg.param_dtype}) on {FLAGS.topology}",
           flush=True)
     result = plan(config, model_cfg, mesh)
     print(report(result, mesh_shape, devices, memory_gib))
-    if _JSON.value:
+    if FLAGS.json:
         peak = max(p.total for p in result["phases"])
-        with open(_JSON.value, "w") as f:
+        with open(FLAGS.json, "w") as f:
             json.dump(dict(result, phases=[dataclasses.asdict(p) | {"total": p.total} for p in result["phases"]],
-                           mesh=mesh_shape, topology=_TOPOLOGY.value, device_memory_gib=memory_gib, peak=peak,
+                           mesh=mesh_shape, topology=FLAGS.topology, device_memory_gib=memory_gib, peak=peak,
                            fits=bool(memory_gib) and peak <= memory_gib * GIB), f, indent=1)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
+    define_flags()
     app.run(main)

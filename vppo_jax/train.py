@@ -214,6 +214,10 @@ class Trainer:
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's config, metrics and checkpoints.")
+# Multi-process runs off TPU (vppo_jax/distributed.py); on a Cloud TPU pod JAX finds its workers itself.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 in a multi-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in [0, num_processes).")
 
 
 def check_batch_shapes(config: ml_collections.ConfigDict, mesh):
@@ -249,7 +253,7 @@ def _grade_in_shares(grade, responses: list[str], answers: list[str]):
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; the progress bar says enough
-    distributed.initialize()
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     # The embedded default's assets are made once, by process 0, before the others look for them.
     if jax.process_index() == 0:
         config = prepare_embedded_default(_CONFIG.value, _WORKDIR.value)
