@@ -1,5 +1,6 @@
 """The demo report: its numbers from hand-computed cases, its files readable."""
 import io
+import json
 import re
 
 import numpy as np
@@ -32,7 +33,10 @@ def test_write_report(tmp_path):
     assert "| warm start (SFT) | 0 | 30.0% |" in text
     assert "| vppo | 40 | 50.0% (+20.0) |" in text and "| grpo | 40 | 45.0% (+15.0) |" in text
     values = np.concatenate([s.dependency for s in samples])
-    assert f"hold {100 * top_share(values):.0f}% of the total" in text
+    assert f"hold {100 * top_share(values):.1f}% of the total" in text
+    numbers = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert numbers["final"] == {"vppo": 0.5, "grpo": 0.45} and numbers["warm_start"] == 0.3
+    assert numbers["top_share"] == top_share(values)
     for name in ("accuracy.png", "token_dependency.png", "trajectory_dependency.png"):
         with Image.open(tmp_path / "report" / name) as figure:
             assert figure.size[0] > 300

@@ -4,6 +4,7 @@
 
 writes into `directory`:
   report.md            the numbers, and the figures inline
+  report.json          the same numbers, for scripts that compare runs or seeds
   accuracy.png         validation accuracy per RL step, one line per method, step 0 = warm start
   token_dependency.png histogram of per-token dependency S_t (the paper's Figure 3)
   trajectory_dependency.png  distribution of per-response mean dependency (the paper's Figure 4)
@@ -16,6 +17,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+import json
 import os
 
 import numpy as np
@@ -67,7 +69,7 @@ def plot_token_dependency(values: np.ndarray, path: str):
     axes.set_yscale("log")
     share = top_share(values)
     axes.set(xlabel="token visual dependency S_t", ylabel="tokens (log scale)",
-             title=f"Token dependency: top {TOP_FRACTION:.0%} of tokens hold {share:.0%} of the total")
+             title=f"Token dependency: top {TOP_FRACTION:.0%} of tokens hold {share:.1%} of the total")
     figure.savefig(path, dpi=120)
 
 
@@ -135,7 +137,7 @@ def summary_markdown(curves: dict[str, list[tuple[int, float]]], warm_start: flo
     lines += [
         "",
         f"Token dependency over {len(token_values)} sampled response tokens: the top "
-        f"{TOP_FRACTION:.0%} of tokens hold {100 * top_share(token_values):.0f}% of the total; median "
+        f"{TOP_FRACTION:.0%} of tokens hold {100 * top_share(token_values):.1f}% of the total; median "
         f"{np.median(token_values):.3g}, mean {np.mean(token_values):.3g}. Trajectory dependency over "
         f"{len(trajectory_values)} responses: mean {np.mean(trajectory_values):.3g}, "
         f"std {np.std(trajectory_values):.3g}.",
@@ -162,6 +164,15 @@ def write_report(directory: str, curves: dict[str, list[tuple[int, float]]], war
     plot_token_dependency(token_values, os.path.join(directory, "token_dependency.png"))
     plot_trajectory_dependency(trajectory_values, os.path.join(directory, "trajectory_dependency.png"))
     tokens_html(samples, os.path.join(directory, "tokens.html"))
+    numbers = {
+        "metric": metric, "warm_start": warm_start, "curves": curves,
+        "final": {name: sorted(points)[-1][1] for name, points in curves.items() if points},
+        "top_share": top_share(token_values), "top_fraction": TOP_FRACTION,
+        "token_dependency_median": float(np.median(token_values)), "tokens": len(token_values),
+        "trajectory_dependency_mean": float(np.mean(trajectory_values)), "wall_seconds": wall_seconds,
+    }
+    with open(os.path.join(directory, "report.json"), "w") as f:
+        json.dump(numbers, f, indent=1)
     path = os.path.join(directory, "report.md")
     with open(path, "w") as f:
         f.write(summary_markdown(curves, warm_start, metric, token_values, trajectory_values, wall_seconds))
