@@ -1,11 +1,17 @@
 """The embedded default: a tiny random Qwen2.5-VL on the synthetic shapes task, on a CPU.
 
-    python -m vppo_jax.train --config=configs/tiny.py --workdir=runs/tiny
+    python -m vppo_jax.demo --config=configs/tiny.py --workdir=runs/tiny    # warm start, VPPO vs GRPO, report
+    python -m vppo_jax.train --config=configs/tiny.py --workdir=runs/tiny_vppo  # the VPPO run alone
 
-With model.path and data.train_files empty, the trainer writes the synthetic task
-(vppo_jax/data/synthetic.py), a tiny model with its tokenizer (vppo_jax/tiny.py) and its
-supervised warm start (vppo_jax/warm_start.py) into workdir/embedded once, then runs RL
-from the warm start. Same code path as the 7B recipe.
+With model.path and data.train_files empty, the synthetic task (vppo_jax/data/synthetic.py),
+a tiny model with its tokenizer (vppo_jax/tiny.py) and its supervised warm start
+(vppo_jax/warm_start.py) are written into workdir/embedded once; RL starts from the warm
+start, on the same code path as the 7B recipe. How the RL settings were chosen (VPPO runs,
+seed 0): on a warm start from a noiseless teacher, lr 1e-4 (20 steps, 8 x 4) and 3e-4 (60
+steps) left validation accuracy flat and 5e-4 (60 steps, 8 x 8) gained about 6 points; lr
+1e-3 without warmup collapsed the policy after its first Adam step (a sign-like update of
+every weight). With the noisy teacher, lr 1e-3 after 10 warmup steps and 8 x 8 samples
+gains 18 points in 80 steps.
 """
 import ml_collections
 
