@@ -25,7 +25,7 @@ def write_config(directory) -> str:
         "def get_config(arg=''):",
         "    c = tiny.get_config('test')",
         f"    c.model.path, c.data.train_files, c.data.val_files = {model!r}, ({files['train']!r},), ({files['val']!r},)",
-        "    c.train.steps, c.checkpoint.every_steps = 2, 1",
+        "    c.train.steps, c.checkpoint.every_steps, c.eval.every_steps = 2, 1, 2",
         "    c.algo.online_filter = False  # a random policy scores 0: keep every group so the loss is not empty",
         "    c.mesh.data = -1  # all devices: 4 in both runs",
         "    return c",

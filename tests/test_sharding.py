@@ -4,7 +4,7 @@ The reference is the one-device run (no sharding at all); each mesh (data, fsdp,
 must give the same forward logits, the same greedy tokens and the same train step
 (parameters after the update and metrics) within 1e-5 in fp32.
 """
-import dataclasses
+import concurrent.futures
 
 import jax
 import jax.numpy as jnp
@@ -82,28 +82,11 @@ def forward_logits(model, inputs, mesh) -> np.ndarray:
     return np.asarray(out)
 
 
-@pytest.mark.parametrize("shape", MESHES, ids=str)
-def test_forward_logits_match_one_device(model, shape):
-    inputs = prepare_inputs(model.config, **prompts(8))
-    reference = forward_logits(model, inputs, sharding.single_device_mesh())
-    np.testing.assert_allclose(forward_logits(model, inputs, mesh_of(shape)), reference, atol=1e-5, rtol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def greedy_reference(model):
+def greedy(model, mesh):
+    """12 greedy tokens for 4 prompts: on (1, 8, 1) padded to 8 with empty prompts, dropped after."""
     params = sampling.SamplingParams(max_new_tokens=12, temperature=0.0, end_token_ids=(), pad_token_id=0)
-    return params, sampling.generate(model, prompts(4), jax.random.split(jax.random.key(0), 4), params)
-
-
-@pytest.mark.parametrize("shape", MESHES, ids=str)
-def test_greedy_tokens_match_one_device(model, greedy_reference, shape):
-    """4 prompts: on (1, 8, 1) they are padded to 8 with empty prompts, dropped afterwards."""
-    params, reference = greedy_reference
-    rollout = sampling.generate(model, prompts(4), jax.random.split(jax.random.key(0), 4), params, mesh_of(shape))
-    np.testing.assert_array_equal(np.asarray(rollout.tokens), np.asarray(reference.tokens))
-    np.testing.assert_allclose(np.asarray(rollout.logprobs), np.asarray(reference.logprobs), atol=1e-5)
-    # Not all the same token: the comparison sees real decoding.
-    assert len(np.unique(np.asarray(reference.tokens))) > 4
+    rollout = sampling.generate(model, prompts(4), jax.random.split(jax.random.key(0), 4), params, mesh)
+    return np.asarray(rollout.tokens), np.asarray(rollout.logprobs)
 
 
 def train_batch(model):
@@ -137,14 +120,37 @@ def one_step(model, mesh):
 
 
 @pytest.fixture(scope="module")
-def step_reference(model):
-    return one_step(model, sharding.single_device_mesh())
+def runs(model):
+    """{(what, mesh shape or None for one device): result} for every run the tests compare.
+
+    XLA:CPU compiles one program on one core: two at a time halve the wait on two cores.
+    """
+    inputs = prepare_inputs(model.config, **prompts(8))
+    jobs = {(name, shape): (function, mesh_of(shape) if shape else sharding.single_device_mesh())
+            for name, function in (("forward", lambda m: forward_logits(model, inputs, m)),
+                                   ("greedy", lambda m: greedy(model, m)), ("step", lambda m: one_step(model, m)))
+            for shape in [None, *MESHES]}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = {key: pool.submit(function, mesh) for key, (function, mesh) in jobs.items()}
+        return {key: future.result() for key, future in futures.items()}
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=str)
-def test_train_step_matches_one_device(model, step_reference, shape):
-    params, metrics = one_step(model, mesh_of(shape))
-    ref_params, ref_metrics = step_reference
+def test_forward_logits_match_one_device(runs, shape):
+    np.testing.assert_allclose(runs["forward", shape], runs["forward", None], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=str)
+def test_greedy_tokens_match_one_device(runs, shape):
+    (tokens, logprobs), (ref_tokens, ref_logprobs) = runs["greedy", shape], runs["greedy", None]
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    np.testing.assert_allclose(logprobs, ref_logprobs, atol=1e-5)
+    assert len(np.unique(ref_tokens)) > 4  # not one repeated token: the comparison sees real decoding
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=str)
+def test_train_step_matches_one_device(model, runs, shape):
+    (params, metrics), (ref_params, ref_metrics) = runs["step", shape], runs["step", None]
     assert ref_metrics["grad_norm"] > 0 and not ref_metrics["skipped"]
     for name, value in ref_metrics.items():
         np.testing.assert_allclose(metrics[name], value, atol=1e-5, rtol=1e-5, err_msg=name)

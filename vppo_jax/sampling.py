@@ -164,10 +164,11 @@ def _decode(graphdef, params: SamplingParams, mesh: Mesh, state, prefilled: Pref
     # Each group of rows (one per device of data x fsdp) decodes in a loop of its own: one
     # shared loop would all-reduce "have all rows ended?" at every step, and no group could
     # stop early. Inside a group the compiler splits heads over tensor.
-    rows = PartitionSpec(tuple(axis for axis in ("data", "fsdp") if axis in mesh.axis_names))
+    manual = tuple(axis for axis in ("data", "fsdp") if axis in mesh.axis_names)
+    rows = PartitionSpec(manual)
     decode_rows = jax.shard_map(
         functools.partial(_decode_rows, graphdef, params), mesh=mesh, in_specs=(PartitionSpec(), rows, rows, rows),
-        out_specs=rows, axis_names=set(rows[0]), check_vma=False,
+        out_specs=rows, axis_names=set(manual), check_vma=False,
     )
     return decode_rows(state, prefilled, cache, keys)
 
