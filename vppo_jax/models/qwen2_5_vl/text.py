@@ -134,7 +134,10 @@ class TextModel(nnx.Module):
         self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, param_dtype=config.jnp_param_dtype)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        return residual(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.jnp_dtype))
+        # The table whole along the model dim first (an all-gather over fsdp, as for every
+        # weight): a lookup into a table split on both axes makes the compiler replicate it.
+        table = constrain(self.embed_tokens[...], "vocab", None)
+        return residual(jnp.take(table, input_ids, axis=0).astype(self.config.jnp_dtype))
 
     def __call__(self, embeddings: jax.Array, position_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """Final hidden states (B, T, D). Causal attention over unmasked keys."""
