@@ -103,8 +103,8 @@ def make_mesh(shape: dict | Any, devices=None) -> Mesh:
 
 
 def single_device_mesh() -> Mesh:
-    """The mesh of one device: what the code runs on when no mesh is given."""
-    return make_mesh({}, jax.devices()[:1])
+    """This process's first device: what the code runs on when no mesh is given."""
+    return make_mesh({}, jax.local_devices()[:1])
 
 
 def mesh_or_default(mesh: Mesh | None) -> Mesh:
@@ -250,19 +250,21 @@ def train_state_shardings(mesh: Mesh, optimizer, state) -> Any:
 # --- batches and the KV cache ---------------------------------------------------------
 
 # Which axis of a ModelInputs field holds the rows: position_ids is (3, B, T), the rest
-# (B, ...) ; the vision fields hold patch slots, split like rows.
+# (B, ...); the vision fields hold patch slots (S, ...), split like rows.
 _ROW_AXIS = {"position_ids": 1}
 
 
 def inputs_shardings(mesh: Mesh, inputs, leading: int = 0) -> Any:
     """Shardings of ModelInputs (or a TrainBatch) with `leading` extra axes (micro-batches)
-    before each field's own: rows and patch slots over the batch axes, the rest whole."""
+    before each field's own: rows and patch slots over the batch axes, the rest whole. (Rows
+    are checked or padded to divide beforehand; patch slots, a power of two times 64, stay
+    whole on a mesh with more batch shards than that.)"""
     def sharding(path, leaf):
         field = path.rsplit("/", 1)[-1]
         row_axis = leading + _ROW_AXIS.get(field, 0)
         logical = [None] * leaf.ndim
         logical[row_axis] = "batch"
-        return named(mesh, *logical, name=path)
+        return named(mesh, *logical, shape=leaf.shape, name=path)
     return jax.tree.map(sharding, tree_paths(inputs), inputs)
 
 
