@@ -101,7 +101,7 @@ def abstract_batch(model_cfg, rows: int, length: int, grid, leading: tuple[int, 
     import jax
     import numpy as np
 
-    from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, VisionInputs, bucket, count_windows
+    from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, VisionInputs, bucket, count_windows, largest_frame_windows
 
     vcfg = model_cfg.vision
     windows = bucket(count_windows(vcfg, np.array([grid] * rows)))
@@ -112,7 +112,8 @@ def abstract_batch(model_cfg, rows: int, length: int, grid, leading: tuple[int, 
         position_ids=shape(3, rows, length, dtype=np.int32), image_token_slot=shape(rows, length, dtype=np.int32),
         vision=VisionInputs(patches=shape(slots, vcfg.patch_dim, dtype=np.float32),
                             slot_valid=shape(slots, dtype=np.bool_), segment_ids=shape(slots, dtype=np.int32),
-                            rotary_hw=shape(slots, 2, dtype=np.int32)),
+                            rotary_hw=shape(slots, 2, dtype=np.int32),
+                            frame_windows=min(bucket(largest_frame_windows(vcfg, np.array([grid]))), windows)),
     )
 
 
@@ -266,8 +267,8 @@ def advice(result: dict, budget: float, mesh_shape: dict) -> str:
     if update and update.total > budget:
         tips.append(f"the update's temporaries are {update.temporaries / GIB:,.0f} GiB for {result['rows']} rows per "
                     "micro-batch: more train.micro_batches or devices on data/fsdp (down to one row per device), "
-                    "a smaller data.max_pixels (the vision tower's full-attention layers are dense over all patch "
-                    "slots of a micro-batch: their cost grows with its square), shorter sequences")
+                    "a smaller data.max_pixels (the vision tower's full-attention layers grow with the square of "
+                    "an image's patches), shorter sequences")
     rollout = [p for name, p in phases.items() if name.startswith("rollout") and p.total > budget]
     if rollout:
         tips.append("the sampler's " + " and ".join(f"{p.name.split()[1]} ({p.temporaries / GIB:,.0f} GiB temporaries, "
