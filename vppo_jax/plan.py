@@ -268,7 +268,9 @@ def advice(result: dict, budget: float, mesh_shape: dict) -> str:
         tips.append(f"the update's temporaries are {update.temporaries / GIB:,.0f} GiB for {result['rows']} rows per "
                     "micro-batch: more train.micro_batches or devices on data/fsdp (down to one row per device), "
                     "a smaller data.max_pixels (the vision tower's full-attention layers grow with the square of "
-                    "an image's patches), shorter sequences")
+                    "an image's patches, and the backward keeps their residuals for every vision layer: the layer "
+                    "scan's lax.cond keeps both branches'), shorter sequences (the text attention's T x T "
+                    "probabilities are kept per layer)")
     rollout = [p for name, p in phases.items() if name.startswith("rollout") and p.total > budget]
     if rollout:
         tips.append("the sampler's " + " and ".join(f"{p.name.split()[1]} ({p.temporaries / GIB:,.0f} GiB temporaries, "
