@@ -128,3 +128,22 @@ def test_a_workdir_of_another_config_is_refused(tmp_path):
     config.algo.tgf_k = 0.2
     with pytest.raises(ValueError, match=r"another config \(algo.tgf_k: 0.4 -> 0.2\)"):
         claim_workdir(str(tmp_path), config)
+
+
+def test_a_collapsed_run_stops_with_an_error_that_names_the_cause(tmp_path, assets):
+    # The tiny model is not warm-started: every response scores 0, dynamic sampling keeps no
+    # group, and the guard must count those steps, skip their updates and stop the run.
+    config = write_config(tmp_path / "config.py", assets, **{
+        "train.steps": 6, "rollout.max_filter_rounds": 1, "rollout.max_starved_steps": 3, "eval.every_steps": 100,
+    })
+    out = subprocess.run(train_command(config, tmp_path / "run"), cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode != 0
+    assert "CollapseError: The policy has collapsed: for 3 consecutive steps (up to step 2)" in out.stderr
+    for knob in ("optim.learning_rate", "rollout.max_filter_rounds", "rollout.max_new_tokens"):
+        assert knob in out.stderr
+    lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [line["rollout/empty_steps"] for line in lines] == [1, 2, 3]
+    assert [line["rollout/live_share"] for line in lines] == [0.0, 0.0, 0.0]
+    assert not any("loss" in line for line in lines)  # no optimizer update without a live group
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]  # written before the stop

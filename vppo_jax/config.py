@@ -37,6 +37,10 @@ def default_config() -> ml_collections.ConfigDict:
         max_new_tokens=2048,
         prompt_buckets=(512, 1024, 2048, 4096),
         max_filter_rounds=8,  # dynamic sampling: rounds of sampling to fill the batch
+        # The collapse guard (vppo_jax/collapse_guard.py): a step whose batch holds fewer live
+        # groups than this share of prompts_per_step is starved; this many starved steps in a
+        # row stop the run with an error (0: never stop).
+        min_live_share=0.25, max_starved_steps=10,
     ))
 
     c.reward = ml_collections.ConfigDict(dict(name="accuracy", timeout_s=10.0, workers=8))

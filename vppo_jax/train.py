@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from vppo_jax import config as config_lib
 from vppo_jax import data as data_lib
 from vppo_jax import distributed, sharding
+from vppo_jax.collapse_guard import CollapseGuard
 from vppo_jax.metrics import MetricsWriter, Timer
 from vppo_jax.policy import load_policy, prompt_builder
 from vppo_jax.rewards import RewardPool
@@ -80,6 +81,8 @@ class Trainer:
         if jax.process_count() > 1:
             self.grade = functools.partial(_grade_in_shares, self.grade)
         self.rng = jax.random.key(config.train.seed)
+        self.collapse_guard = CollapseGuard(config.rollout.prompts_per_step, config.rollout.min_live_share,
+                                            config.rollout.max_starved_steps)
         self.checkpoints = RunCheckpoints(workdir, config.checkpoint.keep)
         self.start_step = self._resume()
         self.metrics = MetricsWriter(workdir, resume_step=self.start_step, enabled=jax.process_index() == 0)
@@ -94,6 +97,7 @@ class Trainer:
                              f"{jax.process_count()}: each process resumes its own share of the data.")
         self.data.set_state(data_states[jax.process_index()])
         self.skips.counts.update(hosts[jax.process_index()]["skips"])
+        self.collapse_guard.restore(hosts[jax.process_index()].get("collapse_guard", {}))
         return latest
 
     def current_policy(self):
@@ -172,41 +176,63 @@ class Trainer:
                                       mesh=self.mesh)
         return {f"eval/{name}": value for name, value in summary.items()}
 
-    def train(self):
+    def update(self, groups: GradedGroups, score_key: jax.Array, update_key: jax.Array, timer: Timer) -> dict:
+        """`updates_per_rollout` optimizer updates on the graded groups; returns their mean metrics."""
         c = self.config
-        progress = tqdm(range(self.start_step, c.train.steps), initial=self.start_step, total=c.train.steps,
-                        desc="train", unit="step", disable=jax.process_index() != 0)
-        for step in progress:
-            timer, key = Timer(), jax.random.fold_in(self.rng, step)
-            rollout_key, score_key, update_key, eval_key = jax.random.split(key, 4)
-            with timer("rollout"):
-                groups, metrics = self.collect(rollout_key)
-            batches = self.update_batches(groups)
-            tokens = float(sum(np.asarray(b.response_mask).sum() for b in batches))  # while still on the host
-            if len(batches) > 1 or c.train.micro_batches > 1:
-                # pi_old statistics for every slice from the rollout policy, before any update.
-                with timer("dependency"):
-                    batches = [self.score_rollouts(self.state.params, b, jax.random.fold_in(score_key, i))
-                               for i, b in enumerate(batches)]
-            with timer("update"):
-                updates = []
-                for i, batch in enumerate(batches):
-                    self.state, update_metrics = self.train_step(self.state, batch, jax.random.fold_in(update_key, i))
-                    updates.append(jax.device_get(update_metrics))
-            metrics |= {name: float(np.mean([u[name] for u in updates])) for name in updates[0]}
-            skip_counts = distributed.allgather(self.skips.metrics())  # every process's own skips
-            metrics |= {name: sum(counts[name] for counts in skip_counts) for name in skip_counts[0]}
-            metrics["train/skipped_updates"] = int(self.state.skipped_steps)
-            if self.val_prompts and (step + 1) % c.eval.every_steps == 0:
-                with timer("eval"):
-                    metrics |= self.evaluate(eval_key)
-            timings = timer.metrics()
-            metrics |= timings | {"time/tokens_per_second": tokens / max(timings["time/step"], 1e-9)}
-            self.metrics.write(step, metrics)
-            progress.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}", loss=f"{metrics['loss']:.3f}")
-            if (step + 1) % c.checkpoint.every_steps == 0 or step + 1 == c.train.steps:
-                self.checkpoints.save(step + 1, self.state, self.rng, self.data.get_state(),
-                                      {"skips": dict(self.skips.counts)})
+        batches = self.update_batches(groups)
+        tokens = float(sum(np.asarray(b.response_mask).sum() for b in batches))  # while still on the host
+        if len(batches) > 1 or c.train.micro_batches > 1:
+            # pi_old statistics for every slice from the rollout policy, before any update.
+            with timer("dependency"):
+                batches = [self.score_rollouts(self.state.params, b, jax.random.fold_in(score_key, i))
+                           for i, b in enumerate(batches)]
+        with timer("update"):
+            updates = []
+            for i, batch in enumerate(batches):
+                self.state, update_metrics = self.train_step(self.state, batch, jax.random.fold_in(update_key, i))
+                updates.append(jax.device_get(update_metrics))
+        metrics = {name: float(np.mean([u[name] for u in updates])) for name in updates[0]}
+        return metrics | {"train/response_tokens": tokens}
+
+    def train_one_step(self, step: int) -> dict:
+        """Rollout, update, evaluation (every eval.every_steps), metrics and checkpoint of one step."""
+        c = self.config
+        timer, key = Timer(), jax.random.fold_in(self.rng, step)
+        rollout_key, score_key, update_key, eval_key = jax.random.split(key, 4)
+        with timer("rollout"):
+            groups, metrics = self.collect(rollout_key)
+        metrics |= self.collapse_guard.observe(step, int(groups.live.sum()), metrics)
+        if groups.live.any():  # an empty batch has no gradient: no update, only the guard's count
+            metrics |= self.update(groups, score_key, update_key, timer)
+        skip_counts = distributed.allgather(self.skips.metrics())  # every process's own skips
+        metrics |= {name: sum(counts[name] for counts in skip_counts) for name in skip_counts[0]}
+        metrics["train/skipped_updates"] = int(self.state.skipped_steps)
+        if self.val_prompts and (step + 1) % c.eval.every_steps == 0:
+            with timer("eval"):
+                metrics |= self.evaluate(eval_key)
+        timings = timer.metrics()
+        tokens = metrics.pop("train/response_tokens", 0.0)
+        metrics |= timings | {"time/tokens_per_second": tokens / max(timings["time/step"], 1e-9)}
+        self.metrics.write(step, metrics)
+        if (step + 1) % c.checkpoint.every_steps == 0 or step + 1 == c.train.steps:
+            self.checkpoints.save(step + 1, self.state, self.rng, self.data.get_state(),
+                                  {"skips": dict(self.skips.counts), "collapse_guard": self.collapse_guard.state()})
+        return metrics
+
+    def train(self):
+        steps = self.config.train.steps
+        progress = tqdm(range(self.start_step, steps), initial=self.start_step, total=steps, desc="train",
+                        unit="step", disable=jax.process_index() != 0)
+        try:
+            for step in progress:
+                metrics = self.train_one_step(step)
+                progress.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}", loss=f"{metrics.get('loss', 0):.3f}",
+                                     live=f"{metrics['rollout/live_share']:.2f}")
+                self.collapse_guard.stop_if_collapsed(step)
+        finally:  # a run the collapse guard stops still finishes writing its checkpoints
+            self.close()
+
+    def close(self):
         self.checkpoints.close()
         self.metrics.close()
         self.reward_pool.close()
