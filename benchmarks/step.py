@@ -16,6 +16,7 @@ import numpy as np
 
 from vppo_jax import sharding
 from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, TextConfig, VisionConfig, init_model
+from vppo_jax.optimizer import make_optimizer
 from vppo_jax.vppo import step as step_lib
 from vppo_jax.vppo.batch import build_train_batch
 
@@ -56,7 +57,7 @@ def rollout_batch(config: Qwen2_5_VLConfig, rows: int, response: int, group: int
 def compiled_step(vppo: bool, model_config, batch, group: int):
     """(compiled step, its state, compile seconds)."""
     config = step_lib.StepConfig(vppo=vppo, group_size=group)
-    optimizer = step_lib.make_optimizer(1e-6)
+    optimizer = make_optimizer(1e-6)
     graphdef, state = step_lib.init_state(init_model(model_config), optimizer)
     start = time.perf_counter()
     mesh = sharding.single_device_mesh()

@@ -74,6 +74,16 @@ def test_scripts_round_trip_through_orbax_with_sharded_output(tmp_path):
     assert (hf_logits(reloaded, BATCH) == hf_logits(source_model, BATCH)).all()
 
 
+def test_export_in_another_dtype_is_the_torch_cast_of_the_stored_weights(tmp_path):
+    _, source = hf_directory(tmp_path)  # fp32
+    assert convert_hf_to_jax.main(["--hf_dir", str(source), "--out", str(tmp_path / "jax")]) == 0
+    assert convert_jax_to_hf.main(["--checkpoint", str(tmp_path / "jax"), "--out", str(tmp_path / "hf"),
+                                   "--dtype", "bfloat16"]) == 0
+    expected = {name: tensor.to(torch.bfloat16) for name, tensor in all_tensors(source).items()}
+    assert_bit_identical(expected, all_tensors(tmp_path / "hf"))
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_sharded_input_with_index_loads(tmp_path):
     source_model, source = hf_directory(tmp_path, max_shard_size="100KB")
     assert (source / "model.safetensors.index.json").exists()

@@ -12,6 +12,7 @@ from scripts import convert_hf_to_jax
 from vppo_jax import evaluate
 from vppo_jax.config import default_config, learning_rate
 from vppo_jax.data import synthetic
+from vppo_jax.optimizer import make_optimizer
 from vppo_jax.policy import load_policy
 from vppo_jax.run_checkpoints import RunCheckpoints, claim_workdir
 from vppo_jax.tiny import write_tiny_model
@@ -95,7 +96,7 @@ def write_run(workdir, base: str, trained: str, step: int):
     config.model.path, config.model.dtype = base, "float32"
     config.rollout.max_new_tokens, config.reward.name, config.reward.workers = 4, REWARD, 1
     claim_workdir(str(workdir), config)
-    optimizer = step_lib.make_optimizer(learning_rate(config))  # a schedule, as the trainer's
+    optimizer = make_optimizer(learning_rate(config))  # a schedule, as the trainer's
     _, state = step_lib.init_state(load_policy(base, "float32").model, optimizer)
     _, trained_state = step_lib.init_state(load_policy(trained, "float32").model, optimizer)
     checkpoints = RunCheckpoints(str(workdir), keep=3)
@@ -107,7 +108,7 @@ def test_every_kind_of_checkpoint_gives_the_responses_of_its_weights(tmp_path, a
     benchmark = assets["benchmarks"][:1]
     run_evaluate(assets["trained"], tmp_path / "hf", benchmark, "--dtype=float32")
     convert_hf_to_jax.main([f"--hf_dir={assets['trained']}", f"--out={tmp_path / 'converted'}"])
-    run_evaluate(str(tmp_path / "converted"), tmp_path / "converted_eval", benchmark)
+    run_evaluate(str(tmp_path / "converted"), tmp_path / "converted_eval", benchmark, "--dtype=float32")
     write_run(tmp_path / "run", assets["base"], assets["trained"], step=3)
     summary = run_evaluate(str(tmp_path / "run"), None, benchmark)  # the default --out: WORKDIR/evaluation
     run_evaluate(assets["base"], tmp_path / "base", benchmark, "--dtype=float32")

@@ -16,6 +16,7 @@ from flax import nnx
 from vppo_jax import sampling, sharding
 from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, TextConfig, VisionConfig, init_model
 from vppo_jax.models.qwen2_5_vl.inputs import prepare_inputs
+from vppo_jax.optimizer import make_optimizer
 from vppo_jax.vppo import step as step_lib
 from vppo_jax.vppo.batch import build_train_batch
 
@@ -200,7 +201,7 @@ def test_unknown_parameters_and_bad_meshes_are_refused():
 
 
 def test_a_batch_the_mesh_does_not_divide_is_refused(model):
-    optimizer = step_lib.make_optimizer(1e-3)
+    optimizer = make_optimizer(1e-3)
     graphdef, state = step_lib.init_state(model, optimizer)
     step = step_lib.make_train_step(step_lib.StepConfig(group_size=GROUP), optimizer, graphdef, mesh_of((1, 8, 1)))
     arrays = prompts(4)

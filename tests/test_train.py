@@ -57,7 +57,9 @@ def deterministic(lines: list[dict]) -> list[dict]:
 
 
 def test_tiny_run_writes_metrics_tensorboard_and_checkpoints(tmp_path, assets):
-    config = write_config(tmp_path / "config.py", assets, **{"train.steps": 2, "checkpoint.every_steps": 1})
+    # No online filter: the untrained model scores 0 everywhere, and the steps must still update.
+    config = write_config(tmp_path / "config.py", assets, **{"train.steps": 2, "checkpoint.every_steps": 1,
+                                                             "algo.online_filter": False})
     run(config, tmp_path / "run")
     lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [line["step"] for line in lines] == [0, 1]
@@ -145,5 +147,21 @@ def test_a_collapsed_run_stops_with_an_error_that_names_the_cause(tmp_path, asse
     lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [line["rollout/empty_steps"] for line in lines] == [1, 2, 3]
     assert [line["rollout/live_share"] for line in lines] == [0.0, 0.0, 0.0]
+    assert [line["rollout/filler_groups"] for line in lines] == [4, 4, 4]  # the whole batch is padding
     assert not any("loss" in line for line in lines)  # no optimizer update without a live group
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]  # written before the stop
+
+
+@pytest.mark.parametrize("recipe", ["vppo_7b", "vppo_32b", "dapo_7b", "grpo_7b"])
+def test_the_paper_recipes_train_two_epochs_of_virl39k_as_the_reference_counts_them(recipe):
+    import importlib
+
+    from vppo_jax.config import training_steps
+
+    config = importlib.import_module(f"configs.{recipe}").get_config()
+    # ViRL39K's 38,870 rows in full batches of 384 prompts: 101 per epoch, 202 in two.
+    assert training_steps(config, 38870) == 202
+    assert training_steps(importlib.import_module(f"configs.{recipe}").get_config("runlocal"), 38870) == 2
+    config.rollout.prompts_per_step = 40000
+    with pytest.raises(ValueError, match="gives no step: set train.epochs >= 1, or train.steps"):
+        training_steps(config, 38870)

@@ -10,6 +10,7 @@ import torch
 
 from hf_reference import hf_logits, processor_batch, text_ids, tiny_hf_model
 from vppo_jax.models import qwen2_5_vl
+from vppo_jax.optimizer import make_optimizer
 from vppo_jax.vppo import step as step_lib
 from vppo_jax.vppo.batch import build_train_batch
 from vppo_jax.vppo.perturbation import CLIP_MEAN, CLIP_STD
@@ -92,7 +93,7 @@ def test_scores_match_transformers(setup):
 def test_vppo_step_lowers_the_loss_on_a_fixed_batch(setup):
     _, model, arrays, response = setup
     config = step_lib.StepConfig(group_size=GROUP)
-    optimizer = step_lib.make_optimizer(1e-3)
+    optimizer = make_optimizer(1e-3)
     graphdef, state = init(model, optimizer)
     batch = step_lib.make_score_rollouts(config, graphdef)(state.params, train_batch(model, arrays, response),
                                                            jax.random.key(1))
@@ -153,7 +154,7 @@ def test_grpo_baseline_traces_no_perturbed_forward(setup, monkeypatch):
 def test_non_finite_update_is_skipped(setup):
     _, model, arrays, response = setup
     config = step_lib.StepConfig(group_size=GROUP)
-    optimizer = step_lib.make_optimizer(1e-3)
+    optimizer = make_optimizer(1e-3)
     graphdef, state = init(model, optimizer)
     batch = train_batch(model, arrays, response)
     advantages = batch.advantages.copy()

@@ -11,15 +11,19 @@ import optax
 
 from vppo_jax import sampling
 from vppo_jax.vppo.loss import LossConfig
-from vppo_jax.vppo.step import StepConfig, make_optimizer
+from vppo_jax.optimizer import make_optimizer
+from vppo_jax.vppo.step import StepConfig
 
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     # The policy: an HF directory, a checkpoint from scripts/convert_hf_to_jax.py, or ""
-    # for the tiny random model of the embedded default.
-    c.model = ml_collections.ConfigDict(dict(path="", dtype="bfloat16"))
+    # for the tiny random model of the embedded default. `dtype` computes (sampling, scoring,
+    # the update's forward and backward); `param_dtype` holds the parameters and the Adam
+    # moments: "float32" master weights, or "bfloat16" with Kahan-compensated AdamW for tight
+    # memory (vppo_jax/optimizer.py).
+    c.model = ml_collections.ConfigDict(dict(path="", dtype="bfloat16", param_dtype="float32"))
 
     c.data = ml_collections.ConfigDict(dict(
         train_files=("",),  # parquet or jsonl in the ViRL39K schema (problem, answer, images)
@@ -66,7 +70,9 @@ def default_config() -> ml_collections.ConfigDict:
     ))
 
     c.train = ml_collections.ConfigDict(dict(
-        steps=100,  # rollout batches
+        # Length as the reference counts it: full rollout batches per pass over the training
+        # set, times the epochs (ViRL39K: 38870 // 384 x 2 = 202 steps). steps > 0 overrides.
+        epochs=2, steps=0,
         updates_per_rollout=3,  # optimizer steps per rollout batch (384 -> 3 x 128 prompts)
         micro_batches=1,  # gradient accumulation inside one optimizer step
         seed=0,
@@ -93,9 +99,22 @@ def step_config(c: ml_collections.ConfigDict) -> StepConfig:
     )
 
 
+def training_steps(c: ml_collections.ConfigDict, train_rows: int) -> int:
+    """The run's rollout steps: train.steps, or train.epochs passes over `train_rows` rows in
+    full batches of rollout.prompts_per_step (the reference's dataloader drops the last partial one)."""
+    if c.train.steps:
+        return c.train.steps
+    per_epoch = train_rows // c.rollout.prompts_per_step
+    if not per_epoch or c.train.epochs <= 0:
+        raise ValueError(f"train.epochs={c.train.epochs} over {train_rows} training rows at rollout.prompts_per_step="
+                         f"{c.rollout.prompts_per_step} gives no step: set train.epochs >= 1, or train.steps.")
+    return per_epoch * c.train.epochs
+
+
 def learning_rate(c: ml_collections.ConfigDict) -> optax.Schedule:
+    """The schedule over the run's optimizer steps (train.steps must be resolved: `training_steps`)."""
     o = c.optim
-    total = c.train.steps * c.train.updates_per_rollout
+    total = max(c.train.steps, 1) * c.train.updates_per_rollout
     if o.schedule == "constant":
         main = optax.constant_schedule(o.learning_rate)
     elif o.schedule == "cosine":
@@ -110,7 +129,7 @@ def learning_rate(c: ml_collections.ConfigDict) -> optax.Schedule:
 
 def optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
     o = c.optim
-    return make_optimizer(learning_rate(c), o.b1, o.b2, o.weight_decay, o.max_grad_norm)
+    return make_optimizer(learning_rate(c), o.b1, o.b2, o.weight_decay, o.max_grad_norm, c.model.param_dtype)
 
 
 def sampling_params(c: ml_collections.ConfigDict, special, **overrides) -> sampling.SamplingParams:

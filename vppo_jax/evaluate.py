@@ -36,7 +36,7 @@ from vppo_jax import config as config_lib
 from vppo_jax import data as data_lib
 from vppo_jax import processing
 from vppo_jax.evaluation import evaluate_prompts
-from vppo_jax.policy import Policy, load_policy, prompt_builder
+from vppo_jax.policy import Policy, compute_model, load_policy, prompt_builder
 from vppo_jax.rewards import RewardPool
 from vppo_jax.run_checkpoints import CONFIG_FILE, RunCheckpoints
 from vppo_jax.vppo import step as step_lib
@@ -67,6 +67,8 @@ def load_run(workdir: str, step: int | None, dtype: str | None) -> tuple[Policy,
     """The policy of a training run at checkpoint `step` (the latest if None), and the run's config."""
     with open(os.path.join(workdir, CONFIG_FILE)) as f:
         config = ml_collections.ConfigDict(json.load(f))
+    # Runs from before the precision modes held their parameters in model.dtype.
+    param_dtype = config.model.get("param_dtype") or config.model.dtype
     config.model.dtype = dtype or config.model.dtype
     if not os.path.exists(config.model.path):
         raise FileNotFoundError(
@@ -81,13 +83,13 @@ def load_run(workdir: str, step: int | None, dtype: str | None) -> tuple[Policy,
         raise FileNotFoundError(f"{workdir}/checkpoints has no checkpoint {step}; it holds steps {steps}.")
     checkpoints = RunCheckpoints(workdir, config.checkpoint.keep)
     # The run's base model gives the architecture and tokenizer; the checkpoint, the parameters.
-    policy = load_policy(config.model.path, config.model.dtype)
+    policy = load_policy(config.model.path, config.model.dtype, param_dtype)
     optimizer = config_lib.optimizer(config)
     # Orbax restores into the train state's structure; eval_shape gives it without allocating optimizer state.
     abstract_state = jax.eval_shape(lambda: step_lib.init_state(policy.model, optimizer)[1])
     state = checkpoints.restore(step, abstract_state)[0]
     checkpoints.close()
-    model = nnx.merge(nnx.graphdef(policy.model), state.params)
+    model = compute_model(nnx.graphdef(policy.model), state.params, policy.model.config)
     return dataclasses.replace(policy, model=model), config, step
 
 

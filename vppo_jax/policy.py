@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
+from flax import nnx
 from tokenizers import Tokenizer
 
 from vppo_jax import processing
@@ -27,12 +29,13 @@ class Policy:
         return found
 
 
-def load_policy(path: str, dtype: str) -> Policy:
-    """An HF directory (config.json + safetensors) or a scripts/convert_hf_to_jax.py output."""
+def load_policy(path: str, dtype: str, param_dtype: str | None = None) -> Policy:
+    """An HF directory (config.json + safetensors) or a scripts/convert_hf_to_jax.py output,
+    computing in `dtype` with parameters held in `param_dtype` (default: `dtype`)."""
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
-        model, hf_dir = load_model(path), os.path.join(path, HF_DIR)
+        model, hf_dir = load_model(path, dtype, param_dtype), os.path.join(path, HF_DIR)
     elif os.path.isfile(os.path.join(path, "config.json")):
-        model, hf_dir = from_pretrained(path, dtype), path
+        model, hf_dir = from_pretrained(path, dtype, param_dtype), path
     else:
         raise FileNotFoundError(
             f"model.path={path!r} is neither an HF model directory (config.json + *.safetensors) nor a "
@@ -42,6 +45,12 @@ def load_policy(path: str, dtype: str) -> Policy:
     if not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(f"{hf_dir} has no {TOKENIZER_FILE}; copy the tokenizer files of the original model there.")
     return Policy(model=model, tokenizer=Tokenizer.from_file(tokenizer_path), hf_dir=hf_dir)
+
+
+def compute_model(graphdef: nnx.GraphDef, params, config):
+    """The model for sampling and evaluation: `params` (the master weights a train state holds)
+    cast once to the compute dtype, instead of at every use of every decode step."""
+    return nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(config.jnp_dtype), params))
 
 
 def prompt_builder(policy: Policy, max_prompt_length: int, min_pixels: int | None = None,

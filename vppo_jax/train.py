@@ -25,7 +25,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
@@ -34,7 +33,7 @@ from vppo_jax import data as data_lib
 from vppo_jax import distributed, sharding
 from vppo_jax.collapse_guard import CollapseGuard
 from vppo_jax.metrics import MetricsWriter, Timer
-from vppo_jax.policy import load_policy, prompt_builder
+from vppo_jax.policy import compute_model, load_policy, prompt_builder
 from vppo_jax.rewards import RewardPool
 from vppo_jax.embedded import prepare_embedded_default
 from vppo_jax.evaluation import evaluate_prompts
@@ -47,6 +46,10 @@ from vppo_jax.vppo.batch import build_train_batch
 
 class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        d = config.data
+        columns = dict(problem_key=d.problem_key, answer_key=d.answer_key, images_key=d.images_key)
+        config = ml_collections.ConfigDict(config.to_dict())  # train.steps resolved from the epochs, in a copy
+        config.train.steps = config_lib.training_steps(config, len(data_lib.RowSource(d.train_files, columns.values())))
         self.config, self.workdir = config, workdir
         self.mesh = sharding.make_mesh(config.mesh)
         check_batch_shapes(config, self.mesh)
@@ -54,8 +57,7 @@ class Trainer:
             claim_workdir(workdir, config)
         # Weights load into host memory; init_sharded_state places each device's slices.
         with jax.default_device(_host_device()):
-            self.policy = load_policy(config.model.path, config.model.dtype)
-        d = config.data
+            self.policy = load_policy(config.model.path, config.model.dtype, config.model.param_dtype)
         self.builder = prompt_builder(self.policy, d.max_prompt_length, d.min_pixels or None, d.max_pixels or None)
         self.sampling = config_lib.sampling_params(config, self.builder.special)
         self.step_config = config_lib.step_config(config)
@@ -65,8 +67,7 @@ class Trainer:
         self.policy = dataclasses.replace(self.policy, model=None)  # its arrays now live in self.state
         self.train_step = step_lib.make_train_step(self.step_config, self.optimizer, self.graphdef, self.mesh)
         self.score_rollouts = step_lib.make_score_rollouts(self.step_config, self.graphdef, self.mesh)
-        columns = dict(problem_key=d.problem_key, answer_key=d.answer_key, images_key=d.images_key,
-                       process_index=jax.process_index(), process_count=jax.process_count())
+        columns |= dict(process_index=jax.process_index(), process_count=jax.process_count())
         self.data = data_lib.prompt_iterator(data_lib.prompt_dataset(d.train_files, self.builder, seed=d.seed, **columns))
         self.val_prompts = []
         if d.val_files and d.val_files[0]:
@@ -101,8 +102,9 @@ class Trainer:
         return latest
 
     def current_policy(self):
-        """The policy with the state's current parameters (sharing their buffers)."""
-        return dataclasses.replace(self.policy, model=nnx.merge(self.graphdef, self.state.params))
+        """The policy with the state's current parameters in the compute dtype, for sampling."""
+        return dataclasses.replace(self.policy, model=compute_model(self.graphdef, self.state.params,
+                                                                     self.model_config))
 
     def next_prompts(self, count: int) -> list:
         """`count` prompts: this process's share read here, the others' gathered, in the order
@@ -149,6 +151,8 @@ class Trainer:
             "rollout/accuracy": float(rewards.mean()),
             "rollout/filter_rounds": rounds,
             "rollout/live_groups": int(batch.live.sum()),
+            # Groups that failed the filter, padding the batch after the last round (no loss).
+            "rollout/filler_groups": int((~batch.live).sum()),
             "rollout/response_length": float(batch.mask.sum(1).mean()),
         }
         stats["rollout/truncated"] /= len(rewards)

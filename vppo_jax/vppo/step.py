@@ -97,15 +97,6 @@ class TrainState:
     skipped_steps: jax.Array
 
 
-def make_optimizer(learning_rate: float | optax.Schedule = 1e-6, b1=0.9, b2=0.999, weight_decay=0.01,
-                   max_grad_norm=1.0) -> optax.GradientTransformation:
-    """The reference's optimizer: clip by global norm, then AdamW (spec section 5)."""
-    return optax.chain(
-        optax.clip_by_global_norm(max_grad_norm),
-        optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay),
-    )
-
-
 def init_state(model: nnx.Module, optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
     """The state takes the model's parameter arrays as they are (no copy): once a step has
     consumed (donated) the state, the model object must not be used again."""
@@ -253,11 +244,11 @@ def train_step(config: StepConfig, optimizer: optax.GradientTransformation, grap
 
     def accumulate(grads_sum, xs):
         (loss_m, aux_m), grads_m = grad_fn(state.params, *xs)
-        return jax.tree.map(jnp.add, grads_sum, grads_m), (loss_m, aux_m)
+        return jax.tree.map(lambda total, g: total + g.astype(jnp.float32), grads_sum, grads_m), (loss_m, aux_m)
 
-    grads, (losses, (sums, metric_sums, per_token)) = jax.lax.scan(
-        accumulate, jax.tree.map(jnp.zeros_like, state.params), (batch, alpha, weights)
-    )
+    # Gradients add up in fp32 whatever the parameters' dtype.
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    grads, (losses, (sums, metric_sums, per_token)) = jax.lax.scan(accumulate, zeros, (batch, alpha, weights))
     loss = losses.sum()
     sums, metric_sums = jax.tree.map(lambda a: a.sum(0), (sums, metric_sums))
 

@@ -77,7 +77,9 @@ def open_params(path: str):
     return config, shapes, load
 
 
-def load_model(path: str):
-    """The model stored in a checkpoint directory written by `save_params`."""
-    config, shapes, load = open_params(path)
-    return model_from_params(config, ((p, load(p)) for p in shapes))
+def load_model(path: str, dtype: str | None = None, param_dtype: str | None = None):
+    """The model stored in a checkpoint directory written by `save_params`, in the precision
+    asked for (as `from_pretrained`; default: as stored)."""
+    stored, shapes, load = open_params(path)
+    config = stored.with_precision(dtype, param_dtype)
+    return model_from_params(config, ((p, load(p).astype(config.jnp_param_dtype)) for p in shapes))

@@ -98,6 +98,12 @@ class Qwen2_5_VLConfig:
                 raise ValueError(f"Unknown dtype {name!r}; choose one of {sorted(DTYPES)}.")
         return dataclasses.replace(self, param_dtype=param_dtype, dtype=dtype or param_dtype)
 
+    def with_precision(self, dtype: str | None = None, param_dtype: str | None = None) -> "Qwen2_5_VLConfig":
+        """Flax's convention: `dtype` is the compute dtype, `param_dtype` the storage dtype; either
+        alone sets both, and neither keeps this config's parameter dtype (the stored one)."""
+        param_dtype = param_dtype or dtype or self.param_dtype
+        return self.with_dtypes(param_dtype, dtype or param_dtype)
+
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "Qwen2_5_VLConfig":
         """Builds the config from the contents of an HF config.json (any transformers layout)."""

@@ -74,10 +74,12 @@ def _stored_dtype(files: SafetensorsDirectory, on_disk: dict[str, str]) -> str:
     return {"F32": "float32", "BF16": "bfloat16", "F16": "float32"}[name]
 
 
-def open_hf_params(path: str, dtype: str | None = None) -> tuple[Qwen2_5_VLConfig, Iterator[tuple[tuple, np.ndarray]]]:
+def open_hf_params(path: str, dtype: str | None = None,
+                   param_dtype: str | None = None) -> tuple[Qwen2_5_VLConfig, Iterator[tuple[tuple, np.ndarray]]]:
     """Checks an HF directory and returns its config and an iterator of (parameter path, array).
 
-    `dtype` is the parameter dtype (default: as stored). Every name, shape and dtype is
+    `dtype` computes, `param_dtype` stores; either alone sets both, neither keeps the stored
+    dtype (`Qwen2_5_VLConfig.with_precision`). Every name, shape and dtype is
     checked before the first tensor is read; the iterator then reads one parameter at a
     time (stacked ones filled layer by layer in place), so a consumer that writes each
     parameter away holds at most one in memory.
@@ -85,8 +87,9 @@ def open_hf_params(path: str, dtype: str | None = None) -> tuple[Qwen2_5_VLConfi
     config, _ = read_config(path)
     files = SafetensorsDirectory(path)
     on_disk = _check_tensors(files, config)
-    param_dtype = dtype or _stored_dtype(files, on_disk)
-    config = dataclasses.replace(config.with_dtypes(param_dtype), source_dir=os.path.abspath(path))
+    config = config.with_dtypes(_stored_dtype(files, on_disk)).with_precision(dtype, param_dtype)
+    config = dataclasses.replace(config, source_dir=os.path.abspath(path))
+    param_dtype = config.param_dtype
     shapes = param_shapes(config)
     table = weight_table(config)
     for entry in table:
@@ -125,9 +128,12 @@ def model_from_params(config: Qwen2_5_VLConfig, params: Iterable[tuple[tuple, np
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def from_pretrained(path: str, dtype: str | None = None) -> Qwen2_5_VLForConditionalGeneration:
-    """Loads an HF Qwen2.5-VL directory. `dtype` is the parameter (and compute) dtype; default as stored."""
-    return model_from_params(*open_hf_params(path, dtype))
+def from_pretrained(path: str, dtype: str | None = None, param_dtype: str | None = None
+                    ) -> Qwen2_5_VLForConditionalGeneration:
+    """Loads an HF Qwen2.5-VL directory. `dtype` computes, `param_dtype` stores (fp32 master
+    weights under bf16 compute: dtype="bfloat16", param_dtype="float32"); either alone sets
+    both; default: as stored."""
+    return model_from_params(*open_hf_params(path, dtype, param_dtype))
 
 
 def hf_config_dict(config: Qwen2_5_VLConfig) -> dict:

@@ -36,7 +36,9 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Normalises in fp32, casts back to the input dtype, then scales (HF order of operations)."""
+    """Normalises in fp32, casts back to the input dtype, then scales (HF order of operations).
+    The weight is cast to the input dtype first: fp32 master weights under bf16 compute give
+    what a bf16 model computes, and the activations stay bf16."""
 
     def __init__(self, size: int, *, eps: float, param_dtype):
         self.weight = nnx.Param(jnp.ones((size,), param_dtype))
@@ -45,7 +47,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * normed.astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
 class GatedMLP(nnx.Module):

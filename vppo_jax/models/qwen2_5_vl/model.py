@@ -27,10 +27,9 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         )
 
     def unembedding(self) -> jax.Array:
-        """The (hidden, vocab) matrix that maps final hidden states to logits."""
-        if self.lm_head is None:
-            return self.language_model.embed_tokens[...].T
-        return self.lm_head[...]
+        """The (hidden, vocab) matrix that maps final hidden states to logits, in the compute dtype."""
+        matrix = self.language_model.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return matrix.astype(self.config.jnp_dtype)
 
     def input_embeddings(self, inputs: ModelInputs) -> jax.Array:
         """Token embeddings with the merged image features scattered at the image tokens."""
