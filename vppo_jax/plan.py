@@ -10,7 +10,9 @@ their shardings) and each program's arguments, outputs and temporaries (XLA's me
 analysis), then the peak against the device's memory and a verdict.
 
 What is assumed (state of the code, not of the hardware):
-- the optimizer state stays on the devices while sampling, so every phase adds it;
+- the optimizer state stays on the devices while sampling, so every phase adds it; so do the
+  master weights when they are held in another dtype than the compute dtype (the sampler
+  runs on a copy cast to the compute dtype);
 - one image per prompt at the recipe's largest image (data.max_pixels, as a square), the
   longest prompt bucket and max_new_tokens for every row: the worst case of a step;
 - XLA:CPU compiles the program, not the TPU/GPU compiler: fusion, rematerialisation and
@@ -59,8 +61,9 @@ def topology(name: str) -> tuple[int, float]:
     raise ValueError(f"--topology={name!r}: choose one of {sorted(TOPOLOGIES)} or cpu-N.")
 
 
-def model_config(name: str, config_path: str, dtype: str):
-    """A Qwen2.5-VL config by size name (known sizes, no download), the tiny default's, or a directory's."""
+def model_config(name: str, config_path: str, dtype: str, param_dtype: str | None = None):
+    """A Qwen2.5-VL config by size name (known sizes, no download), the tiny default's, or a directory's,
+    computing in `dtype` with parameters in `param_dtype` (default: `dtype`)."""
     from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, TextConfig, VisionConfig
 
     name = name or config_path or "tiny"
@@ -74,7 +77,7 @@ def model_config(name: str, config_path: str, dtype: str):
                             num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=1e-6,
                             rope_theta=1e6, mrope_section=(16, 24, 24)),
             tie_word_embeddings=False,
-        ).with_dtypes(dtype)
+        ).with_precision(dtype, param_dtype)
     if name == "tiny":
         from vppo_jax import tiny
 
@@ -82,11 +85,11 @@ def model_config(name: str, config_path: str, dtype: str):
             get_vocab_size = staticmethod(lambda: tiny.VOCAB_SIZE)
             token_to_id = staticmethod(tiny.SPECIAL_TOKENS.index)
 
-        return tiny.tiny_config(Ids()).with_dtypes(dtype)
+        return tiny.tiny_config(Ids()).with_precision(dtype, param_dtype)
     from vppo_jax.models.qwen2_5_vl.hf_io import read_config
 
     config_dir = os.path.join(name, "hf") if os.path.isdir(os.path.join(name, "hf")) else name
-    return read_config(config_dir)[0].with_dtypes(dtype)
+    return read_config(config_dir)[0].with_precision(dtype, param_dtype)
 
 
 def image_grid(config, max_pixels: int) -> tuple[int, int, int]:
@@ -205,23 +208,27 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
         jitted = step_lib.jit_train_step(step_config, optimizer, graphdef, mesh, state_shardings, batch_shardings)
         results.append(compiled_phase("update step", jitted, (state, sharded(batch, batch_shardings), key), 0))
 
-    # The sampler: every prompt of a round at once, G samples each.
+    # The sampler: every prompt of a round at once, G samples each, on the weights cast to the
+    # compute dtype (vppo_jax.policy.compute_model); the master weights stay resident beside them.
     prompts = -(-r.prompts_per_step // sharding.batch_shards(mesh)) * sharding.batch_shards(mesh)
     inputs = abstract_batch(model_cfg, prompts, prompt_length, grid)
     cache_length = prompt_length + r.max_new_tokens
-    in_shardings, prefill = sampling.compiled_prefill(graphdef, state.params, inputs, cache_length, r.group_size,
+    compute_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, model_cfg.jnp_dtype, sharding=a.sharding),
+                                  state.params)
+    sampling_resident = opt_bytes + (params_bytes if model_cfg.param_dtype != model_cfg.dtype else 0)
+    in_shardings, prefill = sampling.compiled_prefill(graphdef, compute_params, inputs, cache_length, r.group_size,
                                                       mesh)
     if "prefill" in phases:
-        results.append(compiled_phase("rollout prefill", prefill, sharded((state.params, inputs), in_shardings),
-                                      opt_bytes))
+        results.append(compiled_phase("rollout prefill", prefill, sharded((compute_params, inputs), in_shardings),
+                                      sampling_resident))
     if "decode" in phases:
-        prefilled = jax.eval_shape(prefill, state.params, sharded(inputs, in_shardings[1]))
+        prefilled = jax.eval_shape(prefill, compute_params, sharded(inputs, in_shardings[1]))
         params = sampling.SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
                                          top_p=r.top_p, group_size=r.group_size)
         keys = jax.ShapeDtypeStruct((prompts * r.group_size,), key.dtype)
-        args = (state.params, prefilled.replace(cache=None), prefilled.cache, keys)
+        args = (compute_params, prefilled.replace(cache=None), prefilled.cache, keys)
         in_shardings, decode = sampling.compiled_decode(graphdef, *args, params, mesh)
-        results.append(compiled_phase("rollout decode", decode, sharded(args, in_shardings), opt_bytes))
+        results.append(compiled_phase("rollout decode", decode, sharded(args, in_shardings), sampling_resident))
     return dict(params=params_bytes, opt_state=opt_bytes, phases=results, rows=rows, prompts=prompts,
                 length=prompt_length + r.max_new_tokens, grid=grid)
 
@@ -307,8 +314,9 @@ def main(argv):
         raise ValueError(f"mesh {mesh_shape} uses {mesh.size} of the {devices} devices of {FLAGS.topology}: give "
                          "--mesh=data,fsdp,tensor with a product of the device count (one size may be -1).")
     mesh_shape = dict(mesh.shape)
-    model_cfg = model_config(FLAGS.model, config.model.path, config.model.dtype)
-    print(f"planning {FLAGS.model or config.model.path or 'tiny'} ({model_cfg.param_dtype}) on {FLAGS.topology}",
+    model_cfg = model_config(FLAGS.model, config.model.path, config.model.dtype, config.model.param_dtype)
+    print(f"planning {FLAGS.model or config.model.path or 'tiny'} (parameters {model_cfg.param_dtype}, compute "
+          f"{model_cfg.dtype}) on {FLAGS.topology}",
           flush=True)
     result = plan(config, model_cfg, mesh)
     print(report(result, mesh_shape, devices, memory_gib))
