@@ -58,12 +58,14 @@ def deterministic(lines: list[dict]) -> list[dict]:
 
 def test_tiny_run_writes_metrics_tensorboard_and_checkpoints(tmp_path, assets):
     # No online filter: the untrained model scores 0 everywhere, and the steps must still update.
+    # The reference's perturbation geometry: images blackened on the host, read by the step.
     config = write_config(tmp_path / "config.py", assets, **{"train.steps": 2, "checkpoint.every_steps": 1,
-                                                             "algo.online_filter": False})
+                                                             "algo.online_filter": False,
+                                                             "algo.perturbation": "blacken_pixels"})
     run(config, tmp_path / "run")
     lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [line["step"] for line in lines] == [0, 1]
-    for name in ("loss", "rollout/accuracy", "grad_norm", "time/rollout", "time/update", "time/tokens_per_second",
+    for name in ("loss", "rollout/accuracy", "grad_norm", "dependency/token_mean", "time/rollout", "time/update", "time/tokens_per_second",
                  "eval/avg@2", "eval/pass@2", "data/skipped_bad_image"):
         assert name in lines[-1], name
     assert os.listdir(tmp_path / "run" / "tensorboard")

@@ -67,17 +67,24 @@ def hf_token_logprobs(hf_model, arrays, pixel_values=None):
     return torch.log_softmax(logits, -1).numpy()
 
 
-def test_scores_match_transformers(setup):
+@pytest.mark.parametrize("perturbation", ["gray", "blacken_pixels"])
+def test_scores_match_transformers(setup, perturbation):
     """old_logp = HF teacher-forced log-probs; exact-KL dependency against a gray image =
-    KL between HF's distributions with the original and the gray image (NumPy)."""
+    KL between HF's distributions with the original and the gray image (NumPy). The gray
+    image is made in the step ("gray") or handed over as host-made pixels ("blacken_pixels"
+    reads whatever the host blackened)."""
     hf_model, model, arrays, response = setup
-    config = step_lib.StepConfig(group_size=GROUP, estimator="kl", perturbation="gray")
-    graphdef, state = init(model, optax.sgd(0.0))
-    scored = step_lib.make_score_rollouts(config, graphdef)(state.params, train_batch(model, arrays, response),
-                                                             jax.random.key(0))
-    logp = hf_token_logprobs(hf_model, arrays)
     gray = ((128 / 255 - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)).astype(np.float32)
     gray_pixels = np.broadcast_to(np.repeat(gray, 2 * 14 * 14), arrays["pixel_values"].shape).copy()
+    config = step_lib.StepConfig(group_size=GROUP, estimator="kl", perturbation=perturbation)
+    graphdef, state = init(model, optax.sgd(0.0))
+    batch = train_batch(model, arrays, response)
+    if perturbation == "blacken_pixels":
+        batch = build_train_batch(model.config, arrays["input_ids"], arrays["attention_mask"], response,
+                                  batch.advantages[0], arrays["pixel_values"], arrays["image_grid_thw"],
+                                  perturbed_pixel_values=gray_pixels)
+    scored = step_lib.make_score_rollouts(config, graphdef)(state.params, batch, jax.random.key(0))
+    logp = hf_token_logprobs(hf_model, arrays)
     logq = hf_token_logprobs(hf_model, arrays, gray_pixels)
 
     targets = np.concatenate([arrays["input_ids"][:, 1:], np.zeros_like(arrays["input_ids"][:, :1])], 1)

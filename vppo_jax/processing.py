@@ -174,6 +174,9 @@ class Prompt:
     prompt_ids: np.ndarray | None = None  # (T,) int32, each <|image_pad|> expanded to t*gh*gw/4 tokens
     pixel_values: np.ndarray | None = None  # (sum of t*gh*gw, 3*2*14*14) float32, images in prompt order
     image_grid_thw: np.ndarray | None = None  # (K, 3) int64
+    # The images after the recipe's pixel budget, before the processor (RGB uint8, H x W x 3):
+    # what the reference's perturbation blackens (vppo_jax/vppo/pixel_blackening.py).
+    images: tuple[np.ndarray, ...] = ()
     skip_reason: str | None = None  # one of SKIP_REASONS
     skip_detail: str = ""  # a sentence for the log
 
@@ -294,10 +297,11 @@ class PromptBuilder:
         except ValueError as error:
             return skipped_prompt(index, "image_mismatch", str(error), answer)
 
-        patches, grids = [], []
+        patches, grids, fitted = [], [], []
         for k, image in enumerate(images):
             try:
-                pixel_values, grid = self.image_processor(fit_pixel_budget(image, self.min_pixels, self.max_pixels))
+                fitted.append(fit_pixel_budget(image, self.min_pixels, self.max_pixels))
+                pixel_values, grid = self.image_processor(fitted[-1])
             except (ValueError, OSError) as error:  # aspect ratio > 200, a mode PIL cannot convert, a bad file
                 detail = f"image {k} ({image.width}x{image.height}): {error}"
                 return skipped_prompt(index, "bad_image", detail, answer)
@@ -315,6 +319,7 @@ class PromptBuilder:
             prompt_ids=np.asarray(ids, np.int32),
             pixel_values=np.concatenate(patches) if patches else np.zeros((0, patch_dim), np.float32),
             image_grid_thw=np.stack(grids) if grids else np.zeros((0, 3), np.int64),
+            images=tuple(np.asarray(image) for image in fitted),
         )
 
     def _expand_images(self, ids: list[int], grids: list[np.ndarray]) -> list[int]:

@@ -42,6 +42,7 @@ from vppo_jax.run_checkpoints import RunCheckpoints, claim_workdir
 from vppo_jax.vppo import step as step_lib
 from vppo_jax.vppo.advantages import grpo_advantages, online_group_filter
 from vppo_jax.vppo.batch import build_train_batch
+from vppo_jax.vppo.pixel_blackening import perturbed_pixel_values
 
 
 class Trainer:
@@ -158,18 +159,24 @@ class Trainer:
         stats["rollout/truncated"] /= len(rewards)
         return batch, stats
 
-    def update_batches(self, groups: GradedGroups) -> list[step_lib.TrainBatch]:
-        """`updates_per_rollout` TrainBatches over consecutive slices of the groups."""
+    def update_batches(self, groups: GradedGroups, key: jax.Array) -> list[step_lib.TrainBatch]:
+        """`updates_per_rollout` TrainBatches over consecutive slices of the groups; `key` seeds
+        the host-side blackening of the "blacken_pixels" perturbation."""
         c = self.config
         per_update = len(groups.prompts) // c.train.updates_per_rollout
         batches = []
         for u in range(c.train.updates_per_rollout):
             part = groups.select(np.arange(u * per_update, (u + 1) * per_update))
             arrays = update_arrays(part)
+            perturbed = None
+            if self.step_config.vppo and self.step_config.perturbation == "blacken_pixels" and "pixel_values" in arrays:
+                seed = np.asarray(jax.random.key_data(jax.random.fold_in(key, u)))
+                perturbed = perturbed_pixel_values(part.prompts, c.rollout.group_size, self.builder.image_processor,
+                                                   seed, c.algo.blacken_prob)
             batches.append(build_train_batch(
                 self.model_config, arrays["input_ids"], arrays["attention_mask"], arrays["response_tokens"],
                 np.asarray(grpo_advantages(part.rewards, c.rollout.group_size)),
-                arrays.get("pixel_values"), arrays.get("image_grid_thw"), c.train.micro_batches,
+                arrays.get("pixel_values"), arrays.get("image_grid_thw"), c.train.micro_batches, perturbed,
             ))
         return batches
 
@@ -183,7 +190,7 @@ class Trainer:
     def update(self, groups: GradedGroups, score_key: jax.Array, update_key: jax.Array, timer: Timer) -> dict:
         """`updates_per_rollout` optimizer updates on the graded groups; returns their mean metrics."""
         c = self.config
-        batches = self.update_batches(groups)
+        batches = self.update_batches(groups, score_key)
         tokens = float(sum(np.asarray(b.response_mask).sum() for b in batches))  # while still on the host
         if len(batches) > 1 or c.train.micro_batches > 1:
             # pi_old statistics for every slice from the rollout policy, before any update.

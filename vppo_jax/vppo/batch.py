@@ -33,8 +33,12 @@ def build_train_batch(
     pixel_values: np.ndarray | None = None,
     image_grid_thw: np.ndarray | None = None,
     micro_batches: int = 1,
+    perturbed_pixel_values: np.ndarray | None = None,
 ) -> TrainBatch:
     """Splits B rows into `micro_batches` consecutive micro-batches with equal shapes.
+
+    `perturbed_pixel_values`, rows like `pixel_values`: the images I' blackened on the host
+    (vppo_jax/vppo/pixel_blackening.py), laid out like the originals.
 
     `response_tokens` (B, T) marks the response tokens of each row. Position t predicts
     token t + 1, so targets and the response mask are shifted one step left.
@@ -55,24 +59,29 @@ def build_train_batch(
         pixel_bounds = np.concatenate([[0], np.cumsum(np.prod(grids, axis=1))])
         for m in range(micro_batches):
             first, last = image_bounds[m], image_bounds[m + 1]
-            parts.append((pixel_values[pixel_bounds[first]:pixel_bounds[last]], grids[first:last]))
+            pixels = slice(pixel_bounds[first], pixel_bounds[last])
+            perturbed = None if perturbed_pixel_values is None else perturbed_pixel_values[pixels]
+            parts.append((pixel_values[pixels], grids[first:last], perturbed))
     else:
-        parts = [(None, None)] * micro_batches
+        parts = [(None, None, None)] * micro_batches
 
     # One window layout for all micro-batches, so their vision inputs stack.
-    grids = [grid for _, grid in parts if grid is not None]
+    grids = [grid for _, grid, _ in parts if grid is not None]
     windows = max((count_windows(config.vision, grid) for grid in grids), default=1)
     frame_windows = max((largest_frame_windows(config.vision, grid) for grid in grids), default=1)
-    inputs = [
-        prepare_inputs(config, input_ids[m * rows:(m + 1) * rows], attention_mask[m * rows:(m + 1) * rows],
-                       pixels, grid, min_windows=windows, min_frame_windows=frame_windows)
-        for m, (pixels, grid) in enumerate(parts)
-    ]
-    stacked_inputs = jax.tree.map(lambda *leaves: np.stack(leaves), *inputs)
+    micro_inputs = lambda m, pixels, grid: prepare_inputs(
+        config, input_ids[m * rows:(m + 1) * rows], attention_mask[m * rows:(m + 1) * rows], pixels, grid,
+        min_windows=windows, min_frame_windows=frame_windows)
+    stack = lambda trees: jax.tree.map(lambda *leaves: np.stack(leaves), *trees)
     split = lambda a: a.reshape(micro_batches, rows, *a.shape[1:])
+    perturbed_patches = None
+    if perturbed_pixel_values is not None:  # the same slot layout, other pixels
+        perturbed_patches = np.stack([micro_inputs(m, perturbed, grid).vision.patches
+                                      for m, (_, grid, perturbed) in enumerate(parts)])
     return TrainBatch(
-        inputs=stacked_inputs,
+        inputs=stack([micro_inputs(m, pixels, grid) for m, (pixels, grid, _) in enumerate(parts)]),
         targets=split(targets.astype(np.int32)),
         response_mask=split(response_mask.astype(bool)),
         advantages=split(np.asarray(advantages, np.float32)),
+        perturbed_patches=perturbed_patches,
     )

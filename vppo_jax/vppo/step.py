@@ -41,7 +41,7 @@ class StepConfig:
 
     vppo: bool = True  # False: the GRPO/DAPO baseline, no perturbed forward
     group_size: int = 8
-    perturbation: str = "blacken"  # "blacken" | "noise" | "gray"
+    perturbation: str = "blacken"  # "blacken" | "blacken_pixels" (host, the reference's geometry) | "noise" | "gray"
     blacken_prob: float = 0.5
     estimator: str = "k3"  # "k3" | "kl" | "jsd" | "top1_drop"
     tas: bool = True
@@ -58,7 +58,7 @@ class StepConfig:
 
     def __post_init__(self):
         choices = {
-            "perturbation": ("blacken", "noise", "gray"),
+            "perturbation": ("blacken", "blacken_pixels", "noise", "gray"),
             "estimator": tuple(dependency_lib.ESTIMATORS),
             "tas_mode": ("dynamic", "static"),
             "tas_scope": ("global", "per_group"),
@@ -87,6 +87,7 @@ class TrainBatch:
     old_logp: jax.Array | None = None  # (M, b, T) from score_rollouts, or None (in-pass)
     dependency: jax.Array | None = None  # (M, b, T) from score_rollouts, or None (in-pass)
     old_entropy: jax.Array | None = None  # (M, b, T) for entropy-based TGF
+    perturbed_patches: jax.Array | None = None  # (M, S, patch_dim) images I' made on the host ("blacken_pixels")
 
 
 @flax.struct.dataclass
@@ -121,11 +122,17 @@ def init_sharded_state(model: nnx.Module, optimizer: optax.GradientTransformatio
                              donate_argnums=0)(params)
 
 
-def perturb_images(config: StepConfig, inputs: ModelInputs, key: jax.Array) -> ModelInputs:
+def perturb_images(config: StepConfig, inputs: ModelInputs, key: jax.Array, perturbed_patches=None) -> ModelInputs:
     """The images I' of spec section 2, in patch space; an independent draw per patch slot,
-    hence per rollout (each rollout's image occupies its own slots)."""
+    hence per rollout (each rollout's image occupies its own slots). "blacken_pixels" takes
+    the ones the host made (`TrainBatch.perturbed_patches`)."""
     vision = inputs.vision
-    if config.perturbation == "blacken":
+    if config.perturbation == "blacken_pixels":
+        if perturbed_patches is None:
+            raise ValueError("perturbation='blacken_pixels' blackens the images on the host: build the batch with "
+                             "build_train_batch(perturbed_pixel_values=...).")
+        patches = perturbed_patches
+    elif config.perturbation == "blacken":
         patches = perturbation.blacken_patches(vision.patches, vision.slot_valid, key, config.blacken_prob)
     elif config.perturbation == "noise":
         patches = perturbation.gaussian_noise(vision.patches, vision.slot_valid, key)
@@ -134,9 +141,10 @@ def perturb_images(config: StepConfig, inputs: ModelInputs, key: jax.Array) -> M
     return inputs.replace(vision=vision.replace(patches=patches))
 
 
-def _token_scores(config: StepConfig, model, inputs, targets, response_mask, hidden, key):
+def _token_scores(config: StepConfig, model, inputs, perturbed_patches, targets, response_mask, hidden, key):
     """Token dependency of the rollout policy: KL-type divergence between I and I'."""
-    hidden_perturbed = jax.lax.stop_gradient(model.hidden_states(perturb_images(config, inputs, key)))
+    perturbed = perturb_images(config, inputs, key, perturbed_patches)
+    hidden_perturbed = jax.lax.stop_gradient(model.hidden_states(perturbed))
     return dependency_lib.token_dependency(
         config.estimator, jax.lax.stop_gradient(hidden), hidden_perturbed, model.unembedding(), targets,
         response_mask, config.temperature, config.vocab_chunk,
@@ -148,19 +156,20 @@ def score_rollouts(config: StepConfig, graphdef, params, batch: TrainBatch, key:
     model = nnx.merge(graphdef, params)
 
     def score(micro):
-        inputs, targets, mask, micro_key = micro
+        inputs, perturbed_patches, targets, mask, micro_key = micro
         hidden = model.hidden_states(inputs)
         logp, entropy = dependency_lib.token_logprobs_and_entropy(
             hidden, model.unembedding(), targets, config.temperature, config.vocab_chunk
         )
         if config.vppo:
-            dep = _token_scores(config, model, inputs, targets, mask, hidden, micro_key)
+            dep = _token_scores(config, model, inputs, perturbed_patches, targets, mask, hidden, micro_key)
         else:
             dep = jnp.zeros_like(logp)
         return logp, entropy, dep
 
     keys = jax.random.split(key, batch.targets.shape[0])
-    logp, entropy, dep = jax.lax.map(score, (batch.inputs, batch.targets, batch.response_mask, keys))
+    logp, entropy, dep = jax.lax.map(
+        score, (batch.inputs, batch.perturbed_patches, batch.targets, batch.response_mask, keys))
     return batch.replace(old_logp=logp, old_entropy=entropy, dependency=dep)
 
 
@@ -225,7 +234,8 @@ def train_step(config: StepConfig, optimizer: optax.GradientTransformation, grap
         if in_pass:
             old_logp = jax.lax.stop_gradient(logp)
             if config.vppo:
-                dep = _token_scores(config, model, micro.inputs, micro.targets, micro.response_mask, hidden, perturb_key)
+                dep = _token_scores(config, model, micro.inputs, micro.perturbed_patches, micro.targets,
+                                    micro.response_mask, hidden, perturb_key)
             alpha_m, weights_m = jax.tree.map(
                 lambda a: a[0],
                 _shaping(config, None if dep is None else dep[None], jax.lax.stop_gradient(entropy)[None],
