@@ -68,7 +68,7 @@ def load_run(workdir: str, step: int | None, dtype: str | None) -> tuple[Policy,
     with open(os.path.join(workdir, CONFIG_FILE)) as f:
         config = ml_collections.ConfigDict(json.load(f))
     # Runs from before the precision modes held their parameters in model.dtype.
-    param_dtype = config.model.get("param_dtype") or config.model.dtype
+    config.model.param_dtype = config.model.get("param_dtype") or config.model.dtype
     config.model.dtype = dtype or config.model.dtype
     if not os.path.exists(config.model.path):
         raise FileNotFoundError(
@@ -83,7 +83,7 @@ def load_run(workdir: str, step: int | None, dtype: str | None) -> tuple[Policy,
         raise FileNotFoundError(f"{workdir}/checkpoints has no checkpoint {step}; it holds steps {steps}.")
     checkpoints = RunCheckpoints(workdir, config.checkpoint.keep)
     # The run's base model gives the architecture and tokenizer; the checkpoint, the parameters.
-    policy = load_policy(config.model.path, config.model.dtype, param_dtype)
+    policy = load_policy(config.model.path, config.model.dtype, config.model.param_dtype)
     optimizer = config_lib.optimizer(config)
     # Orbax restores into the train state's structure; eval_shape gives it without allocating optimizer state.
     abstract_state = jax.eval_shape(lambda: step_lib.init_state(policy.model, optimizer)[1])
