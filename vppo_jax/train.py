@@ -187,8 +187,10 @@ class Trainer:
                                       mesh=self.mesh)
         return {f"eval/{name}": value for name, value in summary.items()}
 
-    def update(self, groups: GradedGroups, score_key: jax.Array, update_key: jax.Array, timer: Timer) -> dict:
-        """`updates_per_rollout` optimizer updates on the graded groups; returns their mean metrics."""
+    def update(self, groups: GradedGroups, score_key: jax.Array, update_key: jax.Array,
+               timer: Timer) -> tuple[dict, float]:
+        """`updates_per_rollout` optimizer updates on the graded groups; returns their mean metrics
+        and the response tokens they trained on."""
         c = self.config
         batches = self.update_batches(groups, score_key)
         tokens = float(sum(np.asarray(b.response_mask).sum() for b in batches))  # while still on the host
@@ -202,8 +204,7 @@ class Trainer:
             for i, batch in enumerate(batches):
                 self.state, update_metrics = self.train_step(self.state, batch, jax.random.fold_in(update_key, i))
                 updates.append(jax.device_get(update_metrics))
-        metrics = {name: float(np.mean([u[name] for u in updates])) for name in updates[0]}
-        return metrics | {"train/response_tokens": tokens}
+        return {name: float(np.mean([u[name] for u in updates])) for name in updates[0]}, tokens
 
     def train_one_step(self, step: int) -> dict:
         """Rollout, update, evaluation (every eval.every_steps), metrics and checkpoint of one step."""
@@ -213,8 +214,10 @@ class Trainer:
         with timer("rollout"):
             groups, metrics = self.collect(rollout_key)
         metrics |= self.collapse_guard.observe(step, int(groups.live.sum()), metrics)
+        tokens = 0.0
         if groups.live.any():  # an empty batch has no gradient: no update, only the guard's count
-            metrics |= self.update(groups, score_key, update_key, timer)
+            update_metrics, tokens = self.update(groups, score_key, update_key, timer)
+            metrics |= update_metrics
         skip_counts = distributed.allgather(self.skips.metrics())  # every process's own skips
         metrics |= {name: sum(counts[name] for counts in skip_counts) for name in skip_counts[0]}
         metrics["train/skipped_updates"] = int(self.state.skipped_steps)
@@ -222,7 +225,6 @@ class Trainer:
             with timer("eval"):
                 metrics |= self.evaluate(eval_key)
         timings = timer.metrics()
-        tokens = metrics.pop("train/response_tokens", 0.0)
         metrics |= timings | {"time/tokens_per_second": tokens / max(timings["time/step"], 1e-9)}
         self.metrics.write(step, metrics)
         if (step + 1) % c.checkpoint.every_steps == 0 or step + 1 == c.train.steps:
