@@ -32,14 +32,15 @@ def tiny_tokenizer(specials=QWEN_SPECIALS) -> tokenizers.Tokenizer:
     return tokenizer
 
 
-def tiny_builder(tokenizer=None, max_prompt_length=4096, **budget) -> processing.PromptBuilder:
+def tiny_builder(tokenizer=None, max_prompt_length=4096, template=processing.PROMPT_TEMPLATES["reference"],
+                 **budget) -> processing.PromptBuilder:
     tokenizer = tokenizer or tiny_tokenizer()
     return processing.PromptBuilder(
         tokenizer, processing.ImageProcessor(),
         image_token_id=tokenizer.token_to_id("<|image_pad|>"),
         vision_start_token_id=tokenizer.token_to_id("<|vision_start|>"),
         vision_end_token_id=tokenizer.token_to_id("<|vision_end|>"),
-        max_prompt_length=max_prompt_length, **(budget or BUDGET),
+        max_prompt_length=max_prompt_length, template=template, **(budget or BUDGET),
     )
 
 
@@ -156,6 +157,19 @@ def test_prompt_text_is_the_qwen_chat_template():
     assert builder.prompt_text("Left <image> right <image>", 2) == chat(
         f"Left {VISION} right {VISION}\n\n{INSTRUCTION}"
     )
+
+
+def test_prompt_templates_plain_and_from_a_file(tmp_path):
+    plain = tiny_builder(template=processing.prompt_template("plain"))
+    assert plain.prompt_text("  What is x?\n", 1) == chat(f"{VISION}What is x?")
+    (tmp_path / "mine.txt").write_text("Answer in one word: {problem}\n")
+    mine = tiny_builder(template=processing.prompt_template(str(tmp_path / "mine.txt")))
+    assert mine.prompt_text("<image>What colour?", 1) == chat(f"Answer in one word: {VISION}What colour?")
+    with pytest.raises(ValueError, match=r"data.prompt_template='fancy' is neither one of \['plain', 'reference'\]"):
+        processing.prompt_template("fancy")
+    (tmp_path / "bad.txt").write_text("no placeholder")
+    with pytest.raises(ValueError, match=r"has no \{problem\}"):
+        processing.prompt_template(str(tmp_path / "bad.txt"))
 
 
 def test_prompt_ids_and_arrays():

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from vppo_jax.data import synthetic
@@ -167,3 +168,68 @@ def test_the_paper_recipes_train_two_epochs_of_virl39k_as_the_reference_counts_t
     config.rollout.prompts_per_step = 40000
     with pytest.raises(ValueError, match="gives no step: set train.epochs >= 1, or train.steps"):
         training_steps(config, 38870)
+
+
+def test_a_reward_beside_the_config_file_the_image_budget_line_and_no_checkpoints(tmp_path, assets):
+    (tmp_path / "my_reward.py").write_text(
+        "from vppo_jax.rewards import register\n\n\n"
+        "@register('always_one')\ndef always_one(response, answer):\n    return 1.0\n")
+    config = write_config(tmp_path / "config.py", assets, **{
+        "train.steps": 1, "checkpoint.every_steps": 0, "reward.name": "my_reward:always_one",
+        "algo.online_filter": False, "eval.every_steps": 100,
+    })
+    out = run(config, tmp_path / "run")  # from the repository root: found beside the config, not in the cwd
+    (line,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert line["rollout/accuracy"] == 1.0  # graded by the reward workers with the user's module
+    assert ("images: the first training image (84 x 84 px) reaches the model at 84 x 84 px, 9 image tokens "
+            "(data.min_pixels=0, data.max_pixels=0, then sides rounded to multiples of 28)") in out.stdout
+    assert not os.listdir(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"reward.name": "no_such_module:score"}, "reward 'no_such_module:score': cannot import no_such_module"),
+    ({"data.prompt_template": "fancy"}, "data.prompt_template='fancy' is neither one of"),
+    ({"algo.estimator": "kl2"}, "estimator='kl2'; choose one of"),
+])
+def test_a_name_that_does_not_resolve_fails_before_anything_loads(tmp_path, assets, override, message):
+    config = write_config(tmp_path / "config.py", assets, **override)
+    out = subprocess.run(train_command(config, tmp_path / "run"), cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0 and message in out.stderr
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before the workdir was claimed
+
+
+def test_a_mistyped_override_is_one_line_and_exit_status_2(tmp_path):
+    out = subprocess.run([*train_command("configs/tiny.py", tmp_path / "run"), "--config.rollout.group_sise=4"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("error: the config has no field 'group_sise'; Did you mean \"group_size\" instead "
+                                  "of \"group_sise\"? (all fields: vppo_jax/config.py)")
+
+
+def test_loading_a_model_config_without_torch_says_nothing_about_pytorch():
+    hide_torch = "import sys; sys.modules['torch'] = None; "
+    quiet = subprocess.run([sys.executable, "-c", hide_torch + "from vppo_jax.tiny import write_tiny_model; "
+                            "import transformers"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "PyTorch was not found" not in quiet.stderr
+    bare = subprocess.run([sys.executable, "-c", hide_torch + "import transformers"], capture_output=True, text=True,
+                          timeout=300)
+    assert "PyTorch was not found" in bare.stderr  # what transformers says without the filter
+
+
+def test_prompts_are_padded_from_rollout_min_prompt_length():
+    from configs import tiny
+    from vppo_jax.config import sampling_params
+    from vppo_jax.models.qwen2_5_vl.inputs import left_pad_to_bucket
+    from vppo_jax.processing import SpecialTokens
+
+    config = tiny.get_config()
+    config.rollout.min_prompt_length = 16
+    params = sampling_params(config, SpecialTokens(1, 2, 0, 3, 4, 5))
+    ids = np.ones((1, 46), np.int32)
+    arrays = {"input_ids": ids, "attention_mask": ids, "mm_token_type_ids": 0 * ids}
+    assert left_pad_to_bucket(arrays, params.min_prompt_length, 0)["input_ids"].shape == (1, 48)
+    config.rollout.min_prompt_length = 512
+    params = sampling_params(config, SpecialTokens(1, 2, 0, 3, 4, 5))
+    assert left_pad_to_bucket(arrays, params.min_prompt_length, 0)["input_ids"].shape == (1, 512)

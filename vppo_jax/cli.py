@@ -1,6 +1,8 @@
-"""Command-line glue shared by the conversion scripts."""
+"""Command-line glue: the conversion scripts' error handling, and flag parsing for the absl programs."""
 import sys
 from typing import Callable
+
+from absl import flags
 
 from vppo_jax.safetensors_io import CheckpointError
 
@@ -14,3 +16,20 @@ def run_conversion(convert: Callable[[], None], out: str) -> int:
         return 1
     print(f"wrote {out}")
     return 0
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for `app.run(main, flags_parser=parse_flags)`: a bad flag or
+    `--config.<field>` override (an unknown field, a value of the wrong type) ends the program
+    with one line naming it and exit status 2, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        problem = str(error)
+    except (AttributeError, KeyError) as error:  # ml_collections: a --config.<field> that does not exist
+        while error.args and isinstance(error.args[0], BaseException):  # it wraps a KeyError
+            error = error.args[0]
+        name, _, hint = str(error.args[0] if error.args else error).partition("\n")
+        problem = f"the config has no field {name}{'; ' + hint if hint else ''} (all fields: vppo_jax/config.py)"
+    print(f"error: {problem}", file=sys.stderr)
+    sys.exit(2)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import ml_collections
 import optax
 
-from vppo_jax import sampling
+from vppo_jax import processing, sampling
 from vppo_jax.vppo.loss import LossConfig
 from vppo_jax.optimizer import make_optimizer
+from vppo_jax.rewards.registry import get_reward
 from vppo_jax.vppo.step import StepConfig
 
 
@@ -29,8 +30,14 @@ def default_config() -> ml_collections.ConfigDict:
         train_files=("",),  # parquet or jsonl in the ViRL39K schema (problem, answer, images)
         val_files=("",),
         problem_key="problem", answer_key="answer", images_key="images",
-        min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28,  # the reference's image budget
+        # The image budget (processing.fit_pixel_budget): an image outside [min_pixels, max_pixels]
+        # is scaled into it, upscaling small images (0 switches a side off); the image processor
+        # then rounds each side to a multiple of 28. The reference's: 256 to 1280 units of 28 x 28.
+        min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28,
         max_prompt_length=4096,
+        # The user turn: "reference" (the problem, then the paper's think-then-\boxed{} instruction),
+        # "plain" (the problem alone) or a text file with {problem} where the problem goes.
+        prompt_template="reference",
         seed=1,
     ))
 
@@ -39,7 +46,9 @@ def default_config() -> ml_collections.ConfigDict:
         group_size=8,
         temperature=1.0, top_p=0.99, top_k=0,
         max_new_tokens=2048,
-        prompt_buckets=(512, 1024, 2048, 4096),
+        # Prompts are left-padded to the next length of the form 2^k or 1.5 x 2^k at or above
+        # this (one compile per length): larger means fewer compiles and more padding.
+        min_prompt_length=512,
         max_filter_rounds=8,  # dynamic sampling: rounds of sampling to fill the batch
         # The collapse guard (vppo_jax/collapse_guard.py): a step whose batch holds fewer live
         # groups than this share of prompts_per_step is starved; this many starved steps in a
@@ -78,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
         seed=0,
     ))
 
+    # A checkpoint every `every_steps` steps and at the last one; 0 writes none (smoke runs, benchmarks).
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep=3))
     c.eval = ml_collections.ConfigDict(dict(every_steps=10, k=8, temperature=1.0, top_p=1.0, max_examples=0))
     # Device mesh (vppo_jax/sharding.py): batch rows over data x fsdp, parameters and optimizer
@@ -85,6 +95,15 @@ def default_config() -> ml_collections.ConfigDict:
     # of the devices). The default is one device, as a run on a CPU wants; recipes set theirs.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
     return c
+
+
+def check_names(c: ml_collections.ConfigDict):
+    """Resolves every name the config holds (reward, prompt template, the algorithm's choices,
+    precision), so that a typo fails in the first second, not after the model has loaded."""
+    get_reward(c.reward.name)
+    processing.prompt_template(c.data.prompt_template)
+    step_config(c)  # StepConfig checks its choices
+    optimizer(c)  # and make_optimizer the parameter dtype
 
 
 def step_config(c: ml_collections.ConfigDict) -> StepConfig:
@@ -138,6 +157,6 @@ def sampling_params(c: ml_collections.ConfigDict, special, **overrides) -> sampl
     settings = dict(
         max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
         group_size=r.group_size, end_token_ids=(special.im_end, special.endoftext),
-        pad_token_id=special.endoftext, min_prompt_length=r.prompt_buckets[0],
+        pad_token_id=special.endoftext, min_prompt_length=r.min_prompt_length,
     )
     return sampling.SamplingParams(**(settings | overrides))

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from absl import app, flags, logging
 
+from vppo_jax.cli import parse_flags
 from vppo_jax.embedded import prepare_embedded_default
 from vppo_jax.metrics import METRICS_FILE, read_metrics
 from vppo_jax.report import DependencySample, write_report
@@ -143,4 +144,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

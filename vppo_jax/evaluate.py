@@ -66,9 +66,11 @@ def saved_steps(workdir: str) -> list[int]:
 def load_run(workdir: str, step: int | None, dtype: str | None) -> tuple[Policy, ml_collections.ConfigDict, int]:
     """The policy of a training run at checkpoint `step` (the latest if None), and the run's config."""
     with open(os.path.join(workdir, CONFIG_FILE)) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        saved = json.load(f)
     # Runs from before the precision modes held their parameters in model.dtype.
-    config.model.param_dtype = config.model.get("param_dtype") or config.model.dtype
+    saved["model"].setdefault("param_dtype", saved["model"]["dtype"])
+    config = config_lib.default_config()  # fields added since the run was started keep their defaults
+    config.update(saved)
     config.model.dtype = dtype or config.model.dtype
     if not os.path.exists(config.model.path):
         raise FileNotFoundError(
@@ -182,7 +184,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     config.rollout.max_new_tokens = args.max_new_tokens or config.rollout.max_new_tokens
     config.reward.name = args.reward or config.reward.name
     d = config.data
-    builder = prompt_builder(policy, d.max_prompt_length, d.min_pixels or None, d.max_pixels or None)
+    builder = prompt_builder(policy, d.max_prompt_length, d.min_pixels or None, d.max_pixels or None,
+                             d.prompt_template)
     params = config_lib.sampling_params(config, builder.special, group_size=args.k, **PAPER_SAMPLING)
     summary = {"checkpoint": args.checkpoint, "step": step, "k": args.k, "reward": config.reward.name,
                "sampling": dict(PAPER_SAMPLING, max_new_tokens=params.max_new_tokens), "benchmarks": {}}

@@ -31,6 +31,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from vppo_jax.cli import parse_flags
+
 GIB = 1 << 30
 # Memory per device (GiB) and devices per topology.
 DEVICE_MEMORY_GIB = {"v5p": 95, "v4": 32, "h100": 80}
@@ -182,7 +184,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
     opt_bytes = bytes_per_device(state.opt_state, state_shardings.opt_state)
 
     grid = image_grid(model_cfg, d.max_pixels)
-    prompt_length = length_bucket(d.max_prompt_length, r.prompt_buckets[0])
+    prompt_length = length_bucket(d.max_prompt_length, r.min_prompt_length)
     rows = r.prompts_per_step * r.group_size // t.updates_per_rollout // t.micro_batches
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
     results = []
@@ -330,4 +332,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

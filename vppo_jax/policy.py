@@ -54,13 +54,13 @@ def compute_model(graphdef: nnx.GraphDef, params, config):
 
 
 def prompt_builder(policy: Policy, max_prompt_length: int, min_pixels: int | None = None,
-                   max_pixels: int | None = None) -> processing.PromptBuilder:
+                   max_pixels: int | None = None, template: str = "reference") -> processing.PromptBuilder:
     """Prompts for this policy: its tokenizer, image processor and vision token ids; `min/max_pixels`
-    is the recipe's image budget (None: none)."""
+    is the recipe's image budget (None: none); `template` a name or file (`processing.prompt_template`)."""
     config = policy.model.config
     return processing.PromptBuilder(
         policy.tokenizer, processing.ImageProcessor.from_pretrained(policy.hf_dir),
         image_token_id=config.image_token_id, vision_start_token_id=config.vision_start_token_id,
         vision_end_token_id=config.vision_end_token_id, max_prompt_length=max_prompt_length,
-        min_pixels=min_pixels, max_pixels=max_pixels,
+        min_pixels=min_pixels, max_pixels=max_pixels, template=processing.prompt_template(template),
     )

@@ -38,6 +38,9 @@ INSTRUCTION = (
     "tags. Then, provide your final answer enclosed within \\boxed{}."
 )
 IMAGE_PLACEHOLDER = "<image>"  # where a ViRL39K/EasyR1 problem puts its images
+# The user turn around a problem, "{problem}" marking where it goes: the reference's (the
+# paper's recipes) or the bare problem. data.prompt_template names one, or a text file.
+PROMPT_TEMPLATES = {"reference": "{problem}\n\n" + INSTRUCTION, "plain": "{problem}"}
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -165,6 +168,22 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 # --- prompts ------------------------------------------------------------------------------
 
 
+def prompt_template(name: str) -> str:
+    """The template named `name` in PROMPT_TEMPLATES, or the text of the file at path `name`
+    (its final newline dropped). Raises ValueError naming the choices when it is neither, or
+    when the template has no {problem}."""
+    if name in PROMPT_TEMPLATES:
+        return PROMPT_TEMPLATES[name]
+    if not os.path.isfile(name):
+        raise ValueError(f"data.prompt_template={name!r} is neither one of {sorted(PROMPT_TEMPLATES)} nor a file "
+                         "(a text file holding the user turn, with {problem} where the problem goes).")
+    with open(name) as f:
+        template = f.read().removesuffix("\n")
+    if "{problem}" not in template:
+        raise ValueError(f"data.prompt_template={name!r} has no {{problem}}: mark where the problem goes.")
+    return template
+
+
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: == on arrays is elementwise, not a bool
 class Prompt:
     """One example ready for the model, or a skipped one (skip_reason set, no arrays)."""
@@ -245,11 +264,13 @@ class PromptBuilder:
         max_prompt_length: int,
         min_pixels: int | None = 256 * 28 * 28,
         max_pixels: int | None = 1280 * 28 * 28,
+        template: str = PROMPT_TEMPLATES["reference"],
     ):
         """The vision token ids come from the model config; they must agree with the tokenizer.
 
         min_pixels/max_pixels: the recipe's image budget (`fit_pixel_budget`), applied before the
-        image processor; None disables that side.
+        image processor; None disables that side. template: the user turn, {problem} marking
+        where the problem goes (`prompt_template`).
         """
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -265,6 +286,7 @@ class PromptBuilder:
                     "load the tokenizer and the model from the same checkpoint."
                 )
         self.max_prompt_length = max_prompt_length
+        self.template = template
         self.min_pixels = min_pixels or 0
         self.max_pixels = max_pixels or math.inf
 
@@ -277,7 +299,7 @@ class PromptBuilder:
         if placeholders not in (0, num_images):
             raise ValueError(f"the problem has {placeholders} {IMAGE_PLACEHOLDER} placeholders for {num_images} images")
         image = "<|vision_start|><|image_pad|><|vision_end|>"
-        user = f"{problem.strip()}\n\n{INSTRUCTION}"
+        user = self.template.replace("{problem}", problem.strip())
         user = user.replace(IMAGE_PLACEHOLDER, image) if placeholders else image * num_images + user
         return (
             f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"

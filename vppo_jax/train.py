@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 
 import jax
 import ml_collections
@@ -31,7 +32,9 @@ from tqdm.auto import tqdm
 from vppo_jax import config as config_lib
 from vppo_jax import data as data_lib
 from vppo_jax import distributed, sharding
+from vppo_jax.cli import parse_flags
 from vppo_jax.collapse_guard import CollapseGuard
+from vppo_jax.data.images import open_image
 from vppo_jax.metrics import MetricsWriter, Timer
 from vppo_jax.policy import compute_model, load_policy, prompt_builder
 from vppo_jax.rewards import RewardPool
@@ -47,10 +50,12 @@ from vppo_jax.vppo.pixel_blackening import perturbed_pixel_values
 
 class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        config_lib.check_names(config)
         d = config.data
         columns = dict(problem_key=d.problem_key, answer_key=d.answer_key, images_key=d.images_key)
+        train_rows = data_lib.RowSource(d.train_files, columns.values())
         config = ml_collections.ConfigDict(config.to_dict())  # train.steps resolved from the epochs, in a copy
-        config.train.steps = config_lib.training_steps(config, len(data_lib.RowSource(d.train_files, columns.values())))
+        config.train.steps = config_lib.training_steps(config, len(train_rows))
         self.config, self.workdir = config, workdir
         self.mesh = sharding.make_mesh(config.mesh)
         check_batch_shapes(config, self.mesh)
@@ -59,7 +64,10 @@ class Trainer:
         # Weights load into host memory; init_sharded_state places each device's slices.
         with jax.default_device(_host_device()):
             self.policy = load_policy(config.model.path, config.model.dtype, config.model.param_dtype)
-        self.builder = prompt_builder(self.policy, d.max_prompt_length, d.min_pixels or None, d.max_pixels or None)
+        self.builder = prompt_builder(self.policy, d.max_prompt_length, d.min_pixels or None, d.max_pixels or None,
+                                      d.prompt_template)
+        if jax.process_index() == 0:
+            print(describe_image_budget(train_rows[0], self.builder, d), flush=True)
         self.sampling = config_lib.sampling_params(config, self.builder.special)
         self.step_config = config_lib.step_config(config)
         self.optimizer = config_lib.optimizer(config)
@@ -227,7 +235,8 @@ class Trainer:
         timings = timer.metrics()
         metrics |= timings | {"time/tokens_per_second": tokens / max(timings["time/step"], 1e-9)}
         self.metrics.write(step, metrics)
-        if (step + 1) % c.checkpoint.every_steps == 0 or step + 1 == c.train.steps:
+        every = c.checkpoint.every_steps  # 0: no checkpoints at all (benchmarks, smoke runs)
+        if every and ((step + 1) % every == 0 or step + 1 == c.train.steps):
             self.checkpoints.save(step + 1, self.state, self.rng, self.data.get_state(),
                                   {"skips": dict(self.skips.counts), "collapse_guard": self.collapse_guard.state()})
         return metrics
@@ -272,6 +281,19 @@ def check_batch_shapes(config: ml_collections.ConfigDict, mesh):
                         "rollout.group_size / train.updates_per_rollout / train.micro_batches)")
 
 
+def describe_image_budget(row: data_lib.Row, builder, d: ml_collections.ConfigDict) -> str:
+    """What the image budget (config.data `d`) and the processor make of a row's first image, in one line."""
+    prompt = data_lib.RowToPrompt(builder, d.problem_key, d.answer_key, d.images_key)(row)
+    if prompt.skipped or not len(prompt.image_grid_thw):
+        return "images: the first training row has no usable image"
+    original = open_image(row.fields[d.images_key][0], row.base_dir)
+    processor, (_, rows, cols) = builder.image_processor, prompt.image_grid_thw[0]
+    return (f"images: the first training image ({original.width} x {original.height} px) reaches the model at "
+            f"{cols * processor.patch_size} x {rows * processor.patch_size} px, {rows * cols // processor.merge_size**2} "
+            f"image tokens (data.min_pixels={d.min_pixels}, data.max_pixels={d.max_pixels}, then sides "
+            f"rounded to multiples of {processor.patch_size * processor.merge_size})")
+
+
 def _host_device():
     """This host's CPU device where JAX has one (it does unless JAX_PLATFORMS leaves it out)."""
     try:
@@ -292,6 +314,8 @@ def _grade_in_shares(grade, responses: list[str], answers: list[str]):
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; the progress bar says enough
+    # Modules the config names (a reward of one's own) may sit next to the config file.
+    sys.path.append(os.path.dirname(os.path.abspath(config_flags.get_config_filename(flags.FLAGS["config"]))))
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     # The embedded default's assets are made once, by process 0, before the others look for them.
     if jax.process_index() == 0:
@@ -307,4 +331,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

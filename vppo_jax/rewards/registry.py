@@ -5,7 +5,9 @@ name) and import it themselves. So a reward must be a module-level function of a
 importable module: not a lambda, not a function defined inside another function.
 
 A reward outside this package is named in the config as "module.path:name"; `get_reward`
-imports the module, whose `@register` lines then add its rewards.
+imports the module, whose `@register` lines then add its rewards. The module is looked up
+on PYTHONPATH, in the directory the command runs from, and (for `python -m vppo_jax.train`)
+in the directory of the config file.
 """
 import importlib
 
@@ -31,7 +33,11 @@ def get_reward(name):
     """The reward registered as `name`, or as "module.path:name" after importing the module."""
     module, _, short_name = name.rpartition(":")
     if module:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(f"reward {name!r}: cannot import {module} ({error}). A reward module is found on "
+                             "PYTHONPATH, in the directory the command runs from, or next to the config file.") from error
     if short_name not in _REWARDS:
         raise ValueError(f"unknown reward {name!r}; registered: {', '.join(registered_rewards())}")
     return _REWARDS[short_name]

@@ -8,11 +8,16 @@ frozen, hashable dataclass so it can be a static argument of jitted functions.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# transformers says on import that it found no PyTorch; we use only its config classes, which
+# need none, so that one message would only alarm (set before transformers is first imported).
+logging.getLogger("transformers").addFilter(lambda record: not record.getMessage().startswith("PyTorch was not found"))
 
 
 @dataclasses.dataclass(frozen=True)
