@@ -43,6 +43,7 @@ def get_config(arg: str = ""):
     config.optim.warmup_steps = 10
     config.train.steps = 80
     config.train.updates_per_rollout = 1
+    config.train.micro_batches = 1  # 64 rows in one pass: the step scores them in-pass (no separate scoring)
     config.checkpoint.every_steps = 20
     config.eval.every_steps = 20
     config.eval.k = 4

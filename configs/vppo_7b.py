@@ -23,4 +23,5 @@ def get_config(arg: str = ""):
         config.rollout.max_new_tokens = 32
         config.train.steps = 2
         config.train.updates_per_rollout = 1
+        config.train.micro_batches = 1
     return config
