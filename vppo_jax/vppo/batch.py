@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
-from vppo_jax.models.qwen2_5_vl.inputs import count_windows, largest_frame_windows, prepare_inputs
+from vppo_jax.models.qwen2_5_vl.inputs import count_windows, largest_frame_windows, prepare_inputs, vision_inputs
 from vppo_jax.vppo.step import TrainBatch
 
 
@@ -69,17 +69,18 @@ def build_train_batch(
     grids = [grid for _, grid, _ in parts if grid is not None]
     windows = max((count_windows(config.vision, grid) for grid in grids), default=1)
     frame_windows = max((largest_frame_windows(config.vision, grid) for grid in grids), default=1)
-    micro_inputs = lambda m, pixels, grid: prepare_inputs(
-        config, input_ids[m * rows:(m + 1) * rows], attention_mask[m * rows:(m + 1) * rows], pixels, grid,
-        min_windows=windows, min_frame_windows=frame_windows)
-    stack = lambda trees: jax.tree.map(lambda *leaves: np.stack(leaves), *trees)
-    split = lambda a: a.reshape(micro_batches, rows, *a.shape[1:])
+    inputs = [
+        prepare_inputs(config, input_ids[m * rows:(m + 1) * rows], attention_mask[m * rows:(m + 1) * rows],
+                       pixels, grid, min_windows=windows, min_frame_windows=frame_windows)
+        for m, (pixels, grid, _) in enumerate(parts)
+    ]
     perturbed_patches = None
     if perturbed_pixel_values is not None:  # the same slot layout, other pixels
-        perturbed_patches = np.stack([micro_inputs(m, perturbed, grid).vision.patches
-                                      for m, (_, grid, perturbed) in enumerate(parts)])
+        perturbed_patches = np.stack([vision_inputs(config.vision, perturbed, grid, windows, frame_windows)[0].patches
+                                      for _, grid, perturbed in parts])
+    split = lambda a: a.reshape(micro_batches, rows, *a.shape[1:])
     return TrainBatch(
-        inputs=stack([micro_inputs(m, pixels, grid) for m, (pixels, grid, _) in enumerate(parts)]),
+        inputs=jax.tree.map(lambda *leaves: np.stack(leaves), *inputs),
         targets=split(targets.astype(np.int32)),
         response_mask=split(response_mask.astype(bool)),
         advantages=split(np.asarray(advantages, np.float32)),
