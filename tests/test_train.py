@@ -190,12 +190,25 @@ def test_a_reward_beside_the_config_file_the_image_budget_line_and_no_checkpoint
     ({"reward.name": "no_such_module:score"}, "reward 'no_such_module:score': cannot import no_such_module"),
     ({"data.prompt_template": "fancy"}, "data.prompt_template='fancy' is neither one of"),
     ({"algo.estimator": "kl2"}, "estimator='kl2'; choose one of"),
+    ({"model.param_dtype": "float16"}, "model.param_dtype='float16'; choose one of"),
 ])
-def test_a_name_that_does_not_resolve_fails_before_anything_loads(tmp_path, assets, override, message):
-    config = write_config(tmp_path / "config.py", assets, **override)
+def test_every_name_in_the_config_is_checked(override, message):
+    from configs import tiny
+    from vppo_jax.config import check_names
+
+    config = tiny.get_config()
+    for name, value in override.items():
+        section, field = name.split(".")
+        config[section][field] = value
+    with pytest.raises(ValueError, match=message):
+        check_names(config)
+
+
+def test_a_name_that_does_not_resolve_fails_before_anything_loads(tmp_path, assets):
+    config = write_config(tmp_path / "config.py", assets, **{"reward.name": "no_such_module:score"})
     out = subprocess.run(train_command(config, tmp_path / "run"), cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
-    assert out.returncode != 0 and message in out.stderr
+    assert out.returncode != 0 and "cannot import no_such_module" in out.stderr
     assert not (tmp_path / "run" / "config.json").exists()  # refused before the workdir was claimed
 
 
