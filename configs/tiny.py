@@ -52,6 +52,7 @@ def get_config(arg: str = ""):
         config.synthetic.train, config.synthetic.val, config.synthetic.warm_start_steps = 64, 8, 0
         config.rollout.prompts_per_step, config.rollout.group_size = 4, 4
         config.rollout.max_new_tokens = 8
+        config.rollout.max_filter_rounds = 2  # an untrained model fills no group: do not sample 8 rounds for nothing
         config.train.steps = 4
         config.checkpoint.every_steps = config.eval.every_steps = 2
         config.eval.k, config.eval.max_examples = 2, 4

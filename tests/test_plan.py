@@ -58,28 +58,31 @@ def test_tiny_plan_on_four_devices(tmp_path):
     assert "| update step |" in out.stdout
 
 
-def test_the_state_of_each_precision_mode_matches_its_hand_count(tmp_path):
+def test_the_state_of_each_precision_mode_matches_its_hand_count():
     """bf16 compute; fp32 master weights with fp32 Adam moments, or bf16 weights with bf16
-    moments and a bf16 Kahan buffer. Counted here from the parameter shapes on one device."""
+    moments and a bf16 Kahan buffer. Counted here from the parameter shapes, on one device."""
+    from configs import tiny
+    from vppo_jax import sharding
+    from vppo_jax.plan import plan
+
     elements = sum(math.prod(p.shape) for p in jax.tree.leaves(
         nnx.split(abstract_model(model_config("tiny", "", "float32")), nnx.Param)[1]))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
     plans = {}
     for param_dtype in ("float32", "bfloat16"):
-        out = run_plan("--topology=cpu-1", "--config.model.dtype=bfloat16", f"--config.model.param_dtype={param_dtype}",
-                       f"--json={tmp_path / param_dtype}.json")
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert f"(parameters {param_dtype}, compute bfloat16)" in out.stdout
-        plans[param_dtype] = json.loads((tmp_path / f"{param_dtype}.json").read_text())
+        config = tiny.get_config()
+        config.model.dtype, config.model.param_dtype = "bfloat16", param_dtype
+        plans[param_dtype] = plan(config, model_config("tiny", "", "bfloat16", param_dtype), mesh, phases=("decode",))
     master, kahan = plans["float32"], plans["bfloat16"]
     assert master["params"] == 4 * elements
     assert master["opt_state"] == 2 * 4 * elements + 8  # mu and nu; Adam's and the schedule's int32 counts
     assert kahan["params"] == 2 * elements
     assert kahan["opt_state"] == 3 * 2 * elements + 4  # mu, nu and the compensation; one int32 count
     # While sampling on the bf16 copy, the fp32 master weights stay resident with the moments.
-    decode = {name: {p["name"]: p for p in plan["phases"]}["rollout decode"] for name, plan in plans.items()}
-    assert decode["float32"]["resident"] == master["opt_state"] + master["params"]
-    assert decode["bfloat16"]["resident"] == kahan["opt_state"]
-    assert decode["float32"]["arguments"] >= 2 * elements  # the bf16 copy of the weights
+    (decode_master,), (decode_kahan,) = master["phases"], kahan["phases"]
+    assert decode_master.resident == master["opt_state"] + master["params"]
+    assert decode_kahan.resident == kahan["opt_state"]
+    assert decode_master.arguments >= 2 * elements  # the bf16 copy of the weights
 
 
 def test_a_mesh_that_does_not_cover_the_topology_is_refused():

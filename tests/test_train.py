@@ -58,13 +58,21 @@ def deterministic(lines: list[dict]) -> list[dict]:
 
 
 def test_tiny_run_writes_metrics_tensorboard_and_checkpoints(tmp_path, assets):
-    # No online filter: the untrained model scores 0 everywhere, and the steps must still update.
-    # The reference's perturbation geometry: images blackened on the host, read by the step.
+    # No online filter: every group updates, whatever the rewards. The reference's perturbation
+    # geometry: images blackened on the host, read by the step. A reward module of the user's,
+    # beside the config file (the run starts from the repository root, not from there).
+    (tmp_path / "my_reward.py").write_text(
+        "from vppo_jax.rewards import register\n\n\n"
+        "@register('always_one')\ndef always_one(response, answer):\n    return 1.0\n")
     config = write_config(tmp_path / "config.py", assets, **{"train.steps": 2, "checkpoint.every_steps": 1,
                                                              "algo.online_filter": False,
-                                                             "algo.perturbation": "blacken_pixels"})
-    run(config, tmp_path / "run")
+                                                             "algo.perturbation": "blacken_pixels",
+                                                             "reward.name": "my_reward:always_one"})
+    out = run(config, tmp_path / "run")
+    assert ("images: the first training image (84 x 84 px) reaches the model at 84 x 84 px, 9 image tokens "
+            "(data.min_pixels=0, data.max_pixels=0, then sides rounded to multiples of 28)") in out.stdout
     lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [line["rollout/accuracy"] for line in lines] == [1.0, 1.0]  # graded with the user's module
     assert [line["step"] for line in lines] == [0, 1]
     for name in ("loss", "rollout/accuracy", "grad_norm", "dependency/token_mean", "time/rollout", "time/update", "time/tokens_per_second",
                  "eval/avg@2", "eval/pass@2", "data/skipped_bad_image"):
@@ -116,10 +124,12 @@ def test_a_hanging_grader_times_out_and_the_run_goes_on(tmp_path, assets):
     config = write_config(tmp_path / "config.py", assets, **{
         "train.steps": 1, "reward.name": "tests.hanging_reward:hang", "reward.timeout_s": 0.5,
         "eval.every_steps": 100, "rollout.prompts_per_step": 2, "rollout.group_size": 2,
+        "checkpoint.every_steps": 0,
     })
     run(config, tmp_path / "run")
     (line,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert line["rollout/timeouts"] > 0 and line["rollout/accuracy"] == 0.0
+    assert not os.listdir(tmp_path / "run" / "checkpoints")  # checkpoint.every_steps=0: none, not even the last
 
 
 def test_a_workdir_of_another_config_is_refused(tmp_path):
@@ -168,22 +178,6 @@ def test_the_paper_recipes_train_two_epochs_of_virl39k_as_the_reference_counts_t
     config.rollout.prompts_per_step = 40000
     with pytest.raises(ValueError, match="gives no step: set train.epochs >= 1, or train.steps"):
         training_steps(config, 38870)
-
-
-def test_a_reward_beside_the_config_file_the_image_budget_line_and_no_checkpoints(tmp_path, assets):
-    (tmp_path / "my_reward.py").write_text(
-        "from vppo_jax.rewards import register\n\n\n"
-        "@register('always_one')\ndef always_one(response, answer):\n    return 1.0\n")
-    config = write_config(tmp_path / "config.py", assets, **{
-        "train.steps": 1, "checkpoint.every_steps": 0, "reward.name": "my_reward:always_one",
-        "algo.online_filter": False, "eval.every_steps": 100,
-    })
-    out = run(config, tmp_path / "run")  # from the repository root: found beside the config, not in the cwd
-    (line,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert line["rollout/accuracy"] == 1.0  # graded by the reward workers with the user's module
-    assert ("images: the first training image (84 x 84 px) reaches the model at 84 x 84 px, 9 image tokens "
-            "(data.min_pixels=0, data.max_pixels=0, then sides rounded to multiples of 28)") in out.stdout
-    assert not os.listdir(tmp_path / "run" / "checkpoints")
 
 
 @pytest.mark.parametrize("override, message", [
