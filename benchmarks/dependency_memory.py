@@ -1,6 +1,6 @@
 """Compiled temporary memory of the vocabulary-sized computations, chunked vs unchunked.
 
-VPPO spec section 1: the full-vocabulary KL "must be computed in chunks over the sequence
+The exact estimator of token dependency: the full-vocabulary KL "must be computed in chunks over the sequence
 so that peak memory is O(chunk * V), never O(T * V)". This compiles the exact `kl` token
 dependency for one 2048-token response over Qwen2.5-VL's 152064-token vocabulary from
 abstract shapes (nothing is allocated) and prints XLA's temporary-buffer size with

@@ -1,4 +1,4 @@
-"""The paper's ablations on the 7B recipe, by name (section 5 of the paper; spec section 8):
+"""The paper's ablations on the 7B recipe, by name (section 5 of the paper):
 
     python -m vppo_jax.train --config=configs/ablation.py:tas_only --workdir=runs/tas_only ...
 

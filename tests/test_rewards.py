@@ -1,4 +1,4 @@
-r"""The verifiable reward (spec section 7) and the worker pool that grades it.
+r"""The verifiable reward of the paper's recipe and the worker pool that grades it.
 
 Expected accuracies are derived by hand from the reference (VPPO-RL's
 examples/reward_function/math.py on mathruler 0.1.0's grader); each case says which rule

@@ -1,4 +1,4 @@
-"""Token visual dependency estimators (VPPO spec section 1) against float64 NumPy."""
+"""Token visual dependency estimators (the paper's Definition 3.1) against float64 NumPy."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,7 +74,7 @@ def test_identical_images_give_zero_dependency(inputs):
 
 
 def test_mean_of_k3_converges_to_exact_kl():
-    """k3 is unbiased for KL(p || p') when o_t ~ p (spec section 1)."""
+    """k3 is unbiased for KL(p || p') when o_t ~ p (paper Definition 3.1)."""
     rng = np.random.default_rng(1)
     samples, small_vocab = 20000, 6
     unembedding = rng.normal(size=(D, small_vocab)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""The VPPO policy loss (spec section 5) and Theorem 3.1 (section 6) against NumPy."""
+"""The VPPO policy loss (the reference's DAPO-style recipe) and Theorem 3.1 against NumPy."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,7 +129,7 @@ def test_gradient_accumulation_with_global_counts_is_exact(batch, aggregation):
 
 
 def test_unselected_tokens_get_exactly_zero_gradient_without_entropy_term(batch):
-    """TGF (spec section 4): the policy-gradient term of unselected tokens is zero."""
+    """TGF (paper Eq. 6): the policy-gradient term of unselected tokens is zero."""
     rng = np.random.default_rng(1)
     hidden_size, vocab = 8, 23
     hidden = rng.normal(size=(B, T, hidden_size)).astype(np.float32)
@@ -201,7 +201,7 @@ def test_k_one_and_alpha_one_reproduce_plain_grpo(batch):
 
 
 def test_theorem_3_1_variance_ratio_by_monte_carlo():
-    """Var(g_VPPO) ~= k E[alpha^2] Var(g_GRPO) (spec section 6), under its assumptions.
+    """Var(g_VPPO) ~= k E[alpha^2] Var(g_GRPO) (the paper's Theorem 3.1), under its assumptions.
 
     Toy policy: log pi(o_t) = theta . v_t with v_t ~ N(0, I_d) i.i.d. (uncorrelated steps,
     constant E||v_t||^2), evaluated at theta = 0 = theta_old (on-policy, rho = 1). Rewards,

@@ -1,4 +1,5 @@
-"""Patch-space perturbations (VPPO spec section 2) against NumPy constructions from the spec."""
+"""Patch-space perturbations (the paper's Random Patch Blackening and its ablations) against
+NumPy constructions from their definitions."""
 import math
 
 import jax

@@ -1,4 +1,5 @@
-"""GRPO advantages, group filter (spec section 5), TAS (section 3) and TGF (section 4)."""
+"""GRPO advantages, group filter (the reference's DAPO recipe), TAS (paper Eq. 5) and TGF
+(paper Eq. 6)."""
 from decimal import ROUND_CEILING, Decimal
 
 import jax

@@ -58,7 +58,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.reward = ml_collections.ConfigDict(dict(name="accuracy", timeout_s=10.0, workers=8))
 
-    # The algorithm (spec sections 1-5); vppo=False gives the GRPO/DAPO baseline.
+    # The algorithm (the paper's Section 3, the reference's DAPO-style loss); vppo=False gives
+    # the GRPO/DAPO baseline.
     c.algo = ml_collections.ConfigDict(dict(
         vppo=True,
         perturbation="blacken", blacken_prob=0.5,

@@ -8,7 +8,7 @@
   with the run's own prompt length, image budget, response length and reward;
 - an HF directory or a scripts/convert_hf_to_jax.py checkpoint: with the paper recipe's
   settings (vppo_jax/config.py).
-Every problem gets k responses sampled at temperature 1.0, top-p 1.0 (spec section 7). Per
+Every problem gets k responses sampled at temperature 1.0, top-p 1.0 (the paper's evaluation). Per
 benchmark file (parquet or JSON lines with problem/answer/images columns, names settable):
 avg@k, the mean accuracy over all k x N responses (the paper's metric), and pass@k, the
 share of problems with at least one correct response. The average is the unweighted mean

@@ -16,7 +16,7 @@ What we follow, and from where:
 - `ImageProcessor` is transformers' `Qwen2VLImageProcessorPil`, operation for operation
   (same dtypes, same rounding), so pixel_values are bit-identical to it.
 - The prompt is EasyR1's: the format template `{{ content | trim }}` + "\\n\\n" + instruction
-  (spec section 7), each `<image>` placeholder of the problem replaced by the image (images
+  (the paper's), each `<image>` placeholder of the problem replaced by the image (images
   first when the problem has none), rendered with Qwen2.5-VL's chat template and its default
   system prompt, then tokenised without extra special tokens, like the HF processor.
 """

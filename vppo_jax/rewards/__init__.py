@@ -1,4 +1,4 @@
-"""Verifiable rewards, graded in worker processes with a time limit (spec section 7).
+"""Verifiable rewards, graded in worker processes with a time limit (the paper's recipe).
 
     from vppo_jax import rewards
     with rewards.RewardPool(workers=8) as pool:            # once per run

@@ -1,4 +1,4 @@
-r"""The paper's reward (spec section 7): binary accuracy of the last \boxed{} in a response.
+r"""The paper's reward: binary accuracy of the last \boxed{} in a response.
 
 A port of the reference, VPPO-RL's examples/reward_function/math.py, function
 `compute_score_wo_format` (EasyR1's math reward without its format term):
@@ -8,7 +8,7 @@ A port of the reference, VPPO-RL's examples/reward_function/math.py, function
 
 with `extract_boxed_content` and `grade_answer` from mathruler.grader (mathruler 0.1.0).
 Only the response is stripped, never the ground truth. The stripping serves the reference's
-format check (dropped here, spec section 7); since mathruler removes spaces itself, it
+format check (dropped here, as in the paper's recipe); since mathruler removes spaces itself, it
 changes accuracy only in contrived answers, but we keep it to grade exactly as the reference.
 We keep mathruler's behaviour as it is, quirks included, so rewards match the reference's:
 - the LAST "\boxed{" is taken (rfind); if its braces never close (a truncated response)

@@ -1,4 +1,4 @@
-"""GRPO group advantages and the online (dynamic-sampling) group filter (spec section 5).
+"""GRPO group advantages and the online (dynamic-sampling) group filter of the reference's DAPO recipe.
 
 Rollouts are laid out as consecutive groups of `group_size` (G) responses to the same
 prompt: rollout i belongs to group i // G.

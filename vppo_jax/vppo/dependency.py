@@ -1,4 +1,4 @@
-"""Token visual dependency S(s_t, I) (VPPO spec section 1; paper Definition 3.1, Eq. 3).
+"""Token visual dependency S(s_t, I) (paper Definition 3.1, Eq. 3).
 
     S(s_t, I) = KL( pi(. | s_t, I) || pi(. | s_t, I') ),   s_t = (q, o_<t)
 
@@ -8,7 +8,7 @@ logits = h @ W / temperature, accumulated in fp32. With V = 152064 the full logi
 2048-token response are 1.2 GB per sequence in fp32, so everything over the vocabulary is
 computed in chunks of `chunk_size` tokens: peak memory O(B * chunk * V), not O(B * T * V).
 
-Estimators (spec section 1):
+Estimators:
   k3        one-sample estimate on the sampled token (reference code default)
   kl        exact KL over the vocabulary (the paper's definition)
   jsd       Jensen-Shannon divergence, natural log (paper ablation)
@@ -29,7 +29,7 @@ DEFAULT_CHUNK_SIZE = 128  # 128 x 152064 fp32 logits = 74 MiB per sequence and d
 
 
 def k3_divergence(logp, logq):
-    """Per-token k3 estimate of KL(p || q) on a token sampled from p (spec section 1).
+    """Per-token k3 estimate of KL(p || q) on a token sampled from p (paper Definition 3.1).
 
     d = clip(log q(o) - log p(o), -20, 20);  k3 = clip(exp(d) - d - 1, 0, 10).
     Since E_p[q/p] = 1 and E_p[-d] = KL(p || q), it is unbiased before clipping.
@@ -129,7 +129,7 @@ ESTIMATORS = {"k3": _sampled_k3, "kl": _exact_kl, "jsd": _jensen_shannon,
 
 def token_dependency(name, hidden, hidden_perturbed, unembedding, tokens, mask,
                      temperature=1.0, chunk_size=DEFAULT_CHUNK_SIZE):
-    """Per-token visual dependency S_t (spec section 1) with estimator `name`.
+    """Per-token visual dependency S_t (paper Definition 3.1) with estimator `name`.
 
     Args:
       name: one of "k3", "kl", "jsd", "top1_drop" (static).

@@ -1,4 +1,4 @@
-"""The VPPO policy loss: DAPO-style clipped GRPO with TAS and TGF (spec sections 3-5).
+"""The VPPO policy loss: DAPO-style clipped GRPO with TAS and TGF (paper Eqs. 5-6).
 
 Per response token, with rho = exp(clip(logp - logp_old, -20, 20)) and the shaped
 advantage A' = alpha_i A_i of its rollout:
@@ -28,7 +28,7 @@ from vppo_jax.vppo.dependency import LOG_RATIO_CLIP, k3_divergence
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Loss hyper-parameters (spec section 5); frozen so it can be a static jit argument.
+    """Loss hyper-parameters (the reference recipe's); frozen so it can be a static jit argument.
 
     aggregation: "token" divides the policy (and KL) sums by all valid response tokens
       (reference code); "sequence" averages each response over its |o_i| tokens, then
@@ -77,7 +77,7 @@ def _aggregate(per_token, weights, mask, aggregation):
 
 
 def clipped_token_loss(logp, old_logp, shaped_advantages, config):
-    """Per-token clip-higher + dual-clip loss l_t and which clip was active (spec section 5).
+    """Per-token clip-higher + dual-clip loss l_t and which clip was active (DAPO's clip-higher, dual-clip).
 
     Args:
       logp, old_logp: (B, T) log-probs of the sampled tokens under pi_theta and pi_old.
@@ -138,7 +138,7 @@ def loss_sums(logp, old_logp, advantages, response_mask, alpha=None, token_weigh
 
 
 def total_loss(sums, counts, config=LossConfig()):
-    """policy/count + entropy_coef * entropy/tokens + kl_coef * kl/count (spec section 5).
+    """policy/count + entropy_coef * entropy/tokens + kl_coef * kl/count (the reference's loss).
 
     With `counts` of the global batch, this is linear in the sums, so gradients of
     micro-batches add up to the gradient of the global loss.

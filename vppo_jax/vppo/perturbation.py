@@ -1,4 +1,5 @@
-"""Image perturbations I -> I' in Qwen2.5-VL patch space (VPPO spec section 2).
+"""Image perturbations I -> I' in Qwen2.5-VL patch space (the paper's Random Patch Blackening
+and its ablations).
 
 VPPO measures how much each response token depends on the image by comparing the policy
 with the original image I and with a perturbed image I'. The paper's perturbation is
@@ -70,7 +71,7 @@ def _replace_rows(pixel_values, replace, new_rows):
 
 
 def blacken_patches(pixel_values, patch_valid, key, prob=0.5):
-    """Random Patch Blackening (spec section 2): each valid patch becomes black w.p. `prob`.
+    """Random Patch Blackening: each valid patch becomes black w.p. `prob`.
 
     Args:
       pixel_values: (..., S, 1176) normalised patch rows.
@@ -154,7 +155,7 @@ def _blur_last_axis(frames, taps):
 
 
 def gaussian_blur(pixel_values, grid_h, grid_w, radius=6.0):
-    """Gaussian blur ablation on ONE image's patch rows (spec section 2, radius 6).
+    """Gaussian blur ablation on ONE image's patch rows (the paper's ablation, radius 6).
 
     A blur mixes pixels across patch borders, so the rows are reassembled into the image
     first. The filter is a separable gaussian with sigma = radius (PIL's GaussianBlur

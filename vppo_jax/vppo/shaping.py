@@ -1,4 +1,4 @@
-"""VPPO's two uses of token visual dependency S_t (spec sections 3 and 4).
+"""VPPO's two uses of token visual dependency S_t (paper Eqs. 5 and 6).
 
 Trajectory-level Advantage Shaping (TAS, Eq. 5) scales each rollout's advantage by
 alpha_i, larger for rollouts that depend more on the image on average:
@@ -41,7 +41,7 @@ def _by_scope(values, scope, group_size):
 
 def advantage_scale(trajectory_scores, trajectory_valid, mode="dynamic",
                     beta_min=DEFAULT_BETA_MIN, beta_max=None, scope="global", group_size=None):
-    """TAS scale alpha_i (spec section 3, Eq. 5).
+    """TAS scale alpha_i (paper Eq. 5).
 
     Args:
       trajectory_scores: (R,) Sbar_i from `trajectory_dependency`.
@@ -128,7 +128,7 @@ def soft_token_weights(token_dependency, response_mask):
 
 
 def token_filter(mode, response_mask, k, token_dependency=None, token_entropy=None, key=None):
-    """TGF weights per token (spec section 4) for `mode`:
+    """TGF weights per token (paper Eq. 6) for `mode`:
 
       "dependency" top ceil(k |o|) by S_t (VPPO)
       "entropy"    top ceil(k |o|) by token entropy (ablation)

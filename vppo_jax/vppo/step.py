@@ -4,7 +4,7 @@
 
 A `TrainBatch` holds M micro-batches stacked on a leading axis (M = 1 without gradient
 accumulation). Old log-probs and token dependency must come from the policy that sampled
-the rollouts (spec section 1). Two ways to get them:
+the rollouts (paper Definition 3.1). Two ways to get them:
 
 * in-pass (first update on a rollout batch, so pi_theta = pi_old; M = 1 for VPPO): leave
   `old_logp`/`dependency` as None. The step runs the policy forward with gradient on the
@@ -123,7 +123,7 @@ def init_sharded_state(model: nnx.Module, optimizer: optax.GradientTransformatio
 
 
 def perturb_images(config: StepConfig, inputs: ModelInputs, key: jax.Array, perturbed_patches=None) -> ModelInputs:
-    """The images I' of spec section 2, in patch space; an independent draw per patch slot,
+    """The perturbed images I', in patch space; an independent draw per patch slot,
     hence per rollout (each rollout's image occupies its own slots). "blacken_pixels" takes
     the ones the host made (`TrainBatch.perturbed_patches`)."""
     vision = inputs.vision
