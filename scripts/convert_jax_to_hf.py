@@ -10,8 +10,6 @@ checkpoint holds). It appears only when complete.
 import argparse
 import sys
 
-import numpy as np
-
 from vppo_jax.cli import run_conversion
 from vppo_jax.models.qwen2_5_vl.checkpoint import open_params
 from vppo_jax.models.qwen2_5_vl.config import DTYPES
@@ -27,11 +25,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def convert():
-        config, shapes, load = open_params(args.checkpoint)
-        if args.dtype:
-            config, stored_load, dtype = config.with_dtypes(args.dtype), load, np.dtype(DTYPES[args.dtype])
-            shapes = {path: (shape, dtype) for path, (shape, _) in shapes.items()}
-            load = lambda path: stored_load(path).astype(dtype)
+        config, shapes, load = open_params(args.checkpoint, args.dtype)
         write_hf_directory(config, shapes, load, args.out, int(args.max_shard_gb * 1024**3))
 
     return run_conversion(convert, args.out)

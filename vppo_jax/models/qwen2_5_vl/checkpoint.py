@@ -48,20 +48,24 @@ def save_params(config: Qwen2_5_VLConfig, params: Iterable[tuple[tuple, np.ndarr
         copy_assets(config.source_dir, os.path.join(tmp, HF_DIR))
 
 
-def open_params(path: str):
-    """(config, {parameter path: (shape, dtype)}, load) for a checkpoint; `load(p)` reads one parameter."""
+def open_params(path: str, dtype: str | None = None, param_dtype: str | None = None):
+    """(config, {parameter path: (shape, dtype)}, load) for a checkpoint; `load(p)` reads one
+    parameter. Parameters come in `param_dtype` and the config computes in `dtype` (as
+    `open_hf_params`: either alone sets both; default: as stored)."""
     params_dir, hf_dir = os.path.join(path, PARAMS_DIR), os.path.join(path, HF_DIR)
     if not os.path.isdir(params_dir):
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ folder: not a checkpoint written by save_params.")
     config, raw = read_config(hf_dir)
-    config = dataclasses.replace(config.with_dtypes(raw.get("dtype") or "float32"), source_dir=os.path.abspath(hf_dir))
-    shapes = param_shapes(config)
+    stored = dataclasses.replace(config.with_dtypes(raw.get("dtype") or "float32"), source_dir=os.path.abspath(hf_dir))
+    stored_shapes = param_shapes(stored)
+    config = stored.with_precision(dtype, param_dtype)
+    shapes = {p: (shape, np.dtype(config.jnp_param_dtype)) for p, (shape, _) in stored_shapes.items()}
     on_host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     context = ocp.Context()
     context.pytree.loading.partial_load = True
 
     def load(param_path: tuple) -> np.ndarray:
-        shape, dtype = shapes[param_path]
+        shape, dtype = stored_shapes[param_path]
         with context:
             try:
                 tree = ocp.load(params_dir, _nested(param_path, jax.ShapeDtypeStruct(shape, dtype, sharding=on_host)))
@@ -72,7 +76,7 @@ def open_params(path: str):
                 ) from e
         for key in param_path:
             tree = tree[key]
-        return tree
+        return tree.astype(shapes[param_path][1])
 
     return config, shapes, load
 
@@ -80,6 +84,5 @@ def open_params(path: str):
 def load_model(path: str, dtype: str | None = None, param_dtype: str | None = None):
     """The model stored in a checkpoint directory written by `save_params`, in the precision
     asked for (as `from_pretrained`; default: as stored)."""
-    stored, shapes, load = open_params(path)
-    config = stored.with_precision(dtype, param_dtype)
-    return model_from_params(config, ((p, load(p).astype(config.jnp_param_dtype)) for p in shapes))
+    config, shapes, load = open_params(path, dtype, param_dtype)
+    return model_from_params(config, ((p, load(p)) for p in shapes))
