@@ -26,7 +26,7 @@ from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, Visi
 from vppo_jax.models.qwen2_5_vl.hf_io import config_to_hf_dict
 from vppo_jax.models.qwen2_5_vl.model import abstract_model
 from vppo_jax.models.qwen2_5_vl.weights import weight_table
-from vppo_jax.safetensors_io import write_sharded
+from vppo_jax.io.safetensors_files import write_sharded
 
 TARGET = 1.25
 

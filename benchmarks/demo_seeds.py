@@ -22,8 +22,8 @@ import sys
 
 import numpy as np
 
-from vppo_jax.demo import accuracy_curve
-from vppo_jax.metrics import METRICS_FILE, read_metrics
+from vppo_jax.demo.run import accuracy_curve
+from vppo_jax.trainer.metrics import METRICS_FILE, read_metrics
 
 METRIC = "eval/avg@4"
 T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vppo_jax.optimizer import make_optimizer
+from vppo_jax.trainer.optimizer import make_optimizer
 
 WEIGHTS, STEPS, LR = 100_000, 60, 1e-6
 

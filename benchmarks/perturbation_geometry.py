@@ -24,16 +24,16 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from vppo_jax import config as config_lib
-from vppo_jax.config import default_config
-from vppo_jax.data import synthetic
+from vppo_jax.trainer import config as config_lib
+from vppo_jax.trainer.config import default_config
+from vppo_jax.demo import synthetic
 from vppo_jax.data.images import open_image
-from vppo_jax.evaluate import load_run
-from vppo_jax.policy import prompt_builder
-from vppo_jax.processing import CLIP_MEAN, CLIP_STD, ImageProcessor, fit_pixel_budget
-from vppo_jax.report import top_share
-from vppo_jax.rewards import RewardPool
-from vppo_jax.rollout import sample_and_grade, update_arrays
+from vppo_jax.eval.benchmarks import load_run
+from vppo_jax.rollout.policy import prompt_builder
+from vppo_jax.models.qwen2_5_vl.image_processor import CLIP_MEAN, CLIP_STD, ImageProcessor, fit_pixel_budget
+from vppo_jax.demo.report import top_share
+from vppo_jax.rollout.rewards import RewardPool
+from vppo_jax.rollout.groups import sample_and_grade, update_arrays
 from vppo_jax.vppo import shaping
 from vppo_jax.vppo import step as step_lib
 from vppo_jax.vppo.batch import build_train_batch

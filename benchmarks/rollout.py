@@ -50,7 +50,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  #
 sys.path.insert(0, "tests")
 from hf_reference import processor_batch, text_ids  # noqa: E402
 
-from vppo_jax import sampling  # noqa: E402
+from vppo_jax.rollout import sampling  # noqa: E402
 from vppo_jax.models import qwen2_5_vl  # noqa: E402
 
 PROMPTS, NEW_TOKENS = 32, 128
@@ -111,7 +111,7 @@ def main():
         model = qwen2_5_vl.from_pretrained(directory)
     batch = processor_batch([(text_ids(8 + p % 16, p), [(112, 112)]) for p in range(PROMPTS)])
     torch_batch = {k: torch.from_numpy(v) for k, v in batch.items()}
-    params = sampling.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, end_token_ids=())
+    params = sampling.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, end_token_ids=(), pad_token_id=0)
     keys = jax.random.split(jax.random.key(0), PROMPTS)
     mesh = Mesh(np.array(jax.devices()), ("data",)) if jax.device_count() > 1 else None
 

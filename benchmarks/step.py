@@ -14,9 +14,9 @@ import time
 import jax
 import numpy as np
 
-from vppo_jax import sharding
+from vppo_jax.parallel import sharding
 from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, TextConfig, VisionConfig, init_model
-from vppo_jax.optimizer import make_optimizer
+from vppo_jax.trainer.optimizer import make_optimizer
 from vppo_jax.vppo import step as step_lib
 from vppo_jax.vppo.batch import build_train_batch
 

@@ -3,9 +3,9 @@
     python -m vppo_jax.demo --config=configs/tiny.py --workdir=runs/tiny    # warm start, VPPO vs GRPO, report
     python -m vppo_jax.train --config=configs/tiny.py --workdir=runs/tiny_vppo  # the VPPO run alone
 
-With model.path and data.train_files empty, the synthetic task (vppo_jax/data/synthetic.py),
-a tiny model with its tokenizer (vppo_jax/tiny.py) and its supervised warm start
-(vppo_jax/warm_start.py) are written into workdir/embedded once; RL starts from the warm
+With model.path and data.train_files empty, the synthetic task (vppo_jax/demo/synthetic.py),
+a tiny model with its tokenizer (vppo_jax/demo/tiny_model.py) and its supervised warm start
+(vppo_jax/demo/warm_start.py) are written into workdir/embedded once; RL starts from the warm
 start, on the same code path as the 7B recipe. How the RL settings were chosen (VPPO runs,
 seed 0): on a warm start from a noiseless teacher, lr 1e-4 (20 steps, 8 x 4) and 3e-4 (60
 steps) left validation accuracy flat and 5e-4 (60 steps, 8 x 8) gained about 6 points; lr
@@ -15,7 +15,7 @@ gains 18 points in 80 steps.
 """
 import ml_collections
 
-from vppo_jax.config import default_config
+from vppo_jax.trainer.config import default_config
 
 
 def get_config(arg: str = ""):

@@ -2,7 +2,7 @@
 
     python -m vppo_jax.sweeps.launch experiments/table1_7b.py --root=/mnt/shared/sweeps \
         --mode=tpu-pod --pod=NAME --zone=ZONE --python=.venv/bin/python
-    python -m vppo_jax.evaluate --checkpoint=/mnt/shared/sweeps/table1_7b/vppo --data data/benchmarks/*.parquet
+    python -m vppo_jax.eval --checkpoint=/mnt/shared/sweeps/table1_7b/vppo --data data/benchmarks/*.parquet
     python -m vppo_jax.sweeps.aggregate experiments/table1_7b.py --root=/mnt/shared/sweeps
 
 Evaluate each trial on the eight benchmarks (README, "Experiments"); the aggregator then

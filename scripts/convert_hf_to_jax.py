@@ -10,7 +10,7 @@ import sys
 
 from vppo_jax.models.qwen2_5_vl.checkpoint import save_params
 from vppo_jax.models.qwen2_5_vl.hf_io import open_hf_params
-from vppo_jax.cli import run_conversion
+from vppo_jax.io.cli import run_conversion
 
 
 def main(argv=None) -> int:

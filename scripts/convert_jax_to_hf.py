@@ -10,7 +10,7 @@ checkpoint holds). It appears only when complete.
 import argparse
 import sys
 
-from vppo_jax.cli import run_conversion
+from vppo_jax.io.cli import run_conversion
 from vppo_jax.models.qwen2_5_vl.checkpoint import open_params
 from vppo_jax.models.qwen2_5_vl.config import DTYPES
 from vppo_jax.models.qwen2_5_vl.hf_io import write_hf_directory

@@ -1,7 +1,7 @@
 """A reward that never returns, for the trainer's grader-timeout test (imported by workers)."""
 import time
 
-from vppo_jax.rewards import register
+from vppo_jax.rollout.rewards import register
 
 
 @register("hang")

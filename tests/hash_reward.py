@@ -2,7 +2,7 @@
 model's responses get both outcomes; for the evaluation tests (imported by reward workers)."""
 import zlib
 
-from vppo_jax.rewards import register
+from vppo_jax.rollout.rewards import register
 
 
 @register("one_in_six")

@@ -1,7 +1,7 @@
 """The collapse guard's counting, against hand-worked sequences of live-group counts."""
 import pytest
 
-from vppo_jax.collapse_guard import CollapseError, CollapseGuard
+from vppo_jax.trainer.collapse_guard import CollapseError, CollapseGuard
 
 ROLLOUT = {"rollout/accuracy": 0.0, "rollout/truncated": 1.0}
 

@@ -10,7 +10,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from hf_reference import hf_logits, processor_batch, text_ids, tiny_hf_model
 from scripts import convert_hf_to_jax, convert_jax_to_hf
 from vppo_jax.models import qwen2_5_vl
-from vppo_jax.safetensors_io import CheckpointError
+from vppo_jax.io.safetensors_files import CheckpointError
 
 BATCH = processor_batch([(text_ids(7, 0), [(56, 84)]), (text_ids(12, 1), [(112, 140)])])
 ASSETS = {"tokenizer_config.json": '{"model_max_length": 128}', "preprocessor_config.json": '{"min_pixels": 3136}'}

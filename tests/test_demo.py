@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from vppo_jax.demo import accuracy_curve
-from vppo_jax.metrics import read_metrics
+from vppo_jax.demo.run import accuracy_curve
+from vppo_jax.trainer.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC = "eval/avg@4"

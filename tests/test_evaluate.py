@@ -1,4 +1,4 @@
-"""python -m vppo_jax.evaluate: avg@k and pass@k recomputed from its per-problem results, the same
+"""python -m vppo_jax.eval: avg@k and pass@k recomputed from its per-problem results, the same
 responses from every kind of checkpoint of the same weights, clear errors for other paths."""
 import json
 import os
@@ -9,13 +9,13 @@ import pytest
 
 from hash_reward import one_in_six
 from scripts import convert_hf_to_jax
-from vppo_jax import evaluate
-from vppo_jax.config import default_config, learning_rate
-from vppo_jax.data import synthetic
-from vppo_jax.optimizer import make_optimizer
-from vppo_jax.policy import load_policy
-from vppo_jax.run_checkpoints import RunCheckpoints, claim_workdir
-from vppo_jax.tiny import write_tiny_model
+from vppo_jax.eval import benchmarks as evaluate
+from vppo_jax.trainer.config import default_config, learning_rate
+from vppo_jax.demo import synthetic
+from vppo_jax.trainer.optimizer import make_optimizer
+from vppo_jax.rollout.policy import load_policy
+from vppo_jax.trainer.checkpoints import RunCheckpoints, claim_workdir
+from vppo_jax.demo.tiny_model import write_tiny_model
 from vppo_jax.vppo import step as step_lib
 
 K = 4

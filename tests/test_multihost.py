@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from vppo_jax.data import synthetic
-from vppo_jax.metrics import read_metrics
-from vppo_jax.tiny import write_tiny_model
+from vppo_jax.demo import synthetic
+from vppo_jax.trainer.metrics import read_metrics
+from vppo_jax.demo.tiny_model import write_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,9 +12,9 @@ from flax import nnx
 
 from vppo_jax.models.qwen2_5_vl import init_model
 from vppo_jax.models.qwen2_5_vl.inputs import prepare_inputs
-from vppo_jax.optimizer import make_optimizer
-from vppo_jax.tiny import tiny_config
-from vppo_jax.tiny import train_tokenizer
+from vppo_jax.trainer.optimizer import make_optimizer
+from vppo_jax.demo.tiny_model import tiny_config
+from vppo_jax.demo.tiny_model import train_tokenizer
 
 LR, B1, B2, EPS, WEIGHT_DECAY, STEPS = 1e-6, 0.9, 0.999, 1e-8, 0.01, 60
 

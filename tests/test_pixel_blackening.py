@@ -2,8 +2,9 @@
 import numpy as np
 from PIL import Image
 
-from vppo_jax.processing import ImageProcessor, PromptBuilder
-from vppo_jax.tiny import tiny_config, train_tokenizer
+from vppo_jax.data.prompts import PromptBuilder
+from vppo_jax.models.qwen2_5_vl.image_processor import ImageProcessor
+from vppo_jax.demo.tiny_model import tiny_config, train_tokenizer
 from vppo_jax.vppo.pixel_blackening import blacken_tiles, perturbed_pixel_values
 
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from vppo_jax.models.qwen2_5_vl import abstract_model
 from vppo_jax.plan import model_config
-from vppo_jax.sharding import tree_paths
+from vppo_jax.parallel.sharding import tree_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,7 +62,7 @@ def test_the_state_of_each_precision_mode_matches_its_hand_count():
     """bf16 compute; fp32 master weights with fp32 Adam moments, or bf16 weights with bf16
     moments and a bf16 Kahan buffer. Counted here from the parameter shapes, on one device."""
     from configs import tiny
-    from vppo_jax import sharding
+    from vppo_jax.parallel import sharding
     from vppo_jax.plan import plan
 
     elements = sum(math.prod(p.shape) for p in jax.tree.leaves(

@@ -1,4 +1,4 @@
-"""processing.py against transformers' Qwen2-VL image processor and the chat template written by hand."""
+"""The image processor and prompt builder against transformers' Qwen2-VL image processor and the chat template written by hand."""
 import json
 
 import numpy as np
@@ -9,7 +9,8 @@ from tokenizers import decoders, models, pre_tokenizers
 from transformers import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-from vppo_jax import processing
+from vppo_jax.data import prompts
+from vppo_jax.models.qwen2_5_vl import image_processor
 
 QWEN_SPECIALS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -32,11 +33,11 @@ def tiny_tokenizer(specials=QWEN_SPECIALS) -> tokenizers.Tokenizer:
     return tokenizer
 
 
-def tiny_builder(tokenizer=None, max_prompt_length=4096, template=processing.PROMPT_TEMPLATES["reference"],
-                 **budget) -> processing.PromptBuilder:
+def tiny_builder(tokenizer=None, max_prompt_length=4096, template=prompts.PROMPT_TEMPLATES["reference"],
+                 **budget) -> prompts.PromptBuilder:
     tokenizer = tokenizer or tiny_tokenizer()
-    return processing.PromptBuilder(
-        tokenizer, processing.ImageProcessor(),
+    return prompts.PromptBuilder(
+        tokenizer, image_processor.ImageProcessor(),
         image_token_id=tokenizer.token_to_id("<|image_pad|>"),
         vision_start_token_id=tokenizer.token_to_id("<|vision_start|>"),
         vision_end_token_id=tokenizer.token_to_id("<|vision_end|>"),
@@ -64,7 +65,7 @@ def test_smart_resize_matches_transformers():
     sizes += [(h, w) for h in range(10, 400, 37) for w in range(5, 900, 89)]
     for min_pixels, max_pixels in budgets:
         for h, w in sizes:
-            assert processing.smart_resize(h, w, 28, min_pixels, max_pixels) == hf_smart_resize(
+            assert image_processor.smart_resize(h, w, 28, min_pixels, max_pixels) == hf_smart_resize(
                 h, w, 28, min_pixels, max_pixels
             ), (h, w, min_pixels, max_pixels)
 
@@ -72,7 +73,7 @@ def test_smart_resize_matches_transformers():
 @pytest.mark.parametrize("height, width", [(10, 2011), (3000, 14)])
 def test_smart_resize_refuses_aspect_ratio_above_200(height, width):
     with pytest.raises(ValueError, match="aspect ratio must be smaller than 200") as ours:
-        processing.smart_resize(height, width)
+        image_processor.smart_resize(height, width)
     with pytest.raises(ValueError) as theirs:
         hf_smart_resize(height, width)
     assert str(ours.value) == str(theirs.value)
@@ -85,7 +86,7 @@ SIZES = [(28, 28), (15, 15), (100, 37), (333, 517), (1000, 60), (56, 2000), (600
 @pytest.mark.parametrize("min_pixels, max_pixels", [(56 * 56, 28 * 28 * 16384), (28 * 28 * 4, 28 * 28 * 64)])
 def test_image_processor_matches_transformers(height, width, min_pixels, max_pixels):
     image = random_image(height, width, seed=height * width)
-    pixel_values, grid = processing.ImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)(image)
+    pixel_values, grid = image_processor.ImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)(image)
     expected_pixels, expected_grid = hf_process(image, min_pixels, max_pixels)
     assert pixel_values.dtype == np.float32 and pixel_values.shape == expected_pixels.shape
     np.testing.assert_array_equal(pixel_values, expected_pixels)
@@ -95,7 +96,7 @@ def test_image_processor_matches_transformers(height, width, min_pixels, max_pix
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA"])
 def test_image_processor_converts_modes_like_transformers(mode):
     image = random_image(45, 70, seed=3, mode=mode)
-    pixel_values, _ = processing.ImageProcessor()(image)
+    pixel_values, _ = image_processor.ImageProcessor()(image)
     np.testing.assert_array_equal(pixel_values, hf_process(image, 56 * 56, 28 * 28 * 16384)[0])
 
 
@@ -107,29 +108,29 @@ def test_image_processor_reads_preprocessor_config_like_transformers(tmp_path):
         "temporal_patch_size": 2, "merge_size": 2,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
     }))
-    ours = processing.ImageProcessor.from_pretrained(str(tmp_path))
+    ours = image_processor.ImageProcessor.from_pretrained(str(tmp_path))
     assert (ours.min_pixels, ours.max_pixels) == (28 * 28 * 2, 28 * 28 * 30)
     image = random_image(500, 300, seed=5)
     theirs = Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path))(images=[image], return_tensors="np")
     np.testing.assert_array_equal(ours(image)[0], theirs["pixel_values"])
-    assert processing.ImageProcessor.from_pretrained(str(tmp_path / "absent")) == processing.ImageProcessor()
+    assert image_processor.ImageProcessor.from_pretrained(str(tmp_path / "absent")) == image_processor.ImageProcessor()
 
 
 def test_fit_pixel_budget_follows_easyr1():
     budget = dict(min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28)
     # Too large: scaled by sqrt(1003520 / 2e6) = 0.70835, sides truncated.
-    assert processing.fit_pixel_budget(random_image(1000, 2000), **budget).size == (1416, 708)
+    assert image_processor.fit_pixel_budget(random_image(1000, 2000), **budget).size == (1416, 708)
     # Too small: scaled by sqrt(200704 / 5000) = 6.3357.
-    assert processing.fit_pixel_budget(random_image(50, 100), **budget).size == (633, 316)
+    assert image_processor.fit_pixel_budget(random_image(50, 100), **budget).size == (633, 316)
     # Inside the budget: untouched. Transparency is dropped (convert("RGB")), not composited on white.
     rgba = random_image(500, 600, mode="RGBA")
-    fitted = processing.fit_pixel_budget(rgba, **budget)
+    fitted = image_processor.fit_pixel_budget(rgba, **budget)
     assert fitted.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(fitted), np.asarray(rgba)[..., :3])
     # Palette images are resized with NEAREST (PIL's rule for mode P): no new colours appear.
     palette = random_image(40, 30, mode="P")
     colours = {tuple(c) for c in np.asarray(palette.convert("RGB")).reshape(-1, 3)}
-    resized = np.asarray(processing.fit_pixel_budget(palette, **budget)).reshape(-1, 3)
+    resized = np.asarray(image_processor.fit_pixel_budget(palette, **budget)).reshape(-1, 3)
     assert {tuple(c) for c in resized} <= colours
 
 
@@ -160,16 +161,16 @@ def test_prompt_text_is_the_qwen_chat_template():
 
 
 def test_prompt_templates_plain_and_from_a_file(tmp_path):
-    plain = tiny_builder(template=processing.prompt_template("plain"))
+    plain = tiny_builder(template=prompts.prompt_template("plain"))
     assert plain.prompt_text("  What is x?\n", 1) == chat(f"{VISION}What is x?")
     (tmp_path / "mine.txt").write_text("Answer in one word: {problem}\n")
-    mine = tiny_builder(template=processing.prompt_template(str(tmp_path / "mine.txt")))
+    mine = tiny_builder(template=prompts.prompt_template(str(tmp_path / "mine.txt")))
     assert mine.prompt_text("<image>What colour?", 1) == chat(f"Answer in one word: {VISION}What colour?")
     with pytest.raises(ValueError, match=r"data.prompt_template='fancy' is neither one of \['plain', 'reference'\]"):
-        processing.prompt_template("fancy")
+        prompts.prompt_template("fancy")
     (tmp_path / "bad.txt").write_text("no placeholder")
     with pytest.raises(ValueError, match=r"has no \{problem\}"):
-        processing.prompt_template(str(tmp_path / "bad.txt"))
+        prompts.prompt_template(str(tmp_path / "bad.txt"))
 
 
 def test_prompt_ids_and_arrays():
@@ -179,7 +180,7 @@ def test_prompt_ids_and_arrays():
     prompt = builder(7, "Which is larger?", "B", images)
     assert not prompt.skipped and prompt.index == 7 and prompt.answer == "B"
 
-    fitted = [processing.fit_pixel_budget(image, **BUDGET) for image in images]
+    fitted = [image_processor.fit_pixel_budget(image, **BUDGET) for image in images]
     expected_pixels, expected_grids = zip(*(hf_process(image, 56 * 56, 28 * 28 * 16384) for image in fitted))
     np.testing.assert_array_equal(prompt.pixel_values, np.concatenate(expected_pixels))
     np.testing.assert_array_equal(prompt.image_grid_thw, np.concatenate(expected_grids))
@@ -221,18 +222,18 @@ def test_image_with_aspect_ratio_above_200_is_skipped():
 def test_vision_ids_must_agree_with_the_tokenizer():
     tokenizer = tiny_tokenizer()
     with pytest.raises(ValueError, match="image_token_id is 151655 but the tokenizer numbers that token 261"):
-        processing.PromptBuilder(
-            tokenizer, processing.ImageProcessor(), image_token_id=151655,
+        prompts.PromptBuilder(
+            tokenizer, image_processor.ImageProcessor(), image_token_id=151655,
             vision_start_token_id=tokenizer.token_to_id("<|vision_start|>"),
             vision_end_token_id=tokenizer.token_to_id("<|vision_end|>"), max_prompt_length=10,
         )
     with pytest.raises(ValueError, match=r"does not know <\|im_start\|> as one special token"):
-        processing.special_tokens(tiny_tokenizer([s for s in QWEN_SPECIALS if s != "<|im_start|>"]))
+        prompts.special_tokens(tiny_tokenizer([s for s in QWEN_SPECIALS if s != "<|im_start|>"]))
 
 
 def test_load_tokenizer_from_a_model_directory(tmp_path):
     tiny_tokenizer().save(str(tmp_path / "tokenizer.json"))
-    special = processing.special_tokens(processing.load_tokenizer(str(tmp_path)))
+    special = prompts.special_tokens(prompts.load_tokenizer(str(tmp_path)))
     assert (special.endoftext, special.im_start, special.im_end, special.image_pad) == (256, 257, 258, 261)
     with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
-        processing.load_tokenizer(str(tmp_path / "absent"))
+        prompts.load_tokenizer(str(tmp_path / "absent"))

@@ -6,7 +6,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from vppo_jax.report import DependencySample, top_share, write_report
+from vppo_jax.demo.report import DependencySample, top_share, write_report
 
 
 def test_top_share_by_hand():

@@ -14,8 +14,8 @@ import numpy as np
 import psutil
 import pytest
 
-from vppo_jax import rewards
-from vppo_jax.rewards.accuracy import accuracy, strip_space_around_tag_marks
+from vppo_jax.rollout import rewards
+from vppo_jax.rollout.rewards.accuracy import accuracy, strip_space_around_tag_marks
 
 SHORT_TIMEOUT_S = 2.0
 GENEROUS_TIMEOUT_S = 60.0  # for tests that are not about timeouts, on a loaded 2-core CPU
@@ -199,7 +199,7 @@ def test_unknown_reward_names_the_registered_ones():
 
 
 def test_a_reward_is_found_by_module_path():
-    assert rewards.get_reward("vppo_jax.rewards.accuracy:accuracy") is accuracy
+    assert rewards.get_reward("vppo_jax.rollout.rewards.accuracy:accuracy") is accuracy
 
 
 def test_rewards_must_be_module_level_functions():

@@ -7,7 +7,7 @@ from jax.sharding import Mesh
 from scipy import stats
 
 from hf_reference import IMAGE_TOKEN, VISION_END, VISION_START, processor_batch, text_ids, tiny_hf_model
-from vppo_jax import sampling
+from vppo_jax.rollout import sampling
 from vppo_jax.models import qwen2_5_vl
 from vppo_jax.models.qwen2_5_vl.inputs import left_pad_to_bucket, length_bucket
 
@@ -157,7 +157,8 @@ def test_token_frequencies_match_truncated_distribution(temperature, top_k, top_
     vocab, draws = 12, 40_000
     logits = np.random.default_rng(0).normal(0, 1.5, vocab).astype(np.float32)
     banned = tuple(np.argsort(-logits)[:2])  # ban the two most likely tokens: they must never appear
-    params = sampling.SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
+    params = sampling.SamplingParams(max_new_tokens=1, end_token_ids=(), pad_token_id=0, temperature=temperature,
+                                     top_k=top_k, top_p=top_p)
     uniforms = jax.random.uniform(jax.random.key(1), (draws,))
     tokens, _ = jax.jit(sampling.sample_tokens, static_argnums=(2, 3))(
         np.broadcast_to(logits, (draws, vocab)), uniforms, params, banned
@@ -171,7 +172,7 @@ def test_token_frequencies_match_truncated_distribution(temperature, top_k, top_
 
 def test_greedy_never_picks_a_banned_token():
     logits = np.array([[0.0, 5.0, 1.0, 4.0]], np.float32)
-    params = sampling.SamplingParams(max_new_tokens=1, temperature=0.0)
+    params = sampling.SamplingParams(max_new_tokens=1, end_token_ids=(), pad_token_id=0, temperature=0.0)
     tokens, logprobs = sampling.sample_tokens(logits, np.zeros(1), params, banned_ids=(1,))
     assert int(tokens[0]) == 3
     np.testing.assert_allclose(float(logprobs[0]), 4.0 - np.log(np.exp(logits).sum()), rtol=1e-6)

@@ -13,10 +13,11 @@ import optax
 import pytest
 from flax import nnx
 
-from vppo_jax import sampling, sharding
+from vppo_jax.rollout import sampling
+from vppo_jax.parallel import sharding
 from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, TextConfig, VisionConfig, init_model
 from vppo_jax.models.qwen2_5_vl.inputs import prepare_inputs
-from vppo_jax.optimizer import make_optimizer
+from vppo_jax.trainer.optimizer import make_optimizer
 from vppo_jax.vppo import step as step_lib
 from vppo_jax.vppo.batch import build_train_batch
 

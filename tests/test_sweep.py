@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from vppo_jax import evaluate
-from vppo_jax.data import synthetic
-from vppo_jax.run_checkpoints import claim_workdir
+from vppo_jax.eval import benchmarks as evaluate
+from vppo_jax.demo import synthetic
+from vppo_jax.trainer.checkpoints import claim_workdir
 from vppo_jax.sweeps import aggregate, launch
 from vppo_jax.sweeps.trials import finished, load_sweep, trial_name
-from vppo_jax.tiny import write_tiny_model
+from vppo_jax.demo.tiny_model import write_tiny_model
 
 # Seeds change what is sampled but not what is compiled: with a shared compilation cache,
 # only the first trial compiles.

@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from vppo_jax.data import synthetic
-from vppo_jax.metrics import read_metrics
-from vppo_jax.run_checkpoints import claim_workdir
-from vppo_jax.tiny import write_tiny_model
+from vppo_jax.demo import synthetic
+from vppo_jax.trainer.metrics import read_metrics
+from vppo_jax.trainer.checkpoints import claim_workdir
+from vppo_jax.demo.tiny_model import write_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,7 +62,7 @@ def test_tiny_run_writes_metrics_tensorboard_and_checkpoints(tmp_path, assets):
     # geometry: images blackened on the host, read by the step. A reward module of the user's,
     # beside the config file (the run starts from the repository root, not from there).
     (tmp_path / "my_reward.py").write_text(
-        "from vppo_jax.rewards import register\n\n\n"
+        "from vppo_jax.rollout.rewards import register\n\n\n"
         "@register('always_one')\ndef always_one(response, answer):\n    return 1.0\n")
     config = write_config(tmp_path / "config.py", assets, **{"train.steps": 2, "checkpoint.every_steps": 1,
                                                              "algo.online_filter": False,
@@ -169,7 +169,7 @@ def test_a_collapsed_run_stops_with_an_error_that_names_the_cause(tmp_path, asse
 def test_the_paper_recipes_train_two_epochs_of_virl39k_as_the_reference_counts_them(recipe):
     import importlib
 
-    from vppo_jax.config import training_steps
+    from vppo_jax.trainer.config import training_steps
 
     config = importlib.import_module(f"configs.{recipe}").get_config()
     # ViRL39K's 38,870 rows in full batches of 384 prompts: 101 per epoch, 202 in two.
@@ -188,7 +188,7 @@ def test_the_paper_recipes_train_two_epochs_of_virl39k_as_the_reference_counts_t
 ])
 def test_every_name_in_the_config_is_checked(override, message):
     from configs import tiny
-    from vppo_jax.config import check_names
+    from vppo_jax.trainer.config import check_names
 
     config = tiny.get_config()
     for name, value in override.items():
@@ -211,12 +211,12 @@ def test_a_mistyped_override_is_one_line_and_exit_status_2(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert out.stderr.strip() == ("error: the config has no field 'group_sise'; Did you mean \"group_size\" instead "
-                                  "of \"group_sise\"? (all fields: vppo_jax/config.py)")
+                                  "of \"group_sise\"? (all fields: vppo_jax/trainer/config.py)")
 
 
 def test_loading_a_model_config_without_torch_says_nothing_about_pytorch():
     hide_torch = "import sys; sys.modules['torch'] = None; "
-    quiet = subprocess.run([sys.executable, "-c", hide_torch + "from vppo_jax.tiny import write_tiny_model; "
+    quiet = subprocess.run([sys.executable, "-c", hide_torch + "from vppo_jax.demo.tiny_model import write_tiny_model; "
                             "import transformers"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert "PyTorch was not found" not in quiet.stderr
@@ -227,9 +227,9 @@ def test_loading_a_model_config_without_torch_says_nothing_about_pytorch():
 
 def test_prompts_are_padded_from_rollout_min_prompt_length():
     from configs import tiny
-    from vppo_jax.config import sampling_params
+    from vppo_jax.trainer.config import sampling_params
     from vppo_jax.models.qwen2_5_vl.inputs import left_pad_to_bucket
-    from vppo_jax.processing import SpecialTokens
+    from vppo_jax.data.prompts import SpecialTokens
 
     config = tiny.get_config()
     config.rollout.min_prompt_length = 16

@@ -10,7 +10,7 @@ import torch
 
 from hf_reference import hf_logits, processor_batch, text_ids, tiny_hf_model
 from vppo_jax.models import qwen2_5_vl
-from vppo_jax.optimizer import make_optimizer
+from vppo_jax.trainer.optimizer import make_optimizer
 from vppo_jax.vppo import step as step_lib
 from vppo_jax.vppo.batch import build_train_batch
 from vppo_jax.vppo.perturbation import CLIP_MEAN, CLIP_STD

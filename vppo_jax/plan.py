@@ -31,7 +31,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from vppo_jax.cli import parse_flags
+from vppo_jax.io.cli import parse_flags
 
 GIB = 1 << 30
 # Memory per device (GiB) and devices per topology.
@@ -81,7 +81,7 @@ def model_config(name: str, config_path: str, dtype: str, param_dtype: str | Non
             tie_word_embeddings=False,
         ).with_precision(dtype, param_dtype)
     if name == "tiny":
-        from vppo_jax import tiny
+        from vppo_jax.demo import tiny_model as tiny
 
         class Ids:  # the tiny tokenizer numbers its special tokens from 0 in SPECIAL_TOKENS order
             get_vocab_size = staticmethod(lambda: tiny.VOCAB_SIZE)
@@ -165,8 +165,9 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
     import numpy as np
     from flax import nnx
 
-    from vppo_jax import config as config_lib
-    from vppo_jax import sampling, sharding
+    from vppo_jax.trainer import config as config_lib
+    from vppo_jax.rollout import sampling
+    from vppo_jax.parallel import sharding
     from vppo_jax.models.qwen2_5_vl import abstract_model
     from vppo_jax.models.qwen2_5_vl.inputs import length_bucket
     from vppo_jax.vppo import step as step_lib
@@ -211,7 +212,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
         results.append(compiled_phase("update step", jitted, (state, sharded(batch, batch_shardings), key), 0))
 
     # The sampler: every prompt of a round at once, G samples each, on the weights cast to the
-    # compute dtype (vppo_jax.policy.compute_model); the master weights stay resident beside them.
+    # compute dtype (vppo_jax.rollout.policy.compute_model); the master weights stay resident beside them.
     prompts = -(-r.prompts_per_step // sharding.batch_shards(mesh)) * sharding.batch_shards(mesh)
     inputs = abstract_batch(model_cfg, prompts, prompt_length, grid)
     cache_length = prompt_length + r.max_new_tokens
@@ -225,8 +226,10 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
                                       sampling_resident))
     if "decode" in phases:
         prefilled = jax.eval_shape(prefill, compute_params, sharded(inputs, in_shardings[1]))
-        params = sampling.SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
-                                         top_p=r.top_p, group_size=r.group_size)
+        # No end tokens: every row decodes all max_new_tokens, the worst case.
+        params = sampling.SamplingParams(max_new_tokens=r.max_new_tokens, end_token_ids=(), pad_token_id=0,
+                                         temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                                         group_size=r.group_size)
         keys = jax.ShapeDtypeStruct((prompts * r.group_size,), key.dtype)
         args = (compute_params, prefilled.replace(cache=None), prefilled.cache, keys)
         in_shardings, decode = sampling.compiled_decode(graphdef, *args, params, mesh)
@@ -302,7 +305,7 @@ def main(argv):
     if jax.device_count() != devices:
         raise RuntimeError(f"wanted {devices} fake CPU devices, JAX has {jax.device_count()}: run the planner in a "
                            "fresh process.")
-    from vppo_jax import sharding
+    from vppo_jax.parallel import sharding
 
     config = FLAGS.config
     mesh_shape = dict(config.mesh)

@@ -1,314 +1,33 @@
 """Train a Qwen2.5-VL policy with VPPO (or a GRPO/DAPO baseline) from an experiment config.
 
-    python -m vppo_jax.train --config=configs/tiny.py --workdir=runs/tiny
-    python -m vppo_jax.train --config=configs/vppo_7b.py --workdir=runs/vppo_7b --config.algo.tgf_k=0.2
+    python -m vppo_jax.train --config=configs/vppo_7b.py --workdir=runs/vppo_7b --config.model.path=...
+    python -m vppo_jax.train --config=configs/tiny.py --workdir=runs/tiny_vppo   # the embedded default
 
-One step = one rollout batch: sample G responses for each prompt (dynamic sampling keeps
-only groups whose accuracy is neither 0 nor 1, resampling until the batch is full), grade
-them, compute GRPO advantages, then `updates_per_rollout` optimizer updates (the VPPO step)
-on consecutive slices of the batch. Metrics go to workdir/metrics.jsonl and TensorBoard;
-checkpoints to workdir/checkpoints; a restarted run resumes from the latest checkpoint.
-
-Parameters, optimizer state and batches are sharded over the config's mesh
-(vppo_jax/sharding.py). Multi-host (vppo_jax/distributed.py): every process runs this
-command; each reads and decodes only its share of the data, the prompt records of a step
-are gathered so that all build the same global batch (the one a single process would
-read), rewards are graded in shares, and process 0 writes metrics.
+The loop itself is vppo_jax/trainer/trainer.py. A config with a `synthetic` section (the
+embedded default, configs/tiny.py) and no model or data gets them made first, in
+workdir/embedded (vppo_jax/demo/embedded.py); any other config must name its model and data.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 import sys
 
 import jax
-import ml_collections
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
-from tqdm.auto import tqdm
 
-from vppo_jax import config as config_lib
-from vppo_jax import data as data_lib
-from vppo_jax import distributed, sharding
-from vppo_jax.cli import parse_flags
-from vppo_jax.collapse_guard import CollapseGuard
-from vppo_jax.data.images import open_image
-from vppo_jax.metrics import MetricsWriter, Timer
-from vppo_jax.policy import compute_model, load_policy, prompt_builder
-from vppo_jax.rewards import RewardPool
-from vppo_jax.embedded import prepare_embedded_default
-from vppo_jax.evaluation import evaluate_prompts
-from vppo_jax.rollout import GradedGroups, concatenate, sample_and_grade, update_arrays
-from vppo_jax.run_checkpoints import RunCheckpoints, claim_workdir
-from vppo_jax.vppo import step as step_lib
-from vppo_jax.vppo.advantages import grpo_advantages, online_group_filter
-from vppo_jax.vppo.batch import build_train_batch
-from vppo_jax.vppo.pixel_blackening import perturbed_pixel_values
-
-
-class Trainer:
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        config_lib.check_names(config)
-        d = config.data
-        columns = dict(problem_key=d.problem_key, answer_key=d.answer_key, images_key=d.images_key)
-        train_rows = data_lib.RowSource(d.train_files, columns.values())
-        config = ml_collections.ConfigDict(config.to_dict())  # train.steps resolved from the epochs, in a copy
-        config.train.steps = config_lib.training_steps(config, len(train_rows))
-        self.config, self.workdir = config, workdir
-        self.mesh = sharding.make_mesh(config.mesh)
-        check_batch_shapes(config, self.mesh)
-        if jax.process_index() == 0:
-            claim_workdir(workdir, config)
-        # Weights load into host memory; init_sharded_state places each device's slices.
-        with jax.default_device(_host_device()):
-            self.policy = load_policy(config.model.path, config.model.dtype, config.model.param_dtype)
-        self.builder = prompt_builder(self.policy, d.max_prompt_length, d.min_pixels or None, d.max_pixels or None,
-                                      d.prompt_template)
-        if jax.process_index() == 0:
-            print(describe_image_budget(train_rows[0], self.builder, d), flush=True)
-        self.sampling = config_lib.sampling_params(config, self.builder.special)
-        self.step_config = config_lib.step_config(config)
-        self.optimizer = config_lib.optimizer(config)
-        self.model_config = self.policy.model.config
-        self.graphdef, self.state = step_lib.init_sharded_state(self.policy.model, self.optimizer, self.mesh)
-        self.policy = dataclasses.replace(self.policy, model=None)  # its arrays now live in self.state
-        self.train_step = step_lib.make_train_step(self.step_config, self.optimizer, self.graphdef, self.mesh)
-        self.score_rollouts = step_lib.make_score_rollouts(self.step_config, self.graphdef, self.mesh)
-        columns |= dict(process_index=jax.process_index(), process_count=jax.process_count())
-        self.data = data_lib.prompt_iterator(data_lib.prompt_dataset(d.train_files, self.builder, seed=d.seed, **columns))
-        self.val_prompts = []
-        if d.val_files and d.val_files[0]:
-            val = data_lib.prompt_dataset(d.val_files, self.builder, seed=d.seed, shuffle=False, num_epochs=1, **columns)
-            val = sorted(sum(distributed.allgather(list(val)), []), key=lambda p: p.index)  # file order
-            self.val_prompts = [p for p in val if not p.skipped][: config.eval.max_examples or None]
-        self.skips = data_lib.SkipCounter()
-        self.reward_pool = RewardPool(min(config.reward.workers, os.cpu_count() or 1))
-        self.grade = functools.partial(
-            self.reward_pool.score_responses, reward=config.reward.name, timeout_s=config.reward.timeout_s
-        )
-        if jax.process_count() > 1:
-            self.grade = functools.partial(_grade_in_shares, self.grade)
-        self.rng = jax.random.key(config.train.seed)
-        self.collapse_guard = CollapseGuard(config.rollout.prompts_per_step, config.rollout.min_live_share,
-                                            config.rollout.max_starved_steps)
-        self.checkpoints = RunCheckpoints(workdir, config.checkpoint.keep)
-        self.start_step = self._resume()
-        self.metrics = MetricsWriter(workdir, resume_step=self.start_step, enabled=jax.process_index() == 0)
-
-    def _resume(self) -> int:
-        latest = self.checkpoints.latest_step()
-        if latest is None:
-            return 0
-        self.state, self.rng, data_states, hosts = self.checkpoints.restore(latest, self.state)
-        if len(data_states) != jax.process_count():
-            raise ValueError(f"checkpoint {latest} was written by {len(data_states)} processes and this run has "
-                             f"{jax.process_count()}: each process resumes its own share of the data.")
-        self.data.set_state(data_states[jax.process_index()])
-        self.skips.counts.update(hosts[jax.process_index()]["skips"])
-        self.collapse_guard.restore(hosts[jax.process_index()].get("collapse_guard", {}))
-        return latest
-
-    def current_policy(self):
-        """The policy with the state's current parameters in the compute dtype, for sampling."""
-        return dataclasses.replace(self.policy, model=compute_model(self.graphdef, self.state.params,
-                                                                     self.model_config))
-
-    def next_prompts(self, count: int) -> list:
-        """`count` prompts: this process's share read here, the others' gathered, in the order
-        one process reading the whole stream would have them (without skips)."""
-        prompts = []
-        while len(prompts) < count // jax.process_count():
-            record = next(self.data)
-            if not self.skips.count(record):  # skips are counted and warned about once per kind
-                prompts.append(record)
-        return distributed.interleave(distributed.allgather(prompts))
-
-    def collect(self, key: jax.Array) -> tuple[GradedGroups, dict]:
-        """Dynamic sampling: rounds of sampling until prompts_per_step groups pass the filter.
-
-        The batch always holds prompts_per_step groups (static shapes): when the rounds run
-        out, filtered-out groups fill it as `live=False` groups, which carry no loss.
-        """
-        r, a = self.config.rollout, self.config.algo
-        policy = self.current_policy()
-        kept, dropped, sampled_rewards = [], [], []
-        stats = {"rollout/timeouts": 0, "rollout/grader_errors": 0, "rollout/truncated": 0.0}
-        rounds = 0
-        while rounds < r.max_filter_rounds and sum(len(g.prompts) for g in kept) < r.prompts_per_step:
-            prompts = self.next_prompts(r.prompts_per_step)
-            keys = jax.random.split(jax.random.fold_in(key, rounds), len(prompts) * r.group_size)
-            groups, grader = sample_and_grade(policy, prompts, keys, self.sampling, self.grade,
-                                              self.model_config.image_token_id, self.mesh)
-            keep = np.ones(len(prompts), bool)
-            if a.online_filter:
-                keep = np.asarray(online_group_filter(groups.rewards, r.group_size, tuple(a.accuracy_bounds))[0])
-            stats["rollout/timeouts"] += grader["timeouts"]
-            stats["rollout/grader_errors"] += grader["errors"]
-            stats["rollout/truncated"] += float(groups.truncated.sum())
-            sampled_rewards.append(groups.rewards)
-            kept.append(groups.select(np.nonzero(keep)[0]))
-            filler = groups.select(np.nonzero(~keep)[0])
-            filler.live[:] = False
-            dropped.append(filler)
-            rounds += 1
-        pool = concatenate(kept + dropped, self.sampling.pad_token_id)
-        batch = pool.select(np.arange(r.prompts_per_step))
-        rewards = np.concatenate(sampled_rewards)
-        stats |= {
-            "rollout/accuracy": float(rewards.mean()),
-            "rollout/filter_rounds": rounds,
-            "rollout/live_groups": int(batch.live.sum()),
-            # Groups that failed the filter, padding the batch after the last round (no loss).
-            "rollout/filler_groups": int((~batch.live).sum()),
-            "rollout/response_length": float(batch.mask.sum(1).mean()),
-        }
-        stats["rollout/truncated"] /= len(rewards)
-        return batch, stats
-
-    def update_batches(self, groups: GradedGroups, key: jax.Array) -> list[step_lib.TrainBatch]:
-        """`updates_per_rollout` TrainBatches over consecutive slices of the groups; `key` seeds
-        the host-side blackening of the "blacken_pixels" perturbation."""
-        c = self.config
-        per_update = len(groups.prompts) // c.train.updates_per_rollout
-        batches = []
-        for u in range(c.train.updates_per_rollout):
-            part = groups.select(np.arange(u * per_update, (u + 1) * per_update))
-            arrays = update_arrays(part)
-            perturbed = None
-            if self.step_config.vppo and self.step_config.perturbation == "blacken_pixels" and "pixel_values" in arrays:
-                seed = np.asarray(jax.random.key_data(jax.random.fold_in(key, u)))
-                perturbed = perturbed_pixel_values(part.prompts, c.rollout.group_size, self.builder.image_processor,
-                                                   seed, c.algo.blacken_prob)
-            batches.append(build_train_batch(
-                self.model_config, arrays["input_ids"], arrays["attention_mask"], arrays["response_tokens"],
-                np.asarray(grpo_advantages(part.rewards, c.rollout.group_size)),
-                arrays.get("pixel_values"), arrays.get("image_grid_thw"), c.train.micro_batches, perturbed,
-            ))
-        return batches
-
-    def evaluate(self, key: jax.Array) -> dict[str, float]:
-        e = self.config.eval
-        params = dataclasses.replace(self.sampling, temperature=e.temperature, top_p=e.top_p, top_k=0)
-        summary, _ = evaluate_prompts(self.current_policy(), self.val_prompts, e.k, params, self.grade, key,
-                                      mesh=self.mesh)
-        return {f"eval/{name}": value for name, value in summary.items()}
-
-    def update(self, groups: GradedGroups, score_key: jax.Array, update_key: jax.Array,
-               timer: Timer) -> tuple[dict, float]:
-        """`updates_per_rollout` optimizer updates on the graded groups; returns their mean metrics
-        and the response tokens they trained on."""
-        c = self.config
-        batches = self.update_batches(groups, score_key)
-        tokens = float(sum(np.asarray(b.response_mask).sum() for b in batches))  # while still on the host
-        if len(batches) > 1 or c.train.micro_batches > 1:
-            # pi_old statistics for every slice from the rollout policy, before any update.
-            with timer("dependency"):
-                batches = [self.score_rollouts(self.state.params, b, jax.random.fold_in(score_key, i))
-                           for i, b in enumerate(batches)]
-        with timer("update"):
-            updates = []
-            for i, batch in enumerate(batches):
-                self.state, update_metrics = self.train_step(self.state, batch, jax.random.fold_in(update_key, i))
-                updates.append(jax.device_get(update_metrics))
-        return {name: float(np.mean([u[name] for u in updates])) for name in updates[0]}, tokens
-
-    def train_one_step(self, step: int) -> dict:
-        """Rollout, update, evaluation (every eval.every_steps), metrics and checkpoint of one step."""
-        c = self.config
-        timer, key = Timer(), jax.random.fold_in(self.rng, step)
-        rollout_key, score_key, update_key, eval_key = jax.random.split(key, 4)
-        with timer("rollout"):
-            groups, metrics = self.collect(rollout_key)
-        metrics |= self.collapse_guard.observe(step, int(groups.live.sum()), metrics)
-        tokens = 0.0
-        if groups.live.any():  # an empty batch has no gradient: no update, only the guard's count
-            update_metrics, tokens = self.update(groups, score_key, update_key, timer)
-            metrics |= update_metrics
-        skip_counts = distributed.allgather(self.skips.metrics())  # every process's own skips
-        metrics |= {name: sum(counts[name] for counts in skip_counts) for name in skip_counts[0]}
-        metrics["train/skipped_updates"] = int(self.state.skipped_steps)
-        if self.val_prompts and (step + 1) % c.eval.every_steps == 0:
-            with timer("eval"):
-                metrics |= self.evaluate(eval_key)
-        timings = timer.metrics()
-        metrics |= timings | {"time/tokens_per_second": tokens / max(timings["time/step"], 1e-9)}
-        self.metrics.write(step, metrics)
-        every = c.checkpoint.every_steps  # 0: no checkpoints at all (benchmarks, smoke runs)
-        if every and ((step + 1) % every == 0 or step + 1 == c.train.steps):
-            self.checkpoints.save(step + 1, self.state, self.rng, self.data.get_state(),
-                                  {"skips": dict(self.skips.counts), "collapse_guard": self.collapse_guard.state()})
-        return metrics
-
-    def train(self):
-        steps = self.config.train.steps
-        progress = tqdm(range(self.start_step, steps), initial=self.start_step, total=steps, desc="train",
-                        unit="step", disable=jax.process_index() != 0)
-        try:
-            for step in progress:
-                metrics = self.train_one_step(step)
-                progress.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}", loss=f"{metrics.get('loss', 0):.3f}",
-                                     live=f"{metrics['rollout/live_share']:.2f}")
-                self.collapse_guard.stop_if_collapsed(step)
-        finally:  # a run the collapse guard stops still finishes writing its checkpoints
-            self.close()
-
-    def close(self):
-        self.checkpoints.close()
-        self.metrics.close()
-        self.reward_pool.close()
+from vppo_jax.demo import embedded
+from vppo_jax.io.cli import parse_flags
+from vppo_jax.parallel import distributed
+from vppo_jax.trainer.trainer import Trainer
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's config, metrics and checkpoints.")
-# Multi-process runs off TPU (vppo_jax/distributed.py); on a Cloud TPU pod JAX finds its workers itself.
+# Multi-process runs off TPU (vppo_jax/parallel/distributed.py); on a Cloud TPU pod JAX finds its workers itself.
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 in a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in [0, num_processes).")
-
-
-def check_batch_shapes(config: ml_collections.ConfigDict, mesh):
-    """Refuses, before anything is loaded, batches that the processes or the mesh cannot split."""
-    r, t = config.rollout, config.train
-    if r.prompts_per_step % (t.updates_per_rollout * jax.process_count()):
-        raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of "
-                         f"train.updates_per_rollout x processes = {t.updates_per_rollout} x {jax.process_count()}.")
-    rows = r.prompts_per_step * r.group_size // t.updates_per_rollout
-    if rows % t.micro_batches:
-        raise ValueError(f"{rows} rows per update do not split into train.micro_batches={t.micro_batches}.")
-    sharding.check_rows(rows // t.micro_batches, mesh, "rows per micro-batch (rollout.prompts_per_step x "
-                        "rollout.group_size / train.updates_per_rollout / train.micro_batches)")
-
-
-def describe_image_budget(row: data_lib.Row, builder, d: ml_collections.ConfigDict) -> str:
-    """What the image budget (config.data `d`) and the processor make of a row's first image, in one line."""
-    prompt = data_lib.RowToPrompt(builder, d.problem_key, d.answer_key, d.images_key)(row)
-    if prompt.skipped or not len(prompt.image_grid_thw):
-        return "images: the first training row has no usable image"
-    original = open_image(row.fields[d.images_key][0], row.base_dir)
-    processor, (_, rows, cols) = builder.image_processor, prompt.image_grid_thw[0]
-    return (f"images: the first training image ({original.width} x {original.height} px) reaches the model at "
-            f"{cols * processor.patch_size} x {rows * processor.patch_size} px, {rows * cols // processor.merge_size**2} "
-            f"image tokens (data.min_pixels={d.min_pixels}, data.max_pixels={d.max_pixels}, then sides "
-            f"rounded to multiples of {processor.patch_size * processor.merge_size})")
-
-
-def _host_device():
-    """This host's CPU device where JAX has one (it does unless JAX_PLATFORMS leaves it out)."""
-    try:
-        return jax.local_devices(backend="cpu")[0]
-    except RuntimeError:
-        return jax.local_devices()[0]
-
-
-def _grade_in_shares(grade, responses: list[str], answers: list[str]):
-    """`grade` with every process grading its share of the responses."""
-    def combine(parts):
-        rewards = np.concatenate([np.asarray(r, np.float32).reshape(-1) for r, _ in parts])
-        return rewards, {key: sum(stats[key] for _, stats in parts) for key in parts[0][1]}
-    return distributed.shared_work(lambda pairs: grade([p[0] for p in pairs], [p[1] for p in pairs]),
-                                   list(zip(responses, answers)), combine)
 
 
 def main(argv):
@@ -317,15 +36,13 @@ def main(argv):
     # Modules the config names (a reward of one's own) may sit next to the config file.
     sys.path.append(os.path.dirname(os.path.abspath(config_flags.get_config_filename(flags.FLAGS["config"]))))
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    # The embedded default's assets are made once, by process 0, before the others look for them.
-    if jax.process_index() == 0:
-        config = prepare_embedded_default(_CONFIG.value, _WORKDIR.value)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("embedded default ready")
-    if jax.process_index() != 0:
-        config = prepare_embedded_default(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    if embedded.is_embedded_default(config):
+        # Made once, by process 0, before the others look for them.
+        if jax.process_index() == 0:
+            config = embedded.prepare_embedded_default(config, _WORKDIR.value)
+        distributed.barrier("embedded default ready")
+        config = embedded.prepare_embedded_default(config, _WORKDIR.value)
     Trainer(config, _WORKDIR.value).train()
 
 

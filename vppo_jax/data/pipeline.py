@@ -19,7 +19,7 @@ import grain
 
 from vppo_jax.data.images import open_image
 from vppo_jax.data.rows import Row, RowSource
-from vppo_jax.processing import Prompt, PromptBuilder, skipped_prompt
+from vppo_jax.data.prompts import Prompt, PromptBuilder, skipped_prompt
 
 
 class RowToPrompt:

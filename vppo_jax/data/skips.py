@@ -4,7 +4,7 @@ from __future__ import annotations
 import collections
 import logging
 
-from vppo_jax.processing import SKIP_REASONS, Prompt
+from vppo_jax.data.prompts import SKIP_REASONS, Prompt
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ trial's metrics.jsonl holds: the final step's for per-step metrics, the last eva
 for eval/ ones ("nan" where it was not finite, empty where never recorded). Trials that are
 still running, failed or never started are listed with their status and steps done.
 
-Benchmark results of `python -m vppo_jax.evaluate --checkpoint=WORKDIR` (in WORKDIR/evaluation)
+Benchmark results of `python -m vppo_jax.eval --checkpoint=WORKDIR` (in WORKDIR/evaluation)
 are metrics too: benchmarks/<benchmark>/avg@8, benchmarks/<benchmark>/pass@8 and
 benchmarks/average/avg@8, ... (k as evaluated).
 
@@ -25,13 +25,13 @@ import re
 
 from matplotlib.figure import Figure
 
-from vppo_jax.evaluate import EVALUATION_DIR, SUMMARY_FILE
-from vppo_jax.metrics import METRICS_FILE, read_metrics
+from vppo_jax.eval.benchmarks import EVALUATION_DIR, SUMMARY_FILE
+from vppo_jax.trainer.metrics import METRICS_FILE, read_metrics
 from vppo_jax.sweeps.trials import Sweep, finished, load_sweep
 
 
 def benchmark_metrics(workdir: str) -> dict[str, float]:
-    """The run's benchmark evaluation (vppo_jax.evaluate's summary) as metrics:
+    """The run's benchmark evaluation (vppo_jax.eval's summary) as metrics:
     {"benchmarks/mathverse/avg@8": ..., "benchmarks/average/avg@8": ..., ...}."""
     path = os.path.join(workdir, EVALUATION_DIR, SUMMARY_FILE)
     if not os.path.exists(path):

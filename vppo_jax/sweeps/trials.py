@@ -8,7 +8,7 @@ import json
 import os
 import re
 
-from vppo_jax.run_checkpoints import CONFIG_FILE
+from vppo_jax.trainer.checkpoints import CONFIG_FILE
 
 DEFAULT_METRICS = ("eval/avg@8", "eval/pass@8")
 CONFIG_KEY = "config"  # a trial entry that names its config file instead of overriding a field

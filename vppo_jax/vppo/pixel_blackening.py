@@ -1,7 +1,7 @@
 """Random Patch Blackening with the reference's geometry, on the host (algo.perturbation="blacken_pixels").
 
 The reference blackens 14 x 14-pixel tiles of the image as its data pipeline hands it over
-(after the recipe's pixel budget, `processing.fit_pixel_budget`), each with probability 0.5,
+(after the recipe's pixel budget, `image_processor.fit_pixel_budget`), each with probability 0.5,
 and only then runs the image processor, whose bicubic resize to multiples of 28 moves the
 tile edges off the ViT patch grid: most ViT patches come out partly black, few fully.
 `perturbation.blacken_patches` blackens whole ViT patches inside the compiled step instead
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from vppo_jax.processing import ImageProcessor
+from vppo_jax.models.qwen2_5_vl.image_processor import ImageProcessor
 
 TILE = 14
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from vppo_jax import sharding
+from vppo_jax.parallel import sharding
 from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs
 from vppo_jax.vppo import dependency as dependency_lib
 from vppo_jax.vppo import perturbation, shaping

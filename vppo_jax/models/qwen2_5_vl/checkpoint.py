@@ -21,10 +21,10 @@ import jax
 import numpy as np
 from orbax.checkpoint.experimental import v1 as ocp
 
-from vppo_jax.atomic_dir import atomic_directory
+from vppo_jax.io.atomic_dir import atomic_directory
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vppo_jax.models.qwen2_5_vl.hf_io import CONFIG_FILE, copy_assets, hf_config_dict, model_from_params, param_shapes, read_config
-from vppo_jax.safetensors_io import CheckpointError
+from vppo_jax.io.safetensors_files import CheckpointError
 
 PARAMS_DIR, HF_DIR = "params", "hf"
 

@@ -16,12 +16,12 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from vppo_jax.atomic_dir import atomic_directory
+from vppo_jax.io.atomic_dir import atomic_directory
 from vppo_jax.models.qwen2_5_vl.config import DTYPES, Qwen2_5_VLConfig
 from vppo_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration, abstract_model
 from vppo_jax.models.qwen2_5_vl.weights import legacy_name, weight_table
-from vppo_jax.safetensors_io import DTYPES as ST_DTYPES
-from vppo_jax.safetensors_io import CheckpointError, SafetensorsDirectory, write_sharded
+from vppo_jax.io.safetensors_files import DTYPES as ST_DTYPES
+from vppo_jax.io.safetensors_files import CheckpointError, SafetensorsDirectory, write_sharded
 
 CONFIG_FILE = "config.json"
 FLOAT_DTYPES = ("F32", "BF16", "F16")

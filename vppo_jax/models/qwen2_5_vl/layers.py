@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vppo_jax.sharding import constrain
+from vppo_jax.parallel.sharding import constrain
 
 ACTIVATIONS: dict[str, Callable] = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 

@@ -23,7 +23,7 @@ from vppo_jax.models.qwen2_5_vl.layers import (
     stacked,
     unstacked,
 )
-from vppo_jax.sharding import constrain
+from vppo_jax.parallel.sharding import constrain
 
 
 @flax.struct.dataclass

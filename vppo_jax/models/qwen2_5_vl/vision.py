@@ -24,7 +24,7 @@ from vppo_jax.models.qwen2_5_vl.layers import (
     scan_layers,
     stacked,
 )
-from vppo_jax.sharding import constrain
+from vppo_jax.parallel.sharding import constrain
 
 VISION_NORM_EPS = 1e-6  # hard-coded in transformers, not read from the config
 

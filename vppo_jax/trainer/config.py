@@ -9,10 +9,11 @@ from __future__ import annotations
 import ml_collections
 import optax
 
-from vppo_jax import processing, sampling
+from vppo_jax.data import prompts
+from vppo_jax.rollout import sampling
 from vppo_jax.vppo.loss import LossConfig
-from vppo_jax.optimizer import make_optimizer
-from vppo_jax.rewards.registry import get_reward
+from vppo_jax.trainer.optimizer import make_optimizer
+from vppo_jax.rollout.rewards.registry import get_reward
 from vppo_jax.vppo.step import StepConfig
 
 
@@ -23,14 +24,14 @@ def default_config() -> ml_collections.ConfigDict:
     # for the tiny random model of the embedded default. `dtype` computes (sampling, scoring,
     # the update's forward and backward); `param_dtype` holds the parameters and the Adam
     # moments: "float32" master weights, or "bfloat16" with Kahan-compensated AdamW for tight
-    # memory (vppo_jax/optimizer.py).
+    # memory (vppo_jax/trainer/optimizer.py).
     c.model = ml_collections.ConfigDict(dict(path="", dtype="bfloat16", param_dtype="float32"))
 
     c.data = ml_collections.ConfigDict(dict(
         train_files=("",),  # parquet or jsonl in the ViRL39K schema (problem, answer, images)
         val_files=("",),
         problem_key="problem", answer_key="answer", images_key="images",
-        # The image budget (processing.fit_pixel_budget): an image outside [min_pixels, max_pixels]
+        # The image budget (image_processor.fit_pixel_budget): an image outside [min_pixels, max_pixels]
         # is scaled into it, upscaling small images (0 switches a side off); the image processor
         # then rounds each side to a multiple of 28. The reference's: 256 to 1280 units of 28 x 28.
         min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28,
@@ -50,7 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
         # this (one compile per length): larger means fewer compiles and more padding.
         min_prompt_length=512,
         max_filter_rounds=8,  # dynamic sampling: rounds of sampling to fill the batch
-        # The collapse guard (vppo_jax/collapse_guard.py): a step whose batch holds fewer live
+        # The collapse guard (vppo_jax/trainer/collapse_guard.py): a step whose batch holds fewer live
         # groups than this share of prompts_per_step is starved; this many starved steps in a
         # row stop the run with an error (0: never stop).
         min_live_share=0.25, max_starved_steps=10,
@@ -94,7 +95,7 @@ def default_config() -> ml_collections.ConfigDict:
     # A checkpoint every `every_steps` steps and at the last one; 0 writes none (smoke runs, benchmarks).
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep=3))
     c.eval = ml_collections.ConfigDict(dict(every_steps=10, k=8, temperature=1.0, top_p=1.0, max_examples=0))
-    # Device mesh (vppo_jax/sharding.py): batch rows over data x fsdp, parameters and optimizer
+    # Device mesh (vppo_jax/parallel/sharding.py): batch rows over data x fsdp, parameters and optimizer
     # state over fsdp (model dim) and tensor (heads, MLP, vocab). One size may be -1 (the rest
     # of the devices). The default is one device, as a run on a CPU wants; recipes set theirs.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
@@ -105,7 +106,7 @@ def check_names(c: ml_collections.ConfigDict):
     """Resolves every name the config holds (reward, prompt template, the algorithm's choices,
     precision), so that a typo fails in the first second, not after the model has loaded."""
     get_reward(c.reward.name)
-    processing.prompt_template(c.data.prompt_template)
+    prompts.prompt_template(c.data.prompt_template)
     step_config(c)  # StepConfig checks its choices
     optimizer(c)  # and make_optimizer the parameter dtype
 

@@ -8,7 +8,8 @@ import jax
 from flax import nnx
 from tokenizers import Tokenizer
 
-from vppo_jax import processing
+from vppo_jax.data import prompts
+from vppo_jax.models.qwen2_5_vl.image_processor import ImageProcessor
 
 from vppo_jax.models.qwen2_5_vl import from_pretrained
 from vppo_jax.models.qwen2_5_vl.checkpoint import HF_DIR, PARAMS_DIR, load_model
@@ -54,13 +55,13 @@ def compute_model(graphdef: nnx.GraphDef, params, config):
 
 
 def prompt_builder(policy: Policy, max_prompt_length: int, min_pixels: int | None = None,
-                   max_pixels: int | None = None, template: str = "reference") -> processing.PromptBuilder:
+                   max_pixels: int | None = None, template: str = "reference") -> prompts.PromptBuilder:
     """Prompts for this policy: its tokenizer, image processor and vision token ids; `min/max_pixels`
-    is the recipe's image budget (None: none); `template` a name or file (`processing.prompt_template`)."""
+    is the recipe's image budget (None: none); `template` a name or file (`prompts.prompt_template`)."""
     config = policy.model.config
-    return processing.PromptBuilder(
-        policy.tokenizer, processing.ImageProcessor.from_pretrained(policy.hf_dir),
+    return prompts.PromptBuilder(
+        policy.tokenizer, ImageProcessor.from_pretrained(policy.hf_dir),
         image_token_id=config.image_token_id, vision_start_token_id=config.vision_start_token_id,
         vision_end_token_id=config.vision_end_token_id, max_prompt_length=max_prompt_length,
-        min_pixels=min_pixels, max_pixels=max_pixels, template=processing.prompt_template(template),
+        min_pixels=min_pixels, max_pixels=max_pixels, template=prompts.prompt_template(template),
     )

@@ -1,13 +1,13 @@
 """avg@k and pass@k of a policy on benchmark files, at the paper's evaluation settings.
 
-    python -m vppo_jax.evaluate --checkpoint=runs/vppo_7b --data mathverse.parquet dynamath.parquet
-    python -m vppo_jax.evaluate --checkpoint=Qwen2.5-VL-7B-Instruct --data mathverse.parquet --out=results/base --k=8
+    python -m vppo_jax.eval --checkpoint=runs/vppo_7b --data mathverse.parquet dynamath.parquet
+    python -m vppo_jax.eval --checkpoint=Qwen2.5-VL-7B-Instruct --data mathverse.parquet --out=results/base --k=8
 
 --checkpoint is one of
 - a training run's workdir (config.json + checkpoints/): its latest checkpoint (or --step),
   with the run's own prompt length, image budget, response length and reward;
 - an HF directory or a scripts/convert_hf_to_jax.py checkpoint: with the paper recipe's
-  settings (vppo_jax/config.py).
+  settings (vppo_jax/trainer/config.py).
 Every problem gets k responses sampled at temperature 1.0, top-p 1.0 (the paper's evaluation). Per
 benchmark file (parquet or JSON lines with problem/answer/images columns, names settable):
 avg@k, the mean accuracy over all k x N responses (the paper's metric), and pass@k, the
@@ -32,13 +32,13 @@ import jax
 import ml_collections
 from flax import nnx
 
-from vppo_jax import config as config_lib
+from vppo_jax.trainer import config as config_lib
 from vppo_jax import data as data_lib
-from vppo_jax import processing
-from vppo_jax.evaluation import evaluate_prompts
-from vppo_jax.policy import Policy, compute_model, load_policy, prompt_builder
-from vppo_jax.rewards import RewardPool
-from vppo_jax.run_checkpoints import CONFIG_FILE, RunCheckpoints
+from vppo_jax.data.prompts import PromptBuilder
+from vppo_jax.eval.accuracy import evaluate_prompts
+from vppo_jax.rollout.policy import Policy, compute_model, load_policy, prompt_builder
+from vppo_jax.rollout.rewards import RewardPool
+from vppo_jax.trainer.checkpoints import CONFIG_FILE, RunCheckpoints
 from vppo_jax.vppo import step as step_lib
 
 # Spec section 7: the paper samples its evaluation responses at temperature 1.0, top-p 1.0.
@@ -118,7 +118,7 @@ def benchmark_name(path: str) -> str:
     return os.path.basename(path).split(".")[0]
 
 
-def prompt_chunks(path: str, builder: processing.PromptBuilder, config, size: int, max_examples: int, skips):
+def prompt_chunks(path: str, builder: PromptBuilder, config, size: int, max_examples: int, skips):
     """The usable prompts of a benchmark file in file order, `size` at a time; a whole benchmark's
     images would not fit in memory at the recipe's image budget."""
     d = config.data

@@ -11,7 +11,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from vppo_jax import sampling
+from vppo_jax.rollout import sampling
 from vppo_jax.models.qwen2_5_vl.inputs import left_pad_to_bucket
 
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")

@@ -2,14 +2,14 @@
 
     python -m vppo_jax.demo --config=configs/tiny.py --workdir=runs/tiny
 
-1. the synthetic task, the tiny model and its supervised warm start (vppo_jax/embedded.py),
+1. the synthetic task, the tiny model and its supervised warm start (vppo_jax/demo/embedded.py),
    made once in workdir/embedded;
 2. the warm start's validation accuracy (cached in workdir/embedded/warm_start_eval.json);
 3. one training run per method in `config.demo.methods`, each in workdir/<method>: "vppo"
    is the config as given, "grpo" the same recipe with algo.vppo=False (no token
    dependency, no advantage shaping, no token filtering; same sampling, clipping, budget);
 4. token dependency of responses sampled from the first method's final policy;
-5. the report in workdir/report (vppo_jax/report.py).
+5. the report in workdir/report (vppo_jax/demo/report.py).
 
 Every stage resumes: a killed demo, run again with the same flags, picks up where it stopped.
 """
@@ -24,16 +24,13 @@ import jax
 import ml_collections
 import numpy as np
 import pyarrow.parquet as pq
-from absl import app, flags, logging
 
-from vppo_jax.cli import parse_flags
-from vppo_jax.embedded import prepare_embedded_default
-from vppo_jax.metrics import METRICS_FILE, read_metrics
-from vppo_jax.report import DependencySample, write_report
-from vppo_jax.rewards import RewardPool
-from vppo_jax.rollout import sample_and_grade, update_arrays
-from vppo_jax.train import Trainer
-from vppo_jax.vppo import step as step_lib
+from vppo_jax.demo.embedded import prepare_embedded_default
+from vppo_jax.trainer.metrics import METRICS_FILE, read_metrics
+from vppo_jax.demo.report import DependencySample, write_report
+from vppo_jax.rollout.rewards import RewardPool
+from vppo_jax.rollout.groups import sample_and_grade, update_arrays
+from vppo_jax.trainer.trainer import Trainer
 from vppo_jax.vppo.batch import build_train_batch
 
 METHODS = ("vppo", "grpo")
@@ -74,7 +71,7 @@ def dependency_samples(trainer: Trainer, count: int, key: jax.Array) -> list[Dep
     """Responses sampled from the trainer's current policy for its first `count` validation
     problems, each token with its visual dependency under the VPPO estimator of the config."""
     config, policy = trainer.config, trainer.current_policy()
-    prompts = trainer.val_prompts[:count]
+    prompts = trainer.validation_prompts[:count]
     sample_key, score_key = jax.random.split(key)
     keys = jax.random.split(sample_key, len(prompts) * trainer.sampling.group_size)
     with RewardPool(1) as pool:
@@ -87,10 +84,8 @@ def dependency_samples(trainer: Trainer, count: int, key: jax.Array) -> list[Dep
         np.zeros(len(groups.texts), np.float32), arrays.get("pixel_values"), arrays.get("image_grid_thw"),
     )
     # Scored as VPPO would score them, whichever method trained the policy.
-    score = step_lib.make_score_rollouts(dataclasses.replace(trainer.step_config, vppo=True), trainer.graphdef)
-    scored = score(trainer.state.params, batch, score_key)
+    dependency = np.asarray(trainer.token_dependency(batch, score_key)[0])
     targets, mask = np.asarray(batch.targets[0]), np.asarray(batch.response_mask[0])
-    dependency = np.asarray(scored.dependency[0])
     rows = _validation_rows(config)
     samples = []
     for r in range(len(groups.texts)):
@@ -133,15 +128,3 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> str:
                         time.perf_counter() - start)
     print(open(path).read().split("\n![")[0])
     return path
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    # --config and --workdir are the trainer's flags (defined when vppo_jax.train is imported).
-    print(f"report: {run_demo(flags.FLAGS.config, flags.FLAGS.workdir)}")
-
-
-if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=parse_flags)

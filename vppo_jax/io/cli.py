@@ -4,7 +4,7 @@ from typing import Callable
 
 from absl import flags
 
-from vppo_jax.safetensors_io import CheckpointError
+from vppo_jax.io.safetensors_files import CheckpointError
 
 
 def run_conversion(convert: Callable[[], None], out: str) -> int:
@@ -30,6 +30,6 @@ def parse_flags(argv: list[str]) -> list[str]:
         while error.args and isinstance(error.args[0], BaseException):  # it wraps a KeyError
             error = error.args[0]
         name, _, hint = str(error.args[0] if error.args else error).partition("\n")
-        problem = f"the config has no field {name}{'; ' + hint if hint else ''} (all fields: vppo_jax/config.py)"
+        problem = f"the config has no field {name}{'; ' + hint if hint else ''} (all fields: vppo_jax/trainer/config.py)"
     print(f"error: {problem}", file=sys.stderr)
     sys.exit(2)

@@ -6,8 +6,8 @@ import dataclasses
 import jax
 import numpy as np
 
-from vppo_jax import sampling
-from vppo_jax.rollout import sample_and_grade
+from vppo_jax.rollout import sampling
+from vppo_jax.rollout.groups import sample_and_grade
 
 
 def evaluate_prompts(policy, prompts: list, k: int, params: sampling.SamplingParams, grade, key: jax.Array,

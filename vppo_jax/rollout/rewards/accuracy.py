@@ -26,7 +26,7 @@ import re
 
 from mathruler.grader import extract_boxed_content, grade_answer
 
-from vppo_jax.rewards.registry import register
+from vppo_jax.rollout.rewards.registry import register
 
 _SPACE_AROUND_TAG_MARKS = re.compile(r"\s*(<|>|/)\s*")
 

@@ -26,7 +26,7 @@ from multiprocessing import connection
 
 import numpy as np
 
-from vppo_jax.rewards.registry import get_reward
+from vppo_jax.rollout.rewards.registry import get_reward
 
 DEFAULT_TIMEOUT_S = 10.0
 # Each worker is a Python with sympy (about 70 MB), plus whatever the main module imports.

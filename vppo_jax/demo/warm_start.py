@@ -4,7 +4,7 @@ RL from a random policy learns nothing (every response scores 0, every group is 
 out), so the embedded default first fits the synthetic task's worked answers
 ("<think> ... </think> \\boxed{answer}") with cross-entropy on the response tokens.
 
-    python -m vppo_jax.warm_start --model=runs/tiny/embedded/tiny_model --data=train.parquet --out=warm
+    python -m vppo_jax.demo.warm_start --model=runs/tiny/embedded/tiny_model --data=train.parquet --out=warm
 """
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ import pyarrow.parquet as pq
 from flax import nnx
 from tqdm.auto import tqdm
 
-from vppo_jax import processing
+from vppo_jax.data.prompts import PromptBuilder
 from vppo_jax.data.images import open_image
 from vppo_jax.models.qwen2_5_vl import save_pretrained
-from vppo_jax.policy import load_policy, prompt_builder
+from vppo_jax.rollout.policy import load_policy, prompt_builder
 from vppo_jax.vppo.batch import build_train_batch
 from vppo_jax.vppo.dependency import token_logprobs_and_entropy
 
 
-def supervised_examples(policy, builder: processing.PromptBuilder, data_file: str) -> list[tuple]:
+def supervised_examples(policy, builder: PromptBuilder, data_file: str) -> list[tuple]:
     """(prompt, response ids) for every row: the response is the worked answer + <|im_end|>."""
     rows = pq.read_table(data_file).to_pylist()
     examples = []

@@ -63,6 +63,14 @@ def allgather(value) -> list:
     return [pickle.loads(gathered[i, :sizes[i]].tobytes()) for i in range(count)]
 
 
+def barrier(name: str):
+    """Waits until every process reaches the barrier of this name (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def interleave(per_process: list[list]) -> list:
     """Element k of process i goes to position k * n + i: with data sharded as global[i::n],
     this rebuilds the global order a single process reads."""

@@ -12,7 +12,7 @@ wrong, while `answer` stays right. A policy fitted to those demonstrations sprea
 probability over near-miss answers, as a VLM warm-started on imperfect traces does; RL
 with the verifiable reward is what moves that mass onto the right answer.
 
-    python -m vppo_jax.data.synthetic --out=data/synthetic --train=2000 --val=200 --seed=0
+    python -m vppo_jax.demo.synthetic --out=data/synthetic --train=2000 --val=200 --seed=0
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from vppo_jax.processing import INSTRUCTION, SYSTEM_PROMPT
+from vppo_jax.data.prompts import INSTRUCTION, SYSTEM_PROMPT
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
 SHAPES = ("circle", "square", "triangle")

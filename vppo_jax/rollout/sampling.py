@@ -1,7 +1,8 @@
 """Rollout: G sampled responses per prompt, from a compiled prefill and a compiled decode loop.
 
-    from vppo_jax import sampling
-    params = sampling.SamplingParams(max_new_tokens=2048, temperature=1.0, group_size=8)
+    from vppo_jax.rollout import sampling
+    params = sampling.SamplingParams(max_new_tokens=2048, end_token_ids=(im_end, endoftext), pad_token_id=endoftext,
+                                     temperature=1.0, group_size=8)
     keys = jax.random.split(jax.random.key(seed), num_prompts * params.group_size)
     rollout = sampling.generate(model, processor_batch, keys, params)  # = decode(prefill(...))
     rollout.tokens, rollout.mask, rollout.logprobs, rollout.truncated  # (num_prompts * G, ...)
@@ -24,23 +25,24 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
-from vppo_jax import sharding
+from vppo_jax.parallel import sharding
 from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, left_pad_to_bucket, prepare_inputs
 from vppo_jax.models.qwen2_5_vl.text import KVCache
 
-IM_END, END_OF_TEXT = 151645, 151643  # Qwen2.5 chat: <|im_end|> ends a turn, <|endoftext|> pads
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int
+    # The tokenizer's: Qwen's <|im_end|> and <|endoftext|> end a response, <|endoftext|> pads
+    # (trainer.config.sampling_params reads them from the tokenizer).
+    end_token_ids: tuple[int, ...]
+    pad_token_id: int  # written after a sequence's end
     temperature: float = 1.0  # 0.0: greedy
     top_k: int = 0  # 0: no top-k truncation
     top_p: float = 1.0  # 1.0: no nucleus truncation
     group_size: int = 1  # G samples per prompt
-    end_token_ids: tuple[int, ...] = (IM_END, END_OF_TEXT)
-    pad_token_id: int = END_OF_TEXT  # written after a sequence's end
     min_prompt_length: int = 16  # prompts are left-padded to 2^k or 1.5 * 2^k tokens, at least this many
 
 
@@ -233,7 +235,7 @@ def prefill(
 
     On a mesh (default: one device), prompts and image patch slots are split over its batch
     axes (data x fsdp), padded with empty prompts to a multiple of them; the parameters and
-    the KV cache are split by the sharding rules (`vppo_jax/sharding.py`).
+    the KV cache are split by the sharding rules (`vppo_jax/parallel/sharding.py`).
     """
     mesh = sharding.mesh_or_default(mesh)
     batch = left_pad_to_bucket(batch, params.min_prompt_length, params.pad_token_id)

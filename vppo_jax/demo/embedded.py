@@ -1,7 +1,8 @@
 """The embedded default's assets: the synthetic task, the tiny model and its warm start.
 
-With no model and no data in the config (configs/tiny.py), the trainer calls
-`prepare_embedded_default` to make them in workdir/embedded once and point the config at them.
+A config with a `synthetic` section (configs/tiny.py) and no model or data is the embedded
+default: `prepare_embedded_default` makes them in workdir/embedded once and points the
+config at them (the demo and `python -m vppo_jax.train` both call it).
 """
 from __future__ import annotations
 
@@ -9,16 +10,21 @@ import os
 
 import ml_collections
 
-from vppo_jax.data import synthetic
-from vppo_jax.tiny import write_tiny_model
-from vppo_jax.warm_start import warm_start
+from vppo_jax.demo import synthetic
+from vppo_jax.demo.tiny_model import write_tiny_model
+from vppo_jax.demo.warm_start import warm_start
+
+
+def is_embedded_default(config: ml_collections.ConfigDict) -> bool:
+    """Whether the config asks for the embedded default's assets (model or data left empty)."""
+    return "synthetic" in config and not (config.model.path and config.data.train_files[0])
 
 
 def prepare_embedded_default(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
     """With no model and no data given, make the synthetic task, the tiny model and its
     supervised warm start in workdir/embedded (once; a restarted run reuses them) and point
     the config at them."""
-    if config.model.path and config.data.train_files[0]:
+    if not is_embedded_default(config):
         return config
     s = config.synthetic
     assets = os.path.join(workdir, "embedded")

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vppo_jax import distributed
+from vppo_jax.parallel import distributed
 
 CONFIG_FILE = "config.json"
 # Fields a restarted run may change without becoming another run.
