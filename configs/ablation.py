@@ -8,6 +8,7 @@ static_0.8_1.2, static_0.9_1.1, noise, blur is not in-step (see README), gray, j
 top1_drop [50.3], group5 [56.5], group12 [57.4], group16 [57.7]. Append ",runlocal" to shrink.
 """
 from configs import grpo_7b, vppo_7b
+from vppo_jax.trainer.config import parse_arg
 
 ABLATIONS = {
     "tas_only": dict(tgf=False),
@@ -27,7 +28,8 @@ GROUP_SIZES = {"group5": 5, "group12": 12, "group16": 16}
 
 
 def get_config(arg: str = ""):
-    name, _, size = arg.partition(",")
+    variant = parse_arg(arg, name="", runlocal=False)
+    name, size = variant.name, "runlocal" if variant.runlocal else ""
     if name == "vppo_on_grpo":
         config = grpo_7b.get_config(size)
         config.algo.vppo = True

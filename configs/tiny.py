@@ -15,7 +15,7 @@ gains 18 points in 80 steps.
 """
 import ml_collections
 
-from vppo_jax.trainer.config import default_config
+from vppo_jax.trainer.config import default_config, parse_arg
 
 
 def get_config(arg: str = ""):
@@ -48,7 +48,7 @@ def get_config(arg: str = ""):
     config.eval.every_steps = 20
     config.eval.k = 4
     config.eval.max_examples = 128
-    if arg == "test":  # the end-to-end tests: even smaller
+    if parse_arg(arg, test=False).test:  # the end-to-end tests: even smaller
         config.synthetic.train, config.synthetic.val, config.synthetic.warm_start_steps = 64, 8, 0
         config.rollout.prompts_per_step, config.rollout.group_size = 4, 4
         config.rollout.max_new_tokens = 8

@@ -4,10 +4,11 @@
         --config.model.path=ckpt/qwen32b --config.data.train_files="('virl39k.parquet',)"
 """
 from configs import vppo_7b
+from vppo_jax.trainer.config import parse_arg
 
 
 def get_config(arg: str = ""):
     config = vppo_7b.get_config(arg)
-    if arg != "runlocal":
+    if not parse_arg(arg, runlocal=False).runlocal:
         config.rollout.max_new_tokens = 4096
     return config

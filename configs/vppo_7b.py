@@ -9,7 +9,7 @@ computed in bf16 on fp32 master weights (`model.param_dtype="bfloat16"` halves t
 with Kahan-compensated AdamW). Hardware: the reference used 8 GPUs (15.5 h for DAPO, 17.0 h
 for VPPO). Shrink the same recipe to a CPU smoke run with `--config=configs/vppo_7b.py:runlocal`.
 """
-from vppo_jax.trainer.config import default_config
+from vppo_jax.trainer.config import default_config, parse_arg
 
 
 def get_config(arg: str = ""):
@@ -17,7 +17,7 @@ def get_config(arg: str = ""):
     # Every device holds 1/n of the weights and optimizer state and decodes/trains 1/n of the
     # rows (FSDP); `python -m vppo_jax.plan` prints what this needs per device.
     config.mesh.fsdp = -1
-    if arg == "runlocal":
+    if parse_arg(arg, runlocal=False).runlocal:
         config.rollout.prompts_per_step = 4
         config.rollout.group_size = 4
         config.rollout.max_new_tokens = 32

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vppo_jax.vppo import dependency
+from vppo_jax.vppo import dependency, logprobs
 
 B, T, D, V = 2, 13, 8, 37
 TEMPERATURE = 0.7
@@ -110,7 +110,7 @@ def test_token_logprobs_and_entropy_values_and_gradients(inputs):
     grad_unembedding = np.einsum("btd,btv->dv", hidden.astype(np.float64), dlogits) / TEMPERATURE
 
     def summed(h, w):
-        lp, ent = dependency.token_logprobs_and_entropy(h, w, tokens, TEMPERATURE, chunk_size=4)
+        lp, ent = logprobs.token_logprobs_and_entropy(h, w, tokens, TEMPERATURE, chunk_size=4)
         return lp.sum() + ent.sum(), (lp, ent)
 
     (_, (lp, ent)), grads = jax.jit(jax.value_and_grad(summed, argnums=(0, 1), has_aux=True))(

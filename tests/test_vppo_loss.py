@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vppo_jax.vppo import advantages, dependency, shaping
+from vppo_jax.vppo import advantages, dependency, logprobs, shaping
 from vppo_jax.vppo.loss import LossConfig, loss_counts, loss_sums, policy_loss, total_loss
 
 B, T = 6, 9
@@ -138,7 +138,7 @@ def test_unselected_tokens_get_exactly_zero_gradient_without_entropy_term(batch)
     config = LossConfig(entropy_coef=0.0)
 
     def loss_of_hidden(h):
-        logp, _ = dependency.token_logprobs_and_entropy(h, unembedding, tokens, chunk_size=4)
+        logp, _ = logprobs.token_logprobs_and_entropy(h, unembedding, tokens, chunk_size=4)
         return policy_loss(logp, batch["old_logp"], batch["adv"], batch["mask"], batch["alpha"],
                            batch["weights"], config=config)[0]
 

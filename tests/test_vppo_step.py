@@ -11,8 +11,9 @@ import torch
 from hf_reference import hf_logits, processor_batch, text_ids, tiny_hf_model
 from vppo_jax.models import qwen2_5_vl
 from vppo_jax.trainer.optimizer import make_optimizer
+from vppo_jax.vppo import perturbation, programs
 from vppo_jax.vppo import step as step_lib
-from vppo_jax.vppo.batch import build_train_batch
+from vppo_jax.vppo.batch import build_train_batch, init_state
 from vppo_jax.vppo.perturbation import CLIP_MEAN, CLIP_STD
 
 GROUP = 4
@@ -50,7 +51,7 @@ def setup(tmp_path_factory):
 
 def init(model, optimizer):
     """A train state on copies of the model's arrays: the step donates (consumes) its state."""
-    graphdef, state = step_lib.init_state(model, optimizer)
+    graphdef, state = init_state(model, optimizer)
     return graphdef, jax.tree.map(jnp.array, state)
 
 
@@ -83,7 +84,7 @@ def test_scores_match_transformers(setup, perturbation):
         batch = build_train_batch(model.config, arrays["input_ids"], arrays["attention_mask"], response,
                                   batch.advantages[0], arrays["pixel_values"], arrays["image_grid_thw"],
                                   perturbed_pixel_values=gray_pixels)
-    scored = step_lib.make_score_rollouts(config, graphdef)(state.params, batch, jax.random.key(0))
+    scored = programs.make_score_rollouts(config, graphdef)(state.params, batch, jax.random.key(0))
     logp = hf_token_logprobs(hf_model, arrays)
     logq = hf_token_logprobs(hf_model, arrays, gray_pixels)
 
@@ -102,9 +103,9 @@ def test_vppo_step_lowers_the_loss_on_a_fixed_batch(setup):
     config = step_lib.StepConfig(group_size=GROUP)
     optimizer = make_optimizer(1e-3)
     graphdef, state = init(model, optimizer)
-    batch = step_lib.make_score_rollouts(config, graphdef)(state.params, train_batch(model, arrays, response),
+    batch = programs.make_score_rollouts(config, graphdef)(state.params, train_batch(model, arrays, response),
                                                            jax.random.key(1))
-    train_step = step_lib.make_train_step(config, optimizer, graphdef)
+    train_step = programs.make_train_step(config, optimizer, graphdef)
     losses = []
     for i in range(6):
         state, metrics = train_step(state, batch, jax.random.key(2))
@@ -124,13 +125,13 @@ def test_gradient_accumulation_over_4_micro_batches_equals_full_batch(setup):
     config = step_lib.StepConfig(group_size=GROUP)
     optimizer = optax.sgd(1.0)  # the parameter change is then exactly -gradient
     graphdef, state = init(model, optimizer)
-    full = step_lib.make_score_rollouts(config, graphdef)(state.params, train_batch(model, arrays, response),
+    full = programs.make_score_rollouts(config, graphdef)(state.params, train_batch(model, arrays, response),
                                                           jax.random.key(3))
     micro = train_batch(model, arrays, response, micro_batches=4)
     regroup = lambda a: a.reshape(4, -1, *a.shape[2:])
     micro = micro.replace(old_logp=regroup(full.old_logp), dependency=regroup(full.dependency),
                           old_entropy=regroup(full.old_entropy))
-    train_step = step_lib.make_train_step(config, optimizer, graphdef)
+    train_step = programs.make_train_step(config, optimizer, graphdef)
     before = jax.tree.map(np.asarray, state.params)
     copy = lambda s: jax.tree.map(jnp.array, s)
     state_full, metrics_full = train_step(copy(state), full, jax.random.key(4))
@@ -147,8 +148,8 @@ def test_gradient_accumulation_over_4_micro_batches_equals_full_batch(setup):
 def test_grpo_baseline_traces_no_perturbed_forward(setup, monkeypatch):
     _, model, arrays, response = setup
     calls = []
-    original = step_lib.perturb_images
-    monkeypatch.setattr(step_lib, "perturb_images", lambda *a: calls.append(1) or original(*a))
+    original = perturbation.perturb_images
+    monkeypatch.setattr(perturbation, "perturb_images", lambda *a: calls.append(1) or original(*a))
     batch = train_batch(model, arrays, response)
     for vppo in (False, True):
         config = step_lib.StepConfig(group_size=GROUP, vppo=vppo)
@@ -168,7 +169,7 @@ def test_non_finite_update_is_skipped(setup):
     advantages[0, 1] = np.nan  # e.g. a reward that came back NaN
     batch = batch.replace(advantages=advantages)
     before = jax.tree.map(np.asarray, state.params)
-    state, metrics = step_lib.make_train_step(config, optimizer, graphdef)(state, batch, jax.random.key(0))
+    state, metrics = programs.make_train_step(config, optimizer, graphdef)(state, batch, jax.random.key(0))
     assert float(metrics["skipped"]) == 1.0 and int(state.skipped_steps) == 1
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)):
         np.testing.assert_array_equal(np.asarray(a), b)

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
 from vppo_jax.parallel import sharding
+from vppo_jax.parallel.compile import Program, ProgramCache
 from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, left_pad_to_bucket, prepare_inputs
 from vppo_jax.models.qwen2_5_vl.text import KVCache
@@ -243,8 +244,8 @@ def prefill(
     inputs = prepare_inputs(model.config, **_pad_prompts(batch, sharding.batch_shards(mesh), params.pad_token_id))
     graphdef, state = nnx.split(model)
     cache_length = inputs.input_ids.shape[1] + params.max_new_tokens
-    in_shardings, run = compiled_prefill(graphdef, state, inputs, cache_length, params.group_size, mesh)
-    return run(*sharding.put((state, inputs), in_shardings)).replace(real_rows=prompts * params.group_size)
+    program = compiled_prefill(graphdef, state, inputs, cache_length, params.group_size, mesh)
+    return program(state, inputs).replace(real_rows=prompts * params.group_size)
 
 
 def decode(
@@ -268,8 +269,7 @@ def decode(
         keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], rows - real)])
     graphdef, state = nnx.split(model)
     args = (state, prefilled.replace(cache=None, real_rows=None), prefilled.cache, keys)
-    in_shardings, run = compiled_decode(graphdef, *args, params, mesh)
-    rollout = run(*sharding.put(args, in_shardings))[0]
+    rollout = compiled_decode(graphdef, *args, params, mesh)(*args)[0]
     return rollout if real == rows else jax.tree.map(lambda a: a[:real], rollout)
 
 
@@ -306,38 +306,26 @@ def _prefilled_shardings(mesh: Mesh, prefilled: Prefilled):
     return shardings if cache is None else shardings.replace(cache=sharding.cache_shardings(mesh, cache))
 
 
-def compiled_prefill(graphdef, state, inputs: ModelInputs, cache_length: int, group_size: int, mesh: Mesh):
-    """(in_shardings, jitted prefill) for these argument shapes (arrays or ShapeDtypeStructs)."""
-    return _compiled(("prefill", graphdef, cache_length, group_size), mesh, (state, inputs), lambda: (
+# The sampler's programs, shared by every caller (a trainer, evaluation, the demo).
+_PROGRAMS = ProgramCache()
+
+
+def compiled_prefill(graphdef, state, inputs: ModelInputs, cache_length: int, group_size: int, mesh: Mesh) -> Program:
+    """The prefill compiled for these argument shapes (arrays or ShapeDtypeStructs)."""
+    return _PROGRAMS.get(("prefill", graphdef, cache_length, group_size), mesh, (state, inputs), lambda: (
         functools.partial(_prefill, graphdef, cache_length, group_size),
         (sharding.param_shardings(mesh, state), sharding.inputs_shardings(mesh, inputs)),
         lambda out: _prefilled_shardings(mesh, out), (),
     ))
 
 
-def compiled_decode(graphdef, state, prefilled: Prefilled, cache: KVCache, keys, params: SamplingParams, mesh: Mesh):
-    """(in_shardings, jitted decode) for these argument shapes; `prefilled` without its cache."""
-    return _compiled(("decode", graphdef, params), mesh, (state, prefilled, cache, keys), lambda: (
+def compiled_decode(graphdef, state, prefilled: Prefilled, cache: KVCache, keys, params: SamplingParams,
+                    mesh: Mesh) -> Program:
+    """The decode loop compiled for these argument shapes; `prefilled` without its cache,
+    which is donated."""
+    return _PROGRAMS.get(("decode", graphdef, params), mesh, (state, prefilled, cache, keys), lambda: (
         functools.partial(_decode, graphdef, params, mesh),
         (sharding.param_shardings(mesh, state), _prefilled_shardings(mesh, prefilled),
          sharding.cache_shardings(mesh, cache), sharding.rows_shardings(mesh, keys)),
         lambda out: (sharding.replicated(mesh), sharding.cache_shardings(mesh, out[1])), (2,),
     ))
-
-
-_COMPILED: dict = {}
-
-
-def _compiled(key: tuple, mesh: Mesh, args: tuple, build):
-    """(in_shardings, the function of `key` jitted for `mesh` and the shapes of `args` with
-    explicit shardings). `build() -> (function, in_shardings, out_shardings(output shapes),
-    donated argument positions)` runs once per key and shapes."""
-    shapes = tuple(jax.tree.leaves(jax.tree.map(lambda a: (a.shape, str(a.dtype)), args)))
-    cache_key = (key, mesh, jax.tree.structure(args), shapes)
-    if cache_key not in _COMPILED:
-        function, in_shardings, out_shardings, donate = build()
-        function = sharding.under_mesh(mesh, function)
-        out_shapes = jax.eval_shape(function, *args)
-        _COMPILED[cache_key] = in_shardings, jax.jit(
-            function, in_shardings=in_shardings, out_shardings=out_shardings(out_shapes), donate_argnums=donate)
-    return _COMPILED[cache_key]

@@ -6,6 +6,9 @@ changes; any field can be overridden on the command line (`--config.algo.tgf_k=0
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import ml_collections
 import optax
 
@@ -59,21 +62,11 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.reward = ml_collections.ConfigDict(dict(name="accuracy", timeout_s=10.0, workers=8))
 
-    # The algorithm (the paper's Section 3, the reference's DAPO-style loss); vppo=False gives
-    # the GRPO/DAPO baseline.
-    c.algo = ml_collections.ConfigDict(dict(
-        vppo=True,
-        perturbation="blacken", blacken_prob=0.5,
-        estimator="k3",
-        tas=True, tas_mode="dynamic", beta_min=0.9, beta_max=ml_collections.FieldReference(None, field_type=float),
-        tas_scope="global",
-        tgf=True, tgf_mode="dependency", tgf_k=0.4,
-        online_filter=True, accuracy_bounds=(0.01, 0.99),
-        clip_low=0.2, clip_high=0.28, dual_clip=3.0,
-        entropy_coef=0.06, kl_coef=0.0,
-        loss_aggregation="token",
-        vocab_chunk=128,
-    ))
+    # The algorithm (docs/algorithm.md): every field and default of StepConfig and LossConfig
+    # (vppo_jax/vppo/step.py, loss.py), written there once, plus the trainer's online filter.
+    # vppo=False gives the GRPO/DAPO baseline.
+    c.algo = algo_defaults()
+    c.algo.online_filter, c.algo.accuracy_bounds = True, (0.01, 0.99)
 
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=1e-6, schedule="constant", warmup_steps=0,
@@ -102,6 +95,27 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
+    """The argument after a config file's colon (`configs/ablation.py:tas_only,runlocal`), as
+    a ConfigDict over `defaults`. Tokens are comma-separated: `key=value` (parsed as the
+    default's type), a bare key of a bool default (set True), or one bare word that is not a
+    key: the value of `name` (which variant of the config: an ablation's name)."""
+    parsed = ml_collections.ConfigDict(defaults)
+    for token in filter(None, (t.strip() for t in arg.split(","))):
+        key, has_value, value = token.partition("=")
+        if has_value and key in defaults:
+            default = defaults[key]
+            parsed[key] = value.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(value)
+        elif not has_value and isinstance(defaults.get(token), bool):
+            parsed[token] = True
+        elif not has_value and "name" in defaults and not parsed.name:
+            parsed.name = token
+        else:
+            raise ValueError(f"config argument {token!r} in {arg!r}: this config takes {sorted(defaults)} "
+                             "(key=value, or a bare key for a flag).")
+    return parsed
+
+
 def check_names(c: ml_collections.ConfigDict):
     """Resolves every name the config holds (reward, prompt template, the algorithm's choices,
     precision), so that a typo fails in the first second, not after the model has loaded."""
@@ -111,16 +125,33 @@ def check_names(c: ml_collections.ConfigDict):
     optimizer(c)  # and make_optimizer the parameter dtype
 
 
+# StepConfig fields the config keeps elsewhere: the rollout's group size and temperature.
+_FROM_ROLLOUT = ("group_size", "temperature")
+
+
+def algo_defaults() -> ml_collections.ConfigDict:
+    """StepConfig's fields (LossConfig's flattened in) with their defaults; a field whose
+    default is None (beta_max) is typed so that the command line can set it."""
+    defaults = {}
+    for cls in (StepConfig, LossConfig):
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            if field.name in _FROM_ROLLOUT or field.name == "loss":
+                continue
+            default = field.default
+            if default is None:
+                field_type = next(t for t in typing.get_args(hints[field.name]) if t is not type(None))
+                default = ml_collections.FieldReference(None, field_type=field_type)
+            defaults[field.name] = default
+    return ml_collections.ConfigDict(defaults)
+
+
 def step_config(c: ml_collections.ConfigDict) -> StepConfig:
-    a = c.algo
-    return StepConfig(
-        vppo=a.vppo, group_size=c.rollout.group_size, perturbation=a.perturbation, blacken_prob=a.blacken_prob,
-        estimator=a.estimator, tas=a.tas, tas_mode=a.tas_mode, beta_min=a.beta_min, beta_max=a.beta_max,
-        tas_scope=a.tas_scope, tgf=a.tgf, tgf_mode=a.tgf_mode, tgf_k=a.tgf_k, temperature=c.rollout.temperature,
-        vocab_chunk=a.vocab_chunk,
-        loss=LossConfig(clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
-                        entropy_coef=a.entropy_coef, kl_coef=a.kl_coef, aggregation=a.loss_aggregation),
-    )
+    """The compiled step's configuration from the config's `algo` section (validated there)."""
+    pick = lambda cls: {f.name: c.algo[f.name] for f in dataclasses.fields(cls)
+                        if f.name not in _FROM_ROLLOUT and f.name != "loss"}
+    return StepConfig(**pick(StepConfig), group_size=c.rollout.group_size, temperature=c.rollout.temperature,
+                      loss=LossConfig(**pick(LossConfig)))
 
 
 def training_steps(c: ml_collections.ConfigDict, train_rows: int) -> int:

@@ -34,7 +34,9 @@ from vppo_jax.rollout.rewards import RewardPool
 from vppo_jax.eval.accuracy import evaluate_prompts
 from vppo_jax.rollout.groups import GradedGroups, concatenate, sample_and_grade, update_arrays
 from vppo_jax.trainer.checkpoints import RunCheckpoints, claim_workdir
-from vppo_jax.vppo import step as step_lib
+from vppo_jax.vppo import programs
+from vppo_jax.vppo.batch import TrainBatch, init_sharded_state
+from vppo_jax.vppo.step import needs_scoring
 from vppo_jax.vppo.advantages import grpo_advantages, online_group_filter
 from vppo_jax.vppo.batch import build_train_batch
 from vppo_jax.vppo.pixel_blackening import perturbed_pixel_values
@@ -96,10 +98,10 @@ class Trainer:
         arrays move into the state: the policy keeps only its tokenizer."""
         self.step_config = config_lib.step_config(self.config)
         self.optimizer = config_lib.optimizer(self.config)
-        self.graphdef, self.state = step_lib.init_sharded_state(self.policy.model, self.optimizer, self.mesh)
+        self.graphdef, self.state = init_sharded_state(self.policy.model, self.optimizer, self.mesh)
         self.policy = dataclasses.replace(self.policy, model=None)
-        self.train_step = step_lib.make_train_step(self.step_config, self.optimizer, self.graphdef, self.mesh)
-        self.score_rollouts = step_lib.make_score_rollouts(self.step_config, self.graphdef, self.mesh)
+        self.train_step = programs.make_train_step(self.step_config, self.optimizer, self.graphdef, self.mesh)
+        self.score_rollouts = programs.make_score_rollouts(self.step_config, self.graphdef, self.mesh)
 
     def _build_data(self):
         """This process's share of the training stream, and the validation prompts (all
@@ -203,7 +205,7 @@ class Trainer:
         stats["rollout/truncated"] /= len(rewards)
         return batch, stats
 
-    def update_batches(self, groups: GradedGroups, key: jax.Array) -> list[step_lib.TrainBatch]:
+    def update_batches(self, groups: GradedGroups, key: jax.Array) -> list[TrainBatch]:
         """`updates_per_rollout` TrainBatches over consecutive slices of the groups; `key` seeds
         the host-side blackening of the "blacken_pixels" perturbation."""
         c = self.config
@@ -231,10 +233,10 @@ class Trainer:
                                       mesh=self.mesh)
         return {f"eval/{name}": value for name, value in summary.items()}
 
-    def token_dependency(self, batch: step_lib.TrainBatch, key: jax.Array) -> jax.Array:
+    def token_dependency(self, batch: TrainBatch, key: jax.Array) -> jax.Array:
         """Each response token's visual dependency under the current policy and the config's
         estimator, whether or not this run trains with VPPO: (M, b, T)."""
-        score = step_lib.make_score_rollouts(dataclasses.replace(self.step_config, vppo=True), self.graphdef,
+        score = programs.make_score_rollouts(dataclasses.replace(self.step_config, vppo=True), self.graphdef,
                                              self.mesh)
         return score(self.state.params, batch, key).dependency
 
@@ -245,11 +247,12 @@ class Trainer:
         c = self.config
         batches = self.update_batches(groups, score_key)
         tokens = float(sum(np.asarray(b.response_mask).sum() for b in batches))  # while still on the host
-        if len(batches) > 1 or c.train.micro_batches > 1:
+        if needs_scoring(self.step_config, c.train.updates_per_rollout, c.train.micro_batches):
             # pi_old statistics for every slice from the rollout policy, before any update.
             with timer("dependency"):
-                batches = [self.score_rollouts(self.state.params, b, jax.random.fold_in(score_key, i))
-                           for i, b in enumerate(batches)]
+                batches = jax.block_until_ready([  # timed here, not under the update
+                    self.score_rollouts(self.state.params, b, jax.random.fold_in(score_key, i))
+                    for i, b in enumerate(batches)])
         with timer("update"):
             updates = []
             for i, batch in enumerate(batches):

@@ -1,12 +1,100 @@
-"""Host-side assembly of a `TrainBatch` from full sequences (prompt + response)."""
+"""What the VPPO update consumes and carries: the batch of rollouts (`TrainBatch`, built on
+the host by `build_train_batch`) and the training state (`TrainState`), with their shardings."""
 from __future__ import annotations
 
+from typing import Any
+
+import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
-from vppo_jax.models.qwen2_5_vl.inputs import count_windows, largest_frame_windows, prepare_inputs, vision_inputs
-from vppo_jax.vppo.step import TrainBatch
+from vppo_jax.models.qwen2_5_vl.inputs import (ModelInputs, count_windows, largest_frame_windows, prepare_inputs,
+                                               vision_inputs)
+from vppo_jax.parallel import sharding
+
+
+@flax.struct.dataclass
+class TrainBatch:
+    """Rollouts ready for the update; every leaf has a leading micro-batch axis M.
+
+    Position t of a row predicts token t + 1: `targets[t]` is that token and
+    `response_mask[t]` says whether it is a response token (the loss covers only those).
+    Rows are ordered by group: rows g*G .. g*G+G-1 share a prompt.
+    """
+
+    inputs: ModelInputs  # (M, b, T) token arrays, images in the slot layout per micro-batch
+    targets: jax.Array  # (M, b, T) int32
+    response_mask: jax.Array  # (M, b, T) bool
+    advantages: jax.Array  # (M, b) GRPO advantages
+    old_logp: jax.Array | None = None  # (M, b, T) from score_rollouts, or None (in-pass)
+    dependency: jax.Array | None = None  # (M, b, T) from score_rollouts, or None (in-pass)
+    old_entropy: jax.Array | None = None  # (M, b, T) for entropy-based TGF
+    perturbed_patches: jax.Array | None = None  # (M, S, patch_dim) images I' made on the host ("blacken_pixels")
+
+    @property
+    def scored(self) -> bool:
+        """Whether pi_old's statistics came with the batch (`score_rollouts`) rather than
+        from the update's own forward pass."""
+        return self.old_logp is not None
+
+
+def scored_like(batch: TrainBatch) -> TrainBatch:
+    """The shapes score_rollouts returns for `batch` (ShapeDtypeStructs)."""
+    scores = jax.ShapeDtypeStruct(batch.targets.shape, jnp.float32)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch).replace(
+        old_logp=scores, old_entropy=scores, dependency=scores)
+
+
+def batch_shardings(mesh, batch: TrainBatch):
+    """Rows (and image patch slots) of every micro-batch over the mesh's batch axes."""
+    return sharding.inputs_shardings(mesh, batch, leading=1)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # nnx.State of the model's parameters
+    opt_state: Any
+    skipped_steps: jax.Array
+
+
+def init_state(model: nnx.Module, optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    """The state takes the model's parameter arrays as they are (no copy): once a step has
+    consumed (donated) the state, the model object must not be used again."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+        skipped_steps=jnp.zeros((), jnp.int32),
+    )
+    return graphdef, state
+
+
+def train_state_shardings(mesh, optimizer: optax.GradientTransformation, state: TrainState) -> TrainState:
+    """Shardings of a TrainState (arrays or ShapeDtypeStructs): parameters by their logical
+    axes, the optimizer state like the parameters it mirrors, the counters replicated."""
+    params = sharding.param_shardings(mesh, state.params)
+    return state.replace(
+        step=sharding.replicated(mesh), skipped_steps=sharding.replicated(mesh), params=params,
+        opt_state=sharding.opt_state_shardings(mesh, optimizer, state.opt_state, params),
+    )
+
+
+def init_sharded_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh) -> tuple[nnx.GraphDef,
+                                                                                                  TrainState]:
+    """`init_state` on `mesh`: the parameters placed by the sharding rules (from wherever the
+    model holds them, e.g. host memory), the optimizer state created already sharded on the
+    devices (never whole on one device). The model must not be used afterwards."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    params_shardings = sharding.param_shardings(mesh, params)
+    params = sharding.put(params, params_shardings)
+    make = lambda p: init_state(nnx.merge(graphdef, p), optimizer)[1]
+    state_shardings = train_state_shardings(mesh, optimizer, jax.eval_shape(make, params))
+    return graphdef, jax.jit(make, in_shardings=(params_shardings,), out_shardings=state_shardings,
+                             donate_argnums=0)(params)
 
 
 def _images_per_row(config: Qwen2_5_VLConfig, input_ids: np.ndarray, grids: np.ndarray) -> list[int]:

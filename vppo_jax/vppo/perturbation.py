@@ -171,3 +171,27 @@ def gaussian_blur(pixel_values, grid_h, grid_w, radius=6.0):
     blurred_w = _blur_last_axis(frames, taps)
     blurred = jnp.swapaxes(_blur_last_axis(jnp.swapaxes(blurred_w, -1, -2), taps), -1, -2)
     return image_to_patches(blurred).astype(pixel_values.dtype)
+
+
+PERTURBATIONS = ("blacken", "blacken_pixels", "noise", "gray")
+
+
+def perturb_images(kind: str, inputs, key, blacken_prob: float = 0.5, perturbed_patches=None):
+    """ModelInputs with their images replaced by I', in patch space: an independent draw per
+    patch slot, hence per rollout (each rollout's image occupies its own slots).
+    "blacken_pixels" takes the patches the host blackened (`TrainBatch.perturbed_patches`)."""
+    vision = inputs.vision
+    if kind == "blacken_pixels":
+        if perturbed_patches is None:
+            raise ValueError("perturbation='blacken_pixels' blackens the images on the host: build the batch with "
+                             "build_train_batch(perturbed_pixel_values=...).")
+        patches = perturbed_patches
+    elif kind == "blacken":
+        patches = blacken_patches(vision.patches, vision.slot_valid, key, blacken_prob)
+    elif kind == "noise":
+        patches = gaussian_noise(vision.patches, vision.slot_valid, key)
+    elif kind == "gray":
+        patches = gray_mask(vision.patches, vision.slot_valid)
+    else:
+        raise ValueError(f"perturbation={kind!r}; choose one of {PERTURBATIONS}.")
+    return inputs.replace(vision=vision.replace(patches=patches))
