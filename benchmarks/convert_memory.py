@@ -8,7 +8,6 @@ Target: <= 1.25 in each direction (a 7B checkpoint, 15 GB in bf16, then converts
 
     python benchmarks/convert_memory.py [--workdir=/tmp/convert_memory] [--layers=18]
 """
-import argparse
 import json
 import os
 import shutil
@@ -19,29 +18,23 @@ import time
 
 import ml_dtypes
 import numpy as np
+from absl import app, flags, logging
 
 from flax import nnx
 
-from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, VisionConfig
+from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vppo_jax.models.qwen2_5_vl.hf_io import config_to_hf_dict
 from vppo_jax.models.qwen2_5_vl.model import abstract_model
+from vppo_jax.models.qwen2_5_vl.presets import preset
 from vppo_jax.models.qwen2_5_vl.weights import weight_table
+from vppo_jax.io.cli import parse_flags
 from vppo_jax.io.safetensors_files import write_sharded
 
 TARGET = 1.25
 
 
 def benchmark_config(layers: int) -> Qwen2_5_VLConfig:
-    return Qwen2_5_VLConfig(
-        vision=VisionConfig(depth=4, hidden_size=1024, intermediate_size=2816, num_heads=16, out_hidden_size=2048,
-                            fullatt_block_indexes=(3,)),
-        text=TextConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-                        num_attention_heads=16, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6,
-                        mrope_section=(16, 24, 24)),
-        tie_word_embeddings=False,
-        param_dtype="bfloat16",
-        dtype="bfloat16",
-    )
+    return preset("medium", text=dict(num_hidden_layers=layers), param_dtype="bfloat16", dtype="bfloat16")
 
 
 def write_random_checkpoint(config: Qwen2_5_VLConfig, directory: str) -> int:
@@ -80,25 +73,31 @@ def peak_rss_of(command: list[str]) -> tuple[int, float]:
     return int(out.stdout.strip().splitlines()[-1]) * 1024, time.perf_counter() - start
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--layers", type=int, default=18)
-    args = parser.parse_args()
-    workdir = args.workdir or tempfile.mkdtemp(prefix="convert_memory_")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("workdir", None, "Directory for the checkpoints (default: a temporary one, removed after).")
+    flags.DEFINE_integer("layers", 18, "Text layers of the random checkpoint (its size).")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # as before absl: INFO logs of orbax, JAX, ... stay hidden
+    workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="convert_memory_")
     try:
-        config = benchmark_config(args.layers)
+        config = benchmark_config(FLAGS.layers)
         source = os.path.join(workdir, "hf_source")
         size = write_random_checkpoint(config, source)
-        print(f"checkpoint: {size / 1e9:.2f} GB bf16 ({args.layers} text layers)")
+        print(f"checkpoint: {size / 1e9:.2f} GB bf16 ({FLAGS.layers} text layers)")
         runtime, _ = peak_rss_of([sys.executable, "-c", "import jax, orbax.checkpoint, vppo_jax.models.qwen2_5_vl"])
         print(f"python + jax runtime alone: {runtime / 1e9:.2f} GB peak RSS")
         scripts = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts")
         directions = {
-            "HF -> JAX": [os.path.join(scripts, "convert_hf_to_jax.py"), "--hf_dir", source,
-                          "--out", os.path.join(workdir, "jax")],
-            "JAX -> HF": [os.path.join(scripts, "convert_jax_to_hf.py"), "--checkpoint", os.path.join(workdir, "jax"),
-                          "--out", os.path.join(workdir, "hf_export")],
+            "HF -> JAX": [os.path.join(scripts, "convert_hf_to_jax.py"), f"--hf_dir={source}",
+                          f"--out={os.path.join(workdir, 'jax')}"],
+            "JAX -> HF": [os.path.join(scripts, "convert_jax_to_hf.py"), f"--checkpoint={os.path.join(workdir, 'jax')}",
+                          f"--out={os.path.join(workdir, 'hf_export')}"],
         }
         for label, command in directions.items():
             peak, seconds = peak_rss_of([sys.executable, *command])
@@ -107,9 +106,10 @@ def main():
             print(f"{label}: peak RSS {peak / 1e9:.2f} GB = {ratio:.2f} x checkpoint ({verdict} target <= {TARGET}), "
                   f"{seconds:.0f} s")
     finally:
-        if not args.workdir:
+        if not FLAGS.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

@@ -6,14 +6,13 @@ XLA:CPU splits its reductions over one thread instead of two; the first differen
 in the last bits at step 2 and grow from there. Each run is the README's first command
 with `--config.train.seed=S` in ROOT/<variant>-<S>; finished runs are read, not rerun.
 
-    python -m benchmarks.demo_seeds --seeds 0 1 2 3 4 --variants native onecore --root runs/seeds
+    python -m benchmarks.demo_seeds --seeds=0,1,2,3,4 --variants=native,onecore --root=runs/seeds
 
 Prints per run the warm start and the final validation avg@4 of VPPO and GRPO, then per
 variant and method the mean gain with a 95% interval of the mean (Student's t), the
 smallest and largest gain, and whether any run collapsed (starved steps or a final accuracy
 at or below the warm start).
 """
-import argparse
 import json
 import os
 import shutil
@@ -21,8 +20,10 @@ import subprocess
 import sys
 
 import numpy as np
+from absl import app, flags, logging
 
 from vppo_jax.demo.run import accuracy_curve
+from vppo_jax.io.cli import parse_flags
 from vppo_jax.trainer.metrics import METRICS_FILE, read_metrics
 
 METRIC = "eval/avg@4"
@@ -50,18 +51,29 @@ def result(workdir: str, method: str) -> dict:
             "starved": sum(1 for line in lines if line.get("rollout/starved_streak"))}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--variants", nargs="+", default=["native", "onecore"], choices=["native", "onecore"])
-    parser.add_argument("--root", default="runs/seeds")
-    args = parser.parse_args()
-    os.makedirs(args.root, exist_ok=True)
+FLAGS = flags.FLAGS
+VARIANTS = ("native", "onecore")
+
+
+def define_flags():
+    flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Training seeds, comma-separated.")
+    flags.DEFINE_list("variants", list(VARIANTS), "Comma-separated: native and/or onecore (pinned to one core).")
+    flags.DEFINE_string("root", "runs/seeds", "Directory of the runs.")
+    flags.register_validator("seeds", lambda seeds: bool(seeds) and all(s.isdigit() for s in seeds),
+                             message="seeds are integers >= 0, comma-separated: --seeds=0,1,2")
+    flags.register_validator("variants", lambda variants: bool(variants) and set(variants) <= set(VARIANTS),
+                             message="variants are native or onecore, comma-separated: --variants=native,onecore")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # as before absl: INFO logs of orbax, JAX, ... stay hidden
+    os.makedirs(FLAGS.root, exist_ok=True)
     gains = {}
     print("| variant | seed | warm start | VPPO | GRPO |\n|---|---|---|---|---|")
-    for variant in args.variants:
-        for seed in args.seeds:
-            workdir = os.path.join(args.root, f"{variant}-{seed}")
+    for variant in FLAGS.variants:
+        for seed in map(int, FLAGS.seeds):
+            workdir = os.path.join(FLAGS.root, f"{variant}-{seed}")
             run_demo(workdir, seed, variant)
             with open(os.path.join(workdir, "embedded", "warm_start_eval.json")) as f:
                 warm = json.load(f)[METRIC]
@@ -82,4 +94,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

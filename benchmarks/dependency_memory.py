@@ -10,12 +10,15 @@ loss's log-probs), whose backward pass recomputes each chunk's logits.
 
 Run from the repository root: python -m benchmarks.dependency_memory [--chunk-size N]
 """
-import argparse
+import sys
 
 import jax
 import jax.numpy as jnp
+from absl import app, flags, logging
 
-from vppo_jax.vppo.dependency import DEFAULT_CHUNK_SIZE, kl, token_logprobs_and_entropy
+from vppo_jax.io.cli import parse_flags
+from vppo_jax.vppo.dependency import kl
+from vppo_jax.vppo.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs_and_entropy
 
 BATCH, LENGTH, HIDDEN, VOCAB = 1, 2048, 64, 152064
 TARGET_RATIO = 8.0
@@ -52,17 +55,25 @@ def report(title, temp_bytes, chunk_size):
     return ratio
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
-    args = parser.parse_args()
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_integer("chunk-size", DEFAULT_CHUNK_SIZE, "Sequence positions per chunk of the chunked variant.")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # as before absl: INFO logs of orbax, JAX, ... stay hidden
+    chunk_size = FLAGS["chunk-size"].value
     print(f"B={BATCH} T={LENGTH} D={HIDDEN} V={VOCAB}, fp32, backend {jax.default_backend()}")
-    ratio = report("exact kl token dependency (forward)", exact_kl_temp_bytes, args.chunk_size)
+    ratio = report("exact kl token dependency (forward)", exact_kl_temp_bytes, chunk_size)
     report("token_logprobs_and_entropy (gradient w.r.t. h and W)", logprob_grad_temp_bytes,
-           args.chunk_size)
+           chunk_size)
     verdict = "meets" if ratio >= TARGET_RATIO else "is BELOW"
     print(f"exact kl {verdict} the {TARGET_RATIO:.0f}x target ({ratio:.2f}x)")
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

@@ -16,11 +16,12 @@ processor's bicubic resize to multiples of 28, so the tiles drift off the ViT gr
     python -m vppo_jax.demo --config=configs/tiny.py --workdir=runs/tiny     # the policy (once)
     python -m benchmarks.perturbation_geometry --run=runs/tiny/vppo
 """
-import argparse
 import dataclasses
+import sys
 
 import jax
 import numpy as np
+from absl import app, flags, logging
 from flax import nnx
 from PIL import Image
 
@@ -29,13 +30,14 @@ from vppo_jax.trainer.config import default_config
 from vppo_jax.demo import synthetic
 from vppo_jax.data.images import open_image
 from vppo_jax.eval.benchmarks import load_run
+from vppo_jax.io.cli import parse_flags
 from vppo_jax.rollout.policy import prompt_builder
 from vppo_jax.models.qwen2_5_vl.image_processor import CLIP_MEAN, CLIP_STD, ImageProcessor, fit_pixel_budget
 from vppo_jax.demo.report import top_share
 from vppo_jax.rollout.rewards import RewardPool
 from vppo_jax.rollout.groups import sample_and_grade, update_arrays
 from vppo_jax.vppo import shaping
-from vppo_jax.vppo import step as step_lib
+from vppo_jax.vppo import programs
 from vppo_jax.vppo.batch import build_train_batch
 from vppo_jax.vppo.pixel_blackening import blacken_tiles, perturbed_pixel_values
 
@@ -81,7 +83,7 @@ def dependency(run: str, prompts_count: int, draws: int, seed: int) -> dict[str,
     base = config_lib.step_config(config)
     scores = {}
     for name in GEOMETRIES:
-        score = step_lib.make_score_rollouts(dataclasses.replace(base, vppo=True, perturbation=name), graphdef)
+        score = programs.make_score_rollouts(dataclasses.replace(base, vppo=True, perturbation=name), graphdef)
         scores[name] = []
         for draw in range(draws):
             perturbed = None
@@ -115,24 +117,31 @@ def dependency(run: str, prompts_count: int, draws: int, seed: int) -> dict[str,
     return summary
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default="runs/tiny/vppo", help="a training run's workdir (the demo's VPPO run)")
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--draws", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("run", "runs/tiny/vppo", "A training run's workdir (the demo's VPPO run).")
+    flags.DEFINE_integer("images", 200, "Images of the geometry measurement.")
+    flags.DEFINE_integer("prompts", 32, "Synthetic scenes the policy answers.")
+    flags.DEFINE_integer("draws", 4, "Perturbation masks per geometry.")
+    flags.DEFINE_integer("seed", 0, "Seed of the images, scenes, sampling and masks.")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # as before absl: INFO logs of orbax, JAX, ... stay hidden
     print("geometry of blacken_pixels on ViRL39K-like images (300-1500 px) under the 7B recipe's budget "
           "(blacken: 50% fully black, 0% partly, by construction):")
-    for name, value in geometry(args.images, args.seed).items():
+    for name, value in geometry(FLAGS.images, FLAGS.seed).items():
         print(f"  {name}: {100 * value:.1f}%")
-    summary = dependency(args.run, args.prompts, args.draws, args.seed)
-    print(f"token dependency of {summary.pop('responses')} responses of {args.run} on 90 px scenes:")
+    summary = dependency(FLAGS.run, FLAGS.prompts, FLAGS.draws, FLAGS.seed)
+    print(f"token dependency of {summary.pop('responses')} responses of {FLAGS.run} on 90 px scenes:")
     print("| statistic | " + " | ".join(GEOMETRIES) + " |\n|---|---|---|")
     for statistic in summary["blacken"]:
         print(f"| {statistic} | " + " | ".join(f"{summary[name][statistic]:.4g}" for name in GEOMETRIES) + " |")
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

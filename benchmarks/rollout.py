@@ -20,23 +20,24 @@ Timings are medians of interleaved repeats, after warm-up.
 
 Run from the repository root: python -m benchmarks.rollout [--repeats 5] [--devices N]
 """
-import argparse
 import os
+import sys
+
+from absl import app, flags, logging
+
+from vppo_jax.io.cli import parse_flags
+
+# A script only: its flags are read when it is imported, before JAX starts.
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rollouts of each sampler (medians).")
+_DEVICES = flags.DEFINE_integer("devices", os.cpu_count(), "CPU devices for our sampler.")
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--devices", type=int, default=os.cpu_count(), help="CPU devices for our sampler")
-    return parser.parse_args()
-
-
-ARGS = parse_args()
+app.define_help_flags()  # --help, before app.run
+ARGV = parse_flags(sys.argv)
 # The number of CPU devices is fixed when JAX starts: set it before importing it.
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={ARGS.devices}"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_DEVICES.value}"
 
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -52,9 +53,12 @@ from hf_reference import processor_batch, text_ids  # noqa: E402
 
 from vppo_jax.rollout import sampling  # noqa: E402
 from vppo_jax.models import qwen2_5_vl  # noqa: E402
+from vppo_jax.models.qwen2_5_vl.hf_io import config_to_hf_dict  # noqa: E402
 
 PROMPTS, NEW_TOKENS = 32, 128
-HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 256, 4, 4, 2, 768, 4096
+SIZE = qwen2_5_vl.preset("small")  # the model described above; its vision tokens are hf_reference's
+HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = (getattr(SIZE.text, name) for name in (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size"))
 TARGET_RATIO, TARGET_FLOOR_FRACTION = 3.0, 0.5
 HEAD_DIM = HIDDEN // HEADS
 # Weights one token meets, every one a matrix with HIDDEN rows: q/k/v, o, gate/up/down, lm_head.
@@ -63,20 +67,9 @@ STEP_WEIGHTS = LAYERS * (HIDDEN * (HEADS + 2 * KV_HEADS) * HEAD_DIM + HEADS * HE
 
 
 def hf_model() -> Qwen2_5_VLForConditionalGeneration:
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, rms_norm_eps=1e-6,
-            max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
-        ),
-        vision_config=dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=HIDDEN, patch_size=14,
-            temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[1],
-        ),
-        image_token_id=1000, video_token_id=1003, vision_start_token_id=1001, vision_end_token_id=1002,
-        tie_word_embeddings=False,
-    )
+    raw = config_to_hf_dict(SIZE)
+    raw["text_config"].update(max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = Qwen2_5_VLConfig(**raw)
     torch.manual_seed(0)
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
@@ -103,7 +96,9 @@ def matmul_flops_per_second(m: int, k: int, n: int, repeats: int = 50) -> float:
     return 2.0 * m * k * n / min(timed(lambda: matmul(a, b)) for _ in range(repeats))
 
 
-def main():
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # as before absl: INFO logs of orbax, JAX, ... stay hidden
     torch.set_num_threads(os.cpu_count())
     reference = hf_model()
     with tempfile.TemporaryDirectory() as directory:
@@ -133,7 +128,7 @@ def main():
     for _ in range(2):  # the first runs after compiling are slower (allocations)
         ours(), theirs()
     ours_times, theirs_times, decode_times = [], [], []
-    for _ in range(ARGS.repeats):
+    for _ in range(_REPEATS.value):
         ours_times.append(timed(ours))
         theirs_times.append(timed(theirs))
         decode_times.append(decode_only())
@@ -145,7 +140,7 @@ def main():
     achieved = decode_flops(batch["attention_mask"].sum(axis=1)) / decode_time
     ratio, fraction = theirs_time / ours_time, achieved / floor
     print(f"{PROMPTS} prompts x {NEW_TOKENS} new tokens, fp32, {jax.device_count()} CPU device(s), "
-          f"{torch.get_num_threads()} torch threads; medians of {ARGS.repeats}")
+          f"{torch.get_num_threads()} torch threads; medians of {_REPEATS.value}")
     print(f"  transformers generate: {tokens / theirs_time:8.0f} tokens/s  ({theirs_time * 1e3:.0f} ms per rollout)")
     print(f"  ours:                  {tokens / ours_time:8.0f} tokens/s  ({ours_time * 1e3:.0f} ms per rollout)")
     print(f"  our compile time:      {first_call - ours_time:8.1f} s (first call minus a compiled call)")
@@ -158,4 +153,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main, flags_parser=lambda argv: ARGV)  # parsed above

@@ -7,34 +7,31 @@ of forward + backward).
 
     python benchmarks/step.py [--rows=16] [--response=192] [--repeats=5]
 """
-import argparse
 import statistics
+import sys
 import time
 
 import jax
 import numpy as np
+from absl import app, flags, logging
 
+from vppo_jax.io.cli import parse_flags
 from vppo_jax.parallel import sharding
-from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, TextConfig, VisionConfig, init_model
+from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, init_model, preset
 from vppo_jax.trainer.optimizer import make_optimizer
+from vppo_jax.vppo import programs
 from vppo_jax.vppo import step as step_lib
-from vppo_jax.vppo.batch import build_train_batch
+from vppo_jax.vppo.batch import build_train_batch, init_state
 
 TARGET = 1.35
 IMAGE_TOKEN = 4000
 
 
 def small_config() -> Qwen2_5_VLConfig:
-    """The rollout benchmark's model: text hidden 256 x 4 layers, vocab 4096, vision depth 2."""
-    return Qwen2_5_VLConfig(
-        vision=VisionConfig(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, out_hidden_size=256,
-                            fullatt_block_indexes=(1,)),
-        text=TextConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
-                        mrope_section=(8, 12, 12)),
-        tie_word_embeddings=False, image_token_id=IMAGE_TOKEN, video_token_id=4001,
-        vision_start_token_id=4002, vision_end_token_id=4003,
-    )
+    """The rollout benchmark's model ("small": text hidden 256 x 4 layers, vocab 4096, vision depth 2),
+    its vision tokens above the random text's ids."""
+    return preset("small", image_token_id=IMAGE_TOKEN, video_token_id=4001, vision_start_token_id=4002,
+                  vision_end_token_id=4003)
 
 
 def rollout_batch(config: Qwen2_5_VLConfig, rows: int, response: int, group: int):
@@ -58,12 +55,11 @@ def compiled_step(vppo: bool, model_config, batch, group: int):
     """(compiled step, its state, compile seconds)."""
     config = step_lib.StepConfig(vppo=vppo, group_size=group)
     optimizer = make_optimizer(1e-6)
-    graphdef, state = step_lib.init_state(init_model(model_config), optimizer)
+    graphdef, state = init_state(init_model(model_config), optimizer)
     start = time.perf_counter()
     mesh = sharding.single_device_mesh()
-    jitted = step_lib.jit_train_step(config, optimizer, graphdef, mesh, sharding.train_state_shardings(
-        mesh, optimizer, state), sharding.inputs_shardings(mesh, batch, leading=1))
-    compiled = jitted.lower(state, batch, jax.random.key(0)).compile()
+    program = programs.train_step_program(config, optimizer, graphdef, mesh, state, batch)
+    compiled = program.lower(state, batch, jax.random.key(0)).compile()
     return compiled, state, time.perf_counter() - start
 
 
@@ -81,24 +77,31 @@ def interleaved_medians(steps: dict, batch, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=16)
-    parser.add_argument("--response", type=int, default=192)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--group", type=int, default=8)
-    args = parser.parse_args()
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_integer("rows", 16, "Rows of the batch.")
+    flags.DEFINE_integer("response", 192, "Response tokens per row.")
+    flags.DEFINE_integer("repeats", 5, "Timed steps of each variant (medians).")
+    flags.DEFINE_integer("group", 8, "Rows per group (advantages are group-normalised).")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # as before absl: INFO logs of orbax, JAX, ... stay hidden
     model_config = small_config()
-    batch = rollout_batch(model_config, args.rows, args.response, args.group)
-    print(f"batch: {args.rows} rows x {batch.targets.shape[-1]} tokens ({args.response} response), "
+    batch = rollout_batch(model_config, FLAGS.rows, FLAGS.response, FLAGS.group)
+    print(f"batch: {FLAGS.rows} rows x {batch.targets.shape[-1]} tokens ({FLAGS.response} response), "
           f"one 112x112 image each; {jax.devices()[0].platform}")
-    steps = {name: compiled_step(name == "VPPO", model_config, batch, args.group) for name in ("GRPO", "VPPO")}
-    medians = interleaved_medians(steps, batch, args.repeats)
+    steps = {name: compiled_step(name == "VPPO", model_config, batch, FLAGS.group) for name in ("GRPO", "VPPO")}
+    medians = interleaved_medians(steps, batch, FLAGS.repeats)
     for name, seconds in medians.items():
-        print(f"{name} step: {seconds * 1e3:.1f} ms median of {args.repeats} (compile {steps[name][2]:.1f} s)")
+        print(f"{name} step: {seconds * 1e3:.1f} ms median of {FLAGS.repeats} (compile {steps[name][2]:.1f} s)")
     ratio = medians["VPPO"] / medians["GRPO"]
     print(f"VPPO / GRPO = {ratio:.3f} ({'meets' if ratio <= TARGET else 'misses'} target <= {TARGET})")
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

@@ -5,27 +5,39 @@
 Tensors stream one at a time from the safetensors files, so a 7B checkpoint (15 GB in
 bf16) converts on a 24 GiB machine. The output appears only when complete.
 """
-import argparse
 import sys
+
+from absl import app, flags, logging
 
 from vppo_jax.models.qwen2_5_vl.checkpoint import save_params
 from vppo_jax.models.qwen2_5_vl.hf_io import open_hf_params
-from vppo_jax.io.cli import run_conversion
+from vppo_jax.io.cli import parse_flags, run_conversion
+
+FLAGS = flags.FLAGS
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hf_dir", required=True, help="HF directory with config.json and *.safetensors")
-    parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: as stored")
-    args = parser.parse_args(argv)
+def define_flags():
+    flags.DEFINE_string("hf_dir", None, "HF directory with config.json and *.safetensors.")
+    flags.DEFINE_string("out", None, "Output checkpoint directory (must not exist).")
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Default: as stored.")
+    flags.mark_flags_as_required(["hf_dir", "out"])
 
-    def convert():
-        config, params = open_hf_params(args.hf_dir, args.dtype)
-        save_params(config, params, args.out)
 
-    return run_conversion(convert, args.out)
+def convert(hf_dir: str, out: str, dtype: str | None = None) -> int:
+    """The conversion; bad input is one error line and exit status 1 (vppo_jax.io.cli.run_conversion)."""
+    def work():
+        config, params = open_hf_params(hf_dir, dtype)
+        save_params(config, params, out)
+
+    return run_conversion(work, out)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # as before absl: INFO logs of orbax, JAX, ... stay hidden
+    return convert(FLAGS.hf_dir, FLAGS.out, FLAGS.dtype)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

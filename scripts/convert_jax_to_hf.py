@@ -7,29 +7,41 @@ config.json, legacy-named safetensors (sharded with an index above --max_shard_g
 tokenizer and processor files of the original directory, in --dtype (default: the dtype the
 checkpoint holds). It appears only when complete.
 """
-import argparse
 import sys
 
-from vppo_jax.io.cli import run_conversion
+from absl import app, flags, logging
+
+from vppo_jax.io.cli import parse_flags, run_conversion
 from vppo_jax.models.qwen2_5_vl.checkpoint import open_params
 from vppo_jax.models.qwen2_5_vl.config import DTYPES
 from vppo_jax.models.qwen2_5_vl.hf_io import write_hf_directory
 
+FLAGS = flags.FLAGS
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="directory written by convert_hf_to_jax.py")
-    parser.add_argument("--out", required=True, help="output HF directory (must not exist)")
-    parser.add_argument("--max_shard_gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the exported tensors (default: as stored)")
-    args = parser.parse_args(argv)
 
-    def convert():
-        config, shapes, load = open_params(args.checkpoint, args.dtype)
-        write_hf_directory(config, shapes, load, args.out, int(args.max_shard_gb * 1024**3))
+def define_flags():
+    flags.DEFINE_string("checkpoint", None, "Directory written by convert_hf_to_jax.py.")
+    flags.DEFINE_string("out", None, "Output HF directory (must not exist).")
+    flags.DEFINE_float("max_shard_gb", 5.0, "Largest safetensors shard, in GiB.")
+    flags.DEFINE_enum("dtype", None, sorted(DTYPES), "Dtype of the exported tensors (default: as stored).")
+    flags.mark_flags_as_required(["checkpoint", "out"])
 
-    return run_conversion(convert, args.out)
+
+def convert(checkpoint: str, out: str, max_shard_gb: float = 5.0, dtype: str | None = None) -> int:
+    """The conversion; bad input is one error line and exit status 1 (vppo_jax.io.cli.run_conversion)."""
+    def work():
+        config, shapes, load = open_params(checkpoint, dtype)
+        write_hf_directory(config, shapes, load, out, int(max_shard_gb * 1024**3))
+
+    return run_conversion(work, out)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # as before absl: INFO logs of orbax, JAX, ... stay hidden
+    return convert(FLAGS.checkpoint, FLAGS.out, FLAGS.max_shard_gb, FLAGS.dtype)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

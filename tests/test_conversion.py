@@ -62,10 +62,8 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(tmp_path, dtype):
 
 def test_scripts_round_trip_through_orbax_with_sharded_output(tmp_path):
     source_model, source = hf_directory(tmp_path, tied=True)
-    assert convert_hf_to_jax.main(["--hf_dir", str(source), "--out", str(tmp_path / "jax")]) == 0
-    assert convert_jax_to_hf.main(
-        ["--checkpoint", str(tmp_path / "jax"), "--out", str(tmp_path / "hf"), "--max_shard_gb", str(200e3 / 1024**3)]
-    ) == 0
+    assert convert_hf_to_jax.convert(str(source), str(tmp_path / "jax")) == 0
+    assert convert_jax_to_hf.convert(str(tmp_path / "jax"), str(tmp_path / "hf"), max_shard_gb=200e3 / 1024**3) == 0
     export = tmp_path / "hf"
     assert (export / "model.safetensors.index.json").exists()
     assert len([n for n in os.listdir(export) if n.endswith(".safetensors")]) > 1
@@ -76,9 +74,8 @@ def test_scripts_round_trip_through_orbax_with_sharded_output(tmp_path):
 
 def test_export_in_another_dtype_is_the_torch_cast_of_the_stored_weights(tmp_path):
     _, source = hf_directory(tmp_path)  # fp32
-    assert convert_hf_to_jax.main(["--hf_dir", str(source), "--out", str(tmp_path / "jax")]) == 0
-    assert convert_jax_to_hf.main(["--checkpoint", str(tmp_path / "jax"), "--out", str(tmp_path / "hf"),
-                                   "--dtype", "bfloat16"]) == 0
+    assert convert_hf_to_jax.convert(str(source), str(tmp_path / "jax")) == 0
+    assert convert_jax_to_hf.convert(str(tmp_path / "jax"), str(tmp_path / "hf"), dtype="bfloat16") == 0
     expected = {name: tensor.to(torch.bfloat16) for name, tensor in all_tensors(source).items()}
     assert_bit_identical(expected, all_tensors(tmp_path / "hf"))
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -160,7 +157,7 @@ def test_bad_checkpoints_fail_clearly_and_leave_nothing(tmp_path, capsys, corrup
         qwen2_5_vl.from_pretrained(str(source))
     assert message in str(error.value)
     out = tmp_path / "jax"
-    assert convert_hf_to_jax.main(["--hf_dir", str(source), "--out", str(out)]) == 1
+    assert convert_hf_to_jax.convert(str(source), str(out)) == 1
     assert message in capsys.readouterr().err
     assert no_output_left(out)
 
@@ -177,7 +174,7 @@ def test_existing_output_is_never_overwritten(tmp_path):
     _, source = hf_directory(tmp_path)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    assert convert_hf_to_jax.main(["--hf_dir", str(source), "--out", str(tmp_path / "taken")]) == 1
+    assert convert_hf_to_jax.convert(str(source), str(tmp_path / "taken")) == 1
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
 
 

@@ -10,13 +10,14 @@ import pytest
 from hash_reward import one_in_six
 from scripts import convert_hf_to_jax
 from vppo_jax.eval import benchmarks as evaluate
+from vppo_jax.eval.__main__ import benchmark_files
 from vppo_jax.trainer.config import default_config, learning_rate
 from vppo_jax.demo import synthetic
 from vppo_jax.trainer.optimizer import make_optimizer
 from vppo_jax.rollout.policy import load_policy
 from vppo_jax.trainer.checkpoints import RunCheckpoints, claim_workdir
 from vppo_jax.demo.tiny_model import write_tiny_model
-from vppo_jax.vppo import step as step_lib
+from vppo_jax.vppo.batch import init_state
 
 K = 4
 PROBLEMS = 4
@@ -50,16 +51,25 @@ def assets(tmp_path_factory):
     }
 
 
-def run_evaluate(checkpoint: str, out, benchmarks: list[str], *extra: str) -> dict:
-    """The CLI in this process (the sampler compiles once for all calls); returns summary.json.
-    out=None leaves --out to its default."""
-    evaluate.main([
-        f"--checkpoint={checkpoint}", "--data", *benchmarks, f"--k={K}", "--max_new_tokens=4", f"--reward={REWARD}",
-        "--problem_key=question", "--answer_key=solution", "--images_key=pictures", *extra,
-        *([f"--out={out}"] if out else []),
-    ])
+def run_evaluate(checkpoint: str, out, benchmarks: list[str], **extra) -> dict:
+    """The CLI's evaluation in this process (the sampler compiles once for all calls); returns
+    summary.json. out=None leaves --out to its default."""
+    evaluate.evaluate(evaluate.EvalOptions(
+        checkpoint=checkpoint, data=benchmarks, k=K, max_new_tokens=4, reward=REWARD, problem_key="question",
+        answer_key="solution", images_key="pictures", out=str(out) if out else None, **extra,
+    ))
     with open(os.path.join(out or os.path.join(checkpoint, evaluate.EVALUATION_DIR), evaluate.SUMMARY_FILE)) as f:
         return json.load(f)
+
+
+def test_data_files_are_a_comma_list_or_the_words_after_data():
+    # --data a.parquet b.parquet (a shell glob): absl leaves b.parquet over, a further file.
+    assert benchmark_files(["a.parquet"], ["b.parquet"]) == ["a.parquet", "b.parquet"]
+    assert benchmark_files(["a.parquet", "b.parquet"], []) == ["a.parquet", "b.parquet"]  # --data=a.parquet,b.parquet
+    with pytest.raises(ValueError, match="unexpected argument.* go after --data"):
+        benchmark_files(None, ["a.parquet"])
+    with pytest.raises(ValueError, match="--data is required"):
+        benchmark_files(None, [])
 
 
 def per_problem(out, benchmark: str) -> list[dict]:
@@ -72,7 +82,7 @@ def responses(out, benchmark: str) -> list[list[str]]:
 
 
 def test_avg_and_pass_at_k_match_the_per_problem_results(tmp_path, assets):
-    summary = run_evaluate(assets["trained"], tmp_path, assets["benchmarks"], "--dtype=float32")
+    summary = run_evaluate(assets["trained"], tmp_path, assets["benchmarks"], dtype="float32")
     averages = []
     for benchmark in assets["benchmarks"]:
         lines = per_problem(tmp_path, benchmark)
@@ -97,8 +107,8 @@ def write_run(workdir, base: str, trained: str, step: int):
     config.rollout.max_new_tokens, config.reward.name, config.reward.workers = 4, REWARD, 1
     claim_workdir(str(workdir), config)
     optimizer = make_optimizer(learning_rate(config))  # a schedule, as the trainer's
-    _, state = step_lib.init_state(load_policy(base, "float32").model, optimizer)
-    _, trained_state = step_lib.init_state(load_policy(trained, "float32").model, optimizer)
+    _, state = init_state(load_policy(base, "float32").model, optimizer)
+    _, trained_state = init_state(load_policy(trained, "float32").model, optimizer)
     checkpoints = RunCheckpoints(str(workdir), keep=3)
     checkpoints.save(step, state.replace(params=trained_state.params), jax.random.key(0), {}, {})
     checkpoints.close()
@@ -106,12 +116,12 @@ def write_run(workdir, base: str, trained: str, step: int):
 
 def test_every_kind_of_checkpoint_gives_the_responses_of_its_weights(tmp_path, assets):
     benchmark = assets["benchmarks"][:1]
-    run_evaluate(assets["trained"], tmp_path / "hf", benchmark, "--dtype=float32")
-    convert_hf_to_jax.main([f"--hf_dir={assets['trained']}", f"--out={tmp_path / 'converted'}"])
-    run_evaluate(str(tmp_path / "converted"), tmp_path / "converted_eval", benchmark, "--dtype=float32")
+    run_evaluate(assets["trained"], tmp_path / "hf", benchmark, dtype="float32")
+    convert_hf_to_jax.convert(assets["trained"], str(tmp_path / "converted"))
+    run_evaluate(str(tmp_path / "converted"), tmp_path / "converted_eval", benchmark, dtype="float32")
     write_run(tmp_path / "run", assets["base"], assets["trained"], step=3)
     summary = run_evaluate(str(tmp_path / "run"), None, benchmark)  # the default --out: WORKDIR/evaluation
-    run_evaluate(assets["base"], tmp_path / "base", benchmark, "--dtype=float32")
+    run_evaluate(assets["base"], tmp_path / "base", benchmark, dtype="float32")
 
     expected = responses(tmp_path / "hf", benchmark[0])
     assert responses(tmp_path / "converted_eval", benchmark[0]) == expected

@@ -9,16 +9,13 @@ import sys
 
 import pytest
 
-from vppo_jax.demo import synthetic
 from vppo_jax.trainer.metrics import read_metrics
-from vppo_jax.demo.tiny_model import write_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def write_config(directory) -> str:
-    files = synthetic.write_splits(str(directory / "data"), train=48, val=4, seed=0)
-    model = write_tiny_model(str(directory / "model"), synthetic.tokenizer_corpus(files["train"]))
+def write_config(directory, files: dict) -> str:
+    model = files["model"]
     path = directory / "config.py"
     path.write_text("\n".join([
         "from configs import tiny",
@@ -50,8 +47,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-    config = write_config(tmp_path)
+def test_two_processes_match_one(tmp_path, tiny_task):
+    config = write_config(tmp_path, tiny_task)
     port = free_port()
     # Both runs at once (the two processes of the second mostly wait on each other).
     single = launch(config, tmp_path / "single", 4)

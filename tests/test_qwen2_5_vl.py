@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_reference import hf_logits, processor_batch, text_ids, tiny_hf_model
+from hf_reference import hf_logits, processor_batch, text_ids, tiny_hf_config, tiny_hf_model
 from vppo_jax.models import qwen2_5_vl
 from vppo_jax.models.qwen2_5_vl.inputs import prepare_inputs
 
@@ -143,3 +143,26 @@ def test_bf16_agrees_with_transformers_bf16(tmp_path, head_scale):
     hf_own_top1, _ = _agreement_and_kl(reference32, reference16, real)
     assert kl <= 1e-3, kl
     assert top1 >= (0.99 if head_scale > 1 else hf_own_top1), (top1, hf_own_top1)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_the_test_preset_is_the_reference_models_architecture(tied):
+    """preset("test") writes out the architecture that hf_reference builds with transformers."""
+    reference = qwen2_5_vl.Qwen2_5_VLConfig.from_hf_dict(tiny_hf_config(tied=tied).to_dict())
+    assert qwen2_5_vl.preset("test", tie_word_embeddings=tied) == reference
+
+
+def test_presets_refuse_unknown_names_and_missing_tokenizer_ids():
+    with pytest.raises(ValueError, match=r"unknown model preset '13b'; the presets are \['32b', '7b'"):
+        qwen2_5_vl.preset("13b")
+    with pytest.raises(ValueError, match=r"preset 'tiny' .* from its tokenizer: pass text=dict\(vocab_size=...\), "
+                                         r"special_tokens="):
+        qwen2_5_vl.preset("tiny")
+    with pytest.raises(ValueError, match=r"special_tokens lacks \['<\|video_pad\|>'\]"):
+        qwen2_5_vl.preset("tiny", text=dict(vocab_size=64), special_tokens={
+            "<|image_pad|>": 5, "<|vision_start|>": 3, "<|vision_end|>": 4})
+    with pytest.raises(ValueError, match="preset 'test': .*num_layers"):
+        qwen2_5_vl.preset("test", text=dict(num_layers=3))
+    config = qwen2_5_vl.preset("tiny", text=dict(vocab_size=64), special_tokens={
+        "<|image_pad|>": 5, "<|video_pad|>": 6, "<|vision_start|>": 3, "<|vision_end|>": 4})
+    assert (config.text.vocab_size, config.image_token_id, config.vision_end_token_id) == (64, 5, 4)

@@ -15,28 +15,25 @@ from flax import nnx
 
 from vppo_jax.rollout import sampling
 from vppo_jax.parallel import sharding
-from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, TextConfig, VisionConfig, init_model
+from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, abstract_model, init_model, preset
 from vppo_jax.models.qwen2_5_vl.inputs import prepare_inputs
 from vppo_jax.trainer.optimizer import make_optimizer
-from vppo_jax.vppo import step as step_lib
-from vppo_jax.vppo.batch import build_train_batch
+from vppo_jax.vppo.batch import build_train_batch, init_state
+from vppo_jax.vppo.programs import make_train_step
+from vppo_jax.vppo.step import StepConfig
 
 MESHES = [(2, 2, 2), (1, 8, 1), (1, 4, 2)]
-IMAGE, VISION_START, VISION_END = 1000, 1001, 1002
 GROUP = 4
+P = jax.sharding.PartitionSpec
 
 
 def tiny_config() -> Qwen2_5_VLConfig:
     """Every sharded dimension divides 8 (model 64, 4 heads of 16, 2 kv heads, MLP 128, vocab 1024)."""
-    return Qwen2_5_VLConfig(
-        vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                            fullatt_block_indexes=(1,)),
-        text=TextConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
-                        mrope_section=(2, 3, 3)),
-        tie_word_embeddings=False, image_token_id=IMAGE, video_token_id=1003, vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
-    )
+    return preset("test")
+
+
+IMAGE, VISION_START, VISION_END = (getattr(tiny_config(), f) for f in (
+    "image_token_id", "vision_start_token_id", "vision_end_token_id"))
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +108,9 @@ def one_step(model, mesh):
     # gradients that are nearly zero by construction (key biases: softmax ignores a shift)
     # into parameter differences up to lr. An update linear in g compares at 1e-5.
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9))
-    graphdef, state = step_lib.init_state(model, optimizer)
+    graphdef, state = init_state(model, optimizer)
     state = jax.tree.map(jnp.array, state)  # the step donates its state; keep the model's arrays
-    step = step_lib.make_train_step(step_lib.StepConfig(group_size=GROUP), optimizer, graphdef, mesh)
+    step = make_train_step(StepConfig(group_size=GROUP), optimizer, graphdef, mesh)
     state, metrics = step(state, train_batch(model), jax.random.key(5))
     embed = state.params["language_model"]["embed_tokens"]
     assert len(embed.sharding.device_set) == mesh.size
@@ -183,15 +180,38 @@ def test_an_indivisible_dimension_keeps_the_mesh_axes_that_divide_it():
     assert sharding.logical_spec(("batch", None), mesh_of((2, 4, 1)), (6, 5)) == P("data", None)
 
 
+def abstract_param(shape, axes=None) -> nnx.Param:
+    metadata = {} if axes is None else dict(out_sharding=axes, eager_sharding=False)
+    return nnx.Param(jax.ShapeDtypeStruct(shape, jnp.float32), **metadata)
+
+
 def test_a_collision_is_refused_with_the_parameter_named(monkeypatch):
     monkeypatch.setitem(sharding.RULES, "vocab", "fsdp")
     with pytest.raises(ValueError, match=r"lm_head: logical axes \('embed', 'vocab'\) map mesh axis 'fsdp' twice"):
-        sharding.param_shardings(mesh_of((1, 8, 1)), {"lm_head": jax.ShapeDtypeStruct((64, 1024), jnp.float32)})
+        sharding.param_shardings(mesh_of((1, 8, 1)), {"lm_head": abstract_param((64, 1024), ("embed", "vocab"))})
+
+
+def test_parameters_without_logical_axes_are_refused_with_their_path():
+    mesh = mesh_of((1, 4, 2))
+    with pytest.raises(ValueError, match=r"parameter visual/new_thing/kernel: no logical axes \(Param without"):
+        sharding.param_shardings(mesh, {"visual": {"new_thing": {"kernel": abstract_param((4, 4))}}})
+    with pytest.raises(ValueError, match=r"parameter visual/bare: no logical axes \(a bare ShapeDtypeStruct"):
+        sharding.param_shardings(mesh, {"visual": {"bare": jax.ShapeDtypeStruct((4, 4), jnp.float32)}})
+    with pytest.raises(ValueError, match=r"parameter w has 2 axes but its out_sharding metadata names 1"):
+        sharding.param_shardings(mesh, {"w": abstract_param((4, 4), ("embed",))})
+
+
+def test_the_logical_axes_survive_jit_donation_and_eval_shape(model):
+    """param_shardings reads the axes from the tree's static part: any state of the model will do."""
+    mesh = mesh_of((1, 4, 2))
+    state = nnx.split(model, nnx.Param)[1]
+    expected = jax.tree.map(lambda s: s.spec, sharding.param_shardings(mesh, state))
+    donated = jax.jit(lambda s: jax.tree.map(lambda a: a * 2, s), donate_argnums=0)(jax.tree.map(jnp.copy, state))
+    for tree in (donated, jax.eval_shape(lambda s: s, state), jax.device_get(state)):
+        assert jax.tree.map(lambda s: s.spec, sharding.param_shardings(mesh, tree)) == expected
 
 
 def test_unknown_parameters_and_bad_meshes_are_refused():
-    with pytest.raises(KeyError, match="parameter visual/new_thing/kernel: no entry in sharding.PARAM_AXES"):
-        sharding.param_axes("visual/new_thing/kernel", 2)
     with pytest.raises(ValueError, match=r"needs 12 devices, but there are 8"):
         sharding.make_mesh({"data": 3, "fsdp": 4})
     with pytest.raises(ValueError, match="8 devices do not split into groups of 3"):
@@ -203,11 +223,81 @@ def test_unknown_parameters_and_bad_meshes_are_refused():
 
 def test_a_batch_the_mesh_does_not_divide_is_refused(model):
     optimizer = make_optimizer(1e-3)
-    graphdef, state = step_lib.init_state(model, optimizer)
-    step = step_lib.make_train_step(step_lib.StepConfig(group_size=GROUP), optimizer, graphdef, mesh_of((1, 8, 1)))
+    graphdef, state = init_state(model, optimizer)
+    step = make_train_step(StepConfig(group_size=GROUP), optimizer, graphdef, mesh_of((1, 8, 1)))
     arrays = prompts(4)
     ids = arrays["input_ids"]
     batch = build_train_batch(model.config, ids, arrays["attention_mask"], np.ones_like(ids, bool),
                               np.zeros(4, np.float32), arrays["pixel_values"], arrays["image_grid_thw"])
     with pytest.raises(ValueError, match=r"4 rows do not split over the mesh's 8 batch shards"):
         step(state, batch, jax.random.key(0))
+
+
+# --- the released sizes ---------------------------------------------------------------
+
+# Written out here, independently of the model code: the mesh placement of representative
+# parameters of the 7B and 32B on (data, fsdp, tensor) meshes. Model dim over fsdp; heads, MLP
+# units and vocabulary over tensor; stacked layers, norms and biases over the model dim whole.
+RELEASED_SHARDINGS = {
+    ("7b", (1, 4, 2)): {
+        "language_model/embed_tokens": ((152064, 3584), P("tensor", "fsdp")),
+        "lm_head": ((3584, 152064), P("fsdp", "tensor")),
+        "language_model/layers/self_attn/q_proj/kernel": ((28, 3584, 3584), P(None, "fsdp", "tensor")),
+        "language_model/layers/self_attn/q_proj/bias": ((28, 3584), P(None, "tensor")),
+        "language_model/layers/self_attn/k_proj/kernel": ((28, 3584, 512), P(None, "fsdp", "tensor")),
+        "language_model/layers/self_attn/v_proj/bias": ((28, 512), P(None, "tensor")),
+        "language_model/layers/self_attn/o_proj/kernel": ((28, 3584, 3584), P(None, "tensor", "fsdp")),
+        "language_model/layers/mlp/gate_proj/kernel": ((28, 3584, 18944), P(None, "fsdp", "tensor")),
+        "language_model/layers/mlp/down_proj/kernel": ((28, 18944, 3584), P(None, "tensor", "fsdp")),
+        "language_model/layers/input_layernorm/weight": ((28, 3584), P(None, None)),
+        "language_model/norm/weight": ((3584,), P(None)),
+        "visual/patch_embed/kernel": ((1176, 1280), P(None, "fsdp")),
+        "visual/blocks/attn/qkv/kernel": ((32, 1280, 3840), P(None, "fsdp", "tensor")),
+        "visual/blocks/attn/qkv/bias": ((32, 3840), P(None, "tensor")),
+        "visual/blocks/attn/proj/kernel": ((32, 1280, 1280), P(None, "tensor", "fsdp")),
+        "visual/blocks/attn/proj/bias": ((32, 1280), P(None, None)),
+        "visual/blocks/mlp/up_proj/bias": ((32, 3420), P(None, "tensor")),
+        "visual/blocks/mlp/down_proj/kernel": ((32, 3420, 1280), P(None, "tensor", "fsdp")),
+        "visual/blocks/mlp/down_proj/bias": ((32, 1280), P(None, None)),
+        "visual/blocks/norm1/weight": ((32, 1280), P(None, None)),
+        "visual/merger/ln_q/weight": ((1280,), P(None)),
+        "visual/merger/fc1/kernel": ((5120, 5120), P("fsdp", "tensor")),
+        "visual/merger/fc1/bias": ((5120,), P("tensor")),
+        "visual/merger/fc2/kernel": ((5120, 3584), P("tensor", "fsdp")),
+        "visual/merger/fc2/bias": ((3584,), P(None)),
+    },
+    ("32b", (1, 1, 8)): {
+        "language_model/embed_tokens": ((152064, 5120), P("tensor", "fsdp")),
+        "language_model/layers/self_attn/q_proj/kernel": ((64, 5120, 5120), P(None, "fsdp", "tensor")),
+        "language_model/layers/self_attn/k_proj/kernel": ((64, 5120, 1024), P(None, "fsdp", "tensor")),
+        "language_model/layers/mlp/up_proj/kernel": ((64, 5120, 27648), P(None, "fsdp", "tensor")),
+        # 3420 vision MLP units do not split 8 ways: whole.
+        "visual/blocks/mlp/gate_proj/kernel": ((32, 1280, 3420), P(None, "fsdp", None)),
+        "visual/blocks/mlp/gate_proj/bias": ((32, 3420), P(None, None)),
+        "visual/merger/fc2/kernel": ((5120, 5120), P("tensor", "fsdp")),
+    },
+}
+
+
+@pytest.mark.parametrize("name,shape", list(RELEASED_SHARDINGS), ids=str)
+def test_released_sizes_carry_logical_axes_and_shard_as_written_here(name, shape):
+    mesh = mesh_of(shape)
+    params = nnx.split(abstract_model(preset(name)), nnx.Param)[1]  # ShapeDtypeStructs: nothing allocated
+    flat = {"/".join(map(str, path)): param for path, param in nnx.to_flat_state(params)}
+    assert len(flat) == 33  # 19 text (lm_head untied), 14 vision
+    for path, param in flat.items():
+        axes = param.get_metadata("out_sharding")
+        assert len(axes) == len(param.get_value().shape), path
+        assert set(axes) <= set(sharding.RULES) | {None}, path
+        assert (axes[0] == "layers") == path.startswith(("language_model/layers/", "visual/blocks/")), path
+    shardings = {"/".join(map(str, path)): s.get_value()
+                 for path, s in nnx.to_flat_state(sharding.param_shardings(mesh, params))}
+    for path, (param_shape, spec) in RELEASED_SHARDINGS[name, shape].items():
+        assert flat[path].get_value().shape == param_shape, path
+        assert shardings[path] == jax.sharding.NamedSharding(mesh, spec), path
+
+
+def test_the_7b_preset_has_the_released_parameter_count():
+    """8,292,166,656: Qwen2.5-VL-7B's safetensors (16,584,333,312 bytes in bf16)."""
+    params = nnx.split(abstract_model(preset("7b")), nnx.Param)[1]
+    assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params)) == 8_292_166_656

@@ -13,11 +13,9 @@ from PIL import Image
 
 from configs import tiny
 from vppo_jax.eval import benchmarks as evaluate
-from vppo_jax.demo import synthetic
 from vppo_jax.trainer.checkpoints import claim_workdir
 from vppo_jax.sweeps import aggregate, launch
 from vppo_jax.sweeps.trials import finished, load_sweep, trial_name
-from vppo_jax.demo.tiny_model import write_tiny_model
 
 # Seeds change what is sampled but not what is compiled: with a shared compilation cache,
 # only the first trial compiles.
@@ -26,12 +24,11 @@ METRICS = ["entropy", "loss", "rollout/response_length"]
 
 
 @pytest.fixture(scope="module")
-def sweep_file(tmp_path_factory):
+def sweep_file(tmp_path_factory, tiny_task):
     """A tiny model and task, a config file on the test recipe, and a sweep file over it whose
     FIXED overrides name the assets (tuples of paths go through the command line)."""
     directory = tmp_path_factory.mktemp("sweep")
-    files = synthetic.write_splits(str(directory / "task"), train=8, val=2, seed=0)
-    model = write_tiny_model(str(directory / "model"), synthetic.tokenizer_corpus(files["train"]))
+    files, model = tiny_task, tiny_task["model"]
     config = directory / "config.py"
     config.write_text("\n".join([
         "from configs import tiny",
@@ -56,8 +53,8 @@ def sweep_file(tmp_path_factory):
 
 def test_the_pod_dry_run_prints_one_gcloud_command_per_trial(sweep_file, capsys):
     repo = "code/vppo jax"  # a space: the command must quote it
-    assert launch.main([sweep_file, "--root=sweeps", "--mode=tpu-pod", "--pod=my-pod", "--zone=us-east5-a",
-                        f"--repo={repo}", "--dry_run"]) == 0
+    assert launch.launch(sweep_file, "sweeps", mode="tpu-pod", pod="my-pod", zone="us-east5-a", repo=repo,
+                         dry_run=True) == 0
     commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
     sweep = load_sweep(sweep_file)
     assert len(commands) == 4
@@ -85,18 +82,18 @@ def test_a_local_sweep_runs_skips_reports_failures_and_aggregates(sweep_file, tm
     broken = sweep.trials[0].name
     claim_workdir(workdirs[broken], tiny.get_config("test"))  # the trainer refuses a workdir of another config
 
-    assert launch.main([sweep_file, f"--root={root}"]) == 1
+    assert launch.launch(sweep_file, str(root)) == 1
     out = capsys.readouterr().out
     assert f"{broken}: FAILED" in out and "holds a run of another config" in out
     assert [finished(w) for w in workdirs.values()] == [False, True, True, True]
 
     shutil.rmtree(workdirs[broken])
-    assert launch.main([sweep_file, f"--root={root}"]) == 0
+    assert launch.launch(sweep_file, str(root)) == 0
     out = capsys.readouterr().out
     assert out.count("finished before, skipped") == 3 and f"{broken}: done" in out
     assert all(finished(w) for w in workdirs.values())
 
-    aggregate.main([sweep_file, f"--root={root}"])
+    aggregate.aggregate(sweep_file, str(root))
     with open(root / "seeds" / "results.csv") as f:
         rows = {row["trial"]: row for row in csv.DictReader(f)}
     markdown = (root / "seeds" / "results.md").read_text()
@@ -118,6 +115,6 @@ def test_a_local_sweep_runs_skips_reports_failures_and_aggregates(sweep_file, tm
 
     # The finished trial's workdir evaluates as a checkpoint (the trainer's own orbax state).
     name = sweep.trials[1].name
-    summary = evaluate.evaluate(evaluate.parse_args([
-        f"--checkpoint={workdirs[name]}", f"--data={sweep.trials[1].overrides['data.val_files'][0]}", "--k=2"]))
+    summary = evaluate.evaluate(evaluate.EvalOptions(
+        checkpoint=workdirs[name], data=[sweep.trials[1].overrides['data.val_files'][0]], k=2))
     assert summary["step"] == 1 and summary["benchmarks"]["val"]["problems"] == 2

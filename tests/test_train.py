@@ -13,18 +13,13 @@ import pytest
 from vppo_jax.demo import synthetic
 from vppo_jax.trainer.metrics import read_metrics
 from vppo_jax.trainer.checkpoints import claim_workdir
-from vppo_jax.demo.tiny_model import write_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny model and a small synthetic task, shared by the runs below."""
-    directory = tmp_path_factory.mktemp("assets")
-    files = synthetic.write_splits(str(directory), train=48, val=4, seed=0)
-    model = write_tiny_model(str(directory / "model"), synthetic.tokenizer_corpus(files["train"]))
-    return {"model": model, **files}
+def assets(tiny_task):
+    return tiny_task
 
 
 def write_config(path, assets, **overrides) -> str:
@@ -204,6 +199,20 @@ def test_a_name_that_does_not_resolve_fails_before_anything_loads(tmp_path, asse
                          timeout=300)
     assert out.returncode != 0 and "cannot import no_such_module" in out.stderr
     assert not (tmp_path / "run" / "config.json").exists()  # refused before the workdir was claimed
+
+
+def test_a_recipe_without_model_or_data_is_refused_without_touching_demo_fields(tmp_path):
+    """Only a config with a `synthetic` section is the embedded default; the 7B recipe with
+    no model.path must say what to set, not reach for demo-only fields."""
+    from configs import vppo_7b
+    from vppo_jax.demo.embedded import is_embedded_default
+    from vppo_jax.trainer.trainer import Trainer
+
+    config = vppo_7b.get_config("runlocal")
+    assert not is_embedded_default(config)
+    with pytest.raises(ValueError, match="names no model"):
+        Trainer(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_mistyped_override_is_one_line_and_exit_status_2(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hf_reference import hf_logits, processor_batch, text_ids, tiny_hf_model
+from numpy_reference import numpy_grpo_advantages
 from vppo_jax.models import qwen2_5_vl
 from vppo_jax.trainer.optimizer import make_optimizer
 from vppo_jax.vppo import perturbation, programs
@@ -19,11 +20,6 @@ from vppo_jax.vppo.perturbation import CLIP_MEAN, CLIP_STD
 GROUP = 4
 RESPONSE_LENGTHS = [5, 9, 0, 7, 3, 10, 6, 8]  # one empty response; lengths where ceil(0.4 L) rounds up
 REWARDS = np.array([1, 0, 0, 1, 0, 0, 0, 1], np.float32)
-
-
-def numpy_grpo_advantages(rewards, group):
-    grouped = rewards.reshape(-1, group)
-    return ((grouped - grouped.mean(1, keepdims=True)) / (grouped.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1)
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ FLAGS = flags.FLAGS
 def define_flags():
     """The command line (defined only when run as a program: the trainer has a --config too)."""
     config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
-    flags.DEFINE_string("model", "", "7b, 32b, tiny (the embedded default's architecture) or an HF/converted "
+    flags.DEFINE_string("model", "", "a preset of vppo_jax/models/qwen2_5_vl/presets.py (7b, 32b, tiny, ...) or an HF/converted "
                         "model directory. Default: the config's model.path, tiny when empty.")
     flags.DEFINE_string("topology", "v5p-8", f"One of {sorted(TOPOLOGIES)}, or cpu-N (N devices).")
     flags.DEFINE_string("mesh", "", "data,fsdp,tensor sizes (one may be -1). Default: the config's mesh.")
@@ -64,30 +64,17 @@ def topology(name: str) -> tuple[int, float]:
 
 
 def model_config(name: str, config_path: str, dtype: str, param_dtype: str | None = None):
-    """A Qwen2.5-VL config by size name (known sizes, no download), the tiny default's, or a directory's,
-    computing in `dtype` with parameters in `param_dtype` (default: `dtype`)."""
-    from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, TextConfig, VisionConfig
+    """A Qwen2.5-VL config by preset name (qwen2_5_vl.PRESETS: 7b, 32b, ...; no download), the tiny
+    default's, or a directory's, computing in `dtype` with parameters in `param_dtype` (default: `dtype`)."""
+    from vppo_jax.models.qwen2_5_vl import PRESETS, preset
 
     name = name or config_path or "tiny"
-    sizes = {"7b": (3584, 28, 28, 4, 18944), "32b": (5120, 64, 40, 8, 27648)}
-    if name.lower() in sizes:
-        hidden, layers, heads, kv_heads, mlp = sizes[name.lower()]
-        return Qwen2_5_VLConfig(
-            vision=VisionConfig(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                                out_hidden_size=hidden, fullatt_block_indexes=(7, 15, 23, 31)),
-            text=TextConfig(vocab_size=152064, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-                            num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=1e-6,
-                            rope_theta=1e6, mrope_section=(16, 24, 24)),
-            tie_word_embeddings=False,
-        ).with_precision(dtype, param_dtype)
-    if name == "tiny":
-        from vppo_jax.demo import tiny_model as tiny
+    if name.lower() == "tiny":  # its vocabulary and special-token ids as the tiny tokenizer has them
+        from vppo_jax.demo.tiny_model import tiny_config
 
-        class Ids:  # the tiny tokenizer numbers its special tokens from 0 in SPECIAL_TOKENS order
-            get_vocab_size = staticmethod(lambda: tiny.VOCAB_SIZE)
-            token_to_id = staticmethod(tiny.SPECIAL_TOKENS.index)
-
-        return tiny.tiny_config(Ids()).with_precision(dtype, param_dtype)
+        return tiny_config().with_precision(dtype, param_dtype)
+    if name.lower() in PRESETS:
+        return preset(name).with_precision(dtype, param_dtype)
     from vppo_jax.models.qwen2_5_vl.hf_io import read_config
 
     config_dir = os.path.join(name, "hf") if os.path.isdir(os.path.join(name, "hf")) else name
@@ -170,14 +157,16 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
     from vppo_jax.parallel import sharding
     from vppo_jax.models.qwen2_5_vl import abstract_model
     from vppo_jax.models.qwen2_5_vl.inputs import length_bucket
-    from vppo_jax.vppo import step as step_lib
+    from vppo_jax.vppo import programs
+    from vppo_jax.vppo.batch import TrainBatch, init_state, scored_like, train_state_shardings
+    from vppo_jax.vppo.step import needs_scoring
 
     r, t, d = config.rollout, config.train, config.data
     optimizer, step_config = config_lib.optimizer(config), config_lib.step_config(config)
     model = abstract_model(model_cfg)
     graphdef, params = nnx.split(model, nnx.Param)
-    state = jax.eval_shape(lambda p: step_lib.init_state(nnx.merge(graphdef, p), optimizer)[1], params)
-    state_shardings = sharding.train_state_shardings(mesh, optimizer, state)
+    state = jax.eval_shape(lambda p: init_state(nnx.merge(graphdef, p), optimizer)[1], params)
+    state_shardings = train_state_shardings(mesh, optimizer, state)
     sharded = lambda tree, shardings: jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
     state = sharded(state, state_shardings)
@@ -193,23 +182,17 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
     # The update on one micro-batched slice of the rollout batch, as the trainer runs it.
     inputs = abstract_batch(model_cfg, rows, prompt_length + r.max_new_tokens, grid, leading=(t.micro_batches,))
     per_row = lambda dtype: jax.ShapeDtypeStruct((t.micro_batches, rows, prompt_length + r.max_new_tokens), dtype)
-    batch = step_lib.TrainBatch(inputs=inputs, targets=per_row(np.int32), response_mask=per_row(np.bool_),
-                                advantages=jax.ShapeDtypeStruct((t.micro_batches, rows), np.float32))
-    precomputed = t.updates_per_rollout > 1 or t.micro_batches > 1
-    if precomputed:  # the trainer scores the rollouts first (pi_old, dependency)
-        batch_shardings = sharding.inputs_shardings(mesh, batch, leading=1)
-        scored = step_lib.scored_like(batch)
-        scored_shardings = sharding.inputs_shardings(mesh, scored, leading=1)
+    batch = TrainBatch(inputs=inputs, targets=per_row(np.int32), response_mask=per_row(np.bool_),
+                       advantages=jax.ShapeDtypeStruct((t.micro_batches, rows), np.float32))
+    if needs_scoring(step_config, t.updates_per_rollout, t.micro_batches):  # pi_old, dependency first
         if "score" in phases:
-            jitted = step_lib.jit_score_rollouts(step_config, graphdef, mesh, state_shardings.params,
-                                                 batch_shardings, scored_shardings)
-            results.append(compiled_phase("score rollouts", jitted, (state.params, sharded(batch, batch_shardings),
-                                                                     key), opt_bytes))
-        batch = scored
-    batch_shardings = sharding.inputs_shardings(mesh, batch, leading=1)
+            program = programs.score_program(step_config, graphdef, mesh, state.params, batch)
+            results.append(compiled_phase("score rollouts", program, sharded((state.params, batch, key),
+                                                                             program.in_shardings), opt_bytes))
+        batch = scored_like(batch)
     if "update" in phases:
-        jitted = step_lib.jit_train_step(step_config, optimizer, graphdef, mesh, state_shardings, batch_shardings)
-        results.append(compiled_phase("update step", jitted, (state, sharded(batch, batch_shardings), key), 0))
+        program = programs.train_step_program(step_config, optimizer, graphdef, mesh, state, batch)
+        results.append(compiled_phase("update step", program, sharded((state, batch, key), program.in_shardings), 0))
 
     # The sampler: every prompt of a round at once, G samples each, on the weights cast to the
     # compute dtype (vppo_jax.rollout.policy.compute_model); the master weights stay resident beside them.
@@ -219,21 +202,21 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
     compute_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, model_cfg.jnp_dtype, sharding=a.sharding),
                                   state.params)
     sampling_resident = opt_bytes + (params_bytes if model_cfg.param_dtype != model_cfg.dtype else 0)
-    in_shardings, prefill = sampling.compiled_prefill(graphdef, compute_params, inputs, cache_length, r.group_size,
-                                                      mesh)
+    prefill = sampling.compiled_prefill(graphdef, compute_params, inputs, cache_length, r.group_size, mesh)
     if "prefill" in phases:
-        results.append(compiled_phase("rollout prefill", prefill, sharded((compute_params, inputs), in_shardings),
-                                      sampling_resident))
+        results.append(compiled_phase("rollout prefill", prefill,
+                                      sharded((compute_params, inputs), prefill.in_shardings), sampling_resident))
     if "decode" in phases:
-        prefilled = jax.eval_shape(prefill, compute_params, sharded(inputs, in_shardings[1]))
+        prefilled = jax.eval_shape(prefill.jitted, compute_params, sharded(inputs, prefill.in_shardings[1]))
         # No end tokens: every row decodes all max_new_tokens, the worst case.
         params = sampling.SamplingParams(max_new_tokens=r.max_new_tokens, end_token_ids=(), pad_token_id=0,
                                          temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                                          group_size=r.group_size)
         keys = jax.ShapeDtypeStruct((prompts * r.group_size,), key.dtype)
         args = (compute_params, prefilled.replace(cache=None), prefilled.cache, keys)
-        in_shardings, decode = sampling.compiled_decode(graphdef, *args, params, mesh)
-        results.append(compiled_phase("rollout decode", decode, sharded(args, in_shardings), sampling_resident))
+        decode = sampling.compiled_decode(graphdef, *args, params, mesh)
+        results.append(compiled_phase("rollout decode", decode, sharded(args, decode.in_shardings),
+                                      sampling_resident))
     return dict(params=params_bytes, opt_state=opt_bytes, phases=results, rows=rows, prompts=prompts,
                 length=prompt_length + r.max_new_tokens, grid=grid)
 

@@ -16,16 +16,18 @@ with the verifiable reward is what moves that mass onto the right answer.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
+import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from absl import app, flags, logging
 from PIL import Image, ImageDraw
 
 from vppo_jax.data.prompts import INSTRUCTION, SYSTEM_PROMPT
+from vppo_jax.io.cli import parse_flags
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -134,16 +136,24 @@ def tokenizer_corpus(train_file: str) -> list[str]:
     return [chat] * 50 + [f"{row['problem']} {row['reasoning']}" for row in table]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--train", type=int, default=2000)
-    parser.add_argument("--val", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--teacher_noise", type=float, default=0.0, help="share of wrong worked answers")
-    args = parser.parse_args()
-    print(write_splits(args.out, args.train, args.val, args.seed, teacher_noise=args.teacher_noise))
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("out", None, "Directory for train.parquet and val.parquet.")
+    flags.DEFINE_integer("train", 2000, "Training problems.")
+    flags.DEFINE_integer("val", 200, "Validation problems.")
+    flags.DEFINE_integer("seed", 0, "Seed of the task's problems and images.")
+    flags.DEFINE_float("teacher_noise", 0.0, "Share of wrong worked answers.")
+    flags.mark_flags_as_required(["out"])
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # as before absl: INFO logs of orbax, JAX, ... stay hidden
+    print(write_splits(FLAGS.out, FLAGS.train, FLAGS.val, FLAGS.seed, teacher_noise=FLAGS.teacher_noise))
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

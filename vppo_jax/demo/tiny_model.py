@@ -13,7 +13,7 @@ import tempfile
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, TextConfig, VisionConfig, init_model, save_pretrained
+from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, init_model, preset, save_pretrained
 
 # The Qwen chat and vision tokens; the tiny tokenizer numbers them from 0 in this order.
 SPECIAL_TOKENS = [
@@ -35,18 +35,15 @@ def train_tokenizer(corpus: list[str], vocab_size: int = VOCAB_SIZE) -> Tokenize
     return tokenizer
 
 
-def tiny_config(tokenizer: Tokenizer) -> Qwen2_5_VLConfig:
-    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
-    return Qwen2_5_VLConfig(
-        vision=VisionConfig(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
-                            fullatt_block_indexes=(1,)),
-        text=TextConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=128, intermediate_size=384,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                        rope_theta=1e6, mrope_section=(4, 6, 6)),
-        tie_word_embeddings=True,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
+def tiny_config(tokenizer: Tokenizer | None = None) -> Qwen2_5_VLConfig:
+    """The "tiny" preset with the vocabulary size and special-token ids of `tokenizer`; without
+    one, those a tokenizer from `train_tokenizer` has (its special tokens numbered from 0 in
+    SPECIAL_TOKENS order, VOCAB_SIZE tokens): the architecture, for instance to plan with."""
+    if tokenizer is None:
+        ids, vocab_size = {token: i for i, token in enumerate(SPECIAL_TOKENS)}, VOCAB_SIZE
+    else:
+        ids, vocab_size = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}, tokenizer.get_vocab_size()
+    return preset("tiny", text=dict(vocab_size=vocab_size), special_tokens=ids)
 
 
 def write_tiny_model(path: str, corpus: list[str], seed: int = 0) -> str:

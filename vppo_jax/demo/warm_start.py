@@ -8,23 +8,25 @@ out), so the embedded default first fits the synthetic task's worked answers
 """
 from __future__ import annotations
 
-import argparse
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pyarrow.parquet as pq
+from absl import app, flags, logging
 from flax import nnx
 from tqdm.auto import tqdm
 
 from vppo_jax.data.prompts import PromptBuilder
 from vppo_jax.data.images import open_image
+from vppo_jax.io.cli import parse_flags
 from vppo_jax.models.qwen2_5_vl import save_pretrained
 from vppo_jax.rollout.policy import load_policy, prompt_builder
 from vppo_jax.vppo.batch import build_train_batch
-from vppo_jax.vppo.dependency import token_logprobs_and_entropy
+from vppo_jax.vppo.logprobs import token_logprobs_and_entropy
 
 
 def supervised_examples(policy, builder: PromptBuilder, data_file: str) -> list[tuple]:
@@ -96,18 +98,26 @@ def warm_start(model_dir: str, data_file: str, out: str, steps: int, batch_size:
     return losses
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--learning_rate", type=float, default=3e-3)
-    args = parser.parse_args()
-    losses = warm_start(args.model, args.data, args.out, args.steps, args.batch_size, args.learning_rate)
-    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; wrote {args.out}")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("model", None, "The policy to start from (an HF directory or converted checkpoint).")
+    flags.DEFINE_string("data", None, "The synthetic task's train.parquet (with worked answers).")
+    flags.DEFINE_string("out", None, "Directory for the warm-started policy (an HF directory).")
+    flags.DEFINE_integer("steps", 300, "Optimizer steps.")
+    flags.DEFINE_integer("batch_size", 32, "Examples per step.")
+    flags.DEFINE_float("learning_rate", 3e-3, "Initial learning rate (cosine decay to 0 over the steps).")
+    flags.mark_flags_as_required(["model", "data", "out"])
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # as before absl: INFO logs of orbax, JAX, ... stay hidden
+    losses = warm_start(FLAGS.model, FLAGS.data, FLAGS.out, FLAGS.steps, FLAGS.batch_size, FLAGS.learning_rate)
+    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; wrote {FLAGS.out}")
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

@@ -1,27 +1,16 @@
-"""avg@k and pass@k of a policy on benchmark files, at the paper's evaluation settings.
+"""avg@k and pass@k of a policy on benchmark files, at the paper's evaluation settings: the
+evaluation behind `python -m vppo_jax.eval` (vppo_jax/eval/__main__.py: its flags and usage).
 
-    python -m vppo_jax.eval --checkpoint=runs/vppo_7b --data mathverse.parquet dynamath.parquet
-    python -m vppo_jax.eval --checkpoint=Qwen2.5-VL-7B-Instruct --data mathverse.parquet --out=results/base --k=8
+    evaluate(EvalOptions(checkpoint="runs/vppo_7b", data=("mathverse.parquet", "dynamath.parquet")))
 
---checkpoint is one of
-- a training run's workdir (config.json + checkpoints/): its latest checkpoint (or --step),
-  with the run's own prompt length, image budget, response length and reward;
-- an HF directory or a scripts/convert_hf_to_jax.py checkpoint: with the paper recipe's
-  settings (vppo_jax/trainer/config.py).
 Every problem gets k responses sampled at temperature 1.0, top-p 1.0 (the paper's evaluation). Per
-benchmark file (parquet or JSON lines with problem/answer/images columns, names settable):
-avg@k, the mean accuracy over all k x N responses (the paper's metric), and pass@k, the
-share of problems with at least one correct response. The average is the unweighted mean
-over benchmarks, as in the paper's Avg column. Examples the data pipeline cannot use (bad
-image, prompt too long, ...) are left out and counted in the summary.
-
-Writes OUT/<benchmark>.jsonl (one line per problem: index, answer, responses, rewards) and
-OUT/summary.json (OUT defaults to WORKDIR/evaluation for a run, where the sweep aggregator
-finds it), and prints the results as a markdown table.
+benchmark file: avg@k, the mean accuracy over all k x N responses (the paper's metric), and
+pass@k, the share of problems with at least one correct response; the average is the
+unweighted mean over benchmarks, as in the paper's Avg column. Writes OUT/<benchmark>.jsonl and
+OUT/summary.json (OUT defaults to WORKDIR/evaluation for a run, where the sweep aggregator finds it).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -39,11 +28,34 @@ from vppo_jax.eval.accuracy import evaluate_prompts
 from vppo_jax.rollout.policy import Policy, compute_model, load_policy, prompt_builder
 from vppo_jax.rollout.rewards import RewardPool
 from vppo_jax.trainer.checkpoints import CONFIG_FILE, RunCheckpoints
-from vppo_jax.vppo import step as step_lib
+from vppo_jax.vppo.batch import init_state
 
-# Spec section 7: the paper samples its evaluation responses at temperature 1.0, top-p 1.0.
+# The paper samples its evaluation responses at temperature 1.0, top-p 1.0 (docs/algorithm.md#reward-and-evaluation).
 PAPER_SAMPLING = dict(temperature=1.0, top_p=1.0, top_k=0)
 EVALUATION_DIR, SUMMARY_FILE = "evaluation", "summary.json"  # a run's evaluation, where the sweep aggregator looks
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """What to evaluate and how; None takes the run's setting (a run's workdir) or the recipe's.
+    The flags of `python -m vppo_jax.eval` have these names and defaults."""
+    checkpoint: str  # a run's workdir, an HF directory or a converted checkpoint
+    data: tuple[str, ...]  # benchmark files (.parquet, .jsonl), one benchmark each
+    out: str | None = None  # default with a run's workdir: WORKDIR/evaluation
+    k: int = 8  # responses per problem
+    step: int | None = None  # with a run's workdir: its checkpoint (default latest)
+    problem_key: str | None = None
+    answer_key: str | None = None
+    images_key: str | None = None
+    max_new_tokens: int | None = None
+    reward: str | None = None
+    dtype: str | None = None
+    max_examples: int = 0  # first N usable problems per file (0: all)
+    batch_prompts: int = 16  # problems sampled together
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "data", (self.data,) if isinstance(self.data, str) else tuple(self.data))
 
 
 def is_run_workdir(path: str) -> bool:
@@ -88,7 +100,7 @@ def load_run(workdir: str, step: int | None, dtype: str | None) -> tuple[Policy,
     policy = load_policy(config.model.path, config.model.dtype, config.model.param_dtype)
     optimizer = config_lib.optimizer(config)
     # Orbax restores into the train state's structure; eval_shape gives it without allocating optimizer state.
-    abstract_state = jax.eval_shape(lambda: step_lib.init_state(policy.model, optimizer)[1])
+    abstract_state = jax.eval_shape(lambda: init_state(policy.model, optimizer)[1])
     state = checkpoints.restore(step, abstract_state)[0]
     checkpoints.close()
     model = compute_model(nnx.graphdef(policy.model), state.params, policy.model.config)
@@ -170,34 +182,35 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    names = [benchmark_name(path) for path in args.data]
+def evaluate(options: EvalOptions) -> dict:
+    names = [benchmark_name(path) for path in options.data]
     if len(set(names)) < len(names):
-        raise ValueError(f"Benchmark files must have different names (results are written per name): {args.data}")
-    out = args.out or (os.path.join(args.checkpoint, EVALUATION_DIR) if is_run_workdir(args.checkpoint) else None)
+        raise ValueError(f"Benchmark files must have different names (results are written per name): {options.data}")
+    run = is_run_workdir(options.checkpoint)
+    out = options.out or (os.path.join(options.checkpoint, EVALUATION_DIR) if run else None)
     if out is None:
         raise ValueError("--out is needed with an HF directory or a converted checkpoint (a run's workdir defaults to "
                          f"WORKDIR/{EVALUATION_DIR}).")
-    policy, config, step = load_checkpoint(args.checkpoint, args.step, args.dtype)
+    policy, config, step = load_checkpoint(options.checkpoint, options.step, options.dtype)
     for field in ("problem_key", "answer_key", "images_key"):
-        config.data[field] = getattr(args, field) or config.data[field]
-    config.rollout.max_new_tokens = args.max_new_tokens or config.rollout.max_new_tokens
-    config.reward.name = args.reward or config.reward.name
+        config.data[field] = getattr(options, field) or config.data[field]
+    config.rollout.max_new_tokens = options.max_new_tokens or config.rollout.max_new_tokens
+    config.reward.name = options.reward or config.reward.name
     d = config.data
     builder = prompt_builder(policy, d.max_prompt_length, d.min_pixels or None, d.max_pixels or None,
                              d.prompt_template)
-    params = config_lib.sampling_params(config, builder.special, group_size=args.k, **PAPER_SAMPLING)
-    summary = {"checkpoint": args.checkpoint, "step": step, "k": args.k, "reward": config.reward.name,
+    params = config_lib.sampling_params(config, builder.special, group_size=options.k, **PAPER_SAMPLING)
+    summary = {"checkpoint": options.checkpoint, "step": step, "k": options.k, "reward": config.reward.name,
                "sampling": dict(PAPER_SAMPLING, max_new_tokens=params.max_new_tokens), "benchmarks": {}}
-    metrics = (f"avg@{args.k}", f"pass@{args.k}")
+    metrics = (f"avg@{options.k}", f"pass@{options.k}")
     os.makedirs(out, exist_ok=True)
     with RewardPool(min(config.reward.workers, os.cpu_count() or 1)) as pool:
         grade = functools.partial(pool.score_responses, reward=config.reward.name, timeout_s=config.reward.timeout_s)
-        for name, path in zip(names, args.data):
+        for name, path in zip(names, options.data):
             # Keyed by name: a benchmark's samples do not depend on which other files are evaluated.
-            key = jax.random.fold_in(jax.random.key(args.seed), zlib.crc32(name.encode()))
-            result, results = evaluate_benchmark(policy, path, builder, config, params, grade, args.k, key,
-                                                 args.batch_prompts, args.max_examples)
+            key = jax.random.fold_in(jax.random.key(options.seed), zlib.crc32(name.encode()))
+            result, results = evaluate_benchmark(policy, path, builder, config, params, grade, options.k, key,
+                                                 options.batch_prompts, options.max_examples)
             summary["benchmarks"][name] = result
             with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in results)
@@ -209,31 +222,3 @@ def evaluate(args: argparse.Namespace) -> dict:
         json.dump(summary, f, indent=2)
     print(markdown_table(summary))
     return summary
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a run's workdir, HF directory or converted checkpoint")
-    parser.add_argument("--data", required=True, nargs="+", action="extend", help="benchmark files (.parquet, .jsonl)")
-    parser.add_argument("--out", help="directory for summary.json and the per-problem <benchmark>.jsonl "
-                        f"(default with a run's workdir: WORKDIR/{EVALUATION_DIR})")
-    parser.add_argument("--k", type=int, default=8, help="responses per problem")
-    parser.add_argument("--step", type=int, default=None, help="with a run's workdir: its checkpoint (default latest)")
-    parser.add_argument("--problem_key", default=None, help="column of the problem text (default: problem)")
-    parser.add_argument("--answer_key", default=None, help="column of the reference answer (default: answer)")
-    parser.add_argument("--images_key", default=None, help="column of the image list (default: images)")
-    parser.add_argument("--max_new_tokens", type=int, default=None, help="default: the run's, or the recipe's 2048")
-    parser.add_argument("--reward", default=None, help="registered reward name (default: the run's, or accuracy)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the run's, or bfloat16")
-    parser.add_argument("--max_examples", type=int, default=0, help="first N usable problems per file (0: all)")
-    parser.add_argument("--batch_prompts", type=int, default=16, help="problems sampled together")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None):
-    evaluate(parse_args(argv))
-
-
-if __name__ == "__main__":  # the reward workers are spawned: they re-import this module
-    main()

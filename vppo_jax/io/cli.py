@@ -18,13 +18,23 @@ def run_conversion(convert: Callable[[], None], out: str) -> int:
     return 0
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], arguments: Callable[[list[str]], list[str]] | None = None) -> list[str]:
     """absl's flag parsing for `app.run(main, flags_parser=parse_flags)`: a bad flag or
     `--config.<field>` override (an unknown field, a value of the wrong type) ends the program
-    with one line naming it and exit status 2, not a traceback."""
+    with one line naming it and exit status 2, not a traceback. Words that are not flags are
+    refused the same way, unless `arguments(words) -> words` accepts them (it raises
+    ValueError with the message otherwise): `flags_parser=functools.partial(parse_flags,
+    arguments=...)`."""
     try:
-        return flags.FLAGS(argv)
+        argv = flags.FLAGS(argv)
+        if arguments is not None:
+            return [argv[0], *arguments(argv[1:])]
+        if len(argv) > 1:
+            raise ValueError(f"unexpected argument(s) {' '.join(argv[1:])}; every option is a --flag")
+        return argv
     except flags.Error as error:
+        problem = str(error)
+    except ValueError as error:
         problem = str(error)
     except (AttributeError, KeyError) as error:  # ml_collections: a --config.<field> that does not exist
         while error.args and isinstance(error.args[0], BaseException):  # it wraps a KeyError

@@ -11,8 +11,9 @@ Mesh axes:
             used (ZeRO-3 / fully sharded data parallelism); optimizer state is sliced alike.
     tensor  attention heads, MLP hidden units and the vocabulary (Megatron-style).
 
-Parameters name their axes in PARAM_AXES (by parameter path); activations, the KV cache
-and batches name theirs where they are built. RULES maps each logical name to mesh axes.
+Every array names its logical axes where it is built: a parameter where the model creates
+it (NNX `out_sharding` metadata on the nnx.Param), activations, the KV cache and batches in
+the code that makes them. RULES maps each logical name to mesh axes.
 A dimension that its mesh axes do not divide is left whole (replicated): the vision MLP's
 3420 units over tensor=8, say. A spec that would use one mesh axis twice is refused.
 """
@@ -23,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -45,30 +47,6 @@ RULES: dict[str, tuple[str, ...] | str | None] = {
     "mlp": "tensor",
     "vocab": "tensor",
 }
-
-# Parameter path suffix -> logical axes of the (unstacked) parameter. The longest matching
-# suffix wins; stacked layers (language_model/layers, visual/blocks) get "layers" first.
-PARAM_AXES: dict[str, tuple[str | None, ...]] = {
-    "embed_tokens": ("vocab", "embed"),
-    "lm_head": ("embed", "vocab"),
-    # Text attention: q/k/v produce heads, o consumes them.
-    "q_proj/kernel": ("embed", "heads"), "q_proj/bias": ("heads",),
-    "k_proj/kernel": ("embed", "kv_heads"), "k_proj/bias": ("kv_heads",),
-    "v_proj/kernel": ("embed", "kv_heads"), "v_proj/bias": ("kv_heads",),
-    "o_proj/kernel": ("heads", "embed"),
-    # Gated MLPs (text and vision).
-    "gate_proj/kernel": ("embed", "mlp"), "gate_proj/bias": ("mlp",),
-    "up_proj/kernel": ("embed", "mlp"), "up_proj/bias": ("mlp",),
-    "down_proj/kernel": ("mlp", "embed"), "down_proj/bias": (None,),
-    # Vision attention: one fused qkv projection, heads on its output.
-    "qkv/kernel": ("embed", "heads"), "qkv/bias": ("heads",),
-    "attn/proj/kernel": ("heads", "embed"), "attn/proj/bias": (None,),
-    "patch_embed/kernel": (None, "embed"),
-    "merger/fc1/kernel": ("embed", "mlp"), "merger/fc1/bias": ("mlp",),
-    "merger/fc2/kernel": ("mlp", "embed"), "merger/fc2/bias": (None,),
-    "weight": (None,),  # every RMSNorm scale: small, replicated
-}
-STACKED = ("language_model/layers/", "visual/blocks/")
 
 
 # --- the mesh -------------------------------------------------------------------------
@@ -198,33 +176,43 @@ def constrain(x: jax.Array, *logical) -> jax.Array:
 # --- parameters and optimizer state ---------------------------------------------------
 
 
-def param_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of the parameter at `path` ('language_model/layers/mlp/up_proj/kernel')."""
-    matches = [suffix for suffix in PARAM_AXES if path == suffix or path.endswith("/" + suffix)]
-    if not matches:
-        raise KeyError(f"parameter {path}: no entry in sharding.PARAM_AXES; add its logical axes there.")
-    axes = PARAM_AXES[max(matches, key=len)]
-    if path.startswith(STACKED):
-        axes = ("layers", *axes)
+def param_axes(param, path: str = "") -> tuple[str | None, ...]:
+    """Logical axes of a parameter: the `out_sharding` metadata it was created with, e.g.
+    nnx.Param(value, out_sharding=("embed", "heads"), eager_sharding=False). `path` names it
+    in errors."""
+    name = path or "parameter"
+    axes = param.get_metadata("out_sharding", None) if isinstance(param, nnx.Variable) else None
+    if axes is None:
+        what = type(param).__name__ if isinstance(param, nnx.Variable) else f"a bare {type(param).__name__}"
+        raise ValueError(f"parameter {name}: no logical axes ({what} without out_sharding metadata); create it "
+                         "as nnx.Param(value, out_sharding=(logical axes, one per dimension), eager_sharding=False).")
+    axes = tuple(axes)  # a tuple or a PartitionSpec of logical names
+    ndim = len(param.get_value().shape)
     if len(axes) != ndim:
-        raise ValueError(f"parameter {path} has {ndim} axes but sharding.PARAM_AXES names {len(axes)}: {axes}.")
+        raise ValueError(f"parameter {name} has {ndim} axes but its out_sharding metadata names {len(axes)}: {axes}.")
     return axes
+
+
+def _path_name(path) -> str:
+    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+    return "/".join(str(k) for k in keys if k != "value")
 
 
 def tree_paths(tree) -> Any:
     """The tree with each array leaf replaced by its '/'-joined path (nnx Variable wrappers skipped)."""
-    def name(path, _):
-        keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
-        return "/".join(str(k) for k in keys if k != "value")
-    return jax.tree_util.tree_map_with_path(name, tree)
+    return jax.tree_util.tree_map_with_path(lambda path, _: _path_name(path), tree)
 
 
 def param_shardings(mesh: Mesh, params) -> Any:
-    """NamedShardings for a tree of parameters (nnx.State of arrays or ShapeDtypeStructs)."""
-    return jax.tree.map(
-        lambda path, p: named(mesh, *param_axes(path, len(p.shape)), shape=p.shape, name=path),
-        tree_paths(params), params,
-    )
+    """NamedShardings for a tree of parameters (an nnx.State of arrays or ShapeDtypeStructs, as
+    nnx.split or jax.eval_shape give it), each from the logical axes the parameter carries
+    (`param_axes`); the result has the tree's structure, metadata included."""
+    def sharding(path, param):
+        name = _path_name(path)
+        axes = param_axes(param, name)
+        return param.replace(named(mesh, *axes, shape=param.get_value().shape, name=name))
+
+    return jax.tree_util.tree_map_with_path(sharding, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def opt_state_shardings(mesh: Mesh, optimizer, opt_state, params_shardings) -> Any:
@@ -235,15 +223,6 @@ def opt_state_shardings(mesh: Mesh, optimizer, opt_state, params_shardings) -> A
     return optax.tree_utils.tree_map_params(
         optimizer, lambda _, sharding: sharding, opt_state, params_shardings,
         transform_non_params=lambda _: replicated(mesh),
-    )
-
-
-def train_state_shardings(mesh: Mesh, optimizer, state) -> Any:
-    """Shardings of a vppo.step.TrainState (arrays or ShapeDtypeStructs)."""
-    params = param_shardings(mesh, state.params)
-    return state.replace(
-        step=replicated(mesh), skipped_steps=replicated(mesh), params=params,
-        opt_state=opt_state_shardings(mesh, optimizer, state.opt_state, params),
     )
 
 

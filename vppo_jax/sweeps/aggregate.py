@@ -1,6 +1,6 @@
 """A sweep's results: one row per trial with its swept values and final metrics, and a plot.
 
-    python -m vppo_jax.sweeps.aggregate experiments/tiny_2x2.py --root=runs/sweeps [--metrics loss entropy] [--out=DIR]
+    python -m vppo_jax.sweeps.aggregate experiments/tiny_2x2.py --root=runs/sweeps [--metrics=loss,entropy] [--out=DIR]
 
 Writes OUT/results.md, OUT/results.csv (the same table) and OUT/<first metric>.png, OUT
 being ROOT/<sweep> by default; prints the markdown. A metric's value is the last one its
@@ -17,15 +17,19 @@ the other fields; for named TRIALS, one point per trial.
 """
 from __future__ import annotations
 
-import argparse
+import functools
+
 import csv
 import json
 import os
 import re
+import sys
 
+from absl import app, flags, logging
 from matplotlib.figure import Figure
 
 from vppo_jax.eval.benchmarks import EVALUATION_DIR, SUMMARY_FILE
+from vppo_jax.io.cli import parse_flags
 from vppo_jax.trainer.metrics import METRICS_FILE, read_metrics
 from vppo_jax.sweeps.trials import Sweep, finished, load_sweep
 
@@ -106,12 +110,14 @@ def plot(sweep: Sweep, rows: list[dict], metric: str, path: str) -> bool:
     return True
 
 
-def aggregate(args: argparse.Namespace) -> list[dict]:
-    sweep = load_sweep(args.sweep)
-    metrics = args.metrics or list(sweep.metrics)
-    out = args.out or os.path.join(args.root, sweep.name)
+def aggregate(sweep_file: str, root: str, metrics: list[str] | None = None, out: str | None = None) -> list[dict]:
+    """Writes and prints the table, writes the plot; returns the rows. The arguments are the
+    flags of the command (module docstring): metrics default to the sweep's METRICS, out to ROOT/<sweep>."""
+    sweep = load_sweep(sweep_file)
+    metrics = list(metrics or sweep.metrics)
+    out = out or os.path.join(root, sweep.name)
     os.makedirs(out, exist_ok=True)
-    rows = trial_rows(sweep, args.root, metrics)
+    rows = trial_rows(sweep, root, metrics)
     columns = ["trial", *swept_fields(sweep), "status", "steps", *metrics]
     table = markdown(rows, columns)
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -126,18 +132,28 @@ def aggregate(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", help="the sweep file (experiments/*.py)")
-    parser.add_argument("--root", required=True, help="the --root the sweep was launched with")
-    parser.add_argument("--metrics", nargs="+", help="columns (default: the sweep's METRICS); the first is plotted")
-    parser.add_argument("--out", help="default: ROOT/<sweep>")
-    return parser.parse_args(argv)
+FLAGS = flags.FLAGS
 
 
-def main(argv: list[str] | None = None):
-    aggregate(parse_args(argv))
+def define_flags():
+    flags.DEFINE_string("root", None, "The --root the sweep was launched with.")
+    flags.DEFINE_list("metrics", None, "Columns, comma-separated (default: the sweep's METRICS); the first is plotted.")
+    flags.DEFINE_string("out", None, "Default: ROOT/<sweep>.")
+    flags.mark_flags_as_required(["root"])
+
+
+def one_sweep_file(words: list[str]) -> list[str]:
+    """The command's one positional argument: the sweep file."""
+    if len(words) != 1:
+        raise ValueError("give one sweep file (experiments/*.py)" + (f"; got {' '.join(words)} (several metrics: --metrics=loss,entropy)" if words else ""))
+    return words
+
+
+def main(argv):
+    logging.set_verbosity(logging.WARNING)  # as before absl: INFO logs of orbax, JAX, ... stay hidden
+    aggregate(argv[1], FLAGS.root, FLAGS.metrics, FLAGS.out)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main, flags_parser=functools.partial(parse_flags, arguments=one_sweep_file))

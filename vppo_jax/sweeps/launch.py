@@ -1,7 +1,7 @@
 """Runs every trial of a sweep file, one after another: on this machine, or on a TPU pod with all its workers.
 
     python -m vppo_jax.sweeps.launch experiments/tiny_2x2.py --root=runs/sweeps [--dry_run]
-    python -m vppo_jax.sweeps.launch experiments/vppo_7b_tgf_beta.py --root=/mnt/shared/sweeps \
+    python -m vppo_jax.sweeps.launch experiments/vppo_7b_tgf_beta.py --root=/mnt/shared/sweeps \\
         --mode=tpu-pod --pod=NAME --zone=ZONE [--repo=vppo_jax] [--python=python3] [--dry_run]
 
 Trials run from the repository root (relative paths in the sweep file are relative to it),
@@ -18,13 +18,17 @@ workers' home directory, a relative ROOT to REPO). ROOT must be a directory all 
 """
 from __future__ import annotations
 
-import argparse
+import functools
+
 import os
 import shlex
 import subprocess
 import sys
 import time
 
+from absl import app, flags, logging
+
+from vppo_jax.io.cli import parse_flags
 from vppo_jax.sweeps.trials import Trial, finished, load_sweep
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,9 +40,9 @@ def local_command(trial: Trial, workdir: str) -> list[str]:
     return [sys.executable, *trial.train_args(workdir)]
 
 
-def pod_command(trial: Trial, workdir: str, args: argparse.Namespace) -> list[str]:
-    remote = f"cd {shlex.quote(args.repo)} && {shlex.join([args.python, *trial.train_args(workdir)])}"
-    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.pod, f"--zone={args.zone}", "--worker=all",
+def pod_command(trial: Trial, workdir: str, pod: str, zone: str, repo: str, python: str) -> list[str]:
+    remote = f"cd {shlex.quote(repo)} && {shlex.join([python, *trial.train_args(workdir)])}"
+    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", pod, f"--zone={zone}", "--worker=all",
             f"--command={remote}"]
 
 
@@ -56,19 +60,26 @@ def log_tail(workdir: str) -> str:
     return f"last lines of {path}:\n" + "\n".join("    " + line for line in lines)
 
 
-def launch(args: argparse.Namespace) -> int:
-    sweep = load_sweep(args.sweep)
-    local = args.mode == "local"
+def launch(sweep_file: str, root: str, mode: str = "local", pod: str | None = None, zone: str | None = None,
+           repo: str = "vppo_jax", python: str = "python3", dry_run: bool = False) -> int:
+    """Runs (or with dry_run prints) every trial not finished yet; 1 if any failed, else 0.
+    The arguments are the flags of the command (module docstring)."""
+    if mode not in ("local", "tpu-pod"):
+        raise ValueError(f"mode={mode!r}: local or tpu-pod")
+    if mode == "tpu-pod" and not (pod and zone):
+        raise ValueError("--mode=tpu-pod needs --pod and --zone")
+    sweep = load_sweep(sweep_file)
+    local = mode == "local"
     # Local trials run from the repository root: the root must not depend on where we are.
-    root = os.path.abspath(args.root) if local else args.root
+    root = os.path.abspath(root) if local else root
     failed = []
     for number, trial in enumerate(sweep.trials, 1):
         workdir = sweep.workdir(root, trial)
-        command = local_command(trial, workdir) if local else pod_command(trial, workdir, args)
+        command = local_command(trial, workdir) if local else pod_command(trial, workdir, pod, zone, repo, python)
         prefix = f"[{number}/{len(sweep.trials)}] {trial.name}:"
         if finished(workdir):
             print(f"{prefix} finished before, skipped", flush=True)
-        elif args.dry_run:
+        elif dry_run:
             print(f"cd {shlex.quote(REPO_ROOT)} && {shlex.join(command)}" if local else shlex.join(command), flush=True)
         else:
             print(f"{prefix} running in {workdir}", flush=True)
@@ -86,25 +97,35 @@ def launch(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", help="a sweep file (experiments/*.py)")
-    parser.add_argument("--root", required=True, help="directory of the sweeps' workdirs")
-    parser.add_argument("--mode", choices=["local", "tpu-pod"], default="local")
-    parser.add_argument("--pod", help="tpu-pod: the TPU VM's name")
-    parser.add_argument("--zone", help="tpu-pod: its zone")
-    parser.add_argument("--repo", default="vppo_jax", help="tpu-pod: the repository's directory on the workers")
-    parser.add_argument("--python", default="python3", help="tpu-pod: the workers' Python with vppo_jax installed")
-    parser.add_argument("--dry_run", action="store_true", help="print each trial's command instead of running it")
-    args = parser.parse_args(argv)
-    if args.mode == "tpu-pod" and not (args.pod and args.zone):
-        parser.error("--mode=tpu-pod needs --pod and --zone")
-    return args
+FLAGS = flags.FLAGS
 
 
-def main(argv: list[str] | None = None) -> int:
-    return launch(parse_args(argv))
+def define_flags():
+    flags.DEFINE_string("root", None, "Directory of the sweeps' workdirs.")
+    flags.DEFINE_enum("mode", "local", ["local", "tpu-pod"], "Where the trials run.")
+    flags.DEFINE_string("pod", None, "tpu-pod: the TPU VM's name.")
+    flags.DEFINE_string("zone", None, "tpu-pod: its zone.")
+    flags.DEFINE_string("repo", "vppo_jax", "tpu-pod: the repository's directory on the workers.")
+    flags.DEFINE_string("python", "python3", "tpu-pod: the workers' Python with vppo_jax installed.")
+    flags.DEFINE_bool("dry_run", False, "Print each trial's command instead of running it.")
+    flags.mark_flags_as_required(["root"])
+    flags.register_multi_flags_validator(["mode", "pod", "zone"],
+                                         lambda f: f["mode"] != "tpu-pod" or bool(f["pod"] and f["zone"]),
+                                         message="--mode=tpu-pod needs --pod and --zone")
+
+
+def one_sweep_file(words: list[str]) -> list[str]:
+    """The command's one positional argument: the sweep file."""
+    if len(words) != 1:
+        raise ValueError("give one sweep file (experiments/*.py)" + (f"; got {' '.join(words)}" if words else ""))
+    return words
+
+
+def main(argv):
+    logging.set_verbosity(logging.WARNING)  # as before absl: INFO logs of orbax, JAX, ... stay hidden
+    return launch(argv[1], FLAGS.root, FLAGS.mode, FLAGS.pod, FLAGS.zone, FLAGS.repo, FLAGS.python, FLAGS.dry_run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    define_flags()
+    app.run(main, flags_parser=functools.partial(parse_flags, arguments=one_sweep_file))

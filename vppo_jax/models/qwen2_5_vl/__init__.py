@@ -9,9 +9,10 @@ from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, Visi
 from vppo_jax.models.qwen2_5_vl.hf_io import from_pretrained, save_pretrained
 from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, VisionInputs, prepare_inputs, rope_index
 from vppo_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration, abstract_model, init_model
+from vppo_jax.models.qwen2_5_vl.presets import PRESETS, preset
 
 __all__ = [
     "Qwen2_5_VLConfig", "TextConfig", "VisionConfig", "Qwen2_5_VLForConditionalGeneration", "ModelInputs",
     "VisionInputs", "abstract_model", "from_pretrained", "init_model", "prepare_inputs", "rope_index",
-    "save_pretrained",
+    "save_pretrained", "PRESETS", "preset",
 ]

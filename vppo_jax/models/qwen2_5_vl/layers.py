@@ -2,6 +2,11 @@
 
 Numerics follow transformers' Qwen2.5-VL: RMSNorm in fp32 cast back before the weight,
 attention scores softmaxed in fp32, masks applied in fp32.
+
+Every parameter names its logical axes where it is created (`param`), as NNX sharding
+metadata; `vppo_jax.parallel.sharding.param_shardings` maps them to the mesh. The logical
+names are those of sharding.RULES: "embed" (the model dimension), "heads", "kv_heads",
+"mlp", "vocab", "layers" (added by `stacked`), None (never split).
 """
 from __future__ import annotations
 
@@ -15,17 +20,40 @@ from vppo_jax.parallel.sharding import constrain
 
 ACTIVATIONS: dict[str, Callable] = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
+Axes = tuple[str | None, ...]
+LAYERS_AXIS = "layers"  # the logical axis `stacked` puts in front of each stacked parameter
+
+
+def param(value, axes: Axes) -> nnx.Param:
+    """A parameter whose dimensions have the logical `axes` (NNX `out_sharding` metadata).
+
+    Not sharded when created (eager_sharding=False): the names are logical, and the mesh
+    placement is sharding.param_shardings' business. The metadata lives in the pytree's
+    static part, so it survives jit, donation, eval_shape and orbax restores into the tree.
+    """
+    axes = tuple(axes)
+    if len(axes) != len(value.shape):
+        raise ValueError(f"a parameter of shape {tuple(value.shape)} needs {len(value.shape)} logical axes, "
+                         f"got {axes}.")
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
 
 def normal_init(stddev: float = 0.02):
     return nnx.initializers.normal(stddev)
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel + bias, kernel stored (in, out) (the transpose of torch's Linear)."""
+    """y = x @ kernel + bias, kernel stored (in, out) (the transpose of torch's Linear).
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, param_dtype, dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(normal_init()(rngs.params(), (in_features, out_features), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+    `axes`: the kernel's logical axes (in, out); the bias is split like the output unless
+    `bias_axes` says otherwise (a bias over the model dimension stays whole: (None,)).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool, param_dtype, dtype,
+                 rngs: nnx.Rngs, bias_axes: Axes | None = None):
+        self.kernel = param(normal_init()(rngs.params(), (in_features, out_features), param_dtype), axes)
+        bias_axes = (axes[-1],) if bias_axes is None else bias_axes
+        self.bias = param(jnp.zeros((out_features,), param_dtype), bias_axes) if use_bias else None
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -41,7 +69,7 @@ class RMSNorm(nnx.Module):
     what a bf16 model computes, and the activations stay bf16."""
 
     def __init__(self, size: int, *, eps: float, param_dtype):
-        self.weight = nnx.Param(jnp.ones((size,), param_dtype))
+        self.weight = param(jnp.ones((size,), param_dtype), (None,))  # small: whole on every device
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -55,9 +83,10 @@ class GatedMLP(nnx.Module):
 
     def __init__(self, hidden: int, intermediate: int, *, act: str, use_bias: bool, param_dtype, dtype, rngs):
         linear = dict(use_bias=use_bias, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.gate_proj = Linear(hidden, intermediate, **linear)
-        self.up_proj = Linear(hidden, intermediate, **linear)
-        self.down_proj = Linear(intermediate, hidden, **linear)
+        # Hidden units over "mlp" (Megatron: gate/up split on their output, down on its input).
+        self.gate_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), **linear)
+        self.up_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), **linear)
+        self.down_proj = Linear(intermediate, hidden, axes=("mlp", "embed"), bias_axes=(None,), **linear)
         self.act = ACTIVATIONS[act]
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -105,14 +134,20 @@ def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
-    """`count` copies of a layer with parameters stacked on a leading axis, for lax.scan."""
+    """`count` copies of a layer with parameters stacked on a leading axis, for lax.scan; each
+    parameter's logical axes get "layers" in front."""
 
     @nnx.split_rngs(splits=count)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
     def make(layer_rngs):
         return make_layer(layer_rngs)
 
     return make(rngs)
+
+
+def _one_layer(params):
+    """Parameters sliced from stacked ones, with "layers" taken out of their logical axes."""
+    return nnx.spmd.remove_axis(params, 0, {nnx.PARTITION_NAME: LAYERS_AXIS})
 
 
 def scan_layers(layers: nnx.Module, carry, per_layer_inputs, body: Callable):
@@ -130,7 +165,7 @@ def scan_layers_with_outputs(layers: nnx.Module, carry, per_layer_inputs, body: 
 
     def step(carry, xs):
         layer_params, per_layer = xs
-        return body(nnx.merge(graphdef, layer_params), carry, per_layer)
+        return body(nnx.merge(graphdef, _one_layer(layer_params)), carry, per_layer)
 
     return jax.lax.scan(step, carry, (params, per_layer_inputs))
 
@@ -138,4 +173,4 @@ def scan_layers_with_outputs(layers: nnx.Module, carry, per_layer_inputs, body: 
 def unstacked(layers: nnx.Module, count: int) -> list[nnx.Module]:
     """The `count` stacked layers as separate modules, for code that runs them one by one."""
     graphdef, params = nnx.split(layers)
-    return [nnx.merge(graphdef, jax.tree.map(lambda p: p[i], params)) for i in range(count)]
+    return [nnx.merge(graphdef, _one_layer(jax.tree.map(lambda p: p[i], params))) for i in range(count)]

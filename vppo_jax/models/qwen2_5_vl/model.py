@@ -9,7 +9,7 @@ from flax import nnx
 
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, prepare_inputs
-from vppo_jax.models.qwen2_5_vl.layers import normal_init
+from vppo_jax.models.qwen2_5_vl.layers import normal_init, param
 from vppo_jax.models.qwen2_5_vl.text import DecoderLayer, KVCache, TextModel
 from vppo_jax.models.qwen2_5_vl.vision import VisionTower
 
@@ -23,7 +23,8 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else nnx.Param(normal_init()(rngs.params(), (t.hidden_size, t.vocab_size), config.jnp_param_dtype))
+            else param(normal_init()(rngs.params(), (t.hidden_size, t.vocab_size), config.jnp_param_dtype),
+                       ("embed", "vocab"))
         )
 
     def unembedding(self) -> jax.Array:

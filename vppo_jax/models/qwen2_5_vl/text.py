@@ -18,6 +18,7 @@ from vppo_jax.models.qwen2_5_vl.layers import (
     attention,
     masked_softmax,
     normal_init,
+    param,
     scan_layers,
     scan_layers_with_outputs,
     stacked,
@@ -75,10 +76,12 @@ class TextAttention(nnx.Module):
     def __init__(self, config: Qwen2_5_VLConfig, rngs: nnx.Rngs):
         t = config.text
         linear = dict(param_dtype=config.jnp_param_dtype, dtype=config.jnp_dtype, rngs=rngs)
-        self.q_proj = Linear(t.hidden_size, t.num_attention_heads * t.head_dim, use_bias=True, **linear)
-        self.k_proj = Linear(t.hidden_size, t.num_key_value_heads * t.head_dim, use_bias=True, **linear)
-        self.v_proj = Linear(t.hidden_size, t.num_key_value_heads * t.head_dim, use_bias=True, **linear)
-        self.o_proj = Linear(t.num_attention_heads * t.head_dim, t.hidden_size, use_bias=False, **linear)
+        # q/k/v produce heads (Megatron: split on their output), o consumes them.
+        heads, kv_heads = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+        self.q_proj = Linear(t.hidden_size, heads, axes=("embed", "heads"), use_bias=True, **linear)
+        self.k_proj = Linear(t.hidden_size, kv_heads, axes=("embed", "kv_heads"), use_bias=True, **linear)
+        self.v_proj = Linear(t.hidden_size, kv_heads, axes=("embed", "kv_heads"), use_bias=True, **linear)
+        self.o_proj = Linear(heads, t.hidden_size, axes=("heads", "embed"), use_bias=False, **linear)
         self.head_dim = t.head_dim
 
     def __call__(self, x, cos, sin, mask, cache=None, index=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -129,7 +132,8 @@ class TextModel(nnx.Module):
     def __init__(self, config: Qwen2_5_VLConfig, rngs: nnx.Rngs):
         t = config.text
         self.config = config
-        self.embed_tokens = nnx.Param(normal_init()(rngs.params(), (t.vocab_size, t.hidden_size), config.jnp_param_dtype))
+        self.embed_tokens = param(normal_init()(rngs.params(), (t.vocab_size, t.hidden_size), config.jnp_param_dtype),
+                                  ("vocab", "embed"))
         self.layers = stacked(lambda r: DecoderLayer(config, r), t.num_hidden_layers, rngs)
         self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, param_dtype=config.jnp_param_dtype)
 

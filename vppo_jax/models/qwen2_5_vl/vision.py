@@ -33,8 +33,9 @@ class VisionAttention(nnx.Module):
     def __init__(self, config: Qwen2_5_VLConfig, rngs: nnx.Rngs):
         vcfg = config.vision
         linear = dict(use_bias=True, param_dtype=config.jnp_param_dtype, dtype=config.jnp_dtype, rngs=rngs)
-        self.qkv = Linear(vcfg.hidden_size, 3 * vcfg.hidden_size, **linear)
-        self.proj = Linear(vcfg.hidden_size, vcfg.hidden_size, **linear)
+        # One fused projection to q, k and v: heads on its output; proj consumes the heads.
+        self.qkv = Linear(vcfg.hidden_size, 3 * vcfg.hidden_size, axes=("embed", "heads"), **linear)
+        self.proj = Linear(vcfg.hidden_size, vcfg.hidden_size, axes=("heads", "embed"), bias_axes=(None,), **linear)
         self.num_heads = vcfg.num_heads
         self.window_slots = vcfg.window_units**2 * vcfg.merge_unit
 
@@ -95,8 +96,9 @@ class PatchMerger(nnx.Module):
         vcfg, pdt, dt = config.vision, config.jnp_param_dtype, config.jnp_dtype
         merged = vcfg.hidden_size * vcfg.merge_unit
         self.ln_q = RMSNorm(vcfg.hidden_size, eps=VISION_NORM_EPS, param_dtype=pdt)
-        self.fc1 = Linear(merged, merged, use_bias=True, param_dtype=pdt, dtype=dt, rngs=rngs)
-        self.fc2 = Linear(merged, vcfg.out_hidden_size, use_bias=True, param_dtype=pdt, dtype=dt, rngs=rngs)
+        linear = dict(use_bias=True, param_dtype=pdt, dtype=dt, rngs=rngs)
+        self.fc1 = Linear(merged, merged, axes=("embed", "mlp"), **linear)
+        self.fc2 = Linear(merged, vcfg.out_hidden_size, axes=("mlp", "embed"), bias_axes=(None,), **linear)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.ln_q(x).reshape(x.shape[0] // 4, -1)
@@ -109,7 +111,7 @@ class VisionTower(nnx.Module):
         self.config = config
         # Conv3d with kernel == stride over a flattened patch is a matmul with the flattened kernel.
         self.patch_embed = Linear(
-            vcfg.patch_dim, vcfg.hidden_size, use_bias=False,
+            vcfg.patch_dim, vcfg.hidden_size, axes=(None, "embed"), use_bias=False,
             param_dtype=config.jnp_param_dtype, dtype=config.jnp_dtype, rngs=rngs,
         )
         self.blocks = stacked(lambda r: VisionBlock(config, r), vcfg.depth, rngs)
