@@ -8,6 +8,7 @@ Target: <= 1.25 in each direction (a 7B checkpoint, 15 GB in bf16, then converts
 
     python benchmarks/convert_memory.py [--workdir=/tmp/convert_memory] [--layers=18]
 """
+
 import json
 import os
 import shutil
@@ -19,16 +20,15 @@ import time
 import ml_dtypes
 import numpy as np
 from absl import app, flags, logging
-
 from flax import nnx
 
+from vppo_jax.io.cli import parse_flags
+from vppo_jax.io.safetensors_files import write_sharded
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vppo_jax.models.qwen2_5_vl.hf_io import config_to_hf_dict
 from vppo_jax.models.qwen2_5_vl.model import abstract_model
 from vppo_jax.models.qwen2_5_vl.presets import preset
 from vppo_jax.models.qwen2_5_vl.weights import weight_table
-from vppo_jax.io.cli import parse_flags
-from vppo_jax.io.safetensors_files import write_sharded
 
 TARGET = 1.25
 
@@ -41,11 +41,13 @@ def write_random_checkpoint(config: Qwen2_5_VLConfig, directory: str) -> int:
     """Writes legacy-named bf16 safetensors (5 GB shards like the hub) and config.json."""
     os.makedirs(directory)
     shapes = dict(nnx.to_flat_state(nnx.state(abstract_model(config))))
-    specs, entries = [], {}
+    specs = []
     for entry in weight_table(config):
         ours = shapes[entry.path].get_value().shape
         for name in entry.hf_names():
-            specs.append((name, entry.transform.hf_shape(ours[1:] if entry.layers else ours), np.dtype(ml_dtypes.bfloat16)))
+            specs.append(
+                (name, entry.transform.hf_shape(ours[1:] if entry.layers else ours), np.dtype(ml_dtypes.bfloat16))
+            )
     shape_of = {name: shape for name, shape, _ in specs}
     rng = np.random.default_rng(0)
 
@@ -94,17 +96,25 @@ def main(argv):
         print(f"python + jax runtime alone: {runtime / 1e9:.2f} GB peak RSS")
         scripts = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts")
         directions = {
-            "HF -> JAX": [os.path.join(scripts, "convert_hf_to_jax.py"), f"--hf_dir={source}",
-                          f"--out={os.path.join(workdir, 'jax')}"],
-            "JAX -> HF": [os.path.join(scripts, "convert_jax_to_hf.py"), f"--checkpoint={os.path.join(workdir, 'jax')}",
-                          f"--out={os.path.join(workdir, 'hf_export')}"],
+            "HF -> JAX": [
+                os.path.join(scripts, "convert_hf_to_jax.py"),
+                f"--hf_dir={source}",
+                f"--out={os.path.join(workdir, 'jax')}",
+            ],
+            "JAX -> HF": [
+                os.path.join(scripts, "convert_jax_to_hf.py"),
+                f"--checkpoint={os.path.join(workdir, 'jax')}",
+                f"--out={os.path.join(workdir, 'hf_export')}",
+            ],
         }
         for label, command in directions.items():
             peak, seconds = peak_rss_of([sys.executable, *command])
             ratio = peak / size
             verdict = "meets" if ratio <= TARGET else "misses"
-            print(f"{label}: peak RSS {peak / 1e9:.2f} GB = {ratio:.2f} x checkpoint ({verdict} target <= {TARGET}), "
-                  f"{seconds:.0f} s")
+            print(
+                f"{label}: peak RSS {peak / 1e9:.2f} GB = {ratio:.2f} x checkpoint ({verdict} target <= {TARGET}), "
+                f"{seconds:.0f} s"
+            )
     finally:
         if not FLAGS.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

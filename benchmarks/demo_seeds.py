@@ -13,6 +13,7 @@ variant and method the mean gain with a 95% interval of the mean (Student's t), 
 smallest and largest gain, and whether any run collapsed (starved steps or a final accuracy
 at or below the warm start).
 """
+
 import json
 import os
 import shutil
@@ -33,8 +34,14 @@ T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 
 def run_demo(workdir: str, seed: int, variant: str):
     if os.path.exists(os.path.join(workdir, "report", "report.json")):
         return
-    command = [sys.executable, "-m", "vppo_jax.demo", "--config=configs/tiny.py", f"--workdir={workdir}",
-               f"--config.train.seed={seed}"]
+    command = [
+        sys.executable,
+        "-m",
+        "vppo_jax.demo",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.train.seed={seed}",
+    ]
     if variant == "onecore":
         if not shutil.which("taskset"):
             raise SystemExit("the onecore variant needs taskset (util-linux)")
@@ -47,8 +54,10 @@ def run_demo(workdir: str, seed: int, variant: str):
 def result(workdir: str, method: str) -> dict:
     run = os.path.join(workdir, method)
     lines = read_metrics(os.path.join(run, METRICS_FILE))
-    return {"final": accuracy_curve(run, METRIC)[-1][1],
-            "starved": sum(1 for line in lines if line.get("rollout/starved_streak"))}
+    return {
+        "final": accuracy_curve(run, METRIC)[-1][1],
+        "starved": sum(1 for line in lines if line.get("rollout/starved_streak")),
+    }
 
 
 FLAGS = flags.FLAGS
@@ -59,10 +68,16 @@ def define_flags():
     flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Training seeds, comma-separated.")
     flags.DEFINE_list("variants", list(VARIANTS), "Comma-separated: native and/or onecore (pinned to one core).")
     flags.DEFINE_string("root", "runs/seeds", "Directory of the runs.")
-    flags.register_validator("seeds", lambda seeds: bool(seeds) and all(s.isdigit() for s in seeds),
-                             message="seeds are integers >= 0, comma-separated: --seeds=0,1,2")
-    flags.register_validator("variants", lambda variants: bool(variants) and set(variants) <= set(VARIANTS),
-                             message="variants are native or onecore, comma-separated: --variants=native,onecore")
+    flags.register_validator(
+        "seeds",
+        lambda seeds: bool(seeds) and all(s.isdigit() for s in seeds),
+        message="seeds are integers >= 0, comma-separated: --seeds=0,1,2",
+    )
+    flags.register_validator(
+        "variants",
+        lambda variants: bool(variants) and set(variants) <= set(VARIANTS),
+        message="variants are native or onecore, comma-separated: --variants=native,onecore",
+    )
 
 
 def main(argv):
@@ -89,8 +104,10 @@ def main(argv):
         points = 100 * np.array([g for g, _ in values])
         half = T_975.get(len(points), 1.96) * points.std(ddof=1) / np.sqrt(len(points)) if len(points) > 1 else 0
         collapsed = sum(1 for g, starved in values if starved or g <= 0)
-        print(f"| {variant} | {method} | {len(points)} | {points.mean():+.1f} ({points.mean() - half:+.1f} to "
-              f"{points.mean() + half:+.1f}) | {points.min():+.1f} | {points.max():+.1f} | {collapsed} |")
+        print(
+            f"| {variant} | {method} | {len(points)} | {points.mean():+.1f} ({points.mean() - half:+.1f} to "
+            f"{points.mean() + half:+.1f}) | {points.min():+.1f} | {points.max():+.1f} | {collapsed} |"
+        )
 
 
 if __name__ == "__main__":

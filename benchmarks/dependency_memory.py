@@ -10,7 +10,6 @@ loss's log-probs), whose backward pass recomputes each chunk's logits.
 
 Run from the repository root: python -m benchmarks.dependency_memory [--chunk-size N]
 """
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +67,7 @@ def main(argv):
     chunk_size = FLAGS["chunk-size"].value
     print(f"B={BATCH} T={LENGTH} D={HIDDEN} V={VOCAB}, fp32, backend {jax.default_backend()}")
     ratio = report("exact kl token dependency (forward)", exact_kl_temp_bytes, chunk_size)
-    report("token_logprobs_and_entropy (gradient w.r.t. h and W)", logprob_grad_temp_bytes,
-           chunk_size)
+    report("token_logprobs_and_entropy (gradient w.r.t. h and W)", logprob_grad_temp_bytes, chunk_size)
     verdict = "meets" if ratio >= TARGET_RATIO else "is BELOW"
     print(f"exact kl {verdict} the {TARGET_RATIO:.0f}x target ({ratio:.2f}x)")
 

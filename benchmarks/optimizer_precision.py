@@ -8,6 +8,7 @@ into bf16 weights, what this project did before the precision modes (no longer o
 
     python -m benchmarks.optimizer_precision
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +48,9 @@ def main():
         "fp32 master (model.param_dtype=float32)": (make_optimizer(LR, param_dtype="float32"), jnp.float32),
         "bf16 + Kahan (model.param_dtype=bfloat16)": (make_optimizer(LR, param_dtype="bfloat16"), jnp.bfloat16),
         "plain bf16 (optax.adamw into bf16, not offered)": (
-            optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(LR, weight_decay=0.01)), jnp.bfloat16),
+            optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(LR, weight_decay=0.01)),
+            jnp.bfloat16,
+        ),
     }
     print(f"{WEIGHTS} weights N(0, 0.02), {STEPS} steps at lr {LR}")
     print("| mode | gradients | weights that ever moved | total movement vs fp32 AdamW |\n|---|---|---|---|")
@@ -55,8 +58,10 @@ def main():
         reference, _ = run(modes["fp32 master (model.param_dtype=float32)"][0], weights, grads, jnp.float32)
         for mode, (optimizer, dtype) in modes.items():
             moved, ever = run(optimizer, weights, grads, dtype)
-            print(f"| {mode} | {setting} | {100 * ever.mean():.1f}% | "
-                  f"{np.abs(moved).sum() / np.abs(reference).sum():.3f}x |")
+            print(
+                f"| {mode} | {setting} | {100 * ever.mean():.1f}% | "
+                f"{np.abs(moved).sum() / np.abs(reference).sum():.3f}x |"
+            )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ processor's bicubic resize to multiples of 28, so the tiles drift off the ViT gr
     python -m vppo_jax.demo --config=configs/tiny.py --workdir=runs/tiny     # the policy (once)
     python -m benchmarks.perturbation_geometry --run=runs/tiny/vppo
 """
+
 import dataclasses
-import sys
 
 import jax
 import numpy as np
@@ -25,19 +25,18 @@ from absl import app, flags, logging
 from flax import nnx
 from PIL import Image
 
-from vppo_jax.trainer import config as config_lib
-from vppo_jax.trainer.config import default_config
-from vppo_jax.demo import synthetic
 from vppo_jax.data.images import open_image
+from vppo_jax.demo import synthetic
+from vppo_jax.demo.report import top_share
 from vppo_jax.eval.benchmarks import load_run
 from vppo_jax.io.cli import parse_flags
-from vppo_jax.rollout.policy import prompt_builder
 from vppo_jax.models.qwen2_5_vl.image_processor import CLIP_MEAN, CLIP_STD, ImageProcessor, fit_pixel_budget
-from vppo_jax.demo.report import top_share
-from vppo_jax.rollout.rewards import RewardPool
 from vppo_jax.rollout.groups import sample_and_grade, update_arrays
-from vppo_jax.vppo import shaping
-from vppo_jax.vppo import programs
+from vppo_jax.rollout.policy import prompt_builder
+from vppo_jax.rollout.rewards import RewardPool
+from vppo_jax.trainer import config as config_lib
+from vppo_jax.trainer.config import default_config
+from vppo_jax.vppo import programs, shaping
 from vppo_jax.vppo.batch import build_train_batch
 from vppo_jax.vppo.pixel_blackening import blacken_tiles, perturbed_pixel_values
 
@@ -58,14 +57,19 @@ def geometry(images: int, seed: int) -> dict[str, float]:
     mean, full, untouched = [], [], []
     for _ in range(images):
         width, height = rng.integers(300, 1500, 2)
-        white = fit_pixel_budget(Image.new("RGB", (int(width), int(height)), (255, 255, 255)),
-                                 recipe.min_pixels, recipe.max_pixels)
+        white = fit_pixel_budget(
+            Image.new("RGB", (int(width), int(height)), (255, 255, 255)), recipe.min_pixels, recipe.max_pixels
+        )
         pixels, _ = processor(Image.fromarray(blacken_tiles(np.asarray(white), rng)))
         m, f, u = patch_darkness(pixels)
         mean.append(m), full.append(f), untouched.append(u)
     mean, full, untouched = map(np.concatenate, (mean, full, untouched))
-    return {"fully black": full.mean(), "partly black": (~full & ~untouched).mean(),
-            "25-75% black": ((mean >= 0.25) & (mean <= 0.75)).mean(), "mean darkness": mean.mean()}
+    return {
+        "fully black": full.mean(),
+        "partly black": (~full & ~untouched).mean(),
+        "25-75% black": ((mean >= 0.25) & (mean <= 0.75)).mean(),
+        "mean darkness": mean.mean(),
+    }
 
 
 def dependency(run: str, prompts_count: int, draws: int, seed: int) -> dict[str, dict[str, float]]:
@@ -88,16 +92,24 @@ def dependency(run: str, prompts_count: int, draws: int, seed: int) -> dict[str,
         for draw in range(draws):
             perturbed = None
             if name == "blacken_pixels":
-                perturbed = perturbed_pixel_values(groups.prompts, groups.group_size, builder.image_processor,
-                                                   np.array([seed, draw]))
-            batch = build_train_batch(policy.model.config, arrays["input_ids"], arrays["attention_mask"],
-                                      arrays["response_tokens"], np.zeros(len(groups.texts), np.float32),
-                                      arrays["pixel_values"], arrays["image_grid_thw"],
-                                      perturbed_pixel_values=perturbed)
+                perturbed = perturbed_pixel_values(
+                    groups.prompts, groups.group_size, builder.image_processor, np.array([seed, draw])
+                )
+            batch = build_train_batch(
+                policy.model.config,
+                arrays["input_ids"],
+                arrays["attention_mask"],
+                arrays["response_tokens"],
+                np.zeros(len(groups.texts), np.float32),
+                arrays["pixel_values"],
+                arrays["image_grid_thw"],
+                perturbed_pixel_values=perturbed,
+            )
             scores[name].append(np.asarray(score(params, batch, jax.random.key(draw)).dependency[0]))
         mask = np.asarray(batch.response_mask[0])
-    selected = {name: [np.asarray(shaping.top_fraction_mask(s, mask, 0.4)) > 0 for s in scores[name]]
-                for name in GEOMETRIES}
+    selected = {
+        name: [np.asarray(shaping.top_fraction_mask(s, mask, 0.4)) > 0 for s in scores[name]] for name in GEOMETRIES
+    }
     overlap = lambda a, b: float((a & b).sum() / a.sum())
     summary = {}
     for name in GEOMETRIES:
@@ -105,15 +117,21 @@ def dependency(run: str, prompts_count: int, draws: int, seed: int) -> dict[str,
         trajectories = [(s * mask).sum(1) / np.maximum(mask.sum(1), 1) for s in scores[name]]
         other = GEOMETRIES[1 - GEOMETRIES.index(name)]
         summary[name] = {
-            "median S_t": float(np.median(values)), "top-20% share": top_share(values),
+            "median S_t": float(np.median(values)),
+            "top-20% share": top_share(values),
             "mean trajectory S": float(np.mean(trajectories)),
-            "TGF overlap, other mask same geometry": np.mean([overlap(selected[name][d], selected[name][d - 1])
-                                                              for d in range(1, draws)]),
-            "TGF overlap with the other geometry": np.mean([overlap(selected[name][d], selected[other][d])
-                                                            for d in range(draws)]),
+            "TGF overlap, other mask same geometry": np.mean(
+                [overlap(selected[name][d], selected[name][d - 1]) for d in range(1, draws)]
+            ),
+            "TGF overlap with the other geometry": np.mean(
+                [overlap(selected[name][d], selected[other][d]) for d in range(draws)]
+            ),
         }
-    summary["responses"] = {"count": len(groups.texts), "tokens": int(mask.sum()),
-                            "accuracy": float(groups.rewards.mean())}
+    summary["responses"] = {
+        "count": len(groups.texts),
+        "tokens": int(mask.sum()),
+        "accuracy": float(groups.rewards.mean()),
+    }
     return summary
 
 
@@ -131,8 +149,10 @@ def define_flags():
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # as before absl: INFO logs of orbax, JAX, ... stay hidden
-    print("geometry of blacken_pixels on ViRL39K-like images (300-1500 px) under the 7B recipe's budget "
-          "(blacken: 50% fully black, 0% partly, by construction):")
+    print(
+        "geometry of blacken_pixels on ViRL39K-like images (300-1500 px) under the 7B recipe's budget "
+        "(blacken: 50% fully black, 0% partly, by construction):"
+    )
     for name, value in geometry(FLAGS.images, FLAGS.seed).items():
         print(f"  {name}: {100 * value:.1f}%")
     summary = dependency(FLAGS.run, FLAGS.prompts, FLAGS.draws, FLAGS.seed)

@@ -20,6 +20,7 @@ Timings are medians of interleaved repeats, after warm-up.
 
 Run from the repository root: python -m benchmarks.rollout [--repeats 5] [--devices N]
 """
+
 import os
 import sys
 
@@ -49,21 +50,32 @@ from jax.sharding import Mesh  # noqa: E402
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 sys.path.insert(0, "tests")
-from hf_reference import processor_batch, text_ids  # noqa: E402
-
-from vppo_jax.rollout import sampling  # noqa: E402
 from vppo_jax.models import qwen2_5_vl  # noqa: E402
 from vppo_jax.models.qwen2_5_vl.hf_io import config_to_hf_dict  # noqa: E402
+from vppo_jax.rollout import sampling  # noqa: E402
+
+from hf_reference import processor_batch, text_ids  # noqa: E402
 
 PROMPTS, NEW_TOKENS = 32, 128
 SIZE = qwen2_5_vl.preset("small")  # the model described above; its vision tokens are hf_reference's
-HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = (getattr(SIZE.text, name) for name in (
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size"))
+HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = (
+    getattr(SIZE.text, name)
+    for name in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+    )
+)
 TARGET_RATIO, TARGET_FLOOR_FRACTION = 3.0, 0.5
 HEAD_DIM = HIDDEN // HEADS
 # Weights one token meets, every one a matrix with HIDDEN rows: q/k/v, o, gate/up/down, lm_head.
-STEP_WEIGHTS = LAYERS * (HIDDEN * (HEADS + 2 * KV_HEADS) * HEAD_DIM + HEADS * HEAD_DIM * HIDDEN
-                         + 3 * HIDDEN * INTERMEDIATE) + HIDDEN * VOCAB
+STEP_WEIGHTS = (
+    LAYERS * (HIDDEN * (HEADS + 2 * KV_HEADS) * HEAD_DIM + HEADS * HEAD_DIM * HIDDEN + 3 * HIDDEN * INTERMEDIATE)
+    + HIDDEN * VOCAB
+)
 
 
 def hf_model() -> Qwen2_5_VLForConditionalGeneration:
@@ -116,8 +128,13 @@ def main(argv):
     def theirs():
         with torch.no_grad():
             return reference.generate(
-                **torch_batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                **torch_batch,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
             )
 
     def decode_only():
@@ -139,17 +156,24 @@ def main(argv):
     ours_time, theirs_time, decode_time = (statistics.median(t) for t in (ours_times, theirs_times, decode_times))
     achieved = decode_flops(batch["attention_mask"].sum(axis=1)) / decode_time
     ratio, fraction = theirs_time / ours_time, achieved / floor
-    print(f"{PROMPTS} prompts x {NEW_TOKENS} new tokens, fp32, {jax.device_count()} CPU device(s), "
-          f"{torch.get_num_threads()} torch threads; medians of {_REPEATS.value}")
+    print(
+        f"{PROMPTS} prompts x {NEW_TOKENS} new tokens, fp32, {jax.device_count()} CPU device(s), "
+        f"{torch.get_num_threads()} torch threads; medians of {_REPEATS.value}"
+    )
     print(f"  transformers generate: {tokens / theirs_time:8.0f} tokens/s  ({theirs_time * 1e3:.0f} ms per rollout)")
     print(f"  ours:                  {tokens / ours_time:8.0f} tokens/s  ({ours_time * 1e3:.0f} ms per rollout)")
     print(f"  our compile time:      {first_call - ours_time:8.1f} s (first call minus a compiled call)")
     print(f"  ratio: {ratio:.2f}x  (target >= {TARGET_RATIO:.0f}x)")
     print(f"  our decode loop: {decode_time / (NEW_TOKENS - 1) * 1e3:.2f} ms per step, {achieved / 1e9:.1f} GFLOP/s")
-    print(f"  plain jitted ({PROMPTS} x {HIDDEN}) @ ({HIDDEN} x {STEP_WEIGHTS // HIDDEN}) matmul, one step's work: "
-          f"{floor / 1e9:.1f} GFLOP/s, {2 * PROMPTS * STEP_WEIGHTS / floor * 1e3:.2f} ms")
+    print(
+        f"  plain jitted ({PROMPTS} x {HIDDEN}) @ ({HIDDEN} x {STEP_WEIGHTS // HIDDEN}) matmul, one step's work: "
+        f"{floor / 1e9:.1f} GFLOP/s, {2 * PROMPTS * STEP_WEIGHTS / floor * 1e3:.2f} ms"
+    )
     print(f"  decode loop / matmul floor: {fraction:.0%}  (target >= {TARGET_FLOOR_FRACTION:.0%})")
-    print(f"  (for scale: a 1024^3 matmul runs at {peak / 1e9:.1f} GFLOP/s; the decode loop is {achieved / peak:.0%} of it)")
+    print(
+        f"  (for scale: a 1024^3 matmul runs at {peak / 1e9:.1f} GFLOP/s; "
+        f"the decode loop is {achieved / peak:.0%} of it)"
+    )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ of forward + backward).
 
     python benchmarks/step.py [--rows=16] [--response=192] [--repeats=5]
 """
+
 import statistics
-import sys
 import time
 
 import jax
@@ -16,8 +16,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from vppo_jax.io.cli import parse_flags
-from vppo_jax.parallel import sharding
 from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, init_model, preset
+from vppo_jax.parallel import sharding
 from vppo_jax.trainer.optimizer import make_optimizer
 from vppo_jax.vppo import programs
 from vppo_jax.vppo import step as step_lib
@@ -30,8 +30,9 @@ IMAGE_TOKEN = 4000
 def small_config() -> Qwen2_5_VLConfig:
     """The rollout benchmark's model ("small": text hidden 256 x 4 layers, vocab 4096, vision depth 2),
     its vision tokens above the random text's ids."""
-    return preset("small", image_token_id=IMAGE_TOKEN, video_token_id=4001, vision_start_token_id=4002,
-                  vision_end_token_id=4003)
+    return preset(
+        "small", image_token_id=IMAGE_TOKEN, video_token_id=4001, vision_start_token_id=4002, vision_end_token_id=4003
+    )
 
 
 def rollout_batch(config: Qwen2_5_VLConfig, rows: int, response: int, group: int):
@@ -41,11 +42,15 @@ def rollout_batch(config: Qwen2_5_VLConfig, rows: int, response: int, group: int
     prompt = [*rng.integers(0, 3000, 20), 4002, *[IMAGE_TOKEN] * image_tokens, 4003, *rng.integers(0, 3000, 30)]
     input_ids = np.array([prompt + list(rng.integers(0, 3000, response)) for _ in range(rows)])
     response_tokens = np.zeros_like(input_ids, bool)
-    response_tokens[:, len(prompt):] = True
+    response_tokens[:, len(prompt) :] = True
     rewards = rng.integers(0, 2, rows).astype(np.float32).reshape(-1, group)
-    advantages = ((rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, ddof=1, keepdims=True) + 1e-6))
+    advantages = (rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, ddof=1, keepdims=True) + 1e-6)
     return build_train_batch(
-        config, input_ids, np.ones_like(input_ids), response_tokens, advantages.reshape(-1),
+        config,
+        input_ids,
+        np.ones_like(input_ids),
+        response_tokens,
+        advantages.reshape(-1),
         rng.standard_normal((rows * patches, config.vision.patch_dim)).astype(np.float32),
         np.array([[1, 8, 8]] * rows),
     )
@@ -92,8 +97,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # as before absl: INFO logs of orbax, JAX, ... stay hidden
     model_config = small_config()
     batch = rollout_batch(model_config, FLAGS.rows, FLAGS.response, FLAGS.group)
-    print(f"batch: {FLAGS.rows} rows x {batch.targets.shape[-1]} tokens ({FLAGS.response} response), "
-          f"one 112x112 image each; {jax.devices()[0].platform}")
+    print(
+        f"batch: {FLAGS.rows} rows x {batch.targets.shape[-1]} tokens ({FLAGS.response} response), "
+        f"one 112x112 image each; {jax.devices()[0].platform}"
+    )
     steps = {name: compiled_step(name == "VPPO", model_config, batch, FLAGS.group) for name in ("GRPO", "VPPO")}
     medians = interleaved_medians(steps, batch, FLAGS.repeats)
     for name, seconds in medians.items():

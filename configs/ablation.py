@@ -7,6 +7,7 @@ entropy_k0.2 [56.0], entropy_k0.4 [55.7], random_k0.4 [54.8], soft_mask [56.2],
 static_0.8_1.2, static_0.9_1.1, noise, blur is not in-step (see README), gray, jsd [56.9],
 top1_drop [50.3], group5 [56.5], group12 [57.4], group16 [57.7]. Append ",runlocal" to shrink.
 """
+
 from configs import grpo_7b, vppo_7b
 from vppo_jax.trainer.config import parse_arg
 
@@ -40,6 +41,5 @@ def get_config(arg: str = ""):
     elif name in ABLATIONS:
         config.algo.update(ABLATIONS[name])
     else:
-        raise ValueError(f"Unknown ablation {name!r}; choose one of "
-                         f"{['vppo_on_grpo', *ABLATIONS, *GROUP_SIZES]}.")
+        raise ValueError(f"Unknown ablation {name!r}; choose one of {['vppo_on_grpo', *ABLATIONS, *GROUP_SIZES]}.")
     return config

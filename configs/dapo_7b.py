@@ -3,6 +3,7 @@
 Same clip-higher, dual-clip, entropy penalty and dynamic sampling; no perturbed forward.
     python -m vppo_jax.train --config=configs/dapo_7b.py --workdir=runs/dapo_7b --config.model.path=...
 """
+
 from configs import vppo_7b
 
 

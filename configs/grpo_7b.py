@@ -1,7 +1,8 @@
 """GRPO baseline on Qwen2.5-VL-7B (paper: 53.1 avg@8): symmetric clipping, no dynamic sampling.
 
-    python -m vppo_jax.train --config=configs/grpo_7b.py --workdir=runs/grpo_7b --config.model.path=...
+python -m vppo_jax.train --config=configs/grpo_7b.py --workdir=runs/grpo_7b --config.model.path=...
 """
+
 from configs import vppo_7b
 
 

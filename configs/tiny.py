@@ -13,6 +13,7 @@ steps) left validation accuracy flat and 5e-4 (60 steps, 8 x 8) gained about 6 p
 every weight). With the noisy teacher, lr 1e-3 after 10 warmup steps and 8 x 8 samples
 gains 18 points in 80 steps.
 """
+
 import ml_collections
 
 from vppo_jax.trainer.config import default_config, parse_arg
@@ -22,9 +23,17 @@ def get_config(arg: str = ""):
     config = default_config()
     config.model.path = ""
     config.model.dtype = "float32"
-    config.synthetic = ml_collections.ConfigDict(dict(
-        train=2000, val=128, seed=0, teacher_noise=0.35, warm_start_steps=200, warm_start_batch=32, warm_start_lr=3e-3,
-    ))
+    config.synthetic = ml_collections.ConfigDict(
+        dict(
+            train=2000,
+            val=128,
+            seed=0,
+            teacher_noise=0.35,
+            warm_start_steps=200,
+            warm_start_batch=32,
+            warm_start_lr=3e-3,
+        )
+    )
     # python -m vppo_jax.demo: the methods compared (same budget each) and how many validation
     # problems the report's dependency figures sample responses for.
     config.demo = ml_collections.ConfigDict(dict(methods=("vppo", "grpo"), report_prompts=32))

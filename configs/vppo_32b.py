@@ -3,6 +3,7 @@
     python -m vppo_jax.train --config=configs/vppo_32b.py --workdir=runs/vppo_32b \
         --config.model.path=ckpt/qwen32b --config.data.train_files="('virl39k.parquet',)"
 """
+
 from configs import vppo_7b
 from vppo_jax.trainer.config import parse_arg
 

@@ -9,6 +9,7 @@ computed in bf16 on fp32 master weights (`model.param_dtype="bfloat16"` halves t
 with Kahan-compensated AdamW). Hardware: the reference used 8 GPUs (15.5 h for DAPO, 17.0 h
 for VPPO). Shrink the same recipe to a CPU smoke run with `--config=configs/vppo_7b.py:runlocal`.
 """
+
 from vppo_jax.trainer.config import default_config, parse_arg
 
 

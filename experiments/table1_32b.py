@@ -5,6 +5,7 @@
 
 Then evaluate and aggregate as experiments/table1_7b.py.
 """
+
 CONFIG = "configs/vppo_32b.py"
 FIXED = {"model.path": "ckpt/qwen32b", "data.train_files": ("data/virl39k.parquet",)}
 TRIALS = {

@@ -9,6 +9,7 @@ Evaluate each trial on the eight benchmarks (README, "Experiments"); the aggrega
 tabulates their avg@8 next to each other. Paths are relative to the repository root on the
 workers: edit them to where the model and data are.
 """
+
 CONFIG = "configs/vppo_7b.py"
 FIXED = {"model.path": "ckpt/qwen7b", "data.train_files": ("data/virl39k.parquet",)}
 TRIALS = {

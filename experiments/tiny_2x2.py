@@ -7,6 +7,7 @@
 Every trial starts from the warm-started tiny model and the synthetic task that the
 embedded default wrote into runs/tiny/embedded (without them, each trial would make its own).
 """
+
 CONFIG = "configs/tiny.py"
 FIXED = {
     "model.path": "runs/tiny/embedded/warm_start",

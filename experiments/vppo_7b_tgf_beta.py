@@ -7,6 +7,7 @@
 The paper's choice is tgf_k=0.4, beta_min=0.9 (57.5 avg@8). Paths are relative to the
 repository root on the workers: edit them to where the model and data are.
 """
+
 CONFIG = "configs/vppo_7b.py"
 FIXED = {
     "model.path": "ckpt/qwen7b",  # scripts/convert_hf_to_jax.py of Qwen2.5-VL-7B-Instruct

@@ -5,13 +5,12 @@
 Tensors stream one at a time from the safetensors files, so a 7B checkpoint (15 GB in
 bf16) converts on a 24 GiB machine. The output appears only when complete.
 """
-import sys
 
 from absl import app, flags, logging
 
+from vppo_jax.io.cli import parse_flags, run_conversion
 from vppo_jax.models.qwen2_5_vl.checkpoint import save_params
 from vppo_jax.models.qwen2_5_vl.hf_io import open_hf_params
-from vppo_jax.io.cli import parse_flags, run_conversion
 
 FLAGS = flags.FLAGS
 
@@ -25,6 +24,7 @@ def define_flags():
 
 def convert(hf_dir: str, out: str, dtype: str | None = None) -> int:
     """The conversion; bad input is one error line and exit status 1 (vppo_jax.io.cli.run_conversion)."""
+
     def work():
         config, params = open_hf_params(hf_dir, dtype)
         save_params(config, params, out)

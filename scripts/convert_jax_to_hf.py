@@ -7,7 +7,6 @@ config.json, legacy-named safetensors (sharded with an index above --max_shard_g
 tokenizer and processor files of the original directory, in --dtype (default: the dtype the
 checkpoint holds). It appears only when complete.
 """
-import sys
 
 from absl import app, flags, logging
 
@@ -29,6 +28,7 @@ def define_flags():
 
 def convert(checkpoint: str, out: str, max_shard_gb: float = 5.0, dtype: str | None = None) -> int:
     """The conversion; bad input is one error line and exit status 1 (vppo_jax.io.cli.run_conversion)."""
+
     def work():
         config, shapes, load = open_params(checkpoint, dtype)
         write_hf_directory(config, shapes, load, out, int(max_shard_gb * 1024**3))

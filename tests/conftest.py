@@ -1,5 +1,6 @@
 """Shared test setup: fp32 matmuls on CPU, eight fake devices for sharding tests, and the tiny
 task and model that the trainer, multi-host and sweep tests run on."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -14,6 +15,20 @@ import pytest  # noqa: E402
 
 from vppo_jax.demo import synthetic  # noqa: E402
 from vppo_jax.demo.tiny_model import write_tiny_model  # noqa: E402
+
+from hf_reference import load_port, tiny_hf_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """transformers' tiny random Qwen2.5-VL (tests/hf_reference.py), the reference of the port tests."""
+    return tiny_hf_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def port(hf_model, tmp_path_factory):
+    """Our port of `hf_model`, loaded from its saved HF directory."""
+    return load_port(hf_model, tmp_path_factory.mktemp("port"))
 
 
 @pytest.fixture(scope="session")

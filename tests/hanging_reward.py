@@ -1,4 +1,5 @@
 """A reward that never returns, for the trainer's grader-timeout test (imported by workers)."""
+
 import time
 
 from vppo_jax.rollout.rewards import register

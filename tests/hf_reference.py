@@ -1,10 +1,13 @@
 """The independent reference: tiny random transformers Qwen2.5-VL models and processor inputs."""
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+from vppo_jax.models import qwen2_5_vl
 
 VOCAB = 1024
 IMAGE_TOKEN, VISION_START, VISION_END = 1000, 1001, 1002
@@ -14,18 +17,36 @@ PAD = 0
 def tiny_hf_config(tied: bool = False, fullatt=(1,), depth: int = 2, vocab: int = VOCAB) -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=1024,
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=1024,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-            bos_token_id=1, eos_token_id=2, pad_token_id=PAD,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=PAD,
         ),
         vision_config=dict(
-            depth=depth, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-            patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
+            depth=depth,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+            window_size=112,
             fullatt_block_indexes=list(fullatt),
         ),
-        image_token_id=IMAGE_TOKEN, video_token_id=1003, vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END, tie_word_embeddings=tied,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=1003,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        tie_word_embeddings=tied,
     )
 
 
@@ -40,9 +61,17 @@ def tiny_hf_model(seed: int = 0, dtype=torch.float32, **config_kwargs) -> Qwen2_
     return model.to(dtype)
 
 
-def random_image(height: int, width: int, seed: int) -> Image.Image:
+def random_image(height: int, width: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """Random pixels (drawn as RGBA, so every mode gets the same draw) in `mode`."""
     rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8), "RGBA")
+    return image.convert(mode)
+
+
+def load_port(hf_model, directory, **kwargs):
+    """Our model loaded from `hf_model` saved in `directory`/hf (kwargs: from_pretrained's)."""
+    hf_model.save_pretrained(directory / "hf")
+    return qwen2_5_vl.from_pretrained(str(directory / "hf"), **kwargs)
 
 
 def processor_batch(samples: list[tuple[list[int], list[tuple[int, int]]]], seed: int = 0) -> dict:
@@ -66,8 +95,8 @@ def processor_batch(samples: list[tuple[list[int], list[tuple[int, int]]]], seed
     input_ids = np.full((len(rows), length), PAD, np.int64)
     attention_mask = np.zeros((len(rows), length), np.int64)
     for b, r in enumerate(rows):
-        input_ids[b, length - len(r):] = r
-        attention_mask[b, length - len(r):] = 1
+        input_ids[b, length - len(r) :] = r
+        attention_mask[b, length - len(r) :] = 1
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

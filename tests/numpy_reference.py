@@ -1,4 +1,5 @@
 """NumPy versions of the paper's formulas that several tests compare against."""
+
 import numpy as np
 
 

@@ -1,4 +1,5 @@
 """The collapse guard's counting, against hand-worked sequences of live-group counts."""
+
 import pytest
 
 from vppo_jax.trainer.collapse_guard import CollapseError, CollapseGuard

@@ -1,4 +1,5 @@
 """HF <-> JAX conversion: bit-exact round trips, transformers loading our exports, clear errors."""
+
 import json
 import os
 
@@ -7,10 +8,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from hf_reference import hf_logits, processor_batch, text_ids, tiny_hf_model
 from scripts import convert_hf_to_jax, convert_jax_to_hf
-from vppo_jax.models import qwen2_5_vl
 from vppo_jax.io.safetensors_files import CheckpointError
+from vppo_jax.models import qwen2_5_vl
+
+from hf_reference import hf_logits, processor_batch, text_ids, tiny_hf_model
 
 BATCH = processor_batch([(text_ids(7, 0), [(56, 84)]), (text_ids(12, 1), [(112, 140)])])
 ASSETS = {"tokenizer_config.json": '{"model_max_length": 128}', "preprocessor_config.json": '{"min_pixels": 3136}'}
@@ -93,8 +95,13 @@ def test_transformers5_tensor_names_are_accepted(tmp_path):
     source_model, source = hf_directory(tmp_path)
     tensors = load_file(source / "model.safetensors")
     renamed = {
-        ("model.language_model." + k[len("model."):] if k.startswith("model.") else
-         "model." + k if k.startswith("visual.") else k): v
+        (
+            "model.language_model." + k[len("model.") :]
+            if k.startswith("model.")
+            else "model." + k
+            if k.startswith("visual.")
+            else k
+        ): v
         for k, v in tensors.items()
     }
     save_file(renamed, source / "model.safetensors", metadata={"format": "pt"})

@@ -1,4 +1,5 @@
 """The grain pipeline: file formats, bad rows as counted skips, per-epoch shuffles, checkpoint resume, shards."""
+
 import io
 import json
 import logging
@@ -8,10 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_processing import random_image, tiny_builder
 
 from vppo_jax import data
 from vppo_jax.data import rows as rows_module
+
+from hf_reference import random_image
+from test_processing import tiny_builder
 
 NUM_ROWS = 12
 
@@ -31,11 +34,13 @@ def examples(n=NUM_ROWS):
 
 
 def write_parquet(path, rows, image_column):
-    table = pa.table({
-        "problem": [p for p, _, _ in rows],
-        "answer": [a for _, a, _ in rows],
-        "images": [[image_column(image, i)] for i, (_, _, image) in enumerate(rows)],
-    })
+    table = pa.table(
+        {
+            "problem": [p for p, _, _ in rows],
+            "answer": [a for _, a, _ in rows],
+            "images": [[image_column(image, i)] for i, (_, _, image) in enumerate(rows)],
+        }
+    )
     pq.write_table(table, path, row_group_size=5)  # several row groups, one partial
     return str(path)
 
@@ -93,8 +98,11 @@ def test_files_are_concatenated_and_columns_renamed(tmp_path, builder):
     jsonl = tmp_path / "more.jsonl"
     jsonl.write_text(json.dumps({"question": "Why?", "solution": 5, "pictures": []}) + "\n")
     prompts = read_all(
-        [str(tmp_path / "renamed.parquet"), str(jsonl)], builder,
-        problem_key="question", answer_key="solution", images_key="pictures",
+        [str(tmp_path / "renamed.parquet"), str(jsonl)],
+        builder,
+        problem_key="question",
+        answer_key="solution",
+        images_key="pictures",
     )
     assert [(p.index, p.answer, p.skipped) for p in prompts] == [(0, "4", False), (1, "5", False)]
 
@@ -120,8 +128,18 @@ def test_bad_rows_are_skipped_with_their_reason(tmp_path, builder, caplog):
     prompts = read_all([str(path), str(jsonl)], tiny_builder(max_prompt_length=1000))
     reasons = [p.skip_reason for p in prompts]
     assert reasons == [
-        None, "bad_image", "bad_image", "bad_image", "missing_field", "missing_field", "empty_problem", "too_long",
-        "image_mismatch", "bad_row", "missing_field", "bad_row",
+        None,
+        "bad_image",
+        "bad_image",
+        "bad_image",
+        "missing_field",
+        "missing_field",
+        "empty_problem",
+        "too_long",
+        "image_mismatch",
+        "bad_row",
+        "missing_field",
+        "bad_row",
     ]
     assert all(p.prompt_ids is None and p.pixel_values is None for p in prompts[1:])
 
@@ -195,8 +213,11 @@ def test_iterator_resumes_exactly_where_it_stopped(parquet_file, builder):
 
 def test_shards_are_disjoint_and_cover_the_data(parquet_file, builder):
     shards = [
-        indices(data.prompt_dataset([parquet_file], builder, seed=0, num_epochs=1, process_index=k, process_count=2),
-                0, NUM_ROWS // 2)
+        indices(
+            data.prompt_dataset([parquet_file], builder, seed=0, num_epochs=1, process_index=k, process_count=2),
+            0,
+            NUM_ROWS // 2,
+        )
         for k in range(2)
     ]
     assert set(shards[0]).isdisjoint(shards[1])

@@ -1,4 +1,5 @@
 """The embedded default end to end, as the README's first command runs it: RL must visibly learn."""
+
 import json
 import os
 import subprocess
@@ -23,8 +24,14 @@ def test_vppo_learns_without_collapse_on_the_default_seed(tmp_path):
     table): warm start, 80 RL steps, report. Asserted: what held over seeds and machines, not
     one trajectory."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as the README runs it
-    command = [sys.executable, "-m", "vppo_jax.demo", "--config=configs/tiny.py", f"--workdir={tmp_path}",
-               "--config.demo.methods=('vppo',)"]
+    command = [
+        sys.executable,
+        "-m",
+        "vppo_jax.demo",
+        "--config=configs/tiny.py",
+        f"--workdir={tmp_path}",
+        "--config.demo.methods=('vppo',)",
+    ]
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stderr[-3000:]  # a collapse would have stopped it (the collapse guard)
     with open(tmp_path / "embedded" / "warm_start_eval.json") as f:

@@ -1,5 +1,6 @@
 """python -m vppo_jax.eval: avg@k and pass@k recomputed from its per-problem results, the same
 responses from every kind of checkpoint of the same weights, clear errors for other paths."""
+
 import json
 import os
 
@@ -7,17 +8,18 @@ import jax
 import numpy as np
 import pytest
 
-from hash_reward import one_in_six
 from scripts import convert_hf_to_jax
+from vppo_jax.demo import synthetic
+from vppo_jax.demo.tiny_model import write_tiny_model
 from vppo_jax.eval import benchmarks as evaluate
 from vppo_jax.eval.__main__ import benchmark_files
-from vppo_jax.trainer.config import default_config, learning_rate
-from vppo_jax.demo import synthetic
-from vppo_jax.trainer.optimizer import make_optimizer
 from vppo_jax.rollout.policy import load_policy
 from vppo_jax.trainer.checkpoints import RunCheckpoints, claim_workdir
-from vppo_jax.demo.tiny_model import write_tiny_model
+from vppo_jax.trainer.config import default_config, learning_rate
+from vppo_jax.trainer.optimizer import make_optimizer
 from vppo_jax.vppo.batch import init_state
+
+from hash_reward import one_in_six
 
 K = 4
 PROBLEMS = 4
@@ -54,10 +56,20 @@ def assets(tmp_path_factory):
 def run_evaluate(checkpoint: str, out, benchmarks: list[str], **extra) -> dict:
     """The CLI's evaluation in this process (the sampler compiles once for all calls); returns
     summary.json. out=None leaves --out to its default."""
-    evaluate.evaluate(evaluate.EvalOptions(
-        checkpoint=checkpoint, data=benchmarks, k=K, max_new_tokens=4, reward=REWARD, problem_key="question",
-        answer_key="solution", images_key="pictures", out=str(out) if out else None, **extra,
-    ))
+    evaluate.evaluate(
+        evaluate.EvalOptions(
+            checkpoint=checkpoint,
+            data=benchmarks,
+            k=K,
+            max_new_tokens=4,
+            reward=REWARD,
+            problem_key="question",
+            answer_key="solution",
+            images_key="pictures",
+            out=str(out) if out else None,
+            **extra,
+        )
+    )
     with open(os.path.join(out or os.path.join(checkpoint, evaluate.EVALUATION_DIR), evaluate.SUMMARY_FILE)) as f:
         return json.load(f)
 

@@ -1,13 +1,12 @@
 """Two processes on localhost (jax.distributed, gloo collectives, 2 fake CPU devices each)
 train the tiny config for two steps and match one process with the same 4 devices."""
+
 import json
 import math
 import os
 import socket
 import subprocess
 import sys
-
-import pytest
 
 from vppo_jax.trainer.metrics import read_metrics
 
@@ -17,16 +16,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def write_config(directory, files: dict) -> str:
     model = files["model"]
     path = directory / "config.py"
-    path.write_text("\n".join([
-        "from configs import tiny",
-        "def get_config(arg=''):",
-        "    c = tiny.get_config('test')",
-        f"    c.model.path, c.data.train_files, c.data.val_files = {model!r}, ({files['train']!r},), ({files['val']!r},)",
-        "    c.train.steps, c.checkpoint.every_steps, c.eval.every_steps = 2, 1, 2",
-        "    c.algo.online_filter = False  # a random policy scores 0: keep every group so the loss is not empty",
-        "    c.mesh.data = -1  # all devices: 4 in both runs",
-        "    return c",
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                "from configs import tiny",
+                "def get_config(arg=''):",
+                "    c = tiny.get_config('test')",
+                f"    c.model.path = {model!r}",
+                f"    c.data.train_files, c.data.val_files = ({files['train']!r},), ({files['val']!r},)",
+                "    c.train.steps, c.checkpoint.every_steps, c.eval.every_steps = 2, 1, 2",
+                "    c.algo.online_filter = False  # a random policy scores 0: keep every group (else no loss)",
+                "    c.mesh.data = -1  # all devices: 4 in both runs",
+                "    return c",
+            ]
+        )
+        + "\n"
+    )
     return str(path)
 
 
@@ -52,8 +57,17 @@ def test_two_processes_match_one(tmp_path, tiny_task):
     port = free_port()
     # Both runs at once (the two processes of the second mostly wait on each other).
     single = launch(config, tmp_path / "single", 4)
-    workers = [launch(config, tmp_path / "multi", 2, f"--coordinator_address=localhost:{port}",
-                      "--num_processes=2", f"--process_id={i}") for i in range(2)]
+    workers = [
+        launch(
+            config,
+            tmp_path / "multi",
+            2,
+            f"--coordinator_address=localhost:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+        )
+        for i in range(2)
+    ]
     for process in [*workers, single]:
         finish(process)
 

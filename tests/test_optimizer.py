@@ -1,6 +1,7 @@
 """The optimizer's precision modes against AdamW in float64 NumPy (written from optax's docs:
 decoupled weight decay, bias-corrected moments, eps outside the square root), at the paper's
 learning rate on the parameters of a bf16-compute Qwen2.5-VL."""
+
 import dataclasses
 
 import jax
@@ -10,11 +11,10 @@ import optax
 import pytest
 from flax import nnx
 
+from vppo_jax.demo.tiny_model import tiny_config, train_tokenizer
 from vppo_jax.models.qwen2_5_vl import init_model
 from vppo_jax.models.qwen2_5_vl.inputs import prepare_inputs
 from vppo_jax.trainer.optimizer import make_optimizer
-from vppo_jax.demo.tiny_model import tiny_config
-from vppo_jax.demo.tiny_model import train_tokenizer
 
 LR, B1, B2, EPS, WEIGHT_DECAY, STEPS = 1e-6, 0.9, 0.999, 1e-8, 0.01, 60
 

@@ -1,4 +1,5 @@
 """The planner on the tiny config: per-device figures against sizes computed here, the verdict, bad meshes."""
+
 import json
 import math
 import os
@@ -9,8 +10,8 @@ import jax
 from flax import nnx
 
 from vppo_jax.models.qwen2_5_vl import abstract_model
-from vppo_jax.plan import model_config
 from vppo_jax.parallel.sharding import tree_paths
+from vppo_jax.plan import model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,8 +19,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_plan(*flags: str) -> subprocess.CompletedProcess:
     # The planner makes its own fake devices: the test process's XLA_FLAGS must not leak in.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.run([sys.executable, "-m", "vppo_jax.plan", "--config=configs/tiny.py", *flags], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "vppo_jax.plan", "--config=configs/tiny.py", *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_tiny_plan_on_four_devices(tmp_path):
@@ -31,8 +38,10 @@ def test_tiny_plan_on_four_devices(tmp_path):
     # some biases stay whole. So a quarter of the matrices plus at most all the vectors.
     state = nnx.split(abstract_model(model_config("tiny", "", "float32")), nnx.Param)[1]
     stacked = lambda path: path.startswith(("language_model/layers/", "visual/blocks/"))
-    sizes = [(math.prod(p.shape) * 4, p.ndim - stacked(path))
-             for path, p in zip(jax.tree.leaves(tree_paths(state)), jax.tree.leaves(state))]
+    sizes = [
+        (math.prod(p.shape) * 4, p.ndim - stacked(path))
+        for path, p in zip(jax.tree.leaves(tree_paths(state)), jax.tree.leaves(state))
+    ]
     matrices = sum(size for size, ndim in sizes if ndim == 2)
     vectors = sum(size for size, ndim in sizes if ndim == 1)
     assert matrices / 4 <= plan["params"] <= matrices / 4 + vectors
@@ -49,8 +58,9 @@ def test_tiny_plan_on_four_devices(tmp_path):
     assert phases["update step"]["aliased"] >= plan["params"] + plan["opt_state"]
     for phase in phases.values():
         assert phase["temporaries"] > 0 and phase["compile_s"] > 0
-        assert phase["total"] == (phase["arguments"] + phase["outputs"] - phase["aliased"] + phase["temporaries"]
-                                  + phase["resident"])
+        assert phase["total"] == (
+            phase["arguments"] + phase["outputs"] - phase["aliased"] + phase["temporaries"] + phase["resident"]
+        )
 
     assert not plan["fits"] and plan["peak"] > 0.1 * 2**30
     assert "verdict: does NOT fit in 0.1 GiB per device" in out.stdout and "to fit:" in out.stdout
@@ -65,8 +75,10 @@ def test_the_state_of_each_precision_mode_matches_its_hand_count():
     from vppo_jax.parallel import sharding
     from vppo_jax.plan import plan
 
-    elements = sum(math.prod(p.shape) for p in jax.tree.leaves(
-        nnx.split(abstract_model(model_config("tiny", "", "float32")), nnx.Param)[1]))
+    elements = sum(
+        math.prod(p.shape)
+        for p in jax.tree.leaves(nnx.split(abstract_model(model_config("tiny", "", "float32")), nnx.Param)[1])
+    )
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
     plans = {}
     for param_dtype in ("float32", "bfloat16"):

@@ -1,10 +1,11 @@
-"""The image processor and prompt builder against transformers' Qwen2-VL image processor and the chat template written by hand."""
+"""The image processor and the prompt builder, against transformers' Qwen2-VL image processor
+and the chat template written by hand."""
+
 import json
 
 import numpy as np
 import pytest
 import tokenizers
-from PIL import Image
 from tokenizers import decoders, models, pre_tokenizers
 from transformers import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
@@ -12,9 +13,16 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from vppo_jax.data import prompts
 from vppo_jax.models.qwen2_5_vl import image_processor
 
+from hf_reference import random_image
+
 QWEN_SPECIALS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 INSTRUCTION = (
     "You first think through the reasoning process as an internal monologue, enclosed within <think> </think> "
@@ -33,22 +41,20 @@ def tiny_tokenizer(specials=QWEN_SPECIALS) -> tokenizers.Tokenizer:
     return tokenizer
 
 
-def tiny_builder(tokenizer=None, max_prompt_length=4096, template=prompts.PROMPT_TEMPLATES["reference"],
-                 **budget) -> prompts.PromptBuilder:
+def tiny_builder(
+    tokenizer=None, max_prompt_length=4096, template=prompts.PROMPT_TEMPLATES["reference"], **budget
+) -> prompts.PromptBuilder:
     tokenizer = tokenizer or tiny_tokenizer()
     return prompts.PromptBuilder(
-        tokenizer, image_processor.ImageProcessor(),
+        tokenizer,
+        image_processor.ImageProcessor(),
         image_token_id=tokenizer.token_to_id("<|image_pad|>"),
         vision_start_token_id=tokenizer.token_to_id("<|vision_start|>"),
         vision_end_token_id=tokenizer.token_to_id("<|vision_end|>"),
-        max_prompt_length=max_prompt_length, template=template, **(budget or BUDGET),
+        max_prompt_length=max_prompt_length,
+        template=template,
+        **(budget or BUDGET),
     )
-
-
-def random_image(height, width, seed=0, mode="RGB") -> Image.Image:
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8), "RGBA")
-    return image.convert(mode)
 
 
 def hf_process(image, min_pixels, max_pixels):
@@ -102,12 +108,21 @@ def test_image_processor_converts_modes_like_transformers(mode):
 
 def test_image_processor_reads_preprocessor_config_like_transformers(tmp_path):
     # min_pixels/max_pixels override `size`, as in the released files that carry both.
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 28 * 28 * 2, "max_pixels": 28 * 28 * 30,
-        "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}, "patch_size": 14,
-        "temporal_patch_size": 2, "merge_size": 2,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-    }))
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "Qwen2VLImageProcessor",
+                "min_pixels": 28 * 28 * 2,
+                "max_pixels": 28 * 28 * 30,
+                "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
+                "patch_size": 14,
+                "temporal_patch_size": 2,
+                "merge_size": 2,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+            }
+        )
+    )
     ours = image_processor.ImageProcessor.from_pretrained(str(tmp_path))
     assert (ours.min_pixels, ours.max_pixels) == (28 * 28 * 2, 28 * 28 * 30)
     image = random_image(500, 300, seed=5)
@@ -201,12 +216,15 @@ def test_text_only_prompt_has_empty_image_arrays():
     assert prompt.pixel_values.shape == (0, 1176) and prompt.image_grid_thw.shape == (0, 3)
 
 
-@pytest.mark.parametrize("problem, images, reason", [
-    ("   \n", 1, "empty_problem"),
-    ("<image> and <image>", 1, "image_mismatch"),
-    ("a literal <|image_pad|> in the text", 1, "image_mismatch"),
-    ("x" * 500, 1, "too_long"),
-])
+@pytest.mark.parametrize(
+    "problem, images, reason",
+    [
+        ("   \n", 1, "empty_problem"),
+        ("<image> and <image>", 1, "image_mismatch"),
+        ("a literal <|image_pad|> in the text", 1, "image_mismatch"),
+        ("x" * 500, 1, "too_long"),
+    ],
+)
 def test_bad_examples_are_skipped(problem, images, reason):
     prompt = tiny_builder(max_prompt_length=400)(3, problem, "a", [random_image(28, 28)] * images)
     assert prompt.skip_reason == reason and prompt.prompt_ids is None and prompt.pixel_values is None
@@ -223,9 +241,12 @@ def test_vision_ids_must_agree_with_the_tokenizer():
     tokenizer = tiny_tokenizer()
     with pytest.raises(ValueError, match="image_token_id is 151655 but the tokenizer numbers that token 261"):
         prompts.PromptBuilder(
-            tokenizer, image_processor.ImageProcessor(), image_token_id=151655,
+            tokenizer,
+            image_processor.ImageProcessor(),
+            image_token_id=151655,
             vision_start_token_id=tokenizer.token_to_id("<|vision_start|>"),
-            vision_end_token_id=tokenizer.token_to_id("<|vision_end|>"), max_prompt_length=10,
+            vision_end_token_id=tokenizer.token_to_id("<|vision_end|>"),
+            max_prompt_length=10,
         )
     with pytest.raises(ValueError, match=r"does not know <\|im_start\|> as one special token"):
         prompts.special_tokens(tiny_tokenizer([s for s in QWEN_SPECIALS if s != "<|im_start|>"]))

@@ -1,12 +1,14 @@
 """The Flax port against transformers' Qwen2.5-VL on tiny random models (fp32 and bf16)."""
+
 import jax
 import numpy as np
 import pytest
 import torch
 
-from hf_reference import hf_logits, processor_batch, text_ids, tiny_hf_config, tiny_hf_model
 from vppo_jax.models import qwen2_5_vl
 from vppo_jax.models.qwen2_5_vl.inputs import prepare_inputs
+
+from hf_reference import hf_logits, load_port, processor_batch, text_ids, tiny_hf_config, tiny_hf_model
 
 # (text ids, image sizes in pixels) per sequence.
 ONE_IMAGE = [(text_ids(10, 1), [(56, 84)])]
@@ -20,26 +22,11 @@ BATCH_OF_THREE = [
 UNEVEN_WINDOWS = [(text_ids(6, 6), [(252, 364)])]
 
 
-def load_port(hf_model, tmp_path, **kwargs):
-    hf_model.save_pretrained(tmp_path / "hf")
-    return qwen2_5_vl.from_pretrained(str(tmp_path / "hf"), **kwargs)
-
-
 def max_abs_error_on_real_tokens(hf_model, model, batch):
     reference = hf_logits(hf_model, batch)
     ours = np.asarray(model(**batch), np.float32)
     real = batch["attention_mask"].astype(bool)
     return np.abs(reference - ours)[real].max()
-
-
-@pytest.fixture(scope="module")
-def hf_model():
-    return tiny_hf_model(seed=0)
-
-
-@pytest.fixture(scope="module")
-def port(hf_model, tmp_path_factory):
-    return load_port(hf_model, tmp_path_factory.mktemp("port"))
 
 
 @pytest.mark.parametrize(
@@ -85,10 +72,14 @@ def test_full_attention_reads_only_its_frames_windows(hf_model, port):
     inputs = prepare_inputs(port.config, **batch)
     assert inputs.vision.frame_windows == 4 and inputs.vision.slot_valid.size // 64 == 4
     with torch.no_grad():
-        reference = torch.cat(hf_model.model.get_image_features(
-            torch.from_numpy(batch["pixel_values"]), torch.from_numpy(batch["image_grid_thw"])
-        ).pooler_output).numpy()
-    ours = np.asarray(port.visual(inputs.vision))[inputs.image_token_slot[batch["input_ids"] == port.config.image_token_id]]
+        reference = torch.cat(
+            hf_model.model.get_image_features(
+                torch.from_numpy(batch["pixel_values"]), torch.from_numpy(batch["image_grid_thw"])
+            ).pooler_output
+        ).numpy()
+    ours = np.asarray(port.visual(inputs.vision))[
+        inputs.image_token_slot[batch["input_ids"] == port.config.image_token_id]
+    ]
     assert np.abs(ours - reference).max() <= 1e-5
 
 
@@ -155,14 +146,23 @@ def test_the_test_preset_is_the_reference_models_architecture(tied):
 def test_presets_refuse_unknown_names_and_missing_tokenizer_ids():
     with pytest.raises(ValueError, match=r"unknown model preset '13b'; the presets are \['32b', '7b'"):
         qwen2_5_vl.preset("13b")
-    with pytest.raises(ValueError, match=r"preset 'tiny' .* from its tokenizer: pass text=dict\(vocab_size=...\), "
-                                         r"special_tokens="):
+    with pytest.raises(
+        ValueError,
+        match=r"preset 'tiny' .* from its tokenizer: pass text=dict\(vocab_size=...\), "
+        r"special_tokens=",
+    ):
         qwen2_5_vl.preset("tiny")
     with pytest.raises(ValueError, match=r"special_tokens lacks \['<\|video_pad\|>'\]"):
-        qwen2_5_vl.preset("tiny", text=dict(vocab_size=64), special_tokens={
-            "<|image_pad|>": 5, "<|vision_start|>": 3, "<|vision_end|>": 4})
+        qwen2_5_vl.preset(
+            "tiny",
+            text=dict(vocab_size=64),
+            special_tokens={"<|image_pad|>": 5, "<|vision_start|>": 3, "<|vision_end|>": 4},
+        )
     with pytest.raises(ValueError, match="preset 'test': .*num_layers"):
         qwen2_5_vl.preset("test", text=dict(num_layers=3))
-    config = qwen2_5_vl.preset("tiny", text=dict(vocab_size=64), special_tokens={
-        "<|image_pad|>": 5, "<|video_pad|>": 6, "<|vision_start|>": 3, "<|vision_end|>": 4})
+    config = qwen2_5_vl.preset(
+        "tiny",
+        text=dict(vocab_size=64),
+        special_tokens={"<|image_pad|>": 5, "<|video_pad|>": 6, "<|vision_start|>": 3, "<|vision_end|>": 4},
+    )
     assert (config.text.vocab_size, config.image_token_id, config.vision_end_token_id) == (64, 5, 4)

@@ -1,4 +1,5 @@
 """The demo report: its numbers from hand-computed cases, its files readable."""
+
 import io
 import json
 import re
@@ -22,9 +23,14 @@ def test_write_report(tmp_path):
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     samples = [
-        DependencySample(problem="How many <red> circles are there?", answer="2", image_png=buffer.getvalue(),
-                         tokens=["<think>", " I", " count", " 2", "</think>", " \\boxed{2}"],
-                         dependency=rng.exponential(0.1, 6), reward=float(i % 2))
+        DependencySample(
+            problem="How many <red> circles are there?",
+            answer="2",
+            image_png=buffer.getvalue(),
+            tokens=["<think>", " I", " count", " 2", "</think>", " \\boxed{2}"],
+            dependency=rng.exponential(0.1, 6),
+            reward=float(i % 2),
+        )
         for i in range(4)
     ]
     curves = {"vppo": [(20, 0.42), (40, 0.5)], "grpo": [(20, 0.4), (40, 0.45)]}

@@ -7,6 +7,7 @@ of the grader decides it.
 The pool's workers import this module to find the test rewards below: JAX, which the pool
 must tolerate in its caller, is imported inside the tests so that they start quickly.
 """
+
 import os
 import time
 
@@ -78,8 +79,7 @@ def test_whitespace_around_angle_brackets_and_slashes_is_stripped():
 
 def test_shared_pool_grades_a_batch_like_the_function():
     responses, answers, expected = zip(*ACCURACY_CASES)
-    scores, stats = rewards.score_responses(list(responses), list(answers), "accuracy",
-                                            timeout_s=GENEROUS_TIMEOUT_S)
+    scores, stats = rewards.score_responses(list(responses), list(answers), "accuracy", timeout_s=GENEROUS_TIMEOUT_S)
     assert scores.dtype == np.float32
     np.testing.assert_array_equal(scores, expected)
     assert stats == {"timeouts": 0, "errors": 0}
@@ -87,6 +87,7 @@ def test_shared_pool_grades_a_batch_like_the_function():
 
 # ---------------------------------------------------------------- test rewards for the pool
 # Module-level, so that the workers can import them.
+
 
 @rewards.register("test_hangs_on_hang")
 def hangs_on_hang(response, answer):
@@ -119,6 +120,7 @@ def _spawned_children():
 def _start_jax():
     """JAX imported and its backend running in this process, as in the trainer."""
     import jax.numpy as jnp
+
     jnp.ones(3).sum().block_until_ready()
 
 
@@ -138,8 +140,9 @@ def test_a_hung_grader_times_out_and_the_pool_goes_on():
     # so its command line cannot identify it.
     pool_pids = lambda: {worker.process.pid for worker in pool._workers}
     started_with = pool_pids()
-    scores, stats = pool.score_responses(["a", "hang", "b", "c"], ["a", "hang", "b", "x"],
-                                         "test_hangs_on_hang", timeout_s=SHORT_TIMEOUT_S)
+    scores, stats = pool.score_responses(
+        ["a", "hang", "b", "c"], ["a", "hang", "b", "x"], "test_hangs_on_hang", timeout_s=SHORT_TIMEOUT_S
+    )
     np.testing.assert_array_equal(scores, [1, 0, 1, 0])
     assert stats == {"timeouts": 1, "errors": 0}
 
@@ -147,8 +150,9 @@ def test_a_hung_grader_times_out_and_the_pool_goes_on():
     (hung,) = started_with - workers
     assert len(workers) == 2 and not psutil.pid_exists(hung)  # killed, reaped, replaced
 
-    scores, stats = pool.score_responses(["a", "b", "c"], ["a", "b", "c"], "test_hangs_on_hang",
-                                         timeout_s=GENEROUS_TIMEOUT_S)
+    scores, stats = pool.score_responses(
+        ["a", "b", "c"], ["a", "b", "c"], "test_hangs_on_hang", timeout_s=GENEROUS_TIMEOUT_S
+    )
     np.testing.assert_array_equal(scores, [1, 1, 1])
     assert stats == {"timeouts": 0, "errors": 0}
 
@@ -160,27 +164,28 @@ def test_a_hung_grader_times_out_and_the_pool_goes_on():
 
 def test_an_answer_that_hangs_sympy_times_out(pool):
     # mathruler hands "(1/2)-(10000000!)" to sympy, which computes the factorial: minutes.
-    scores, stats = pool.score_responses(["\\boxed{10000000!}", "\\boxed{42}"],
-                                         ["\\frac{1}{2}", "42"], "accuracy",
-                                         timeout_s=SHORT_TIMEOUT_S)
+    scores, stats = pool.score_responses(
+        ["\\boxed{10000000!}", "\\boxed{42}"], ["\\frac{1}{2}", "42"], "accuracy", timeout_s=SHORT_TIMEOUT_S
+    )
     np.testing.assert_array_equal(scores, [0, 1])
     assert stats == {"timeouts": 1, "errors": 0}
 
 
 def test_a_raising_grader_scores_zero_and_counts_as_an_error(pool):
-    scores, stats = pool.score_responses(["raise", "a", "raise", "b"], ["raise", "a", "raise", "x"],
-                                         "test_raises_on_raise", timeout_s=GENEROUS_TIMEOUT_S)
+    scores, stats = pool.score_responses(
+        ["raise", "a", "raise", "b"], ["raise", "a", "raise", "x"], "test_raises_on_raise", timeout_s=GENEROUS_TIMEOUT_S
+    )
     np.testing.assert_array_equal(scores, [0, 1, 0, 0])
     assert stats == {"timeouts": 0, "errors": 2}
 
 
 def test_a_grader_that_kills_its_worker_scores_zero_and_the_pool_goes_on(pool):
-    scores, stats = pool.score_responses(["exit", "a", "b"], ["exit", "a", "b"],
-                                         "test_exits_on_exit", timeout_s=GENEROUS_TIMEOUT_S)
+    scores, stats = pool.score_responses(
+        ["exit", "a", "b"], ["exit", "a", "b"], "test_exits_on_exit", timeout_s=GENEROUS_TIMEOUT_S
+    )
     np.testing.assert_array_equal(scores, [0, 1, 1])
     assert stats == {"timeouts": 0, "errors": 1}
-    scores, stats = pool.score_responses(["exit", "a"], ["x", "a"], "test_exits_on_exit",
-                                         timeout_s=GENEROUS_TIMEOUT_S)
+    scores, stats = pool.score_responses(["exit", "a"], ["x", "a"], "test_exits_on_exit", timeout_s=GENEROUS_TIMEOUT_S)
     np.testing.assert_array_equal(scores, [0, 1])
     assert stats == {"timeouts": 0, "errors": 1}
 
@@ -192,6 +197,7 @@ def test_an_empty_batch_scores_nothing(pool):
 
 
 # ---------------------------------------------------------------- the registry
+
 
 def test_unknown_reward_names_the_registered_ones():
     with pytest.raises(ValueError, match=r"unknown reward 'acuracy'; registered: accuracy, "):

@@ -1,4 +1,5 @@
 """The sampler against transformers (greedy generate, teacher-forced forward) and analytic distributions."""
+
 import jax
 import numpy as np
 import pytest
@@ -6,10 +7,10 @@ import torch
 from jax.sharding import Mesh
 from scipy import stats
 
-from hf_reference import IMAGE_TOKEN, VISION_END, VISION_START, processor_batch, text_ids, tiny_hf_model
-from vppo_jax.rollout import sampling
-from vppo_jax.models import qwen2_5_vl
 from vppo_jax.models.qwen2_5_vl.inputs import left_pad_to_bucket, length_bucket
+from vppo_jax.rollout import sampling
+
+from hf_reference import IMAGE_TOKEN, VISION_END, VISION_START, processor_batch, text_ids
 
 VIDEO_TOKEN = 1003
 VISION_IDS = (IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END)
@@ -44,18 +45,6 @@ def torch_batch(batch: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def hf_model():
-    return tiny_hf_model(seed=0)
-
-
-@pytest.fixture(scope="module")
-def port(hf_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("port") / "hf"
-    hf_model.save_pretrained(path)
-    return qwen2_5_vl.from_pretrained(str(path))
-
-
-@pytest.fixture(scope="module")
 def hf_greedy(hf_model):
     """transformers' greedy continuation of PROMPTS, NEW_TOKENS tokens, no early stop."""
     batch = processor_batch(PROMPTS)
@@ -63,7 +52,7 @@ def hf_greedy(hf_model):
         out = hf_model.generate(
             **torch_batch(batch), do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS
         )
-    response = out[:, batch["input_ids"].shape[1]:].numpy()
+    response = out[:, batch["input_ids"].shape[1] :].numpy()
     # transformers does not ban vision tokens; with random weights greedy could pick one.
     # This model and these prompts never do, so the comparison below covers every token.
     assert not np.isin(response, VISION_IDS).any()
@@ -98,7 +87,12 @@ def test_end_tokens_stop_each_sequence(port, hf_greedy):
 def test_logprobs_match_teacher_forced_forward(hf_model, port):
     group, temperature = 2, 0.7
     params = sampling.SamplingParams(
-        max_new_tokens=24, temperature=temperature, top_k=50, top_p=0.9, group_size=group, end_token_ids=(),
+        max_new_tokens=24,
+        temperature=temperature,
+        top_k=50,
+        top_p=0.9,
+        group_size=group,
+        end_token_ids=(),
         pad_token_id=0,
     )
     rollout = sampling.generate(port, processor_batch(PROMPTS), keys_for(len(PROMPTS) * group), params)
@@ -157,8 +151,9 @@ def test_token_frequencies_match_truncated_distribution(temperature, top_k, top_
     vocab, draws = 12, 40_000
     logits = np.random.default_rng(0).normal(0, 1.5, vocab).astype(np.float32)
     banned = tuple(np.argsort(-logits)[:2])  # ban the two most likely tokens: they must never appear
-    params = sampling.SamplingParams(max_new_tokens=1, end_token_ids=(), pad_token_id=0, temperature=temperature,
-                                     top_k=top_k, top_p=top_p)
+    params = sampling.SamplingParams(
+        max_new_tokens=1, end_token_ids=(), pad_token_id=0, temperature=temperature, top_k=top_k, top_p=top_p
+    )
     uniforms = jax.random.uniform(jax.random.key(1), (draws,))
     tokens, _ = jax.jit(sampling.sample_tokens, static_argnums=(2, 3))(
         np.broadcast_to(logits, (draws, vocab)), uniforms, params, banned

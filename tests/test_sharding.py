@@ -4,6 +4,7 @@ The reference is the one-device run (no sharding at all); each mesh (data, fsdp,
 must give the same forward logits, the same greedy tokens and the same train step
 (parameters after the update and metrics) within 1e-5 in fp32.
 """
+
 import concurrent.futures
 
 import jax
@@ -13,10 +14,10 @@ import optax
 import pytest
 from flax import nnx
 
-from vppo_jax.rollout import sampling
-from vppo_jax.parallel import sharding
 from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, abstract_model, init_model, preset
 from vppo_jax.models.qwen2_5_vl.inputs import prepare_inputs
+from vppo_jax.parallel import sharding
+from vppo_jax.rollout import sampling
 from vppo_jax.trainer.optimizer import make_optimizer
 from vppo_jax.vppo.batch import build_train_batch, init_state
 from vppo_jax.vppo.programs import make_train_step
@@ -32,8 +33,9 @@ def tiny_config() -> Qwen2_5_VLConfig:
     return preset("test")
 
 
-IMAGE, VISION_START, VISION_END = (getattr(tiny_config(), f) for f in (
-    "image_token_id", "vision_start_token_id", "vision_end_token_id"))
+IMAGE, VISION_START, VISION_END = (
+    getattr(tiny_config(), f) for f in ("image_token_id", "vision_start_token_id", "vision_end_token_id")
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +58,29 @@ def prompts(count: int, seed: int = 0) -> dict:
     config, rng = tiny_config(), np.random.default_rng(seed)
     grids = [(1, 4 + 2 * (i % 3), 6 + 2 * (i % 2)) for i in range(count)]
     rows = []
-    for (t, h, w) in grids:
-        rows.append([*rng.integers(3, 900, rng.integers(2, 6)), VISION_START, *[IMAGE] * (t * h * w // 4),
-                     VISION_END, *rng.integers(3, 900, rng.integers(3, 9))])
+    for t, h, w in grids:
+        rows.append(
+            [
+                *rng.integers(3, 900, rng.integers(2, 6)),
+                VISION_START,
+                *[IMAGE] * (t * h * w // 4),
+                VISION_END,
+                *rng.integers(3, 900, rng.integers(3, 9)),
+            ]
+        )
     length = max(map(len, rows))
     input_ids = np.zeros((count, length), np.int32)
     attention_mask = np.zeros((count, length), np.int32)
     for i, row in enumerate(rows):
-        input_ids[i, length - len(row):], attention_mask[i, length - len(row):] = row, 1
+        input_ids[i, length - len(row) :], attention_mask[i, length - len(row) :] = row, 1
     pixels = rng.standard_normal((sum(np.prod(g) for g in grids), config.vision.patch_dim)).astype(np.float32)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels,
-                image_grid_thw=np.asarray(grids), mm_token_type_ids=(input_ids == IMAGE).astype(np.int32))
+    return dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixels,
+        image_grid_thw=np.asarray(grids),
+        mm_token_type_ids=(input_ids == IMAGE).astype(np.int32),
+    )
 
 
 def forward_logits(model, inputs, mesh) -> np.ndarray:
@@ -97,9 +111,15 @@ def train_batch(model):
     response_tokens[:, -6:] = rng.random((8, 6)) < 0.9
     input_ids = np.concatenate([arrays["input_ids"], response], 1)
     attention_mask = np.concatenate([arrays["attention_mask"], np.ones_like(response)], 1)
-    return build_train_batch(model.config, input_ids, attention_mask, response_tokens,
-                             rng.standard_normal(8).astype(np.float32), arrays["pixel_values"],
-                             arrays["image_grid_thw"])
+    return build_train_batch(
+        model.config,
+        input_ids,
+        attention_mask,
+        response_tokens,
+        rng.standard_normal(8).astype(np.float32),
+        arrays["pixel_values"],
+        arrays["image_grid_thw"],
+    )
 
 
 def one_step(model, mesh):
@@ -125,10 +145,15 @@ def runs(model):
     XLA:CPU compiles one program on one core: two at a time halve the wait on two cores.
     """
     inputs = prepare_inputs(model.config, **prompts(8))
-    jobs = {(name, shape): (function, mesh_of(shape) if shape else sharding.single_device_mesh())
-            for name, function in (("forward", lambda m: forward_logits(model, inputs, m)),
-                                   ("greedy", lambda m: greedy(model, m)), ("step", lambda m: one_step(model, m)))
-            for shape in [None, *MESHES]}
+    jobs = {
+        (name, shape): (function, mesh_of(shape) if shape else sharding.single_device_mesh())
+        for name, function in (
+            ("forward", lambda m: forward_logits(model, inputs, m)),
+            ("greedy", lambda m: greedy(model, m)),
+            ("step", lambda m: one_step(model, m)),
+        )
+        for shape in [None, *MESHES]
+    }
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         futures = {key: pool.submit(function, mesh) for key, (function, mesh) in jobs.items()}
         return {key: future.result() for key, future in futures.items()}
@@ -227,8 +252,15 @@ def test_a_batch_the_mesh_does_not_divide_is_refused(model):
     step = make_train_step(StepConfig(group_size=GROUP), optimizer, graphdef, mesh_of((1, 8, 1)))
     arrays = prompts(4)
     ids = arrays["input_ids"]
-    batch = build_train_batch(model.config, ids, arrays["attention_mask"], np.ones_like(ids, bool),
-                              np.zeros(4, np.float32), arrays["pixel_values"], arrays["image_grid_thw"])
+    batch = build_train_batch(
+        model.config,
+        ids,
+        arrays["attention_mask"],
+        np.ones_like(ids, bool),
+        np.zeros(4, np.float32),
+        arrays["pixel_values"],
+        arrays["image_grid_thw"],
+    )
     with pytest.raises(ValueError, match=r"4 rows do not split over the mesh's 8 batch shards"):
         step(state, batch, jax.random.key(0))
 
@@ -290,8 +322,9 @@ def test_released_sizes_carry_logical_axes_and_shard_as_written_here(name, shape
         assert len(axes) == len(param.get_value().shape), path
         assert set(axes) <= set(sharding.RULES) | {None}, path
         assert (axes[0] == "layers") == path.startswith(("language_model/layers/", "visual/blocks/")), path
-    shardings = {"/".join(map(str, path)): s.get_value()
-                 for path, s in nnx.to_flat_state(sharding.param_shardings(mesh, params))}
+    shardings = {
+        "/".join(map(str, path)): s.get_value() for path, s in nnx.to_flat_state(sharding.param_shardings(mesh, params))
+    }
     for path, (param_shape, spec) in RELEASED_SHARDINGS[name, shape].items():
         assert flat[path].get_value().shape == param_shape, path
         assert shardings[path] == jax.sharding.NamedSharding(mesh, spec), path

@@ -1,6 +1,7 @@
 """Sweeps: a 2 x 2 grid of the tiny config run locally (a failed trial does not stop the others,
 finished trials are skipped on relaunch), the aggregated table against each trial's own
 metrics, the pod launcher's commands, and a finished trial evaluated from its workdir."""
+
 import ast
 import csv
 import itertools
@@ -13,9 +14,9 @@ from PIL import Image
 
 from configs import tiny
 from vppo_jax.eval import benchmarks as evaluate
-from vppo_jax.trainer.checkpoints import claim_workdir
 from vppo_jax.sweeps import aggregate, launch
 from vppo_jax.sweeps.trials import finished, load_sweep, trial_name
+from vppo_jax.trainer.checkpoints import claim_workdir
 
 # Seeds change what is sampled but not what is compiled: with a shared compilation cache,
 # only the first trial compiles.
@@ -30,38 +31,58 @@ def sweep_file(tmp_path_factory, tiny_task):
     directory = tmp_path_factory.mktemp("sweep")
     files, model = tiny_task, tiny_task["model"]
     config = directory / "config.py"
-    config.write_text("\n".join([
-        "from configs import tiny",
-        "def get_config(arg=''):",
-        "    c = tiny.get_config('test')",
-        "    c.train.steps, c.eval.every_steps = 1, 100",
-        "    c.rollout.prompts_per_step, c.rollout.group_size, c.rollout.max_new_tokens = 2, 2, 4",
-        "    c.algo.online_filter = False  # a random policy's groups would all be filtered: no loss, no entropy",
-        "    c.reward.workers = 1",
-        "    return c",
-    ]) + "\n")
+    config.write_text(
+        "\n".join(
+            [
+                "from configs import tiny",
+                "def get_config(arg=''):",
+                "    c = tiny.get_config('test')",
+                "    c.train.steps, c.eval.every_steps = 1, 100",
+                "    c.rollout.prompts_per_step, c.rollout.group_size, c.rollout.max_new_tokens = 2, 2, 4",
+                "    c.algo.online_filter = False  # a random policy's groups would all be filtered out",
+                "    c.reward.workers = 1",
+                "    return c",
+            ]
+        )
+        + "\n"
+    )
     sweep = directory / "seeds.py"
-    sweep.write_text("\n".join([
-        f"CONFIG = {str(config)!r}",
-        f"FIXED = {{'model.path': {model!r}, 'data.train_files': ({files['train']!r},),",
-        f"         'data.val_files': ({files['val']!r},)}}",
-        f"GRID = {GRID!r}",
-        f"METRICS = {tuple(METRICS)!r}",
-    ]) + "\n")
+    sweep.write_text(
+        "\n".join(
+            [
+                f"CONFIG = {str(config)!r}",
+                f"FIXED = {{'model.path': {model!r}, 'data.train_files': ({files['train']!r},),",
+                f"         'data.val_files': ({files['val']!r},)}}",
+                f"GRID = {GRID!r}",
+                f"METRICS = {tuple(METRICS)!r}",
+            ]
+        )
+        + "\n"
+    )
     return str(sweep)
 
 
 def test_the_pod_dry_run_prints_one_gcloud_command_per_trial(sweep_file, capsys):
     repo = "code/vppo jax"  # a space: the command must quote it
-    assert launch.launch(sweep_file, "sweeps", mode="tpu-pod", pod="my-pod", zone="us-east5-a", repo=repo,
-                         dry_run=True) == 0
+    assert (
+        launch.launch(sweep_file, "sweeps", mode="tpu-pod", pod="my-pod", zone="us-east5-a", repo=repo, dry_run=True)
+        == 0
+    )
     commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
     sweep = load_sweep(sweep_file)
     assert len(commands) == 4
     seen = set()
     for command in commands:
-        assert command[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-pod", "--zone=us-east5-a",
-                               "--worker=all"]
+        assert command[:8] == [
+            "gcloud",
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "ssh",
+            "my-pod",
+            "--zone=us-east5-a",
+            "--worker=all",
+        ]
         assert command[8].startswith("--command=") and len(command) == 9
         remote = shlex.split(command[8].removeprefix("--command="))
         assert remote[:6] == ["cd", repo, "&&", "python3", "-m", "vppo_jax.train"]
@@ -105,7 +126,8 @@ def test_a_local_sweep_runs_skips_reports_failures_and_aggregates(sweep_file, tm
             (final,) = [json.loads(line) for line in f]  # one step
         row = rows[name]
         assert {field: int(row[field]) for field in GRID} == {
-            field: config[section][key] for field in GRID for section, key in [field.split(".")]}
+            field: config[section][key] for field in GRID for section, key in [field.split(".")]
+        }
         assert row["status"] == "finished" and row["steps"] == "1"
         assert {metric: float(row[metric]) for metric in METRICS} == {metric: final[metric] for metric in METRICS}
         assert f"| {name} | " + " | ".join(row[field] for field in GRID) in markdown
@@ -115,6 +137,7 @@ def test_a_local_sweep_runs_skips_reports_failures_and_aggregates(sweep_file, tm
 
     # The finished trial's workdir evaluates as a checkpoint (the trainer's own orbax state).
     name = sweep.trials[1].name
-    summary = evaluate.evaluate(evaluate.EvalOptions(
-        checkpoint=workdirs[name], data=[sweep.trials[1].overrides['data.val_files'][0]], k=2))
+    summary = evaluate.evaluate(
+        evaluate.EvalOptions(checkpoint=workdirs[name], data=[sweep.trials[1].overrides["data.val_files"][0]], k=2)
+    )
     assert summary["step"] == 1 and summary["benchmarks"]["val"]["problems"] == 2

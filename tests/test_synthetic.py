@@ -1,4 +1,5 @@
 """The synthetic shapes task: answers checked by reading the scene back from the image pixels."""
+
 import io
 import re
 

@@ -1,5 +1,5 @@
 """The trainer end to end on the tiny default: outputs, exact resume after SIGKILL, bad input."""
-import io
+
 import json
 import os
 import signal
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from vppo_jax.demo import synthetic
-from vppo_jax.trainer.metrics import read_metrics
 from vppo_jax.trainer.checkpoints import claim_workdir
+from vppo_jax.trainer.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,19 +58,39 @@ def test_tiny_run_writes_metrics_tensorboard_and_checkpoints(tmp_path, assets):
     # beside the config file (the run starts from the repository root, not from there).
     (tmp_path / "my_reward.py").write_text(
         "from vppo_jax.rollout.rewards import register\n\n\n"
-        "@register('always_one')\ndef always_one(response, answer):\n    return 1.0\n")
-    config = write_config(tmp_path / "config.py", assets, **{"train.steps": 2, "checkpoint.every_steps": 1,
-                                                             "algo.online_filter": False,
-                                                             "algo.perturbation": "blacken_pixels",
-                                                             "reward.name": "my_reward:always_one"})
+        "@register('always_one')\ndef always_one(response, answer):\n    return 1.0\n"
+    )
+    config = write_config(
+        tmp_path / "config.py",
+        assets,
+        **{
+            "train.steps": 2,
+            "checkpoint.every_steps": 1,
+            "algo.online_filter": False,
+            "algo.perturbation": "blacken_pixels",
+            "reward.name": "my_reward:always_one",
+        },
+    )
     out = run(config, tmp_path / "run")
-    assert ("images: the first training image (84 x 84 px) reaches the model at 84 x 84 px, 9 image tokens "
-            "(data.min_pixels=0, data.max_pixels=0, then sides rounded to multiples of 28)") in out.stdout
+    assert (
+        "images: the first training image (84 x 84 px) reaches the model at 84 x 84 px, 9 image tokens "
+        "(data.min_pixels=0, data.max_pixels=0, then sides rounded to multiples of 28)"
+    ) in out.stdout
     lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [line["rollout/accuracy"] for line in lines] == [1.0, 1.0]  # graded with the user's module
     assert [line["step"] for line in lines] == [0, 1]
-    for name in ("loss", "rollout/accuracy", "grad_norm", "dependency/token_mean", "time/rollout", "time/update", "time/tokens_per_second",
-                 "eval/avg@2", "eval/pass@2", "data/skipped_bad_image"):
+    for name in (
+        "loss",
+        "rollout/accuracy",
+        "grad_norm",
+        "dependency/token_mean",
+        "time/rollout",
+        "time/update",
+        "time/tokens_per_second",
+        "eval/avg@2",
+        "eval/pass@2",
+        "data/skipped_bad_image",
+    ):
         assert name in lines[-1], name
     assert os.listdir(tmp_path / "run" / "tensorboard")
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]
@@ -87,8 +107,9 @@ def test_sigkill_and_restart_gives_the_metrics_of_an_uninterrupted_run(tmp_path,
     assert len({line["entropy"] for line in reference}) > 1  # the state changes from step to step
 
     workdir = tmp_path / "killed"
-    process = subprocess.Popen(train_command(config, workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        train_command(config, workdir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (workdir / "checkpoints" / "2").exists():
         assert process.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
@@ -116,11 +137,19 @@ def test_bad_examples_are_skipped_and_counted(tmp_path, assets):
 
 
 def test_a_hanging_grader_times_out_and_the_run_goes_on(tmp_path, assets):
-    config = write_config(tmp_path / "config.py", assets, **{
-        "train.steps": 1, "reward.name": "tests.hanging_reward:hang", "reward.timeout_s": 0.5,
-        "eval.every_steps": 100, "rollout.prompts_per_step": 2, "rollout.group_size": 2,
-        "checkpoint.every_steps": 0,
-    })
+    config = write_config(
+        tmp_path / "config.py",
+        assets,
+        **{
+            "train.steps": 1,
+            "reward.name": "tests.hanging_reward:hang",
+            "reward.timeout_s": 0.5,
+            "eval.every_steps": 100,
+            "rollout.prompts_per_step": 2,
+            "rollout.group_size": 2,
+            "checkpoint.every_steps": 0,
+        },
+    )
     run(config, tmp_path / "run")
     (line,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert line["rollout/timeouts"] > 0 and line["rollout/accuracy"] == 0.0
@@ -143,11 +172,17 @@ def test_a_workdir_of_another_config_is_refused(tmp_path):
 def test_a_collapsed_run_stops_with_an_error_that_names_the_cause(tmp_path, assets):
     # The tiny model is not warm-started: every response scores 0, dynamic sampling keeps no
     # group, and the guard must count those steps, skip their updates and stop the run.
-    config = write_config(tmp_path / "config.py", assets, **{
-        "train.steps": 6, "rollout.max_filter_rounds": 1, "rollout.max_starved_steps": 3, "eval.every_steps": 100,
-    })
-    out = subprocess.run(train_command(config, tmp_path / "run"), cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    config = write_config(
+        tmp_path / "config.py",
+        assets,
+        **{
+            "train.steps": 6,
+            "rollout.max_filter_rounds": 1,
+            "rollout.max_starved_steps": 3,
+            "eval.every_steps": 100,
+        },
+    )
+    out = subprocess.run(train_command(config, tmp_path / "run"), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode != 0
     assert "CollapseError: The policy has collapsed: for 3 consecutive steps (up to step 2)" in out.stderr
     for knob in ("optim.learning_rate", "rollout.max_filter_rounds", "rollout.max_new_tokens"):
@@ -175,12 +210,15 @@ def test_the_paper_recipes_train_two_epochs_of_virl39k_as_the_reference_counts_t
         training_steps(config, 38870)
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"reward.name": "no_such_module:score"}, "reward 'no_such_module:score': cannot import no_such_module"),
-    ({"data.prompt_template": "fancy"}, "data.prompt_template='fancy' is neither one of"),
-    ({"algo.estimator": "kl2"}, "estimator='kl2'; choose one of"),
-    ({"model.param_dtype": "float16"}, "model.param_dtype='float16'; choose one of"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"reward.name": "no_such_module:score"}, "reward 'no_such_module:score': cannot import no_such_module"),
+        ({"data.prompt_template": "fancy"}, "data.prompt_template='fancy' is neither one of"),
+        ({"algo.estimator": "kl2"}, "estimator='kl2'; choose one of"),
+        ({"model.param_dtype": "float16"}, "model.param_dtype='float16'; choose one of"),
+    ],
+)
 def test_every_name_in_the_config_is_checked(override, message):
     from configs import tiny
     from vppo_jax.trainer.config import check_names
@@ -195,8 +233,7 @@ def test_every_name_in_the_config_is_checked(override, message):
 
 def test_a_name_that_does_not_resolve_fails_before_anything_loads(tmp_path, assets):
     config = write_config(tmp_path / "config.py", assets, **{"reward.name": "no_such_module:score"})
-    out = subprocess.run(train_command(config, tmp_path / "run"), cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(train_command(config, tmp_path / "run"), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "cannot import no_such_module" in out.stderr
     assert not (tmp_path / "run" / "config.json").exists()  # refused before the workdir was claimed
 
@@ -216,29 +253,46 @@ def test_a_recipe_without_model_or_data_is_refused_without_touching_demo_fields(
 
 
 def test_a_mistyped_override_is_one_line_and_exit_status_2(tmp_path):
-    out = subprocess.run([*train_command("configs/tiny.py", tmp_path / "run"), "--config.rollout.group_sise=4"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [*train_command("configs/tiny.py", tmp_path / "run"), "--config.rollout.group_sise=4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2
-    assert out.stderr.strip() == ("error: the config has no field 'group_sise'; Did you mean \"group_size\" instead "
-                                  "of \"group_sise\"? (all fields: vppo_jax/trainer/config.py)")
+    assert out.stderr.strip() == (
+        "error: the config has no field 'group_sise'; Did you mean \"group_size\" instead "
+        'of "group_sise"? (all fields: vppo_jax/trainer/config.py)'
+    )
 
 
 def test_loading_a_model_config_without_torch_says_nothing_about_pytorch():
     hide_torch = "import sys; sys.modules['torch'] = None; "
-    quiet = subprocess.run([sys.executable, "-c", hide_torch + "from vppo_jax.demo.tiny_model import write_tiny_model; "
-                            "import transformers"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    quiet = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            hide_torch + "from vppo_jax.demo.tiny_model import write_tiny_model; import transformers",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert "PyTorch was not found" not in quiet.stderr
-    bare = subprocess.run([sys.executable, "-c", hide_torch + "import transformers"], capture_output=True, text=True,
-                          timeout=300)
+    bare = subprocess.run(
+        [sys.executable, "-c", hide_torch + "import transformers"], capture_output=True, text=True, timeout=300
+    )
     assert "PyTorch was not found" in bare.stderr  # what transformers says without the filter
 
 
 def test_prompts_are_padded_from_rollout_min_prompt_length():
     from configs import tiny
-    from vppo_jax.trainer.config import sampling_params
-    from vppo_jax.models.qwen2_5_vl.inputs import left_pad_to_bucket
     from vppo_jax.data.prompts import SpecialTokens
+    from vppo_jax.models.qwen2_5_vl.inputs import left_pad_to_bucket
+    from vppo_jax.trainer.config import sampling_params
 
     config = tiny.get_config()
     config.rollout.min_prompt_length = 16

@@ -1,4 +1,5 @@
 """Token visual dependency estimators (the paper's Definition 3.1) against float64 NumPy."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,8 +55,16 @@ def inputs():
 def test_estimators_match_unchunked_numpy(inputs, name, chunk_size):
     expected = np_dependency(name, *inputs, TEMPERATURE)
     fn = jax.jit(dependency.token_dependency, static_argnames=("name", "chunk_size"))
-    scores = fn(name=name, hidden=inputs[0], hidden_perturbed=inputs[1], unembedding=inputs[2],
-                tokens=inputs[3], mask=inputs[4], temperature=TEMPERATURE, chunk_size=chunk_size)
+    scores = fn(
+        name=name,
+        hidden=inputs[0],
+        hidden_perturbed=inputs[1],
+        unembedding=inputs[2],
+        tokens=inputs[3],
+        mask=inputs[4],
+        temperature=TEMPERATURE,
+        chunk_size=chunk_size,
+    )
     np.testing.assert_allclose(np.asarray(scores), expected, rtol=2e-5, atol=2e-6)
     assert np.all(np.asarray(scores)[~inputs[4]] == 0.0)
 
@@ -63,7 +72,8 @@ def test_estimators_match_unchunked_numpy(inputs, name, chunk_size):
 def test_named_estimators_are_the_dispatcher(inputs):
     np.testing.assert_array_equal(
         np.asarray(dependency.kl(*inputs, TEMPERATURE, 4)),
-        np.asarray(dependency.token_dependency("kl", *inputs, TEMPERATURE, 4)))
+        np.asarray(dependency.token_dependency("kl", *inputs, TEMPERATURE, 4)),
+    )
 
 
 def test_identical_images_give_zero_dependency(inputs):
@@ -88,8 +98,9 @@ def test_mean_of_k3_converges_to_exact_kl():
 
     hidden = np.broadcast_to(h, (1, samples, D))
     hidden_perturbed = np.broadcast_to(h_perturbed, (1, samples, D))
-    k3 = np.asarray(dependency.k3(hidden, hidden_perturbed, unembedding, tokens,
-                                  np.ones((1, samples), bool), chunk_size=2048))
+    k3 = np.asarray(
+        dependency.k3(hidden, hidden_perturbed, unembedding, tokens, np.ones((1, samples), bool), chunk_size=2048)
+    )
     np.testing.assert_allclose(k3, k3_np, rtol=1e-4, atol=1e-6)
     standard_error = k3.std() / np.sqrt(samples)
     assert exact_kl > 20 * standard_error  # the check below is not trivially satisfied
@@ -113,8 +124,7 @@ def test_token_logprobs_and_entropy_values_and_gradients(inputs):
         lp, ent = logprobs.token_logprobs_and_entropy(h, w, tokens, TEMPERATURE, chunk_size=4)
         return lp.sum() + ent.sum(), (lp, ent)
 
-    (_, (lp, ent)), grads = jax.jit(jax.value_and_grad(summed, argnums=(0, 1), has_aux=True))(
-        hidden, unembedding)
+    (_, (lp, ent)), grads = jax.jit(jax.value_and_grad(summed, argnums=(0, 1), has_aux=True))(hidden, unembedding)
     np.testing.assert_allclose(np.asarray(lp), sampled, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(ent), entropy, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(grads[0]), grad_hidden, rtol=1e-4, atol=1e-5)

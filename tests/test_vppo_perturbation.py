@@ -1,5 +1,6 @@
 """Patch-space perturbations (the paper's Random Patch Blackening and its ablations) against
 NumPy constructions from their definitions."""
+
 import math
 
 import jax
@@ -26,7 +27,7 @@ def np_patchify(frames):
             for unit_y in range(2):
                 for unit_x in range(2):
                     y, x = (2 * block_y + unit_y) * P, (2 * block_x + unit_x) * P
-                    patch = frames[:, :, y:y + P, x:x + P]  # (T, C, 14, 14)
+                    patch = frames[:, :, y : y + P, x : x + P]  # (T, C, 14, 14)
                     rows.append(patch.transpose(1, 0, 2, 3).reshape(-1))  # (C, T, 14, 14)
     return np.stack(rows)
 
@@ -72,8 +73,7 @@ def batch_with_padding(rng, rollouts=3, slots=40, valid_slots=32):
 def test_blacken_patches_sets_whole_rows_to_black_only_where_valid():
     rng = np.random.default_rng(1)
     pixel_values, patch_valid = batch_with_padding(rng)
-    out = np.asarray(jax.jit(perturbation.blacken_patches)(
-        pixel_values, patch_valid, jax.random.key(0)))
+    out = np.asarray(jax.jit(perturbation.blacken_patches)(pixel_values, patch_valid, jax.random.key(0)))
     black = solid_row(0.0)
     is_black = np.all(np.abs(out - black) < 1e-6, axis=-1)
     is_original = np.all(out == pixel_values, axis=-1)
@@ -112,8 +112,7 @@ def test_gaussian_noise_statistics_clipping_and_temporal_sharing():
     pixel_values = np_normalise_rows(raw).astype(np.float32)
     patch_valid = np.ones((rollouts, slots), bool)
     patch_valid[:, -16:] = False
-    out = np.asarray(jax.jit(perturbation.gaussian_noise)(
-        pixel_values, patch_valid, jax.random.key(4)))
+    out = np.asarray(jax.jit(perturbation.gaussian_noise)(pixel_values, patch_valid, jax.random.key(4)))
     noisy = np_denormalise_rows(out[patch_valid])
     assert noisy.min() >= -1e-5 and noisy.max() <= 1 + 1e-5
     # raw 0.5 + N(0, 189/255), clipped: P(pixel = 0) = P(pixel = 1) = Phi(-0.5 * 255/189).
@@ -129,7 +128,7 @@ def np_gaussian_blur(raw_image, sigma):
     """Separable gaussian (truncated at 4 sigma), edge pixels replicated, on (..., H, W)."""
     half = int(np.ceil(4 * sigma))
     offsets = np.arange(-half, half + 1)
-    taps = np.exp(-offsets ** 2 / (2 * sigma ** 2))
+    taps = np.exp(-(offsets**2) / (2 * sigma**2))
     taps /= taps.sum()
 
     def along(image, axis):

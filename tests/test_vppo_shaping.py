@@ -1,5 +1,6 @@
 """GRPO advantages, group filter (the reference's DAPO recipe), TAS (paper Eq. 5) and TGF
 (paper Eq. 6)."""
+
 from decimal import ROUND_CEILING, Decimal
 
 import jax
@@ -7,13 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from numpy_reference import numpy_grpo_advantages
 from vppo_jax.vppo import advantages, shaping
+
+from numpy_reference import numpy_grpo_advantages
 
 G = 4
 
 
 # ---------------------------------------------------------------- GRPO advantages, filter
+
 
 def test_grpo_advantages_match_numpy_per_group():
     rewards = np.array([1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1, 0.5, 0, 1, 0.25], np.float32)
@@ -34,11 +37,11 @@ def test_online_group_filter_keeps_strictly_mixed_groups():
     accuracy = np.concatenate([np.arange(group_size) < c for c in correct_per_group]).astype(float)
     keep_group, keep_rollout = advantages.online_group_filter(accuracy, group_size)
     np.testing.assert_array_equal(np.asarray(keep_group), [False, True, True, True, False])
-    np.testing.assert_array_equal(np.asarray(keep_rollout),
-                                  np.repeat([False, True, True, True, False], group_size))
+    np.testing.assert_array_equal(np.asarray(keep_rollout), np.repeat([False, True, True, True, False], group_size))
 
 
 # ---------------------------------------------------------------- TAS
+
 
 def np_trajectory_dependency(scores, mask):
     return (scores * mask).sum(-1) / np.maximum(mask.sum(-1), 1)
@@ -77,8 +80,7 @@ def test_advantage_scale_matches_numpy(mode, beta_max, scope):
     valid[[2, 9]] = False
     sbar[2] = 100.0  # an invalid outlier must not move min/max
     scope_size = 16 if scope == "global" else G
-    fn = jax.jit(shaping.advantage_scale,
-                 static_argnames=("mode", "beta_min", "beta_max", "scope", "group_size"))
+    fn = jax.jit(shaping.advantage_scale, static_argnames=("mode", "beta_min", "beta_max", "scope", "group_size"))
     got = fn(sbar, valid, mode=mode, beta_min=0.9, beta_max=beta_max, scope=scope, group_size=G)
     expected = np_alpha(sbar, valid, mode, 0.9, beta_max, scope_size)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
@@ -113,15 +115,14 @@ def test_advantage_scale_degenerate_cases_give_one(case):
 
 def test_per_group_scope_degenerates_group_by_group():
     sbar = np.array([0.5, 0.5, 0.5, 0.5, 0.1, 0.2, 0.3, 0.4])
-    alpha = np.asarray(shaping.advantage_scale(sbar, np.ones(8, bool), scope="per_group",
-                                               group_size=G))
+    alpha = np.asarray(shaping.advantage_scale(sbar, np.ones(8, bool), scope="per_group", group_size=G))
     np.testing.assert_array_equal(alpha[:4], 1.0)
-    np.testing.assert_allclose(alpha[4:], np_alpha(sbar, np.ones(8, bool), "dynamic", 0.9, None,
-                                                   G)[4:], rtol=1e-6)
+    np.testing.assert_allclose(alpha[4:], np_alpha(sbar, np.ones(8, bool), "dynamic", 0.9, None, G)[4:], rtol=1e-6)
     assert alpha[4] < alpha[7]
 
 
 # ---------------------------------------------------------------- TGF
+
 
 def exact_ceil(k, length):
     return int((Decimal(repr(k)) * length).to_integral_value(rounding=ROUND_CEILING))
@@ -146,7 +147,7 @@ def np_top_fraction(scores, mask, k):
     for row in range(scores.shape[0]):
         positions = np.flatnonzero(mask[row])
         ranked = sorted(positions, key=lambda t: (-scores[row, t], t))
-        selected[row, ranked[:exact_ceil(k, len(positions))]] = 1.0
+        selected[row, ranked[: exact_ceil(k, len(positions))]] = 1.0
     return selected
 
 
@@ -175,8 +176,7 @@ def test_token_filter_modes():
     by_entropy = shaping.token_filter("entropy", mask, 0.4, token_entropy=entropy)
     np.testing.assert_array_equal(np.asarray(by_entropy), np_top_fraction(entropy, mask, 0.4))
 
-    draws = [np.asarray(shaping.token_filter("random", mask, 0.4, key=jax.random.key(seed)))
-             for seed in range(2)]
+    draws = [np.asarray(shaping.token_filter("random", mask, 0.4, key=jax.random.key(seed))) for seed in range(2)]
     for draw in draws:
         np.testing.assert_array_equal(draw.sum(-1), counts)
         assert np.all(draw[~mask] == 0)

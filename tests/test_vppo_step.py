@@ -1,5 +1,4 @@
 """The compiled VPPO step on a tiny Qwen2.5-VL, checked against transformers and NumPy."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,14 +7,15 @@ import optax
 import pytest
 import torch
 
-from hf_reference import hf_logits, processor_batch, text_ids, tiny_hf_model
-from numpy_reference import numpy_grpo_advantages
 from vppo_jax.models import qwen2_5_vl
 from vppo_jax.trainer.optimizer import make_optimizer
 from vppo_jax.vppo import perturbation, programs
 from vppo_jax.vppo import step as step_lib
 from vppo_jax.vppo.batch import build_train_batch, init_state
 from vppo_jax.vppo.perturbation import CLIP_MEAN, CLIP_STD
+
+from hf_reference import hf_logits, processor_batch, text_ids, tiny_hf_model
+from numpy_reference import numpy_grpo_advantages
 
 GROUP = 4
 RESPONSE_LENGTHS = [5, 9, 0, 7, 3, 10, 6, 8]  # one empty response; lengths where ceil(0.4 L) rounds up
@@ -41,7 +41,7 @@ def setup(tmp_path_factory):
     length = arrays["input_ids"].shape[1]
     response = np.zeros_like(arrays["input_ids"], bool)
     for row, n in enumerate(RESPONSE_LENGTHS):
-        response[row, length - n:] = n > 0
+        response[row, length - n :] = n > 0
     return hf_model, model, arrays, response
 
 
@@ -53,8 +53,14 @@ def init(model, optimizer):
 
 def train_batch(model, arrays, response, micro_batches=1):
     return build_train_batch(
-        model.config, arrays["input_ids"], arrays["attention_mask"], response,
-        numpy_grpo_advantages(REWARDS, GROUP), arrays["pixel_values"], arrays["image_grid_thw"], micro_batches,
+        model.config,
+        arrays["input_ids"],
+        arrays["attention_mask"],
+        response,
+        numpy_grpo_advantages(REWARDS, GROUP),
+        arrays["pixel_values"],
+        arrays["image_grid_thw"],
+        micro_batches,
     )
 
 
@@ -77,9 +83,16 @@ def test_scores_match_transformers(setup, perturbation):
     graphdef, state = init(model, optax.sgd(0.0))
     batch = train_batch(model, arrays, response)
     if perturbation == "blacken_pixels":
-        batch = build_train_batch(model.config, arrays["input_ids"], arrays["attention_mask"], response,
-                                  batch.advantages[0], arrays["pixel_values"], arrays["image_grid_thw"],
-                                  perturbed_pixel_values=gray_pixels)
+        batch = build_train_batch(
+            model.config,
+            arrays["input_ids"],
+            arrays["attention_mask"],
+            response,
+            batch.advantages[0],
+            arrays["pixel_values"],
+            arrays["image_grid_thw"],
+            perturbed_pixel_values=gray_pixels,
+        )
     scored = programs.make_score_rollouts(config, graphdef)(state.params, batch, jax.random.key(0))
     logp = hf_token_logprobs(hf_model, arrays)
     logq = hf_token_logprobs(hf_model, arrays, gray_pixels)
@@ -99,8 +112,9 @@ def test_vppo_step_lowers_the_loss_on_a_fixed_batch(setup):
     config = step_lib.StepConfig(group_size=GROUP)
     optimizer = make_optimizer(1e-3)
     graphdef, state = init(model, optimizer)
-    batch = programs.make_score_rollouts(config, graphdef)(state.params, train_batch(model, arrays, response),
-                                                           jax.random.key(1))
+    batch = programs.make_score_rollouts(config, graphdef)(
+        state.params, train_batch(model, arrays, response), jax.random.key(1)
+    )
     train_step = programs.make_train_step(config, optimizer, graphdef)
     losses = []
     for i in range(6):
@@ -121,12 +135,14 @@ def test_gradient_accumulation_over_4_micro_batches_equals_full_batch(setup):
     config = step_lib.StepConfig(group_size=GROUP)
     optimizer = optax.sgd(1.0)  # the parameter change is then exactly -gradient
     graphdef, state = init(model, optimizer)
-    full = programs.make_score_rollouts(config, graphdef)(state.params, train_batch(model, arrays, response),
-                                                          jax.random.key(3))
+    full = programs.make_score_rollouts(config, graphdef)(
+        state.params, train_batch(model, arrays, response), jax.random.key(3)
+    )
     micro = train_batch(model, arrays, response, micro_batches=4)
     regroup = lambda a: a.reshape(4, -1, *a.shape[2:])
-    micro = micro.replace(old_logp=regroup(full.old_logp), dependency=regroup(full.dependency),
-                          old_entropy=regroup(full.old_entropy))
+    micro = micro.replace(
+        old_logp=regroup(full.old_logp), dependency=regroup(full.dependency), old_entropy=regroup(full.old_entropy)
+    )
     train_step = programs.make_train_step(config, optimizer, graphdef)
     before = jax.tree.map(np.asarray, state.params)
     copy = lambda s: jax.tree.map(jnp.array, s)
@@ -151,7 +167,8 @@ def test_grpo_baseline_traces_no_perturbed_forward(setup, monkeypatch):
         config = step_lib.StepConfig(group_size=GROUP, vppo=vppo)
         graphdef, state = init(model, optax.sgd(0.0))
         jax.jit(lambda s, b, k: step_lib.train_step(config, optax.sgd(0.0), graphdef, s, b, k)).lower(
-            state, batch, jax.random.key(0))
+            state, batch, jax.random.key(0)
+        )
         assert len(calls) == (1 if vppo else 0)
 
 

@@ -20,6 +20,7 @@ What is assumed (state of the code, not of the hardware):
 Topologies: a TPU name counts TensorCores, JAX sees one device per chip (v4, v5p megacore),
 so v5p-8 = 4 devices, v5p-32 = 16, v4-64 = 32; 8xh100 = 8 GPUs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,12 @@ FLAGS = flags.FLAGS
 def define_flags():
     """The command line (defined only when run as a program: the trainer has a --config too)."""
     config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
-    flags.DEFINE_string("model", "", "a preset of vppo_jax/models/qwen2_5_vl/presets.py (7b, 32b, tiny, ...) or an HF/converted "
-                        "model directory. Default: the config's model.path, tiny when empty.")
+    flags.DEFINE_string(
+        "model",
+        "",
+        "a preset of vppo_jax/models/qwen2_5_vl/presets.py (7b, 32b, tiny, ...) or an HF/converted "
+        "model directory. Default: the config's model.path, tiny when empty.",
+    )
     flags.DEFINE_string("topology", "v5p-8", f"One of {sorted(TOPOLOGIES)}, or cpu-N (N devices).")
     flags.DEFINE_string("mesh", "", "data,fsdp,tensor sizes (one may be -1). Default: the config's mesh.")
     flags.DEFINE_float("device_memory_gib", 0.0, "Memory per device; default: the topology's.")
@@ -93,19 +98,30 @@ def abstract_batch(model_cfg, rows: int, length: int, grid, leading: tuple[int, 
     import jax
     import numpy as np
 
-    from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, VisionInputs, bucket, count_windows, largest_frame_windows
+    from vppo_jax.models.qwen2_5_vl.inputs import (
+        ModelInputs,
+        VisionInputs,
+        bucket,
+        count_windows,
+        largest_frame_windows,
+    )
 
     vcfg = model_cfg.vision
     windows = bucket(count_windows(vcfg, np.array([grid] * rows)))
     slots = windows * vcfg.window_units**2 * vcfg.merge_unit
     shape = lambda *s, dtype: jax.ShapeDtypeStruct((*leading, *s), dtype)
     return ModelInputs(
-        input_ids=shape(rows, length, dtype=np.int32), attention_mask=shape(rows, length, dtype=np.bool_),
-        position_ids=shape(3, rows, length, dtype=np.int32), image_token_slot=shape(rows, length, dtype=np.int32),
-        vision=VisionInputs(patches=shape(slots, vcfg.patch_dim, dtype=np.float32),
-                            slot_valid=shape(slots, dtype=np.bool_), segment_ids=shape(slots, dtype=np.int32),
-                            rotary_hw=shape(slots, 2, dtype=np.int32),
-                            frame_windows=min(bucket(largest_frame_windows(vcfg, np.array([grid]))), windows)),
+        input_ids=shape(rows, length, dtype=np.int32),
+        attention_mask=shape(rows, length, dtype=np.bool_),
+        position_ids=shape(3, rows, length, dtype=np.int32),
+        image_token_slot=shape(rows, length, dtype=np.int32),
+        vision=VisionInputs(
+            patches=shape(slots, vcfg.patch_dim, dtype=np.float32),
+            slot_valid=shape(slots, dtype=np.bool_),
+            segment_ids=shape(slots, dtype=np.int32),
+            rotary_hw=shape(slots, 2, dtype=np.int32),
+            frame_windows=min(bucket(largest_frame_windows(vcfg, np.array([grid]))), windows),
+        ),
     )
 
 
@@ -135,15 +151,24 @@ def compiled_phase(name: str, jitted, args, resident: int) -> Phase:
     seconds = time.perf_counter() - start
     # (XLA:CPU's peak_memory_in_bytes comes out below its own temp size: not used.)
     m = compiled.memory_analysis()
-    return Phase(name, m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
-                 m.temp_size_in_bytes, resident, seconds)
+    return Phase(
+        name,
+        m.argument_size_in_bytes,
+        m.output_size_in_bytes,
+        m.alias_size_in_bytes,
+        m.temp_size_in_bytes,
+        resident,
+        seconds,
+    )
 
 
 def bytes_per_device(tree, shardings) -> int:
     import jax
 
-    return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
-               for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+    return sum(
+        math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+        for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))
+    )
 
 
 def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode")) -> dict:
@@ -152,11 +177,11 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
     import numpy as np
     from flax import nnx
 
-    from vppo_jax.trainer import config as config_lib
-    from vppo_jax.rollout import sampling
-    from vppo_jax.parallel import sharding
     from vppo_jax.models.qwen2_5_vl import abstract_model
     from vppo_jax.models.qwen2_5_vl.inputs import length_bucket
+    from vppo_jax.parallel import sharding
+    from vppo_jax.rollout import sampling
+    from vppo_jax.trainer import config as config_lib
     from vppo_jax.vppo import programs
     from vppo_jax.vppo.batch import TrainBatch, init_state, scored_like, train_state_shardings
     from vppo_jax.vppo.step import needs_scoring
@@ -168,7 +193,8 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
     state = jax.eval_shape(lambda p: init_state(nnx.merge(graphdef, p), optimizer)[1], params)
     state_shardings = train_state_shardings(mesh, optimizer, state)
     sharded = lambda tree, shardings: jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+    )
     state = sharded(state, state_shardings)
     params_bytes = bytes_per_device(state.params, state_shardings.params)
     opt_bytes = bytes_per_device(state.opt_state, state_shardings.opt_state)
@@ -182,13 +208,20 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
     # The update on one micro-batched slice of the rollout batch, as the trainer runs it.
     inputs = abstract_batch(model_cfg, rows, prompt_length + r.max_new_tokens, grid, leading=(t.micro_batches,))
     per_row = lambda dtype: jax.ShapeDtypeStruct((t.micro_batches, rows, prompt_length + r.max_new_tokens), dtype)
-    batch = TrainBatch(inputs=inputs, targets=per_row(np.int32), response_mask=per_row(np.bool_),
-                       advantages=jax.ShapeDtypeStruct((t.micro_batches, rows), np.float32))
+    batch = TrainBatch(
+        inputs=inputs,
+        targets=per_row(np.int32),
+        response_mask=per_row(np.bool_),
+        advantages=jax.ShapeDtypeStruct((t.micro_batches, rows), np.float32),
+    )
     if needs_scoring(step_config, t.updates_per_rollout, t.micro_batches):  # pi_old, dependency first
         if "score" in phases:
             program = programs.score_program(step_config, graphdef, mesh, state.params, batch)
-            results.append(compiled_phase("score rollouts", program, sharded((state.params, batch, key),
-                                                                             program.in_shardings), opt_bytes))
+            results.append(
+                compiled_phase(
+                    "score rollouts", program, sharded((state.params, batch, key), program.in_shardings), opt_bytes
+                )
+            )
         batch = scored_like(batch)
     if "update" in phases:
         program = programs.train_step_program(step_config, optimizer, graphdef, mesh, state, batch)
@@ -199,26 +232,42 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
     prompts = -(-r.prompts_per_step // sharding.batch_shards(mesh)) * sharding.batch_shards(mesh)
     inputs = abstract_batch(model_cfg, prompts, prompt_length, grid)
     cache_length = prompt_length + r.max_new_tokens
-    compute_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, model_cfg.jnp_dtype, sharding=a.sharding),
-                                  state.params)
+    compute_params = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, model_cfg.jnp_dtype, sharding=a.sharding), state.params
+    )
     sampling_resident = opt_bytes + (params_bytes if model_cfg.param_dtype != model_cfg.dtype else 0)
     prefill = sampling.compiled_prefill(graphdef, compute_params, inputs, cache_length, r.group_size, mesh)
     if "prefill" in phases:
-        results.append(compiled_phase("rollout prefill", prefill,
-                                      sharded((compute_params, inputs), prefill.in_shardings), sampling_resident))
+        results.append(
+            compiled_phase(
+                "rollout prefill", prefill, sharded((compute_params, inputs), prefill.in_shardings), sampling_resident
+            )
+        )
     if "decode" in phases:
         prefilled = jax.eval_shape(prefill.jitted, compute_params, sharded(inputs, prefill.in_shardings[1]))
         # No end tokens: every row decodes all max_new_tokens, the worst case.
-        params = sampling.SamplingParams(max_new_tokens=r.max_new_tokens, end_token_ids=(), pad_token_id=0,
-                                         temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                                         group_size=r.group_size)
+        params = sampling.SamplingParams(
+            max_new_tokens=r.max_new_tokens,
+            end_token_ids=(),
+            pad_token_id=0,
+            temperature=r.temperature,
+            top_k=r.top_k,
+            top_p=r.top_p,
+            group_size=r.group_size,
+        )
         keys = jax.ShapeDtypeStruct((prompts * r.group_size,), key.dtype)
         args = (compute_params, prefilled.replace(cache=None), prefilled.cache, keys)
         decode = sampling.compiled_decode(graphdef, *args, params, mesh)
-        results.append(compiled_phase("rollout decode", decode, sharded(args, decode.in_shardings),
-                                      sampling_resident))
-    return dict(params=params_bytes, opt_state=opt_bytes, phases=results, rows=rows, prompts=prompts,
-                length=prompt_length + r.max_new_tokens, grid=grid)
+        results.append(compiled_phase("rollout decode", decode, sharded(args, decode.in_shardings), sampling_resident))
+    return dict(
+        params=params_bytes,
+        opt_state=opt_bytes,
+        phases=results,
+        rows=rows,
+        prompts=prompts,
+        length=prompt_length + r.max_new_tokens,
+        grid=grid,
+    )
 
 
 def report(result: dict, mesh_shape: dict, devices: int, memory_gib: float) -> str:
@@ -232,20 +281,25 @@ def report(result: dict, mesh_shape: dict, devices: int, memory_gib: float) -> s
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result["phases"]:
-        lines.append(f"| {p.name} | {gib(p.arguments)} | {gib(p.outputs)} | {gib(p.aliased)} | {gib(p.temporaries)} "
-                     f"| {gib(p.program)} | {gib(p.resident)} | {gib(p.total)} | {p.compile_s:.0f} |")
+        lines.append(
+            f"| {p.name} | {gib(p.arguments)} | {gib(p.outputs)} | {gib(p.aliased)} | {gib(p.temporaries)} "
+            f"| {gib(p.program)} | {gib(p.resident)} | {gib(p.total)} | {p.compile_s:.0f} |"
+        )
     peak = max(p.total for p in result["phases"])
     worst = max(result["phases"], key=lambda p: p.total)
     lines.append("")
     lines.append(f"peak per device: {gib(peak)} GiB ({worst.name})")
     if memory_gib:
         fits = peak <= memory_gib * GIB
-        lines.append(f"verdict: {'fits' if fits else 'does NOT fit'} in {memory_gib:g} GiB per device "
-                     f"({100 * peak / (memory_gib * GIB):.0f}% of it)")
+        lines.append(
+            f"verdict: {'fits' if fits else 'does NOT fit'} in {memory_gib:g} GiB per device "
+            f"({100 * peak / (memory_gib * GIB):.0f}% of it)"
+        )
         if not fits:
             lines.append("to fit: " + advice(result, memory_gib * GIB, mesh_shape))
-    others = ", ".join(f"{kind} {size} GiB: {'yes' if peak <= size * GIB else 'no'}"
-                       for kind, size in DEVICE_MEMORY_GIB.items())
+    others = ", ".join(
+        f"{kind} {size} GiB: {'yes' if peak <= size * GIB else 'no'}" for kind, size in DEVICE_MEMORY_GIB.items()
+    )
     lines.append(f"fits per device on ({others})")
     return "\n".join(lines)
 
@@ -255,22 +309,32 @@ def advice(result: dict, budget: float, mesh_shape: dict) -> str:
     tips = []
     state = result["params"] + result["opt_state"]
     if state > budget / 2:
-        tips.append(f"parameters + optimizer state alone take {state / GIB:.1f} GiB: more devices on fsdp "
-                    f"(now {mesh_shape['fsdp']}) or tensor (now {mesh_shape['tensor']})")
+        tips.append(
+            f"parameters + optimizer state alone take {state / GIB:.1f} GiB: more devices on fsdp "
+            f"(now {mesh_shape['fsdp']}) or tensor (now {mesh_shape['tensor']})"
+        )
     phases = {p.name: p for p in result["phases"]}
     update = phases.get("update step")
     if update and update.total > budget:
-        tips.append(f"the update's temporaries are {update.temporaries / GIB:,.0f} GiB for {result['rows']} rows per "
-                    "micro-batch: more train.micro_batches or devices on data/fsdp (down to one row per device), "
-                    "a smaller data.max_pixels (the vision tower's full-attention layers grow with the square of "
-                    "an image's patches, and the backward keeps their residuals for every vision layer: the layer "
-                    "scan's lax.cond keeps both branches'), shorter sequences (the text attention's T x T "
-                    "probabilities are kept per layer)")
+        tips.append(
+            f"the update's temporaries are {update.temporaries / GIB:,.0f} GiB for {result['rows']} rows per "
+            "micro-batch: more train.micro_batches or devices on data/fsdp (down to one row per device), "
+            "a smaller data.max_pixels (the vision tower's full-attention layers grow with the square of "
+            "an image's patches, and the backward keeps their residuals for every vision layer: the layer "
+            "scan's lax.cond keeps both branches'), shorter sequences (the text attention's T x T "
+            "probabilities are kept per layer)"
+        )
     rollout = [p for name, p in phases.items() if name.startswith("rollout") and p.total > budget]
     if rollout:
-        tips.append("the sampler's " + " and ".join(f"{p.name.split()[1]} ({p.temporaries / GIB:,.0f} GiB temporaries, "
-                    f"{p.arguments / GIB:,.0f} GiB arguments)" for p in rollout)
-                    + ": fewer rollout.prompts_per_step per round, a smaller data.max_pixels, or more devices")
+        tips.append(
+            "the sampler's "
+            + " and ".join(
+                f"{p.name.split()[1]} ({p.temporaries / GIB:,.0f} GiB temporaries, "
+                f"{p.arguments / GIB:,.0f} GiB arguments)"
+                for p in rollout
+            )
+            + ": fewer rollout.prompts_per_step per round, a smaller data.max_pixels, or more devices"
+        )
     return "; ".join(tips) or "no single term dominates: more devices"
 
 
@@ -281,13 +345,15 @@ def main(argv):
     import jax
 
     # Fake CPU devices, one per chip of the topology; possible only before JAX starts its backend.
-    os.environ["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                                       if "force_host_platform_device_count" not in f)
+    os.environ["XLA_FLAGS"] = " ".join(
+        f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f
+    )
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", devices)
     if jax.device_count() != devices:
-        raise RuntimeError(f"wanted {devices} fake CPU devices, JAX has {jax.device_count()}: run the planner in a "
-                           "fresh process.")
+        raise RuntimeError(
+            f"wanted {devices} fake CPU devices, JAX has {jax.device_count()}: run the planner in a fresh process."
+        )
     from vppo_jax.parallel import sharding
 
     config = FLAGS.config
@@ -299,21 +365,35 @@ def main(argv):
         mesh_shape = dict(zip(sharding.MESH_AXES, sizes))
     mesh = sharding.make_mesh(mesh_shape)
     if mesh.size != devices:
-        raise ValueError(f"mesh {mesh_shape} uses {mesh.size} of the {devices} devices of {FLAGS.topology}: give "
-                         "--mesh=data,fsdp,tensor with a product of the device count (one size may be -1).")
+        raise ValueError(
+            f"mesh {mesh_shape} uses {mesh.size} of the {devices} devices of {FLAGS.topology}: give "
+            "--mesh=data,fsdp,tensor with a product of the device count (one size may be -1)."
+        )
     mesh_shape = dict(mesh.shape)
     model_cfg = model_config(FLAGS.model, config.model.path, config.model.dtype, config.model.param_dtype)
-    print(f"planning {FLAGS.model or config.model.path or 'tiny'} (parameters {model_cfg.param_dtype}, compute "
-          f"{model_cfg.dtype}) on {FLAGS.topology}",
-          flush=True)
+    print(
+        f"planning {FLAGS.model or config.model.path or 'tiny'} (parameters {model_cfg.param_dtype}, compute "
+        f"{model_cfg.dtype}) on {FLAGS.topology}",
+        flush=True,
+    )
     result = plan(config, model_cfg, mesh)
     print(report(result, mesh_shape, devices, memory_gib))
     if FLAGS.json:
         peak = max(p.total for p in result["phases"])
         with open(FLAGS.json, "w") as f:
-            json.dump(dict(result, phases=[dataclasses.asdict(p) | {"total": p.total} for p in result["phases"]],
-                           mesh=mesh_shape, topology=FLAGS.topology, device_memory_gib=memory_gib, peak=peak,
-                           fits=bool(memory_gib) and peak <= memory_gib * GIB), f, indent=1)
+            json.dump(
+                dict(
+                    result,
+                    phases=[dataclasses.asdict(p) | {"total": p.total} for p in result["phases"]],
+                    mesh=mesh_shape,
+                    topology=FLAGS.topology,
+                    device_memory_gib=memory_gib,
+                    peak=peak,
+                    fits=bool(memory_gib) and peak <= memory_gib * GIB,
+                ),
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ The loop itself is vppo_jax/trainer/trainer.py. A config with a `synthetic` sect
 embedded default, configs/tiny.py) and no model or data gets them made first, in
 workdir/embedded (vppo_jax/demo/embedded.py); any other config must name its model and data.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,6 @@ from vppo_jax.demo import embedded
 from vppo_jax.io.cli import parse_flags
 from vppo_jax.parallel import distributed
 from vppo_jax.trainer.trainer import Trainer
-
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's config, metrics and checkpoints.")

@@ -1,4 +1,5 @@
 """Host-side data: grain pipelines from ViRL39K-style files to per-example `Prompt` records."""
+
 from vppo_jax.data.pipeline import RowToPrompt, prompt_dataset, prompt_iterator
 from vppo_jax.data.rows import Row, RowSource
 from vppo_jax.data.skips import SkipCounter

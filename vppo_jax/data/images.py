@@ -1,4 +1,5 @@
 """Decoding one entry of a row's image list, in any of the forms ViRL39K-style files use."""
+
 from __future__ import annotations
 
 import io

@@ -11,6 +11,7 @@ the epoch into the seed), and repeated; process i takes elements i, i + n, i + 2
 that stream (n = process_count), so n processes together read exactly what one process
 reads, each only its share, and decode rows into prompts lazily as they are read.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -18,8 +19,8 @@ from collections.abc import Sequence
 import grain
 
 from vppo_jax.data.images import open_image
-from vppo_jax.data.rows import Row, RowSource
 from vppo_jax.data.prompts import Prompt, PromptBuilder, skipped_prompt
+from vppo_jax.data.rows import Row, RowSource
 
 
 class RowToPrompt:
@@ -38,7 +39,8 @@ class RowToPrompt:
             return skipped_prompt(row.index, "missing_field", f"no value for {missing}")
         if not isinstance(problem, str) or not isinstance(entries, list):
             return skipped_prompt(
-                row.index, "bad_row",
+                row.index,
+                "bad_row",
                 f"the problem must be a string and the images a list, got {type(problem).__name__} and "
                 f"{type(entries).__name__}",
             )

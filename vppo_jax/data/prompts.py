@@ -12,6 +12,7 @@ first when the problem has none), rendered with Qwen2.5-VL's chat template and i
 system prompt, then tokenised without extra special tokens, like the HF processor. Images go
 through the recipe's budget and the model's processor (vppo_jax/models/qwen2_5_vl/image_processor.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,7 +47,6 @@ SKIP_REASONS = (
 )
 
 
-
 def prompt_template(name: str) -> str:
     """The template named `name` in PROMPT_TEMPLATES, or the text of the file at path `name`
     (its final newline dropped). Raises ValueError naming the choices when it is neither, or
@@ -54,8 +54,10 @@ def prompt_template(name: str) -> str:
     if name in PROMPT_TEMPLATES:
         return PROMPT_TEMPLATES[name]
     if not os.path.isfile(name):
-        raise ValueError(f"data.prompt_template={name!r} is neither one of {sorted(PROMPT_TEMPLATES)} nor a file "
-                         "(a text file holding the user turn, with {problem} where the problem goes).")
+        raise ValueError(
+            f"data.prompt_template={name!r} is neither one of {sorted(PROMPT_TEMPLATES)} nor a file "
+            "(a text file holding the user turn, with {problem} where the problem goes)."
+        )
     with open(name) as f:
         template = f.read().removesuffix("\n")
     if "{problem}" not in template:
@@ -114,8 +116,12 @@ def load_tokenizer(model_dir: str) -> tokenizers.Tokenizer:
 def special_tokens(tokenizer: tokenizers.Tokenizer) -> SpecialTokens:
     """Looks the chat and vision tokens up; each must encode to exactly one token."""
     names = dict(
-        im_start="<|im_start|>", im_end="<|im_end|>", endoftext="<|endoftext|>",
-        vision_start="<|vision_start|>", vision_end="<|vision_end|>", image_pad="<|image_pad|>",
+        im_start="<|im_start|>",
+        im_end="<|im_end|>",
+        endoftext="<|endoftext|>",
+        vision_start="<|vision_start|>",
+        vision_end="<|vision_end|>",
+        image_pad="<|image_pad|>",
     )
     ids = {}
     for field, text in names.items():

@@ -5,6 +5,7 @@ groups are cached), so a 39k-row ViRL39K file with its image bytes never sits in
 HF datasets writes image parquet in groups of 100 rows. A JSON-lines file is indexed by
 the byte offset of each line once, and a row is read by seeking to it.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -53,7 +54,8 @@ class ParquetRows:
             log.warning(
                 "%s: row groups of up to %d MB; every example read decodes its whole group. Rewrite the file "
                 "with pyarrow.parquet.write_table(table, path, row_group_size=100) for faster random access.",
-                path, largest >> 20,
+                path,
+                largest >> 20,
             )
 
     def _open(self):

@@ -1,4 +1,5 @@
 """Counting skipped prompts per reason for the metrics, with one warning per reason."""
+
 from __future__ import annotations
 
 import collections
@@ -10,9 +11,9 @@ log = logging.getLogger(__name__)
 
 
 class SkipCounter:
-    """    skips = SkipCounter()
-        prompts = [p for p in prompts if not skips.count(p)]
-        metrics.update(skips.metrics())   # {"data/skipped_bad_image": 3, ...}, totals since creation
+    """skips = SkipCounter()
+    prompts = [p for p in prompts if not skips.count(p)]
+    metrics.update(skips.metrics())   # {"data/skipped_bad_image": 3, ...}, totals since creation
     """
 
     def __init__(self):
@@ -25,7 +26,10 @@ class SkipCounter:
         if not self.counts[prompt.skip_reason]:
             log.warning(
                 "Skipping an example (%s): %s. Later '%s' skips are only counted, in data/skipped_%s.",
-                prompt.skip_reason, prompt.skip_detail, prompt.skip_reason, prompt.skip_reason,
+                prompt.skip_reason,
+                prompt.skip_detail,
+                prompt.skip_reason,
+                prompt.skip_reason,
             )
         self.counts[prompt.skip_reason] += 1
         return True

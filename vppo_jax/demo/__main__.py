@@ -1,5 +1,6 @@
 """python -m vppo_jax.demo --config=configs/tiny.py --workdir=runs/tiny: the embedded default
 end to end (vppo_jax/demo/run.py), ending with the report's summary and its path."""
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -4,6 +4,7 @@ A config with a `synthetic` section (configs/tiny.py) and no model or data is th
 default: `prepare_embedded_default` makes them in workdir/embedded once and points the
 config at them (the demo and `python -m vppo_jax.train` both call it).
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,15 @@ def prepare_embedded_default(config: ml_collections.ConfigDict, workdir: str) ->
     if s.warm_start_steps:
         warm_dir, model_dir = model_dir, os.path.join(assets, "warm_start")
         if not os.path.exists(model_dir):
-            warm_start(warm_dir, files["train"], model_dir, s.warm_start_steps, s.warm_start_batch, s.warm_start_lr,
-                       seed=config.train.seed)
+            warm_start(
+                warm_dir,
+                files["train"],
+                model_dir,
+                s.warm_start_steps,
+                s.warm_start_batch,
+                s.warm_start_lr,
+                seed=config.train.seed,
+            )
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.path = config.model.path or model_dir
     if not config.data.train_files[0]:

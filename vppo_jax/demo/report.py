@@ -12,6 +12,7 @@ writes into `directory`:
 
 Everything here is rendering: the numbers come in as plain Python/NumPy values.
 """
+
 from __future__ import annotations
 
 import base64
@@ -68,8 +69,11 @@ def plot_token_dependency(values: np.ndarray, path: str):
     axes.hist(values, bins=50, color="tab:blue")
     axes.set_yscale("log")
     share = top_share(values)
-    axes.set(xlabel="token visual dependency S_t", ylabel="tokens (log scale)",
-             title=f"Token dependency: top {TOP_FRACTION:.0%} of tokens hold {share:.1%} of the total")
+    axes.set(
+        xlabel="token visual dependency S_t",
+        ylabel="tokens (log scale)",
+        title=f"Token dependency: top {TOP_FRACTION:.0%} of tokens hold {share:.1%} of the total",
+    )
     figure.savefig(path, dpi=120)
 
 
@@ -79,8 +83,9 @@ def plot_trajectory_dependency(values: np.ndarray, path: str):
     axes = figure.subplots()
     axes.hist(values, bins=30, color="tab:orange")
     axes.axvline(float(np.mean(values)), color="black", linestyle="--", label=f"mean {np.mean(values):.3f}")
-    axes.set(xlabel="trajectory dependency (mean S_t over a response)", ylabel="responses",
-             title="Trajectory dependency")
+    axes.set(
+        xlabel="trajectory dependency (mean S_t over a response)", ylabel="responses", title="Trajectory dependency"
+    )
     axes.legend()
     figure.savefig(path, dpi=120)
 
@@ -122,8 +127,14 @@ def tokens_html(samples: list[DependencySample], path: str):
         f.write("\n".join(parts))
 
 
-def summary_markdown(curves: dict[str, list[tuple[int, float]]], warm_start: float, metric: str,
-                     token_values: np.ndarray, trajectory_values: np.ndarray, wall_seconds: float) -> str:
+def summary_markdown(
+    curves: dict[str, list[tuple[int, float]]],
+    warm_start: float,
+    metric: str,
+    token_values: np.ndarray,
+    trajectory_values: np.ndarray,
+    wall_seconds: float,
+) -> str:
     finals = {name: sorted(points)[-1] for name, points in curves.items() if points}
     lines = [
         "# Embedded default: VPPO vs GRPO on the synthetic shapes task",
@@ -132,8 +143,10 @@ def summary_markdown(curves: dict[str, list[tuple[int, float]]], warm_start: flo
         "|---|---|---|",
         f"| warm start (SFT) | 0 | {100 * warm_start:.1f}% |",
     ]
-    lines += [f"| {name} | {step} | {100 * acc:.1f}% ({100 * (acc - warm_start):+.1f}) |"
-              for name, (step, acc) in finals.items()]
+    lines += [
+        f"| {name} | {step} | {100 * acc:.1f}% ({100 * (acc - warm_start):+.1f}) |"
+        for name, (step, acc) in finals.items()
+    ]
     lines += [
         "",
         f"Token dependency over {len(token_values)} sampled response tokens: the top "
@@ -154,8 +167,14 @@ def summary_markdown(curves: dict[str, list[tuple[int, float]]], warm_start: flo
     return "\n".join(lines)
 
 
-def write_report(directory: str, curves: dict[str, list[tuple[int, float]]], warm_start: float, metric: str,
-                 samples: list[DependencySample], wall_seconds: float) -> str:
+def write_report(
+    directory: str,
+    curves: dict[str, list[tuple[int, float]]],
+    warm_start: float,
+    metric: str,
+    samples: list[DependencySample],
+    wall_seconds: float,
+) -> str:
     """Writes the report files (module docstring) and returns the path of report.md."""
     os.makedirs(directory, exist_ok=True)
     token_values = np.concatenate([s.dependency for s in samples]) if samples else np.zeros(0)
@@ -165,11 +184,16 @@ def write_report(directory: str, curves: dict[str, list[tuple[int, float]]], war
     plot_trajectory_dependency(trajectory_values, os.path.join(directory, "trajectory_dependency.png"))
     tokens_html(samples, os.path.join(directory, "tokens.html"))
     numbers = {
-        "metric": metric, "warm_start": warm_start, "curves": curves,
+        "metric": metric,
+        "warm_start": warm_start,
+        "curves": curves,
         "final": {name: sorted(points)[-1][1] for name, points in curves.items() if points},
-        "top_share": top_share(token_values), "top_fraction": TOP_FRACTION,
-        "token_dependency_median": float(np.median(token_values)), "tokens": len(token_values),
-        "trajectory_dependency_mean": float(np.mean(trajectory_values)), "wall_seconds": wall_seconds,
+        "top_share": top_share(token_values),
+        "top_fraction": TOP_FRACTION,
+        "token_dependency_median": float(np.median(token_values)),
+        "tokens": len(token_values),
+        "trajectory_dependency_mean": float(np.mean(trajectory_values)),
+        "wall_seconds": wall_seconds,
     }
     with open(os.path.join(directory, "report.json"), "w") as f:
         json.dump(numbers, f, indent=1)

@@ -13,9 +13,9 @@
 
 Every stage resumes: a killed demo, run again with the same flags, picks up where it stopped.
 """
+
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -26,10 +26,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from vppo_jax.demo.embedded import prepare_embedded_default
-from vppo_jax.trainer.metrics import METRICS_FILE, read_metrics
 from vppo_jax.demo.report import DependencySample, write_report
-from vppo_jax.rollout.rewards import RewardPool
 from vppo_jax.rollout.groups import sample_and_grade, update_arrays
+from vppo_jax.rollout.rewards import RewardPool
+from vppo_jax.trainer.metrics import METRICS_FILE, read_metrics
 from vppo_jax.trainer.trainer import Trainer
 from vppo_jax.vppo.batch import build_train_batch
 
@@ -53,8 +53,10 @@ def warm_start_accuracy(trainer: Trainer, path: str) -> float:
         if metric in cached:
             return cached[metric]
     if trainer.start_step:
-        raise ValueError(f"{path} is missing but {trainer.workdir} has already trained: the warm start's "
-                         "accuracy can no longer be measured there. Use a new --workdir.")
+        raise ValueError(
+            f"{path} is missing but {trainer.workdir} has already trained: the warm start's "
+            "accuracy can no longer be measured there. Use a new --workdir."
+        )
     summary = trainer.evaluate(jax.random.key(trainer.config.train.seed))
     with open(path, "w") as f:
         json.dump(summary, f)
@@ -76,12 +78,16 @@ def dependency_samples(trainer: Trainer, count: int, key: jax.Array) -> list[Dep
     keys = jax.random.split(sample_key, len(prompts) * trainer.sampling.group_size)
     with RewardPool(1) as pool:
         grade = lambda texts, answers: pool.score_responses(texts, answers, config.reward.name, config.reward.timeout_s)
-        groups, _ = sample_and_grade(policy, prompts, keys, trainer.sampling, grade,
-                                     policy.model.config.image_token_id)
+        groups, _ = sample_and_grade(policy, prompts, keys, trainer.sampling, grade, policy.model.config.image_token_id)
     arrays = update_arrays(groups)
     batch = build_train_batch(
-        policy.model.config, arrays["input_ids"], arrays["attention_mask"], arrays["response_tokens"],
-        np.zeros(len(groups.texts), np.float32), arrays.get("pixel_values"), arrays.get("image_grid_thw"),
+        policy.model.config,
+        arrays["input_ids"],
+        arrays["attention_mask"],
+        arrays["response_tokens"],
+        np.zeros(len(groups.texts), np.float32),
+        arrays.get("pixel_values"),
+        arrays.get("image_grid_thw"),
     )
     # Scored as VPPO would score them, whichever method trained the policy.
     dependency = np.asarray(trainer.token_dependency(batch, score_key)[0])
@@ -91,12 +97,16 @@ def dependency_samples(trainer: Trainer, count: int, key: jax.Array) -> list[Dep
     for r in range(len(groups.texts)):
         prompt = groups.prompts[r // groups.group_size]
         row = rows[prompt.index]
-        samples.append(DependencySample(
-            problem=row[config.data.problem_key], answer=prompt.answer,
-            image_png=row[config.data.images_key][0]["bytes"] if row[config.data.images_key] else None,
-            tokens=[policy.tokenizer.decode([int(t)]) for t in targets[r][mask[r]]],
-            dependency=dependency[r][mask[r]], reward=float(groups.rewards[r]),
-        ))
+        samples.append(
+            DependencySample(
+                problem=row[config.data.problem_key],
+                answer=prompt.answer,
+                image_png=row[config.data.images_key][0]["bytes"] if row[config.data.images_key] else None,
+                tokens=[policy.tokenizer.decode([int(t)]) for t in targets[r][mask[r]]],
+                dependency=dependency[r][mask[r]],
+                reward=float(groups.rewards[r]),
+            )
+        )
     return samples
 
 
@@ -124,7 +134,13 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> str:
     curves = {method: accuracy_curve(trainer.workdir, metric) for method, trainer in trainers.items()}
     first = trainers[config.demo.methods[0]]
     samples = dependency_samples(first, config.demo.report_prompts, jax.random.key(config.train.seed + 1))
-    path = write_report(os.path.join(workdir, "report"), curves, warm_start, metric.removeprefix("eval/"), samples,
-                        time.perf_counter() - start)
+    path = write_report(
+        os.path.join(workdir, "report"),
+        curves,
+        warm_start,
+        metric.removeprefix("eval/"),
+        samples,
+        time.perf_counter() - start,
+    )
     print(open(path).read().split("\n![")[0])
     return path

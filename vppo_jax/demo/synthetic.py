@@ -14,11 +14,11 @@ with the verifiable reward is what moves that mass onto the right answer.
 
     python -m vppo_jax.demo.synthetic --out=data/synthetic --train=2000 --val=200 --seed=0
 """
+
 from __future__ import annotations
 
 import io
 import os
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -101,12 +101,14 @@ def generate_rows(count: int, seed: int, image_size: int = 84, teacher_noise: fl
             taught, thought = _misperceived(rng, answer, thought)
         buffer = io.BytesIO()
         draw_scene(objects, image_size).save(buffer, format="PNG")
-        rows.append({
-            "problem": problem,
-            "answer": answer,
-            "images": [{"bytes": buffer.getvalue(), "path": None}],
-            "reasoning": f"<think> {thought} </think> \\boxed{{{taught}}}",
-        })
+        rows.append(
+            {
+                "problem": problem,
+                "answer": answer,
+                "images": [{"bytes": buffer.getvalue(), "path": None}],
+                "reasoning": f"<think> {thought} </think> \\boxed{{{taught}}}",
+            }
+        )
     return rows
 
 
@@ -119,8 +121,9 @@ def split_paths(directory: str) -> dict[str, str]:
     return {split: os.path.join(directory, f"{split}.parquet") for split in ("train", "val")}
 
 
-def write_splits(directory: str, train: int, val: int, seed: int, image_size: int = 84,
-                 teacher_noise: float = 0.0) -> dict[str, str]:
+def write_splits(
+    directory: str, train: int, val: int, seed: int, image_size: int = 84, teacher_noise: float = 0.0
+) -> dict[str, str]:
     """Writes train.parquet and val.parquet (disjoint seeds) and returns their paths."""
     paths = split_paths(directory)
     for split, count, split_seed in (("train", train, seed), ("val", val, seed + 1_000_003)):

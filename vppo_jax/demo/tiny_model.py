@@ -5,6 +5,7 @@ path of the trainer (loading, sampling, the VPPO step, export) runs unchanged on
 The tokenizer is a byte-level BPE trained on the synthetic task's text, keeping the Qwen
 special tokens, so decoding is exact (\\boxed{} survives) and sequences stay short.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +18,13 @@ from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, init_model, preset, sav
 
 # The Qwen chat and vision tokens; the tiny tokenizer numbers them from 0 in this order.
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 VOCAB_SIZE = 512
 
@@ -28,8 +34,10 @@ def train_tokenizer(corpus: list[str], vocab_size: int = VOCAB_SIZE) -> Tokenize
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer)
     return tokenizer

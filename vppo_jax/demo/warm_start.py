@@ -6,10 +6,10 @@ out), so the embedded default first fits the synthetic task's worked answers
 
     python -m vppo_jax.demo.warm_start --model=runs/tiny/embedded/tiny_model --data=train.parquet --out=warm
 """
+
 from __future__ import annotations
 
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,8 @@ from absl import app, flags, logging
 from flax import nnx
 from tqdm.auto import tqdm
 
-from vppo_jax.data.prompts import PromptBuilder
 from vppo_jax.data.images import open_image
+from vppo_jax.data.prompts import PromptBuilder
 from vppo_jax.io.cli import parse_flags
 from vppo_jax.models.qwen2_5_vl import save_pretrained
 from vppo_jax.rollout.policy import load_policy, prompt_builder
@@ -53,9 +53,9 @@ def sft_batch(config, examples: list[tuple], pad_id: int, prompt_width: int, res
     for i, (prompt, reply) in enumerate(examples):
         start = prompt_width - len(prompt.prompt_ids)
         input_ids[i, start:prompt_width] = prompt.prompt_ids
-        input_ids[i, prompt_width:prompt_width + len(reply)] = reply
-        attention[i, start:prompt_width + len(reply)] = True
-        response[i, prompt_width:prompt_width + len(reply)] = True
+        input_ids[i, prompt_width : prompt_width + len(reply)] = reply
+        attention[i, start : prompt_width + len(reply)] = True
+        response[i, prompt_width : prompt_width + len(reply)] = True
     pixel_values = np.concatenate([p.pixel_values for p, _ in examples])
     grids = np.concatenate([p.image_grid_thw for p, _ in examples])
     return build_train_batch(config, input_ids, attention, response, np.zeros(rows, np.float32), pixel_values, grids)
@@ -76,8 +76,9 @@ def sft_step(graphdef, optimizer, params, opt_state, batch):
     return optax.apply_updates(params, updates), opt_state, loss
 
 
-def warm_start(model_dir: str, data_file: str, out: str, steps: int, batch_size: int, learning_rate: float,
-               seed: int = 0) -> list[float]:
+def warm_start(
+    model_dir: str, data_file: str, out: str, steps: int, batch_size: int, learning_rate: float, seed: int = 0
+) -> list[float]:
     """Trains `steps` SFT steps on `data_file` and writes the result as an HF directory at `out`."""
     policy = load_policy(model_dir, "float32")
     config = policy.model.config

@@ -24,8 +24,8 @@ OUT/summary.json (OUT defaults to WORKDIR/evaluation for a run, where the sweep 
 finds it), and prints the results as a markdown table. The evaluation itself:
 vppo_jax/eval/benchmarks.py.
 """
+
 import functools
-import sys
 
 from absl import app, flags, logging
 
@@ -39,8 +39,12 @@ def define_flags():
     """Only when run as the program: the reward workers, spawned, re-import this module."""
     flags.DEFINE_string("checkpoint", None, "A run's workdir, HF directory or converted checkpoint.")
     flags.DEFINE_list("data", None, "Benchmark files (.parquet, .jsonl): comma-separated, or the words after --data.")
-    flags.DEFINE_string("out", None, "Directory for summary.json and the per-problem <benchmark>.jsonl (default "
-                        f"with a run's workdir: WORKDIR/{EVALUATION_DIR}).")
+    flags.DEFINE_string(
+        "out",
+        None,
+        "Directory for summary.json and the per-problem <benchmark>.jsonl (default "
+        f"with a run's workdir: WORKDIR/{EVALUATION_DIR}).",
+    )
     flags.DEFINE_integer("k", 8, "Responses per problem.")
     flags.DEFINE_integer("step", None, "With a run's workdir: its checkpoint (default latest).")
     flags.DEFINE_string("problem_key", None, "Column of the problem text (default: problem).")
@@ -60,8 +64,10 @@ def benchmark_files(data: list[str] | None, words: list[str]) -> list[str]:
     raises ValueError without --data, or with none given."""
     if data is None:
         if words:
-            raise ValueError(f"unexpected argument(s) {' '.join(words)}: benchmark files go after --data "
-                             "(--data a.parquet b.parquet, or --data=a.parquet,b.parquet)")
+            raise ValueError(
+                f"unexpected argument(s) {' '.join(words)}: benchmark files go after --data "
+                "(--data a.parquet b.parquet, or --data=a.parquet,b.parquet)"
+            )
         raise ValueError("--data is required: the benchmark files (--data a.parquet b.parquet)")
     files = [*data, *words]
     if not files:
@@ -71,14 +77,28 @@ def benchmark_files(data: list[str] | None, words: list[str]) -> list[str]:
 
 def main(argv):
     logging.set_verbosity(logging.WARNING)  # as before absl: INFO logs of orbax, JAX, ... stay hidden
-    evaluate(EvalOptions(
-        checkpoint=FLAGS.checkpoint, data=tuple(argv[1:]), out=FLAGS.out, k=FLAGS.k, step=FLAGS.step,
-        problem_key=FLAGS.problem_key, answer_key=FLAGS.answer_key, images_key=FLAGS.images_key,
-        max_new_tokens=FLAGS.max_new_tokens, reward=FLAGS.reward, dtype=FLAGS.dtype,
-        max_examples=FLAGS.max_examples, batch_prompts=FLAGS.batch_prompts, seed=FLAGS.seed,
-    ))
+    evaluate(
+        EvalOptions(
+            checkpoint=FLAGS.checkpoint,
+            data=tuple(argv[1:]),
+            out=FLAGS.out,
+            k=FLAGS.k,
+            step=FLAGS.step,
+            problem_key=FLAGS.problem_key,
+            answer_key=FLAGS.answer_key,
+            images_key=FLAGS.images_key,
+            max_new_tokens=FLAGS.max_new_tokens,
+            reward=FLAGS.reward,
+            dtype=FLAGS.dtype,
+            max_examples=FLAGS.max_examples,
+            batch_prompts=FLAGS.batch_prompts,
+            seed=FLAGS.seed,
+        )
+    )
 
 
 if __name__ == "__main__":  # the reward workers are spawned: they re-import this module
     define_flags()
-    app.run(main, flags_parser=functools.partial(parse_flags, arguments=lambda words: benchmark_files(FLAGS.data, words)))
+    app.run(
+        main, flags_parser=functools.partial(parse_flags, arguments=lambda words: benchmark_files(FLAGS.data, words))
+    )

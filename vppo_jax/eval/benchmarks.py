@@ -9,6 +9,7 @@ pass@k, the share of problems with at least one correct response; the average is
 unweighted mean over benchmarks, as in the paper's Avg column. Writes OUT/<benchmark>.jsonl and
 OUT/summary.json (OUT defaults to WORKDIR/evaluation for a run, where the sweep aggregator finds it).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,12 +22,12 @@ import jax
 import ml_collections
 from flax import nnx
 
-from vppo_jax.trainer import config as config_lib
 from vppo_jax import data as data_lib
 from vppo_jax.data.prompts import PromptBuilder
 from vppo_jax.eval.accuracy import evaluate_prompts
 from vppo_jax.rollout.policy import Policy, compute_model, load_policy, prompt_builder
 from vppo_jax.rollout.rewards import RewardPool
+from vppo_jax.trainer import config as config_lib
 from vppo_jax.trainer.checkpoints import CONFIG_FILE, RunCheckpoints
 from vppo_jax.vppo.batch import init_state
 
@@ -39,6 +40,7 @@ EVALUATION_DIR, SUMMARY_FILE = "evaluation", "summary.json"  # a run's evaluatio
 class EvalOptions:
     """What to evaluate and how; None takes the run's setting (a run's workdir) or the recipe's.
     The flags of `python -m vppo_jax.eval` have these names and defaults."""
+
     checkpoint: str  # a run's workdir, an HF directory or a converted checkpoint
     data: tuple[str, ...]  # benchmark files (.parquet, .jsonl), one benchmark each
     out: str | None = None  # default with a run's workdir: WORKDIR/evaluation
@@ -134,8 +136,16 @@ def prompt_chunks(path: str, builder: PromptBuilder, config, size: int, max_exam
     """The usable prompts of a benchmark file in file order, `size` at a time; a whole benchmark's
     images would not fit in memory at the recipe's image budget."""
     d = config.data
-    dataset = data_lib.prompt_dataset([path], builder, seed=0, shuffle=False, num_epochs=1, problem_key=d.problem_key,
-                                      answer_key=d.answer_key, images_key=d.images_key)
+    dataset = data_lib.prompt_dataset(
+        [path],
+        builder,
+        seed=0,
+        shuffle=False,
+        num_epochs=1,
+        problem_key=d.problem_key,
+        answer_key=d.answer_key,
+        images_key=d.images_key,
+    )
     chunk, used = [], 0
     for prompt in dataset:
         if skips.count(prompt):
@@ -151,24 +161,32 @@ def prompt_chunks(path: str, builder: PromptBuilder, config, size: int, max_exam
         yield chunk
 
 
-def evaluate_benchmark(policy, path: str, builder, config, params, grade, k: int, key: jax.Array, batch_prompts: int,
-                       max_examples: int) -> tuple[dict, list[dict]]:
+def evaluate_benchmark(
+    policy, path: str, builder, config, params, grade, k: int, key: jax.Array, batch_prompts: int, max_examples: int
+) -> tuple[dict, list[dict]]:
     """(summary, per-problem results) of one benchmark file."""
     skips = data_lib.SkipCounter()
     results, avg, passed = [], 0.0, 0.0
     for number, chunk in enumerate(prompt_chunks(path, builder, config, batch_prompts, max_examples, skips)):
-        summary, chunk_results = evaluate_prompts(policy, chunk, k, params, grade, jax.random.fold_in(key, number),
-                                                  batch_prompts=batch_prompts)
+        summary, chunk_results = evaluate_prompts(
+            policy, chunk, k, params, grade, jax.random.fold_in(key, number), batch_prompts=batch_prompts
+        )
         # Both metrics are means over problems (all with k responses): chunk means weighted by size.
         avg += summary[f"avg@{k}"] * len(chunk)
         passed += summary[f"pass@{k}"] * len(chunk)
         results += chunk_results
     skipped = sum(skips.counts.values())
     if not results:
-        raise ValueError(f"{path}: none of its {skipped} examples could be used ({dict(skips.counts)}); check the "
-                         "column names (--problem_key, --answer_key, --images_key) and the warnings above.")
-    summary = {"problems": len(results), "skipped": skipped, f"avg@{k}": avg / len(results),
-               f"pass@{k}": passed / len(results)}
+        raise ValueError(
+            f"{path}: none of its {skipped} examples could be used ({dict(skips.counts)}); check the "
+            "column names (--problem_key, --answer_key, --images_key) and the warnings above."
+        )
+    summary = {
+        "problems": len(results),
+        "skipped": skipped,
+        f"avg@{k}": avg / len(results),
+        f"pass@{k}": passed / len(results),
+    }
     return summary, results
 
 
@@ -189,19 +207,26 @@ def evaluate(options: EvalOptions) -> dict:
     run = is_run_workdir(options.checkpoint)
     out = options.out or (os.path.join(options.checkpoint, EVALUATION_DIR) if run else None)
     if out is None:
-        raise ValueError("--out is needed with an HF directory or a converted checkpoint (a run's workdir defaults to "
-                         f"WORKDIR/{EVALUATION_DIR}).")
+        raise ValueError(
+            "--out is needed with an HF directory or a converted checkpoint (a run's workdir defaults to "
+            f"WORKDIR/{EVALUATION_DIR})."
+        )
     policy, config, step = load_checkpoint(options.checkpoint, options.step, options.dtype)
     for field in ("problem_key", "answer_key", "images_key"):
         config.data[field] = getattr(options, field) or config.data[field]
     config.rollout.max_new_tokens = options.max_new_tokens or config.rollout.max_new_tokens
     config.reward.name = options.reward or config.reward.name
     d = config.data
-    builder = prompt_builder(policy, d.max_prompt_length, d.min_pixels or None, d.max_pixels or None,
-                             d.prompt_template)
+    builder = prompt_builder(policy, d.max_prompt_length, d.min_pixels or None, d.max_pixels or None, d.prompt_template)
     params = config_lib.sampling_params(config, builder.special, group_size=options.k, **PAPER_SAMPLING)
-    summary = {"checkpoint": options.checkpoint, "step": step, "k": options.k, "reward": config.reward.name,
-               "sampling": dict(PAPER_SAMPLING, max_new_tokens=params.max_new_tokens), "benchmarks": {}}
+    summary = {
+        "checkpoint": options.checkpoint,
+        "step": step,
+        "k": options.k,
+        "reward": config.reward.name,
+        "sampling": dict(PAPER_SAMPLING, max_new_tokens=params.max_new_tokens),
+        "benchmarks": {},
+    }
     metrics = (f"avg@{options.k}", f"pass@{options.k}")
     os.makedirs(out, exist_ok=True)
     with RewardPool(min(config.reward.workers, os.cpu_count() or 1)) as pool:
@@ -209,8 +234,18 @@ def evaluate(options: EvalOptions) -> dict:
         for name, path in zip(names, options.data):
             # Keyed by name: a benchmark's samples do not depend on which other files are evaluated.
             key = jax.random.fold_in(jax.random.key(options.seed), zlib.crc32(name.encode()))
-            result, results = evaluate_benchmark(policy, path, builder, config, params, grade, options.k, key,
-                                                 options.batch_prompts, options.max_examples)
+            result, results = evaluate_benchmark(
+                policy,
+                path,
+                builder,
+                config,
+                params,
+                grade,
+                options.k,
+                key,
+                options.batch_prompts,
+                options.max_examples,
+            )
             summary["benchmarks"][name] = result
             with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in results)

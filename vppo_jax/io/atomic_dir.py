@@ -1,4 +1,5 @@
 """Write a directory completely or not at all."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Command-line glue: the conversion scripts' error handling, and flag parsing for the absl programs."""
+
 import sys
 from typing import Callable
 
@@ -40,6 +41,8 @@ def parse_flags(argv: list[str], arguments: Callable[[list[str]], list[str]] | N
         while error.args and isinstance(error.args[0], BaseException):  # it wraps a KeyError
             error = error.args[0]
         name, _, hint = str(error.args[0] if error.args else error).partition("\n")
-        problem = f"the config has no field {name}{'; ' + hint if hint else ''} (all fields: vppo_jax/trainer/config.py)"
+        problem = (
+            f"the config has no field {name}{'; ' + hint if hint else ''} (all fields: vppo_jax/trainer/config.py)"
+        )
     print(f"error: {problem}", file=sys.stderr)
     sys.exit(2)

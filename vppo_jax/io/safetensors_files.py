@@ -5,6 +5,7 @@ The format is an 8-byte little-endian header length, a JSON header mapping each 
 read, so converting a checkpoint never holds more than the tensors being converted; the
 `safetensors` package would need a whole shard in memory to write it.
 """
+
 from __future__ import annotations
 
 import json

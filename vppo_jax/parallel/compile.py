@@ -10,6 +10,7 @@ compile per argument signature.
 out_shardings may be a function of the output shapes. The update, the scoring pass and
 the sampler all compile through here.
 """
+
 from __future__ import annotations
 
 import collections
@@ -39,16 +40,18 @@ def signature(args) -> tuple:
     return jax.tree.structure(args), tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args))
 
 
-def compile_for_mesh(function: Callable, mesh: Mesh, args: tuple, in_shardings: tuple, out_shardings,
-                     donate: tuple[int, ...] = ()) -> Program:
+def compile_for_mesh(
+    function: Callable, mesh: Mesh, args: tuple, in_shardings: tuple, out_shardings, donate: tuple[int, ...] = ()
+) -> Program:
     """`function` traced under `mesh` (the model's sharding constraints name its axes) and
     jitted with these shardings; `args` (arrays or ShapeDtypeStructs) give the output shapes
     when out_shardings is a function of them."""
     traced = sharding.under_mesh(mesh, function)
     if callable(out_shardings):
         out_shardings = out_shardings(jax.eval_shape(traced, *args))
-    return Program(jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate),
-                   in_shardings)
+    return Program(
+        jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate), in_shardings
+    )
 
 
 class ProgramCache:

@@ -10,6 +10,7 @@ On CPU the processes' collectives go over gloo (TCP), so two processes on one ma
 (each with --xla_force_host_platform_device_count fake devices) run a real multi-host
 program: tests/test_multihost.py does that.
 """
+
 from __future__ import annotations
 
 import glob
@@ -56,11 +57,13 @@ def allgather(value) -> list:
     data = np.frombuffer(pickle.dumps(value), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(count)
     padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:data.size] = data
-    pieces = [np.asarray(multihost_utils.process_allgather(padded[start:start + CHUNK_BYTES]))
-              for start in range(0, padded.size, CHUNK_BYTES)]
+    padded[: data.size] = data
+    pieces = [
+        np.asarray(multihost_utils.process_allgather(padded[start : start + CHUNK_BYTES]))
+        for start in range(0, padded.size, CHUNK_BYTES)
+    ]
     gathered = np.concatenate(pieces, axis=1)
-    return [pickle.loads(gathered[i, :sizes[i]].tobytes()) for i in range(count)]
+    return [pickle.loads(gathered[i, : sizes[i]].tobytes()) for i in range(count)]
 
 
 def barrier(name: str):
@@ -83,4 +86,4 @@ def shared_work(function, items: list, combine):
     share of `items` and all get every result."""
     count, index = jax.process_count(), jax.process_index()
     share = -(-len(items) // count)
-    return combine(allgather(function(items[index * share:(index + 1) * share])))
+    return combine(allgather(function(items[index * share : (index + 1) * share])))

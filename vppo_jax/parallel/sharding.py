@@ -17,6 +17,7 @@ the code that makes them. RULES maps each logical name to mesh axes.
 A dimension that its mesh axes do not divide is left whole (replicated): the vision MLP's
 3420 units over tensor=8, say. A spec that would use one mesh axis twice is refused.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,9 +74,11 @@ def make_mesh(shape: dict | Any, devices=None) -> Mesh:
         sizes[free[0]] = len(devices) // fixed
     count = math.prod(sizes)
     if count > len(devices) or (count < len(devices) and jax.process_count() > 1):
-        raise ValueError(f"mesh {described} needs {count} devices, but there are {len(devices)} "
-                         f"({jax.process_count()} processes): the sizes must multiply to the device count "
-                         "(use -1 for one axis).")
+        raise ValueError(
+            f"mesh {described} needs {count} devices, but there are {len(devices)} "
+            f"({jax.process_count()} processes): the sizes must multiply to the device count "
+            "(use -1 for one axis)."
+        )
     # jax.make_mesh orders the devices by the physical topology (TPU ICI rings) where it knows it.
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices[:count])
 
@@ -97,9 +100,11 @@ def mesh_or_default(mesh: Mesh | None) -> Mesh:
 
 def under_mesh(mesh: Mesh, function):
     """`function` traced with `mesh` as the context of the model's sharding constraints."""
+
     def traced(*args):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return function(*args)
+
     return traced
 
 
@@ -111,8 +116,10 @@ def batch_shards(mesh) -> int:
 def check_rows(rows: int, mesh, what: str):
     shards = batch_shards(mesh)
     if rows % shards:
-        raise ValueError(f"{what}: {rows} rows do not split over the mesh's {shards} batch shards "
-                         f"(data x fsdp = {dict(_axis_sizes(mesh))}); make it a multiple of {shards}.")
+        raise ValueError(
+            f"{what}: {rows} rows do not split over the mesh's {shards} batch shards "
+            f"(data x fsdp = {dict(_axis_sizes(mesh))}); make it a multiple of {shards}."
+        )
 
 
 # --- logical -> mesh ------------------------------------------------------------------
@@ -132,13 +139,16 @@ def logical_spec(logical, mesh, shape=None, name: str = "") -> PartitionSpec:
     spec = []
     for dim, axis in enumerate(logical):
         if axis is not None and axis not in RULES:
-            raise KeyError(f"{name or 'array'}: logical axis {axis!r} has no rule in sharding.RULES "
-                           f"(known: {sorted(RULES)}).")
+            raise KeyError(
+                f"{name or 'array'}: logical axis {axis!r} has no rule in sharding.RULES (known: {sorted(RULES)})."
+            )
         mesh_axes = _as_tuple(RULES[axis]) if axis is not None else ()
         for mesh_axis in mesh_axes:
             if mesh_axis in used:
-                raise ValueError(f"{name or 'array'}: logical axes {tuple(logical)} map mesh axis {mesh_axis!r} "
-                                 f"twice (from {used[mesh_axis]!r} and {axis!r}); change sharding.RULES.")
+                raise ValueError(
+                    f"{name or 'array'}: logical axes {tuple(logical)} map mesh axis {mesh_axis!r} "
+                    f"twice (from {used[mesh_axis]!r} and {axis!r}); change sharding.RULES."
+                )
             used[mesh_axis] = axis
         mesh_axes = tuple(a for a in mesh_axes if a in sizes and a not in manual)
         if shape is not None:
@@ -158,9 +168,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def gathered(shardings, mesh_axis: str):
     """The shardings with `mesh_axis` taken out: arrays whole along it."""
+
     def without(entry):
         kept = tuple(a for a in _as_tuple(entry) if a != mesh_axis)
         return None if not kept else kept[0] if len(kept) == 1 else kept
+
     return jax.tree.map(lambda s: NamedSharding(s.mesh, PartitionSpec(*map(without, s.spec))), shardings)
 
 
@@ -184,8 +196,10 @@ def param_axes(param, path: str = "") -> tuple[str | None, ...]:
     axes = param.get_metadata("out_sharding", None) if isinstance(param, nnx.Variable) else None
     if axes is None:
         what = type(param).__name__ if isinstance(param, nnx.Variable) else f"a bare {type(param).__name__}"
-        raise ValueError(f"parameter {name}: no logical axes ({what} without out_sharding metadata); create it "
-                         "as nnx.Param(value, out_sharding=(logical axes, one per dimension), eager_sharding=False).")
+        raise ValueError(
+            f"parameter {name}: no logical axes ({what} without out_sharding metadata); create it "
+            "as nnx.Param(value, out_sharding=(logical axes, one per dimension), eager_sharding=False)."
+        )
     axes = tuple(axes)  # a tuple or a PartitionSpec of logical names
     ndim = len(param.get_value().shape)
     if len(axes) != ndim:
@@ -207,6 +221,7 @@ def param_shardings(mesh: Mesh, params) -> Any:
     """NamedShardings for a tree of parameters (an nnx.State of arrays or ShapeDtypeStructs, as
     nnx.split or jax.eval_shape give it), each from the logical axes the parameter carries
     (`param_axes`); the result has the tree's structure, metadata included."""
+
     def sharding(path, param):
         name = _path_name(path)
         axes = param_axes(param, name)
@@ -221,7 +236,10 @@ def opt_state_shardings(mesh: Mesh, optimizer, opt_state, params_shardings) -> A
     import optax  # the optimizer's own view of which state leaves mirror the parameters
 
     return optax.tree_utils.tree_map_params(
-        optimizer, lambda _, sharding: sharding, opt_state, params_shardings,
+        optimizer,
+        lambda _, sharding: sharding,
+        opt_state,
+        params_shardings,
         transform_non_params=lambda _: replicated(mesh),
     )
 
@@ -238,12 +256,14 @@ def inputs_shardings(mesh: Mesh, inputs, leading: int = 0) -> Any:
     before each field's own: rows and patch slots over the batch axes, the rest whole. (Rows
     are checked or padded to divide beforehand; patch slots, a power of two times 64, stay
     whole on a mesh with more batch shards than that.)"""
+
     def sharding(path, leaf):
         field = path.rsplit("/", 1)[-1]
         row_axis = leading + _ROW_AXIS.get(field, 0)
         logical = [None] * leaf.ndim
         logical[row_axis] = "batch"
         return named(mesh, *logical, shape=leaf.shape, name=path)
+
     return jax.tree.map(sharding, tree_paths(inputs), inputs)
 
 

@@ -1,8 +1,9 @@
 """From prompt records to graded groups of responses, and from those to update batches.
 
-    groups, grader_stats = sample_and_grade(policy, prompts, keys, sampling_params, grade, image_token_id)
-    arrays = update_arrays(groups)          # full sequences (prompt + response), per row
+groups, grader_stats = sample_and_grade(policy, prompts, keys, sampling_params, grade, image_token_id)
+arrays = update_arrays(groups)          # full sequences (prompt + response), per row
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,8 @@ from typing import Callable
 import jax
 import numpy as np
 
-from vppo_jax.rollout import sampling
 from vppo_jax.models.qwen2_5_vl.inputs import left_pad_to_bucket
+from vppo_jax.rollout import sampling
 
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")
 
@@ -23,8 +24,8 @@ def collate_prompts(prompts: list, pad_id: int, image_token_id: int) -> dict:
     input_ids = np.full((len(prompts), length), pad_id, np.int32)
     attention_mask = np.zeros((len(prompts), length), np.int32)
     for row, prompt in enumerate(prompts):
-        input_ids[row, length - len(prompt.prompt_ids):] = prompt.prompt_ids
-        attention_mask[row, length - len(prompt.prompt_ids):] = 1
+        input_ids[row, length - len(prompt.prompt_ids) :] = prompt.prompt_ids
+        attention_mask[row, length - len(prompt.prompt_ids) :] = 1
     arrays = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -66,9 +67,14 @@ class GradedGroups:
                 [self.prompts[g].image_grid_thw for g in groups] + [np.zeros((0, 3), np.int64)]
             )
         return GradedGroups(
-            prompt_arrays=prompt_arrays, prompts=[self.prompts[g] for g in groups], tokens=self.tokens[rows],
-            mask=self.mask[rows], truncated=self.truncated[rows], texts=[self.texts[r] for r in rows],
-            rewards=self.rewards[rows], live=self.live[groups],
+            prompt_arrays=prompt_arrays,
+            prompts=[self.prompts[g] for g in groups],
+            tokens=self.tokens[rows],
+            mask=self.mask[rows],
+            truncated=self.truncated[rows],
+            texts=[self.texts[r] for r in rows],
+            rewards=self.rewards[rows],
+            live=self.live[groups],
         )
 
 
@@ -82,8 +88,15 @@ def _image_rows(prompts: list) -> list[np.ndarray]:
     return rows
 
 
-def sample_and_grade(policy, prompts: list, keys: jax.Array, params: sampling.SamplingParams, grade: Callable,
-                     image_token_id: int, mesh=None) -> tuple[GradedGroups, dict]:
+def sample_and_grade(
+    policy,
+    prompts: list,
+    keys: jax.Array,
+    params: sampling.SamplingParams,
+    grade: Callable,
+    image_token_id: int,
+    mesh=None,
+) -> tuple[GradedGroups, dict]:
     """Samples G responses per prompt and grades them with `grade(responses, answers) ->
     (rewards, stats)` (a RewardPool's score_responses); returns the groups and grader stats."""
     arrays = left_pad_to_bucket(
@@ -95,8 +108,13 @@ def sample_and_grade(policy, prompts: list, keys: jax.Array, params: sampling.Sa
     answers = [p.answer for p in prompts for _ in range(params.group_size)]
     rewards, stats = grade(texts, answers)
     groups = GradedGroups(
-        prompt_arrays=arrays, prompts=list(prompts), tokens=tokens, mask=mask,
-        truncated=np.asarray(rollout.truncated), texts=texts, rewards=np.asarray(rewards, np.float32),
+        prompt_arrays=arrays,
+        prompts=list(prompts),
+        tokens=tokens,
+        mask=mask,
+        truncated=np.asarray(rollout.truncated),
+        texts=texts,
+        rewards=np.asarray(rewards, np.float32),
         live=np.ones(len(prompts), bool),
     )
     return groups, stats
@@ -118,9 +136,14 @@ def concatenate(parts: list[GradedGroups], pad_id: int) -> GradedGroups:
             prompt_arrays[key] = np.concatenate([p.prompt_arrays[key] for p in with_images])
     join = lambda name: np.concatenate([getattr(p, name) for p in parts])
     return GradedGroups(
-        prompt_arrays=prompt_arrays, prompts=[q for p in parts for q in p.prompts], tokens=join("tokens"),
-        mask=join("mask"), truncated=join("truncated"), texts=[t for p in parts for t in p.texts],
-        rewards=join("rewards"), live=join("live"),
+        prompt_arrays=prompt_arrays,
+        prompts=[q for p in parts for q in p.prompts],
+        tokens=join("tokens"),
+        mask=join("mask"),
+        truncated=join("truncated"),
+        texts=[t for p in parts for t in p.texts],
+        rewards=join("rewards"),
+        live=join("live"),
     )
 
 

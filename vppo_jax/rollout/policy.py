@@ -1,4 +1,5 @@
 """Loading the policy to train: model and tokenizer from an HF directory or a converted checkpoint."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,10 +10,9 @@ from flax import nnx
 from tokenizers import Tokenizer
 
 from vppo_jax.data import prompts
-from vppo_jax.models.qwen2_5_vl.image_processor import ImageProcessor
-
 from vppo_jax.models.qwen2_5_vl import from_pretrained
 from vppo_jax.models.qwen2_5_vl.checkpoint import HF_DIR, PARAMS_DIR, load_model
+from vppo_jax.models.qwen2_5_vl.image_processor import ImageProcessor
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -44,7 +44,9 @@ def load_policy(path: str, dtype: str, param_dtype: str | None = None) -> Policy
         )
     tokenizer_path = os.path.join(hf_dir, TOKENIZER_FILE)
     if not os.path.isfile(tokenizer_path):
-        raise FileNotFoundError(f"{hf_dir} has no {TOKENIZER_FILE}; copy the tokenizer files of the original model there.")
+        raise FileNotFoundError(
+            f"{hf_dir} has no {TOKENIZER_FILE}; copy the tokenizer files of the original model there."
+        )
     return Policy(model=model, tokenizer=Tokenizer.from_file(tokenizer_path), hf_dir=hf_dir)
 
 
@@ -54,14 +56,24 @@ def compute_model(graphdef: nnx.GraphDef, params, config):
     return nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(config.jnp_dtype), params))
 
 
-def prompt_builder(policy: Policy, max_prompt_length: int, min_pixels: int | None = None,
-                   max_pixels: int | None = None, template: str = "reference") -> prompts.PromptBuilder:
+def prompt_builder(
+    policy: Policy,
+    max_prompt_length: int,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    template: str = "reference",
+) -> prompts.PromptBuilder:
     """Prompts for this policy: its tokenizer, image processor and vision token ids; `min/max_pixels`
     is the recipe's image budget (None: none); `template` a name or file (`prompts.prompt_template`)."""
     config = policy.model.config
     return prompts.PromptBuilder(
-        policy.tokenizer, ImageProcessor.from_pretrained(policy.hf_dir),
-        image_token_id=config.image_token_id, vision_start_token_id=config.vision_start_token_id,
-        vision_end_token_id=config.vision_end_token_id, max_prompt_length=max_prompt_length,
-        min_pixels=min_pixels, max_pixels=max_pixels, template=prompts.prompt_template(template),
+        policy.tokenizer,
+        ImageProcessor.from_pretrained(policy.hf_dir),
+        image_token_id=config.image_token_id,
+        vision_start_token_id=config.vision_start_token_id,
+        vision_end_token_id=config.vision_end_token_id,
+        max_prompt_length=max_prompt_length,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        template=prompts.prompt_template(template),
     )

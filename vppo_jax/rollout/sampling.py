@@ -12,6 +12,7 @@ once per prompt and repeats the resulting KV cache for the prompt's G samples. D
 one `lax.while_loop` that feeds one token per sequence per step and stops when every
 sequence has produced an end token or `max_new_tokens` tokens.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,12 +26,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
-from vppo_jax.parallel import sharding
-from vppo_jax.parallel.compile import Program, ProgramCache
 from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, left_pad_to_bucket, prepare_inputs
 from vppo_jax.models.qwen2_5_vl.text import KVCache
-
+from vppo_jax.parallel import sharding
+from vppo_jax.parallel.compile import Program, ProgramCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +159,9 @@ def _prefill(graphdef, cache_length: int, group_size: int, state, inputs: ModelI
     return jax.tree.map(lambda a: jnp.repeat(a, group_size, axis=0), prefilled)
 
 
-def _decode(graphdef, params: SamplingParams, mesh: Mesh, state, prefilled: Prefilled, cache: KVCache,
-            keys: jax.Array) -> tuple[Rollout, KVCache]:
+def _decode(
+    graphdef, params: SamplingParams, mesh: Mesh, state, prefilled: Prefilled, cache: KVCache, keys: jax.Array
+) -> tuple[Rollout, KVCache]:
     # Every step reads every weight: gather the fsdp slices once, before the loop, instead of
     # at every step; each device keeps its tensor slice (one more copy of params / tensor).
     state = jax.lax.with_sharding_constraint(state, sharding.gathered(sharding.param_shardings(mesh, state), "fsdp"))
@@ -170,8 +171,12 @@ def _decode(graphdef, params: SamplingParams, mesh: Mesh, state, prefilled: Pref
     manual = tuple(axis for axis in ("data", "fsdp") if axis in mesh.axis_names)
     rows = PartitionSpec(manual)
     decode_rows = jax.shard_map(
-        functools.partial(_decode_rows, graphdef, params), mesh=mesh, in_specs=(PartitionSpec(), rows, rows, rows),
-        out_specs=rows, axis_names=set(manual), check_vma=False,
+        functools.partial(_decode_rows, graphdef, params),
+        mesh=mesh,
+        in_specs=(PartitionSpec(), rows, rows, rows),
+        out_specs=rows,
+        axis_names=set(manual),
+        check_vma=False,
     )
     return decode_rows(state, prefilled, cache, keys)
 
@@ -312,20 +317,37 @@ _PROGRAMS = ProgramCache()
 
 def compiled_prefill(graphdef, state, inputs: ModelInputs, cache_length: int, group_size: int, mesh: Mesh) -> Program:
     """The prefill compiled for these argument shapes (arrays or ShapeDtypeStructs)."""
-    return _PROGRAMS.get(("prefill", graphdef, cache_length, group_size), mesh, (state, inputs), lambda: (
-        functools.partial(_prefill, graphdef, cache_length, group_size),
-        (sharding.param_shardings(mesh, state), sharding.inputs_shardings(mesh, inputs)),
-        lambda out: _prefilled_shardings(mesh, out), (),
-    ))
+    return _PROGRAMS.get(
+        ("prefill", graphdef, cache_length, group_size),
+        mesh,
+        (state, inputs),
+        lambda: (
+            functools.partial(_prefill, graphdef, cache_length, group_size),
+            (sharding.param_shardings(mesh, state), sharding.inputs_shardings(mesh, inputs)),
+            lambda out: _prefilled_shardings(mesh, out),
+            (),
+        ),
+    )
 
 
-def compiled_decode(graphdef, state, prefilled: Prefilled, cache: KVCache, keys, params: SamplingParams,
-                    mesh: Mesh) -> Program:
+def compiled_decode(
+    graphdef, state, prefilled: Prefilled, cache: KVCache, keys, params: SamplingParams, mesh: Mesh
+) -> Program:
     """The decode loop compiled for these argument shapes; `prefilled` without its cache,
     which is donated."""
-    return _PROGRAMS.get(("decode", graphdef, params), mesh, (state, prefilled, cache, keys), lambda: (
-        functools.partial(_decode, graphdef, params, mesh),
-        (sharding.param_shardings(mesh, state), _prefilled_shardings(mesh, prefilled),
-         sharding.cache_shardings(mesh, cache), sharding.rows_shardings(mesh, keys)),
-        lambda out: (sharding.replicated(mesh), sharding.cache_shardings(mesh, out[1])), (2,),
-    ))
+    return _PROGRAMS.get(
+        ("decode", graphdef, params),
+        mesh,
+        (state, prefilled, cache, keys),
+        lambda: (
+            functools.partial(_decode, graphdef, params, mesh),
+            (
+                sharding.param_shardings(mesh, state),
+                _prefilled_shardings(mesh, prefilled),
+                sharding.cache_shardings(mesh, cache),
+                sharding.rows_shardings(mesh, keys),
+            ),
+            lambda out: (sharding.replicated(mesh), sharding.cache_shardings(mesh, out[1])),
+            (2,),
+        ),
+    )

@@ -15,23 +15,22 @@ benchmarks/average/avg@8, ... (k as evaluated).
 The plot puts the first metric against the first GRID field, one line per combination of
 the other fields; for named TRIALS, one point per trial.
 """
+
 from __future__ import annotations
 
-import functools
-
 import csv
+import functools
 import json
 import os
 import re
-import sys
 
 from absl import app, flags, logging
 from matplotlib.figure import Figure
 
 from vppo_jax.eval.benchmarks import EVALUATION_DIR, SUMMARY_FILE
 from vppo_jax.io.cli import parse_flags
-from vppo_jax.trainer.metrics import METRICS_FILE, read_metrics
 from vppo_jax.sweeps.trials import Sweep, finished, load_sweep
+from vppo_jax.trainer.metrics import METRICS_FILE, read_metrics
 
 
 def benchmark_metrics(workdir: str) -> dict[str, float]:
@@ -43,8 +42,12 @@ def benchmark_metrics(workdir: str) -> dict[str, float]:
     with open(path) as f:
         summary = json.load(f)
     results = {**summary["benchmarks"], "average": summary["average"]}
-    return {f"benchmarks/{name}/{metric}": value for name, result in results.items()
-            for metric, value in result.items() if "@" in metric}
+    return {
+        f"benchmarks/{name}/{metric}": value
+        for name, result in results.items()
+        for metric, value in result.items()
+        if "@" in metric
+    }
 
 
 def trial_rows(sweep: Sweep, root: str, metrics: list[str]) -> list[dict]:
@@ -54,8 +57,12 @@ def trial_rows(sweep: Sweep, root: str, metrics: list[str]) -> list[dict]:
         path = os.path.join(workdir, METRICS_FILE)
         lines = read_metrics(path) if os.path.exists(path) else []
         status = "finished" if finished(workdir) else "incomplete" if lines else "not started"
-        row = {"trial": trial.name, **sweep.swept[trial.name], "status": status,
-               "steps": lines[-1]["step"] + 1 if lines else 0}
+        row = {
+            "trial": trial.name,
+            **sweep.swept[trial.name],
+            "status": status,
+            "steps": lines[-1]["step"] + 1 if lines else 0,
+        }
         benchmarks = benchmark_metrics(workdir)
         for metric in metrics:
             recorded = [line[metric] for line in lines if metric in line]
@@ -145,7 +152,10 @@ def define_flags():
 def one_sweep_file(words: list[str]) -> list[str]:
     """The command's one positional argument: the sweep file."""
     if len(words) != 1:
-        raise ValueError("give one sweep file (experiments/*.py)" + (f"; got {' '.join(words)} (several metrics: --metrics=loss,entropy)" if words else ""))
+        raise ValueError(
+            "give one sweep file (experiments/*.py)"
+            + (f"; got {' '.join(words)} (several metrics: --metrics=loss,entropy)" if words else "")
+        )
     return words
 
 

@@ -16,10 +16,10 @@ python3 -m vppo_jax.train ..."`, so every worker runs the trainer (REPO is relat
 workers' home directory, a relative ROOT to REPO). ROOT must be a directory all workers share
 (NFS, Filestore, a gcsfuse mount); finished trials are recognised when it is visible here too.
 """
+
 from __future__ import annotations
 
 import functools
-
 import os
 import shlex
 import subprocess
@@ -42,8 +42,7 @@ def local_command(trial: Trial, workdir: str) -> list[str]:
 
 def pod_command(trial: Trial, workdir: str, pod: str, zone: str, repo: str, python: str) -> list[str]:
     remote = f"cd {shlex.quote(repo)} && {shlex.join([python, *trial.train_args(workdir)])}"
-    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", pod, f"--zone={zone}", "--worker=all",
-            f"--command={remote}"]
+    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", pod, f"--zone={zone}", "--worker=all", f"--command={remote}"]
 
 
 def run_local(command: list[str], workdir: str) -> int:
@@ -60,8 +59,16 @@ def log_tail(workdir: str) -> str:
     return f"last lines of {path}:\n" + "\n".join("    " + line for line in lines)
 
 
-def launch(sweep_file: str, root: str, mode: str = "local", pod: str | None = None, zone: str | None = None,
-           repo: str = "vppo_jax", python: str = "python3", dry_run: bool = False) -> int:
+def launch(
+    sweep_file: str,
+    root: str,
+    mode: str = "local",
+    pod: str | None = None,
+    zone: str | None = None,
+    repo: str = "vppo_jax",
+    python: str = "python3",
+    dry_run: bool = False,
+) -> int:
     """Runs (or with dry_run prints) every trial not finished yet; 1 if any failed, else 0.
     The arguments are the flags of the command (module docstring)."""
     if mode not in ("local", "tpu-pod"):
@@ -109,9 +116,11 @@ def define_flags():
     flags.DEFINE_string("python", "python3", "tpu-pod: the workers' Python with vppo_jax installed.")
     flags.DEFINE_bool("dry_run", False, "Print each trial's command instead of running it.")
     flags.mark_flags_as_required(["root"])
-    flags.register_multi_flags_validator(["mode", "pod", "zone"],
-                                         lambda f: f["mode"] != "tpu-pod" or bool(f["pod"] and f["zone"]),
-                                         message="--mode=tpu-pod needs --pod and --zone")
+    flags.register_multi_flags_validator(
+        ["mode", "pod", "zone"],
+        lambda f: f["mode"] != "tpu-pod" or bool(f["pod"] and f["zone"]),
+        message="--mode=tpu-pod needs --pod and --zone",
+    )
 
 
 def one_sweep_file(words: list[str]) -> list[str]:

@@ -1,4 +1,5 @@
 """A sweep file -> its trials: a name, a config file and overrides each; the training command of each."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,11 +51,12 @@ def flag_value(value) -> str:
 
 
 def trial_name(values: dict) -> str:
-    """"tgf_k=0.2_beta_min=0.8" from {"algo.tgf_k": 0.2, "algo.beta_min": 0.8}: short, and safe in a path.
+    """ "tgf_k=0.2_beta_min=0.8" from {"algo.tgf_k": 0.2, "algo.beta_min": 0.8}: short, and safe in a path.
     A field is named by its last part unless another field ends the same way."""
     last = [field.rsplit(".", 1)[-1] for field in values]
-    parts = [f"{short if last.count(short) == 1 else field}={value}"
-             for (field, value), short in zip(values.items(), last)]
+    parts = [
+        f"{short if last.count(short) == 1 else field}={value}" for (field, value), short in zip(values.items(), last)
+    ]
     return re.sub(r"[^\w.=+-]", "-", "_".join(parts))
 
 
@@ -71,8 +73,10 @@ def load_sweep(path: str) -> Sweep:
         combos = [dict(zip(fields, values)) for values in itertools.product(*grid.values())]
         named = {trial_name(combo): combo for combo in combos}
         if len(named) < len(combos):
-            raise ValueError(f"{path}: GRID gives several trials the same name (values alike once made safe for a "
-                             "path); name the trials with TRIALS instead.")
+            raise ValueError(
+                f"{path}: GRID gives several trials the same name (values alike once made safe for a "
+                "path); name the trials with TRIALS instead."
+            )
     unsafe = [trial for trial in named if not re.fullmatch(r"[\w.=+-]+", trial)]
     if unsafe:
         raise ValueError(f"{path}: trial names {unsafe} are not safe in a path; use letters, digits and . = + - _")
@@ -81,8 +85,13 @@ def load_sweep(path: str) -> Sweep:
     for trial, values in named.items():
         overrides = {**fixed, **values}
         trials.append(Trial(trial, overrides.pop(CONFIG_KEY, module.CONFIG), overrides))
-    return Sweep(name, trials, swept=dict(named), grid=tuple(grid or ()),
-                 metrics=tuple(getattr(module, "METRICS", DEFAULT_METRICS)))
+    return Sweep(
+        name,
+        trials,
+        swept=dict(named),
+        grid=tuple(grid or ()),
+        metrics=tuple(getattr(module, "METRICS", DEFAULT_METRICS)),
+    )
 
 
 def finished(workdir: str) -> bool:

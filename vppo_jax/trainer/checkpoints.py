@@ -11,6 +11,7 @@ each writes and reads the shards of the sharded arrays its devices hold; the dat
 iterator positions and host counters, one per process, are gathered and written by
 process 0, and each process restores its own.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,8 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict):
             existing = _flatten(json.load(f))
         current = _flatten(resolved)
         differing = sorted(
-            key for key in existing.keys() | current.keys()
+            key
+            for key in existing.keys() | current.keys()
             if existing.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES)
         )
         if differing:
@@ -103,8 +105,12 @@ class RunCheckpoints:
                 host=ocp.args.JsonRestore(),
             ),
         )
-        return (restored.state, jax.random.wrap_key_data(np.asarray(restored.rng["key"])), restored.data["processes"],
-                restored.host["processes"])
+        return (
+            restored.state,
+            jax.random.wrap_key_data(np.asarray(restored.rng["key"])),
+            restored.data["processes"],
+            restored.host["processes"],
+        )
 
     def close(self):
         self.manager.wait_until_finished()

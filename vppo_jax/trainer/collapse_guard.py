@@ -14,6 +14,7 @@ rounds, so this guard watches the padding instead:
 * after `rollout.max_starved_steps` consecutive starved steps the run stops with an
   error that names the cause and the settings that change it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,13 +42,22 @@ class CollapseGuard:
         starved = share < self.min_live_share or live_groups == 0
         self.empty_steps += live_groups == 0
         self.starved_streak = self.starved_streak + 1 if starved else 0
-        metrics = {"rollout/live_share": share, "rollout/empty_steps": self.empty_steps,
-                   "rollout/starved_streak": self.starved_streak}
+        metrics = {
+            "rollout/live_share": share,
+            "rollout/empty_steps": self.empty_steps,
+            "rollout/starved_streak": self.starved_streak,
+        }
         if not starved:
             return metrics
         self.symptoms = _symptoms(rollout_metrics)
-        log.warning("Step %d: dynamic sampling kept %d of %d groups (%s)%s.", step, live_groups,
-                    self.prompts_per_step, self.symptoms, "; no update" if live_groups == 0 else "")
+        log.warning(
+            "Step %d: dynamic sampling kept %d of %d groups (%s)%s.",
+            step,
+            live_groups,
+            self.prompts_per_step,
+            self.symptoms,
+            "; no update" if live_groups == 0 else "",
+        )
         return metrics
 
     def stop_if_collapsed(self, step: int):
@@ -74,5 +84,7 @@ class CollapseGuard:
 
 
 def _symptoms(rollout_metrics: dict) -> str:
-    return (f"sampled accuracy {rollout_metrics['rollout/accuracy']:.2f}, "
-            f"{rollout_metrics['rollout/truncated']:.0%} of responses truncated")
+    return (
+        f"sampled accuracy {rollout_metrics['rollout/accuracy']:.2f}, "
+        f"{rollout_metrics['rollout/truncated']:.0%} of responses truncated"
+    )

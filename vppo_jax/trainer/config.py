@@ -4,6 +4,7 @@ translation into the objects the compiled code takes.
 Config files under configs/ start from `default_config()` and change what their recipe
 changes; any field can be overridden on the command line (`--config.algo.tgf_k=0.2`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,9 +15,9 @@ import optax
 
 from vppo_jax.data import prompts
 from vppo_jax.rollout import sampling
-from vppo_jax.vppo.loss import LossConfig
-from vppo_jax.trainer.optimizer import make_optimizer
 from vppo_jax.rollout.rewards.registry import get_reward
+from vppo_jax.trainer.optimizer import make_optimizer
+from vppo_jax.vppo.loss import LossConfig
 from vppo_jax.vppo.step import StepConfig
 
 
@@ -30,35 +31,45 @@ def default_config() -> ml_collections.ConfigDict:
     # memory (vppo_jax/trainer/optimizer.py).
     c.model = ml_collections.ConfigDict(dict(path="", dtype="bfloat16", param_dtype="float32"))
 
-    c.data = ml_collections.ConfigDict(dict(
-        train_files=("",),  # parquet or jsonl in the ViRL39K schema (problem, answer, images)
-        val_files=("",),
-        problem_key="problem", answer_key="answer", images_key="images",
-        # The image budget (image_processor.fit_pixel_budget): an image outside [min_pixels, max_pixels]
-        # is scaled into it, upscaling small images (0 switches a side off); the image processor
-        # then rounds each side to a multiple of 28. The reference's: 256 to 1280 units of 28 x 28.
-        min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28,
-        max_prompt_length=4096,
-        # The user turn: "reference" (the problem, then the paper's think-then-\boxed{} instruction),
-        # "plain" (the problem alone) or a text file with {problem} where the problem goes.
-        prompt_template="reference",
-        seed=1,
-    ))
+    c.data = ml_collections.ConfigDict(
+        dict(
+            train_files=("",),  # parquet or jsonl in the ViRL39K schema (problem, answer, images)
+            val_files=("",),
+            problem_key="problem",
+            answer_key="answer",
+            images_key="images",
+            # The image budget (image_processor.fit_pixel_budget): an image outside [min_pixels, max_pixels]
+            # is scaled into it, upscaling small images (0 switches a side off); the image processor
+            # then rounds each side to a multiple of 28. The reference's: 256 to 1280 units of 28 x 28.
+            min_pixels=256 * 28 * 28,
+            max_pixels=1280 * 28 * 28,
+            max_prompt_length=4096,
+            # The user turn: "reference" (the problem, then the paper's think-then-\boxed{} instruction),
+            # "plain" (the problem alone) or a text file with {problem} where the problem goes.
+            prompt_template="reference",
+            seed=1,
+        )
+    )
 
-    c.rollout = ml_collections.ConfigDict(dict(
-        prompts_per_step=384,  # prompts kept per rollout batch (after online filtering)
-        group_size=8,
-        temperature=1.0, top_p=0.99, top_k=0,
-        max_new_tokens=2048,
-        # Prompts are left-padded to the next length of the form 2^k or 1.5 x 2^k at or above
-        # this (one compile per length): larger means fewer compiles and more padding.
-        min_prompt_length=512,
-        max_filter_rounds=8,  # dynamic sampling: rounds of sampling to fill the batch
-        # The collapse guard (vppo_jax/trainer/collapse_guard.py): a step whose batch holds fewer live
-        # groups than this share of prompts_per_step is starved; this many starved steps in a
-        # row stop the run with an error (0: never stop).
-        min_live_share=0.25, max_starved_steps=10,
-    ))
+    c.rollout = ml_collections.ConfigDict(
+        dict(
+            prompts_per_step=384,  # prompts kept per rollout batch (after online filtering)
+            group_size=8,
+            temperature=1.0,
+            top_p=0.99,
+            top_k=0,
+            max_new_tokens=2048,
+            # Prompts are left-padded to the next length of the form 2^k or 1.5 x 2^k at or above
+            # this (one compile per length): larger means fewer compiles and more padding.
+            min_prompt_length=512,
+            max_filter_rounds=8,  # dynamic sampling: rounds of sampling to fill the batch
+            # The collapse guard (vppo_jax/trainer/collapse_guard.py): a step whose batch holds fewer live
+            # groups than this share of prompts_per_step is starved; this many starved steps in a
+            # row stop the run with an error (0: never stop).
+            min_live_share=0.25,
+            max_starved_steps=10,
+        )
+    )
 
     c.reward = ml_collections.ConfigDict(dict(name="accuracy", timeout_s=10.0, workers=8))
 
@@ -68,22 +79,32 @@ def default_config() -> ml_collections.ConfigDict:
     c.algo = algo_defaults()
     c.algo.online_filter, c.algo.accuracy_bounds = True, (0.01, 0.99)
 
-    c.optim = ml_collections.ConfigDict(dict(
-        learning_rate=1e-6, schedule="constant", warmup_steps=0,
-        b1=0.9, b2=0.999, weight_decay=0.01, max_grad_norm=1.0,
-    ))
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            learning_rate=1e-6,
+            schedule="constant",
+            warmup_steps=0,
+            b1=0.9,
+            b2=0.999,
+            weight_decay=0.01,
+            max_grad_norm=1.0,
+        )
+    )
 
-    c.train = ml_collections.ConfigDict(dict(
-        # Length as the reference counts it: full rollout batches per pass over the training
-        # set, times the epochs (ViRL39K: 38870 // 384 x 2 = 202 steps). steps > 0 overrides.
-        epochs=2, steps=0,
-        updates_per_rollout=3,  # optimizer steps per rollout batch (384 -> 3 x 128 prompts)
-        # Gradient accumulation inside one optimizer step: 1024 rows per update in 32 micro-batches
-        # of 32 rows, the reference's 4 rows per device on its 8 GPUs. More rows per micro-batch
-        # run faster until memory runs out (`python -m vppo_jax.plan` prints it per device).
-        micro_batches=32,
-        seed=0,
-    ))
+    c.train = ml_collections.ConfigDict(
+        dict(
+            # Length as the reference counts it: full rollout batches per pass over the training
+            # set, times the epochs (ViRL39K: 38870 // 384 x 2 = 202 steps). steps > 0 overrides.
+            epochs=2,
+            steps=0,
+            updates_per_rollout=3,  # optimizer steps per rollout batch (384 -> 3 x 128 prompts)
+            # Gradient accumulation inside one optimizer step: 1024 rows per update in 32 micro-batches
+            # of 32 rows, the reference's 4 rows per device on its 8 GPUs. More rows per micro-batch
+            # run faster until memory runs out (`python -m vppo_jax.plan` prints it per device).
+            micro_batches=32,
+            seed=0,
+        )
+    )
 
     # A checkpoint every `every_steps` steps and at the last one; 0 writes none (smoke runs, benchmarks).
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep=3))
@@ -111,8 +132,10 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
         elif not has_value and "name" in defaults and not parsed.name:
             parsed.name = token
         else:
-            raise ValueError(f"config argument {token!r} in {arg!r}: this config takes {sorted(defaults)} "
-                             "(key=value, or a bare key for a flag).")
+            raise ValueError(
+                f"config argument {token!r} in {arg!r}: this config takes {sorted(defaults)} "
+                "(key=value, or a bare key for a flag)."
+            )
     return parsed
 
 
@@ -148,10 +171,15 @@ def algo_defaults() -> ml_collections.ConfigDict:
 
 def step_config(c: ml_collections.ConfigDict) -> StepConfig:
     """The compiled step's configuration from the config's `algo` section (validated there)."""
-    pick = lambda cls: {f.name: c.algo[f.name] for f in dataclasses.fields(cls)
-                        if f.name not in _FROM_ROLLOUT and f.name != "loss"}
-    return StepConfig(**pick(StepConfig), group_size=c.rollout.group_size, temperature=c.rollout.temperature,
-                      loss=LossConfig(**pick(LossConfig)))
+    pick = lambda cls: {
+        f.name: c.algo[f.name] for f in dataclasses.fields(cls) if f.name not in _FROM_ROLLOUT and f.name != "loss"
+    }
+    return StepConfig(
+        **pick(StepConfig),
+        group_size=c.rollout.group_size,
+        temperature=c.rollout.temperature,
+        loss=LossConfig(**pick(LossConfig)),
+    )
 
 
 def training_steps(c: ml_collections.ConfigDict, train_rows: int) -> int:
@@ -161,8 +189,10 @@ def training_steps(c: ml_collections.ConfigDict, train_rows: int) -> int:
         return c.train.steps
     per_epoch = train_rows // c.rollout.prompts_per_step
     if not per_epoch or c.train.epochs <= 0:
-        raise ValueError(f"train.epochs={c.train.epochs} over {train_rows} training rows at rollout.prompts_per_step="
-                         f"{c.rollout.prompts_per_step} gives no step: set train.epochs >= 1, or train.steps.")
+        raise ValueError(
+            f"train.epochs={c.train.epochs} over {train_rows} training rows at rollout.prompts_per_step="
+            f"{c.rollout.prompts_per_step} gives no step: set train.epochs >= 1, or train.steps."
+        )
     return per_epoch * c.train.epochs
 
 
@@ -191,8 +221,13 @@ def sampling_params(c: ml_collections.ConfigDict, special, **overrides) -> sampl
     """The rollout's sampling settings; `special` holds the tokenizer's end/pad token ids."""
     r = c.rollout
     settings = dict(
-        max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-        group_size=r.group_size, end_token_ids=(special.im_end, special.endoftext),
-        pad_token_id=special.endoftext, min_prompt_length=r.min_prompt_length,
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_k=r.top_k,
+        top_p=r.top_p,
+        group_size=r.group_size,
+        end_token_ids=(special.im_end, special.endoftext),
+        pad_token_id=special.endoftext,
+        min_prompt_length=r.min_prompt_length,
     )
     return sampling.SamplingParams(**(settings | overrides))

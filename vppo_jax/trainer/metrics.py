@@ -1,4 +1,5 @@
 """Metrics a run writes: one JSON line per step and TensorBoard event files, both in the workdir."""
+
 from __future__ import annotations
 
 import contextlib

@@ -12,6 +12,7 @@ either way (bf16 in the 7B/32B recipes), casting each weight where it is used:
   Plain AdamW into bf16 weights is not offered: a 1e-6 step is below half a bf16 ulp for
   any weight above about 5e-4 in magnitude and rounds away (benchmarks/optimizer_precision.py).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -23,8 +24,14 @@ import optax
 PARAM_DTYPES = ("float32", "bfloat16")
 
 
-def make_optimizer(learning_rate: float | optax.Schedule = 1e-6, b1=0.9, b2=0.999, weight_decay=0.01,
-                   max_grad_norm=1.0, param_dtype: str = "float32") -> optax.GradientTransformation:
+def make_optimizer(
+    learning_rate: float | optax.Schedule = 1e-6,
+    b1=0.9,
+    b2=0.999,
+    weight_decay=0.01,
+    max_grad_norm=1.0,
+    param_dtype: str = "float32",
+) -> optax.GradientTransformation:
     """The reference's optimizer (clip, then AdamW) for parameters held in `param_dtype`."""
     if param_dtype == "float32":
         adamw = optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay)
@@ -42,8 +49,9 @@ class KahanAdamWState(NamedTuple):
     compensation: optax.Updates  # what rounding dropped from the last update, in the parameters' dtype
 
 
-def kahan_adamw(learning_rate: float | optax.Schedule, b1=0.9, b2=0.999, eps=1e-8,
-                weight_decay=0.0) -> optax.GradientTransformation:
+def kahan_adamw(
+    learning_rate: float | optax.Schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0
+) -> optax.GradientTransformation:
     """AdamW (optax.adamw's arithmetic, in fp32) for low-precision parameters and moments, with
     Kahan-compensated updates. Its updates are fp32 and make `optax.apply_updates` land each
     parameter exactly on the compensated sum rounded to its dtype."""

@@ -12,6 +12,7 @@ the same command; each reads and decodes only its share of the data, the prompt 
 a step are gathered so that all build the same global batch (the one a single process would
 read), rewards are graded in shares, and process 0 writes metrics.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,23 +24,22 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from vppo_jax.trainer import config as config_lib
 from vppo_jax import data as data_lib
-from vppo_jax.parallel import distributed, sharding
-from vppo_jax.trainer.collapse_guard import CollapseGuard
 from vppo_jax.data.images import open_image
-from vppo_jax.trainer.metrics import MetricsWriter, Timer
+from vppo_jax.eval.accuracy import evaluate_prompts
+from vppo_jax.parallel import distributed, sharding
+from vppo_jax.rollout.groups import GradedGroups, concatenate, sample_and_grade, update_arrays
 from vppo_jax.rollout.policy import compute_model, load_policy, prompt_builder
 from vppo_jax.rollout.rewards import RewardPool
-from vppo_jax.eval.accuracy import evaluate_prompts
-from vppo_jax.rollout.groups import GradedGroups, concatenate, sample_and_grade, update_arrays
+from vppo_jax.trainer import config as config_lib
 from vppo_jax.trainer.checkpoints import RunCheckpoints, claim_workdir
+from vppo_jax.trainer.collapse_guard import CollapseGuard
+from vppo_jax.trainer.metrics import MetricsWriter, Timer
 from vppo_jax.vppo import programs
-from vppo_jax.vppo.batch import TrainBatch, init_sharded_state
-from vppo_jax.vppo.step import needs_scoring
 from vppo_jax.vppo.advantages import grpo_advantages, online_group_filter
-from vppo_jax.vppo.batch import build_train_batch
+from vppo_jax.vppo.batch import TrainBatch, build_train_batch, init_sharded_state
 from vppo_jax.vppo.pixel_blackening import perturbed_pixel_values
+from vppo_jax.vppo.step import needs_scoring
 
 
 class Trainer:
@@ -64,9 +64,11 @@ class Trainer:
         against the mesh: everything that can fail before the model loads."""
         config_lib.check_names(config)
         if not config.model.path or not config.data.train_files[0]:
-            raise ValueError("the config names no model (model.path) or no training data (data.train_files): "
-                             "set both; configs/tiny.py without them is the embedded default, which "
-                             "`python -m vppo_jax.train` and `python -m vppo_jax.demo` make first.")
+            raise ValueError(
+                "the config names no model (model.path) or no training data (data.train_files): "
+                "set both; configs/tiny.py without them is the embedded default, which "
+                "`python -m vppo_jax.train` and `python -m vppo_jax.demo` make first."
+            )
         d = config.data
         self.columns = dict(problem_key=d.problem_key, answer_key=d.answer_key, images_key=d.images_key)
         self.train_rows = data_lib.RowSource(d.train_files, self.columns.values())
@@ -87,8 +89,9 @@ class Trainer:
         with jax.default_device(_host_device()):
             self.policy = load_policy(c.model.path, c.model.dtype, c.model.param_dtype)
         self.model_config = self.policy.model.config
-        self.builder = prompt_builder(self.policy, d.max_prompt_length, d.min_pixels or None, d.max_pixels or None,
-                                      d.prompt_template)
+        self.builder = prompt_builder(
+            self.policy, d.max_prompt_length, d.min_pixels or None, d.max_pixels or None, d.prompt_template
+        )
         if jax.process_index() == 0:
             print(describe_image_budget(self.train_rows[0], self.builder, d), flush=True)
         self.sampling = config_lib.sampling_params(c, self.builder.special)
@@ -108,12 +111,15 @@ class Trainer:
         processes' shares gathered, in file order)."""
         d = self.config.data
         columns = self.columns | dict(process_index=jax.process_index(), process_count=jax.process_count())
-        self.data = data_lib.prompt_iterator(data_lib.prompt_dataset(d.train_files, self.builder, seed=d.seed,
-                                                                     **columns))
+        self.data = data_lib.prompt_iterator(
+            data_lib.prompt_dataset(d.train_files, self.builder, seed=d.seed, **columns)
+        )
         self.skips = data_lib.SkipCounter()
         self.validation_prompts = []
         if d.val_files and d.val_files[0]:
-            val = data_lib.prompt_dataset(d.val_files, self.builder, seed=d.seed, shuffle=False, num_epochs=1, **columns)
+            val = data_lib.prompt_dataset(
+                d.val_files, self.builder, seed=d.seed, shuffle=False, num_epochs=1, **columns
+            )
             val = sorted(sum(distributed.allgather(list(val)), []), key=lambda p: p.index)
             self.validation_prompts = [p for p in val if not p.skipped][: self.config.eval.max_examples or None]
 
@@ -129,8 +135,9 @@ class Trainer:
         latest checkpoint when there is one."""
         c = self.config
         self.rng = jax.random.key(c.train.seed)
-        self.collapse_guard = CollapseGuard(c.rollout.prompts_per_step, c.rollout.min_live_share,
-                                            c.rollout.max_starved_steps)
+        self.collapse_guard = CollapseGuard(
+            c.rollout.prompts_per_step, c.rollout.min_live_share, c.rollout.max_starved_steps
+        )
         self.checkpoints = RunCheckpoints(self.workdir, c.checkpoint.keep)
         self.start_step = self._resume()
         self.metrics = MetricsWriter(self.workdir, resume_step=self.start_step, enabled=jax.process_index() == 0)
@@ -141,8 +148,10 @@ class Trainer:
             return 0
         self.state, self.rng, data_states, hosts = self.checkpoints.restore(latest, self.state)
         if len(data_states) != jax.process_count():
-            raise ValueError(f"checkpoint {latest} was written by {len(data_states)} processes and this run has "
-                             f"{jax.process_count()}: each process resumes its own share of the data.")
+            raise ValueError(
+                f"checkpoint {latest} was written by {len(data_states)} processes and this run has "
+                f"{jax.process_count()}: each process resumes its own share of the data."
+            )
         self.data.set_state(data_states[jax.process_index()])
         self.skips.counts.update(hosts[jax.process_index()]["skips"])
         self.collapse_guard.restore(hosts[jax.process_index()].get("collapse_guard", {}))
@@ -150,8 +159,9 @@ class Trainer:
 
     def current_policy(self):
         """The policy with the state's current parameters in the compute dtype, for sampling."""
-        return dataclasses.replace(self.policy, model=compute_model(self.graphdef, self.state.params,
-                                                                     self.model_config))
+        return dataclasses.replace(
+            self.policy, model=compute_model(self.graphdef, self.state.params, self.model_config)
+        )
 
     def next_prompts(self, count: int) -> list:
         """`count` prompts: this process's share read here, the others' gathered, in the order
@@ -177,8 +187,9 @@ class Trainer:
         while rounds < r.max_filter_rounds and sum(len(g.prompts) for g in kept) < r.prompts_per_step:
             prompts = self.next_prompts(r.prompts_per_step)
             keys = jax.random.split(jax.random.fold_in(key, rounds), len(prompts) * r.group_size)
-            groups, grader = sample_and_grade(policy, prompts, keys, self.sampling, self.grade,
-                                              self.model_config.image_token_id, self.mesh)
+            groups, grader = sample_and_grade(
+                policy, prompts, keys, self.sampling, self.grade, self.model_config.image_token_id, self.mesh
+            )
             keep = np.ones(len(prompts), bool)
             if a.online_filter:
                 keep = np.asarray(online_group_filter(groups.rewards, r.group_size, tuple(a.accuracy_bounds))[0])
@@ -217,31 +228,41 @@ class Trainer:
             perturbed = None
             if self.step_config.vppo and self.step_config.perturbation == "blacken_pixels" and "pixel_values" in arrays:
                 seed = np.asarray(jax.random.key_data(jax.random.fold_in(key, u)))
-                perturbed = perturbed_pixel_values(part.prompts, c.rollout.group_size, self.builder.image_processor,
-                                                   seed, c.algo.blacken_prob)
-            batches.append(build_train_batch(
-                self.model_config, arrays["input_ids"], arrays["attention_mask"], arrays["response_tokens"],
-                np.asarray(grpo_advantages(part.rewards, c.rollout.group_size)),
-                arrays.get("pixel_values"), arrays.get("image_grid_thw"), c.train.micro_batches, perturbed,
-            ))
+                perturbed = perturbed_pixel_values(
+                    part.prompts, c.rollout.group_size, self.builder.image_processor, seed, c.algo.blacken_prob
+                )
+            batches.append(
+                build_train_batch(
+                    self.model_config,
+                    arrays["input_ids"],
+                    arrays["attention_mask"],
+                    arrays["response_tokens"],
+                    np.asarray(grpo_advantages(part.rewards, c.rollout.group_size)),
+                    arrays.get("pixel_values"),
+                    arrays.get("image_grid_thw"),
+                    c.train.micro_batches,
+                    perturbed,
+                )
+            )
         return batches
 
     def evaluate(self, key: jax.Array) -> dict[str, float]:
         e = self.config.eval
         params = dataclasses.replace(self.sampling, temperature=e.temperature, top_p=e.top_p, top_k=0)
-        summary, _ = evaluate_prompts(self.current_policy(), self.validation_prompts, e.k, params, self.grade, key,
-                                      mesh=self.mesh)
+        summary, _ = evaluate_prompts(
+            self.current_policy(), self.validation_prompts, e.k, params, self.grade, key, mesh=self.mesh
+        )
         return {f"eval/{name}": value for name, value in summary.items()}
 
     def token_dependency(self, batch: TrainBatch, key: jax.Array) -> jax.Array:
         """Each response token's visual dependency under the current policy and the config's
         estimator, whether or not this run trains with VPPO: (M, b, T)."""
-        score = programs.make_score_rollouts(dataclasses.replace(self.step_config, vppo=True), self.graphdef,
-                                             self.mesh)
+        score = programs.make_score_rollouts(dataclasses.replace(self.step_config, vppo=True), self.graphdef, self.mesh)
         return score(self.state.params, batch, key).dependency
 
-    def update(self, groups: GradedGroups, score_key: jax.Array, update_key: jax.Array,
-               timer: Timer) -> tuple[dict, float]:
+    def update(
+        self, groups: GradedGroups, score_key: jax.Array, update_key: jax.Array, timer: Timer
+    ) -> tuple[dict, float]:
         """`updates_per_rollout` optimizer updates on the graded groups; returns their mean metrics
         and the response tokens they trained on."""
         c = self.config
@@ -250,9 +271,12 @@ class Trainer:
         if needs_scoring(self.step_config, c.train.updates_per_rollout, c.train.micro_batches):
             # pi_old statistics for every slice from the rollout policy, before any update.
             with timer("dependency"):
-                batches = jax.block_until_ready([  # timed here, not under the update
-                    self.score_rollouts(self.state.params, b, jax.random.fold_in(score_key, i))
-                    for i, b in enumerate(batches)])
+                batches = jax.block_until_ready(
+                    [  # timed here, not under the update
+                        self.score_rollouts(self.state.params, b, jax.random.fold_in(score_key, i))
+                        for i, b in enumerate(batches)
+                    ]
+                )
         with timer("update"):
             updates = []
             for i, batch in enumerate(batches):
@@ -283,19 +307,33 @@ class Trainer:
         self.metrics.write(step, metrics)
         every = c.checkpoint.every_steps  # 0: no checkpoints at all (benchmarks, smoke runs)
         if every and ((step + 1) % every == 0 or step + 1 == c.train.steps):
-            self.checkpoints.save(step + 1, self.state, self.rng, self.data.get_state(),
-                                  {"skips": dict(self.skips.counts), "collapse_guard": self.collapse_guard.state()})
+            self.checkpoints.save(
+                step + 1,
+                self.state,
+                self.rng,
+                self.data.get_state(),
+                {"skips": dict(self.skips.counts), "collapse_guard": self.collapse_guard.state()},
+            )
         return metrics
 
     def train(self):
         steps = self.config.train.steps
-        progress = tqdm(range(self.start_step, steps), initial=self.start_step, total=steps, desc="train",
-                        unit="step", disable=jax.process_index() != 0)
+        progress = tqdm(
+            range(self.start_step, steps),
+            initial=self.start_step,
+            total=steps,
+            desc="train",
+            unit="step",
+            disable=jax.process_index() != 0,
+        )
         try:
             for step in progress:
                 metrics = self.train_one_step(step)
-                progress.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}", loss=f"{metrics.get('loss', 0):.3f}",
-                                     live=f"{metrics['rollout/live_share']:.2f}")
+                progress.set_postfix(
+                    acc=f"{metrics['rollout/accuracy']:.2f}",
+                    loss=f"{metrics.get('loss', 0):.3f}",
+                    live=f"{metrics['rollout/live_share']:.2f}",
+                )
                 self.collapse_guard.stop_if_collapsed(step)
         finally:  # a run the collapse guard stops still finishes writing its checkpoints
             self.close()
@@ -310,13 +348,19 @@ def check_batch_shapes(config: ml_collections.ConfigDict, mesh):
     """Refuses, before anything is loaded, batches that the processes or the mesh cannot split."""
     r, t = config.rollout, config.train
     if r.prompts_per_step % (t.updates_per_rollout * jax.process_count()):
-        raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of "
-                         f"train.updates_per_rollout x processes = {t.updates_per_rollout} x {jax.process_count()}.")
+        raise ValueError(
+            f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of "
+            f"train.updates_per_rollout x processes = {t.updates_per_rollout} x {jax.process_count()}."
+        )
     rows = r.prompts_per_step * r.group_size // t.updates_per_rollout
     if rows % t.micro_batches:
         raise ValueError(f"{rows} rows per update do not split into train.micro_batches={t.micro_batches}.")
-    sharding.check_rows(rows // t.micro_batches, mesh, "rows per micro-batch (rollout.prompts_per_step x "
-                        "rollout.group_size / train.updates_per_rollout / train.micro_batches)")
+    sharding.check_rows(
+        rows // t.micro_batches,
+        mesh,
+        "rows per micro-batch (rollout.prompts_per_step x "
+        "rollout.group_size / train.updates_per_rollout / train.micro_batches)",
+    )
 
 
 def describe_image_budget(row: data_lib.Row, builder, d: ml_collections.ConfigDict) -> str:
@@ -326,10 +370,12 @@ def describe_image_budget(row: data_lib.Row, builder, d: ml_collections.ConfigDi
         return "images: the first training row has no usable image"
     original = open_image(row.fields[d.images_key][0], row.base_dir)
     processor, (_, rows, cols) = builder.image_processor, prompt.image_grid_thw[0]
-    return (f"images: the first training image ({original.width} x {original.height} px) reaches the model at "
-            f"{cols * processor.patch_size} x {rows * processor.patch_size} px, {rows * cols // processor.merge_size**2} "
-            f"image tokens (data.min_pixels={d.min_pixels}, data.max_pixels={d.max_pixels}, then sides "
-            f"rounded to multiples of {processor.patch_size * processor.merge_size})")
+    return (
+        f"images: the first training image ({original.width} x {original.height} px) reaches the model at "
+        f"{cols * processor.patch_size} x {rows * processor.patch_size} px, {rows * cols // processor.merge_size**2} "
+        f"image tokens (data.min_pixels={d.min_pixels}, data.max_pixels={d.max_pixels}, then sides "
+        f"rounded to multiples of {processor.patch_size * processor.merge_size})"
+    )
 
 
 def _host_device():
@@ -342,10 +388,11 @@ def _host_device():
 
 def _grade_in_shares(grade, responses: list[str], answers: list[str]):
     """`grade` with every process grading its share of the responses."""
+
     def combine(parts):
         rewards = np.concatenate([np.asarray(r, np.float32).reshape(-1) for r, _ in parts])
         return rewards, {key: sum(stats[key] for _, stats in parts) for key in parts[0][1]}
-    return distributed.shared_work(lambda pairs: grade([p[0] for p in pairs], [p[1] for p in pairs]),
-                                   list(zip(responses, answers)), combine)
 
-
+    return distributed.shared_work(
+        lambda pairs: grade([p[0] for p in pairs], [p[1] for p in pairs]), list(zip(responses, answers)), combine
+    )

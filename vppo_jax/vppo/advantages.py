@@ -3,6 +3,7 @@
 Rollouts are laid out as consecutive groups of `group_size` (G) responses to the same
 prompt: rollout i belongs to group i // G.
 """
+
 import jax.numpy as jnp
 
 ADVANTAGE_EPS = 1e-6
@@ -13,8 +14,7 @@ def _grouped(values, group_size):
     if group_size < 2:
         raise ValueError(f"GRPO needs at least 2 rollouts per group, got {group_size}")
     if values.shape[0] % group_size:
-        raise ValueError(f"{values.shape[0]} rollouts are not a whole number of groups of "
-                         f"{group_size}")
+        raise ValueError(f"{values.shape[0]} rollouts are not a whole number of groups of {group_size}")
     return values.astype(jnp.float32).reshape(-1, group_size)
 
 

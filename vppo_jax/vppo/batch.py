@@ -1,5 +1,6 @@
 """What the VPPO update consumes and carries: the batch of rollouts (`TrainBatch`, built on
 the host by `build_train_batch`) and the training state (`TrainState`), with their shardings."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,8 +13,13 @@ import optax
 from flax import nnx
 
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
-from vppo_jax.models.qwen2_5_vl.inputs import (ModelInputs, count_windows, largest_frame_windows, prepare_inputs,
-                                               vision_inputs)
+from vppo_jax.models.qwen2_5_vl.inputs import (
+    ModelInputs,
+    count_windows,
+    largest_frame_windows,
+    prepare_inputs,
+    vision_inputs,
+)
 from vppo_jax.parallel import sharding
 
 
@@ -46,7 +52,8 @@ def scored_like(batch: TrainBatch) -> TrainBatch:
     """The shapes score_rollouts returns for `batch` (ShapeDtypeStructs)."""
     scores = jax.ShapeDtypeStruct(batch.targets.shape, jnp.float32)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch).replace(
-        old_logp=scores, old_entropy=scores, dependency=scores)
+        old_logp=scores, old_entropy=scores, dependency=scores
+    )
 
 
 def batch_shardings(mesh, batch: TrainBatch):
@@ -67,7 +74,9 @@ def init_state(model: nnx.Module, optimizer: optax.GradientTransformation) -> tu
     consumed (donated) the state, the model object must not be used again."""
     graphdef, params = nnx.split(model, nnx.Param)
     state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
         skipped_steps=jnp.zeros((), jnp.int32),
     )
     return graphdef, state
@@ -78,13 +87,16 @@ def train_state_shardings(mesh, optimizer: optax.GradientTransformation, state: 
     axes, the optimizer state like the parameters it mirrors, the counters replicated."""
     params = sharding.param_shardings(mesh, state.params)
     return state.replace(
-        step=sharding.replicated(mesh), skipped_steps=sharding.replicated(mesh), params=params,
+        step=sharding.replicated(mesh),
+        skipped_steps=sharding.replicated(mesh),
+        params=params,
         opt_state=sharding.opt_state_shardings(mesh, optimizer, state.opt_state, params),
     )
 
 
-def init_sharded_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh) -> tuple[nnx.GraphDef,
-                                                                                                  TrainState]:
+def init_sharded_state(
+    model: nnx.Module, optimizer: optax.GradientTransformation, mesh
+) -> tuple[nnx.GraphDef, TrainState]:
     """`init_state` on `mesh`: the parameters placed by the sharding rules (from wherever the
     model holds them, e.g. host memory), the optimizer state created already sharded on the
     devices (never whole on one device). The model must not be used afterwards."""
@@ -93,8 +105,9 @@ def init_sharded_state(model: nnx.Module, optimizer: optax.GradientTransformatio
     params = sharding.put(params, params_shardings)
     make = lambda p: init_state(nnx.merge(graphdef, p), optimizer)[1]
     state_shardings = train_state_shardings(mesh, optimizer, jax.eval_shape(make, params))
-    return graphdef, jax.jit(make, in_shardings=(params_shardings,), out_shardings=state_shardings,
-                             donate_argnums=0)(params)
+    return graphdef, jax.jit(make, in_shardings=(params_shardings,), out_shardings=state_shardings, donate_argnums=0)(
+        params
+    )
 
 
 def _images_per_row(config: Qwen2_5_VLConfig, input_ids: np.ndarray, grids: np.ndarray) -> list[int]:
@@ -158,14 +171,25 @@ def build_train_batch(
     windows = max((count_windows(config.vision, grid) for grid in grids), default=1)
     frame_windows = max((largest_frame_windows(config.vision, grid) for grid in grids), default=1)
     inputs = [
-        prepare_inputs(config, input_ids[m * rows:(m + 1) * rows], attention_mask[m * rows:(m + 1) * rows],
-                       pixels, grid, min_windows=windows, min_frame_windows=frame_windows)
+        prepare_inputs(
+            config,
+            input_ids[m * rows : (m + 1) * rows],
+            attention_mask[m * rows : (m + 1) * rows],
+            pixels,
+            grid,
+            min_windows=windows,
+            min_frame_windows=frame_windows,
+        )
         for m, (pixels, grid, _) in enumerate(parts)
     ]
     perturbed_patches = None
     if perturbed_pixel_values is not None:  # the same slot layout, other pixels
-        perturbed_patches = np.stack([vision_inputs(config.vision, perturbed, grid, windows, frame_windows)[0].patches
-                                      for _, grid, perturbed in parts])
+        perturbed_patches = np.stack(
+            [
+                vision_inputs(config.vision, perturbed, grid, windows, frame_windows)[0].patches
+                for _, grid, perturbed in parts
+            ]
+        )
     split = lambda a: a.reshape(micro_batches, rows, *a.shape[1:])
     return TrainBatch(
         inputs=jax.tree.map(lambda *leaves: np.stack(leaves), *inputs),

@@ -13,6 +13,7 @@ Estimators:
   top1_drop p(top-1 token of p) - p'(that token) (paper ablation; signed)
 Masked positions give 0.
 """
+
 import functools
 
 import jax
@@ -58,12 +59,12 @@ def _top1_probability_drop(logp, logp_perturbed, tokens):
     return jnp.exp(at_tokens(logp, top1)) - jnp.exp(at_tokens(logp_perturbed, top1))
 
 
-ESTIMATORS = {"k3": _sampled_k3, "kl": _exact_kl, "jsd": _jensen_shannon,
-              "top1_drop": _top1_probability_drop}
+ESTIMATORS = {"k3": _sampled_k3, "kl": _exact_kl, "jsd": _jensen_shannon, "top1_drop": _top1_probability_drop}
 
 
-def token_dependency(name, hidden, hidden_perturbed, unembedding, tokens, mask,
-                     temperature=1.0, chunk_size=DEFAULT_CHUNK_SIZE):
+def token_dependency(
+    name, hidden, hidden_perturbed, unembedding, tokens, mask, temperature=1.0, chunk_size=DEFAULT_CHUNK_SIZE
+):
     """Per-token visual dependency S_t (paper Definition 3.1) with estimator `name`.
 
     Args:
@@ -80,8 +81,9 @@ def token_dependency(name, hidden, hidden_perturbed, unembedding, tokens, mask,
     estimator = ESTIMATORS[name]
 
     def chunk_fn(h, h_perturbed, o):
-        return estimator(log_softmax_chunk(h, unembedding, temperature),
-                         log_softmax_chunk(h_perturbed, unembedding, temperature), o)
+        return estimator(
+            log_softmax_chunk(h, unembedding, temperature), log_softmax_chunk(h_perturbed, unembedding, temperature), o
+        )
 
     scores = map_token_chunks(chunk_fn, chunk_size, hidden, hidden_perturbed, tokens)
     return jax.lax.stop_gradient(jnp.where(mask.astype(bool), scores, 0.0))

@@ -9,6 +9,7 @@ in the forward pass and (each chunk's logits recomputed) in the backward pass. T
 the scoring pass, the dependency estimators (vppo_jax/vppo/dependency.py) and the warm
 start all go through here.
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -52,13 +53,11 @@ def map_token_chunks(chunk_fn, chunk_size, *per_token):
     def from_chunks(y):
         return jnp.moveaxis(y, 0, 1).reshape(batch, padded_length)[:, :length]
 
-    chunk_outputs = jax.lax.map(jax.checkpoint(lambda xs: chunk_fn(*xs)),
-                                tuple(to_chunks(x) for x in per_token))
+    chunk_outputs = jax.lax.map(jax.checkpoint(lambda xs: chunk_fn(*xs)), tuple(to_chunks(x) for x in per_token))
     return jax.tree.map(from_chunks, chunk_outputs)
 
 
-def token_logprobs_and_entropy(hidden, unembedding, tokens, temperature=1.0,
-                               chunk_size=DEFAULT_CHUNK_SIZE):
+def token_logprobs_and_entropy(hidden, unembedding, tokens, temperature=1.0, chunk_size=DEFAULT_CHUNK_SIZE):
     """log pi(o_t | s_t) and the entropy H(pi(. | s_t)) per token, chunked over T.
 
     Args:
@@ -68,6 +67,7 @@ def token_logprobs_and_entropy(hidden, unembedding, tokens, temperature=1.0,
     Returns:
       (logp, entropy), each (B, T) fp32; differentiable with respect to hidden and W.
     """
+
     def chunk_fn(h, o):
         logp = log_softmax_chunk(h, unembedding, temperature)
         entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)

@@ -17,6 +17,7 @@ the masks alone (`loss_counts`), so the train step can count the global batch fi
 divide each micro-batch's sums by the global counts; the accumulated gradient is then
 exactly that of the global token mean.
 """
+
 import dataclasses
 from typing import NamedTuple
 
@@ -34,6 +35,7 @@ class LossConfig:
       (reference code); "sequence" averages each response over its |o_i| tokens, then
       averages over non-empty responses (paper Eq. 6).
     """
+
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip: float = 3.0
@@ -101,8 +103,9 @@ def clipped_token_loss(logp, old_logp, shaped_advantages, config):
     return loss, ratio, indicators
 
 
-def loss_sums(logp, old_logp, advantages, response_mask, alpha=None, token_weights=None,
-              ref_logp=None, config=LossConfig()):
+def loss_sums(
+    logp, old_logp, advantages, response_mask, alpha=None, token_weights=None, ref_logp=None, config=LossConfig()
+):
     """The loss terms of one (micro-)batch as sums, plus metric sums over valid tokens.
 
     Args:
@@ -144,20 +147,22 @@ def total_loss(sums, counts, config=LossConfig()):
     micro-batches add up to the gradient of the global loss.
     """
     policy_count = jnp.maximum(counts.policy, 1.0)
-    return (sums.policy / policy_count
-            + config.entropy_coef * sums.entropy / jnp.maximum(counts.tokens, 1.0)
-            + config.kl_coef * sums.kl / policy_count)
+    return (
+        sums.policy / policy_count
+        + config.entropy_coef * sums.entropy / jnp.maximum(counts.tokens, 1.0)
+        + config.kl_coef * sums.kl / policy_count
+    )
 
 
-def policy_loss(logp, old_logp, advantages, response_mask, alpha=None, token_weights=None,
-                ref_logp=None, config=LossConfig()):
+def policy_loss(
+    logp, old_logp, advantages, response_mask, alpha=None, token_weights=None, ref_logp=None, config=LossConfig()
+):
     """The loss of one whole batch (no accumulation) and its metrics as means.
 
     Returns (scalar loss, dict: clip fractions, mean ratio, ppo_kl, selected_weight per
     valid token, and the three loss terms pg_loss, entropy_loss, kl_loss).
     """
-    sums, metric_sums = loss_sums(logp, old_logp, advantages, response_mask, alpha,
-                                  token_weights, ref_logp, config)
+    sums, metric_sums = loss_sums(logp, old_logp, advantages, response_mask, alpha, token_weights, ref_logp, config)
     counts = loss_counts(response_mask, config.aggregation)
     tokens = jnp.maximum(counts.tokens, 1.0)
     metrics = {name: value / tokens for name, value in metric_sums.items()}

@@ -1,4 +1,5 @@
 """What one update reports: loss terms, gradient norm, entropy, TAS/TGF and dependency statistics."""
+
 from __future__ import annotations
 
 import jax
@@ -20,8 +21,9 @@ def dependency_metrics(dependency, response_mask) -> dict[str, jax.Array]:
     }
 
 
-def step_metrics(vppo: bool, loss, sums, metric_sums, counts, grad_norm, finite, per_token,
-                 response_mask) -> dict[str, jax.Array]:
+def step_metrics(
+    vppo: bool, loss, sums, metric_sums, counts, grad_norm, finite, per_token, response_mask
+) -> dict[str, jax.Array]:
     """Per-token statistics are means over the batch's response tokens; `per_token` holds
     (M, b, T) entropy, TGF weights and dependency and (M, b) TAS alphas."""
     tokens = jnp.maximum(counts.tokens, 1.0)

@@ -19,6 +19,7 @@ draws have the full shape of `patch_valid`, so every rollout gets its own indepe
 mask/noise (the reference draws a different mask for each of the G rollouts of a group).
 Rows where `patch_valid` is False are padding and are returned unchanged.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,8 +120,16 @@ def patches_to_image(patches, grid_h, grid_w):
     Returns:
       (T, C, grid_h * 14, grid_w * 14) frames (T = 2 identical copies for a still image).
     """
-    blocks = patches.reshape(grid_h // MERGE_SIZE, grid_w // MERGE_SIZE, MERGE_SIZE, MERGE_SIZE,
-                             CHANNELS, TEMPORAL_PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)
+    blocks = patches.reshape(
+        grid_h // MERGE_SIZE,
+        grid_w // MERGE_SIZE,
+        MERGE_SIZE,
+        MERGE_SIZE,
+        CHANNELS,
+        TEMPORAL_PATCH_SIZE,
+        PATCH_SIZE,
+        PATCH_SIZE,
+    )
     # (bh, bw, mh, mw, C, T, py, px) -> (T, C, bh, mh, py, bw, mw, px)
     image = blocks.transpose(5, 4, 0, 2, 6, 1, 3, 7)
     return image.reshape(TEMPORAL_PATCH_SIZE, CHANNELS, grid_h * PATCH_SIZE, grid_w * PATCH_SIZE)
@@ -130,9 +139,16 @@ def image_to_patches(image):
     """The Qwen2-VL processor's patchify for ONE image: (T, C, H, W) -> (H/14 * W/14, 1176)."""
     _, _, height, width = image.shape
     grid_h, grid_w = height // PATCH_SIZE, width // PATCH_SIZE
-    units = image.reshape(TEMPORAL_PATCH_SIZE, CHANNELS,
-                          grid_h // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE,
-                          grid_w // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE)
+    units = image.reshape(
+        TEMPORAL_PATCH_SIZE,
+        CHANNELS,
+        grid_h // MERGE_SIZE,
+        MERGE_SIZE,
+        PATCH_SIZE,
+        grid_w // MERGE_SIZE,
+        MERGE_SIZE,
+        PATCH_SIZE,
+    )
     # (T, C, bh, mh, py, bw, mw, px) -> (bh, bw, mh, mw, C, T, py, px)
     return units.transpose(2, 5, 3, 6, 1, 0, 4, 7).reshape(grid_h * grid_w, PATCH_DIM)
 
@@ -151,7 +167,7 @@ def _blur_last_axis(frames, taps):
     pad = [(0, 0)] * (frames.ndim - 1) + [(half, half)]
     padded = jnp.pad(frames, pad, mode="edge")
     length = frames.shape[-1]
-    return sum(weight * padded[..., i:i + length] for i, weight in enumerate(taps.tolist()))
+    return sum(weight * padded[..., i : i + length] for i, weight in enumerate(taps.tolist()))
 
 
 def gaussian_blur(pixel_values, grid_h, grid_w, radius=6.0):
@@ -183,8 +199,10 @@ def perturb_images(kind: str, inputs, key, blacken_prob: float = 0.5, perturbed_
     vision = inputs.vision
     if kind == "blacken_pixels":
         if perturbed_patches is None:
-            raise ValueError("perturbation='blacken_pixels' blackens the images on the host: build the batch with "
-                             "build_train_batch(perturbed_pixel_values=...).")
+            raise ValueError(
+                "perturbation='blacken_pixels' blackens the images on the host: build the batch with "
+                "build_train_batch(perturbed_pixel_values=...)."
+            )
         patches = perturbed_patches
     elif kind == "blacken":
         patches = blacken_patches(vision.patches, vision.slot_valid, key, blacken_prob)

@@ -12,6 +12,7 @@ Here every rollout row gets its own mask (the G rows of a group differ), drawn f
 NumPy generator seeded by the step, and the blackened images go through the same image
 processor as the originals. The step then reads the result from `TrainBatch.perturbed_patches`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,9 @@ def blacken_tiles(image: np.ndarray, rng: np.random.Generator, prob: float = 0.5
     return np.where(pixels[..., None], np.uint8(0), image)
 
 
-def perturbed_pixel_values(prompts: list, group_size: int, processor: ImageProcessor, seed: np.ndarray,
-                           prob: float = 0.5) -> np.ndarray:
+def perturbed_pixel_values(
+    prompts: list, group_size: int, processor: ImageProcessor, seed: np.ndarray, prob: float = 0.5
+) -> np.ndarray:
     """pixel_values of every rollout row's blackened images, in the order of the rows' own
     pixel_values (prompt by prompt, each repeated for its G rows, images in prompt order)."""
     rng = np.random.default_rng(seed)

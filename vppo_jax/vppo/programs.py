@@ -9,6 +9,7 @@ The state and the batch (NumPy or placed) are placed by the sharding rules; one 
 batch signature. The planner lowers the same programs (`train_step_program`,
 `score_program`) on abstract arguments.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,28 +23,46 @@ from vppo_jax.vppo.batch import TrainBatch, TrainState, batch_shardings, scored_
 from vppo_jax.vppo.step import StepConfig, score_rollouts, train_step
 
 
-def train_step_program(config: StepConfig, optimizer: optax.GradientTransformation, graphdef, mesh,
-                       state: TrainState, batch: TrainBatch, programs: ProgramCache | None = None) -> Program:
+def train_step_program(
+    config: StepConfig,
+    optimizer: optax.GradientTransformation,
+    graphdef,
+    mesh,
+    state: TrainState,
+    batch: TrainBatch,
+    programs: ProgramCache | None = None,
+) -> Program:
     """train_step compiled for the signature of (state, batch) on `mesh`; the state's buffers
     are donated (reused in place): parameters and optimizer state are never held twice."""
+
     def build():
         sharding.check_rows(batch.targets.shape[1], mesh, "train batch (rows per micro-batch)")
         state_shardings = train_state_shardings(mesh, optimizer, state)
-        return (functools.partial(train_step, config, optimizer, graphdef),
-                (state_shardings, batch_shardings(mesh, batch), sharding.replicated(mesh)),
-                (state_shardings, sharding.replicated(mesh)), (0,))
+        return (
+            functools.partial(train_step, config, optimizer, graphdef),
+            (state_shardings, batch_shardings(mesh, batch), sharding.replicated(mesh)),
+            (state_shardings, sharding.replicated(mesh)),
+            (0,),
+        )
+
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     return (programs or ProgramCache()).get("train_step", mesh, (state, batch, key), build)
 
 
-def score_program(config: StepConfig, graphdef, mesh, params, batch: TrainBatch,
-                  programs: ProgramCache | None = None) -> Program:
+def score_program(
+    config: StepConfig, graphdef, mesh, params, batch: TrainBatch, programs: ProgramCache | None = None
+) -> Program:
     """score_rollouts compiled for the signature of (params, batch) on `mesh`."""
+
     def build():
         sharding.check_rows(batch.targets.shape[1], mesh, "train batch (rows per micro-batch)")
-        return (functools.partial(score_rollouts, config, graphdef),
-                (sharding.param_shardings(mesh, params), batch_shardings(mesh, batch), sharding.replicated(mesh)),
-                batch_shardings(mesh, scored_like(batch)), ())
+        return (
+            functools.partial(score_rollouts, config, graphdef),
+            (sharding.param_shardings(mesh, params), batch_shardings(mesh, batch), sharding.replicated(mesh)),
+            batch_shardings(mesh, scored_like(batch)),
+            (),
+        )
+
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     return (programs or ProgramCache()).get("score_rollouts", mesh, (params, batch, key), build)
 
@@ -51,12 +70,12 @@ def score_program(config: StepConfig, graphdef, mesh, params, batch: TrainBatch,
 def make_train_step(config: StepConfig, optimizer: optax.GradientTransformation, graphdef, mesh=None):
     """`step(state, batch, key) -> (state, metrics)` on `mesh` (default: one device)."""
     mesh, programs = sharding.mesh_or_default(mesh), ProgramCache()
-    return lambda state, batch, key: train_step_program(config, optimizer, graphdef, mesh, state, batch,
-                                                        programs)(state, batch, key)
+    return lambda state, batch, key: train_step_program(config, optimizer, graphdef, mesh, state, batch, programs)(
+        state, batch, key
+    )
 
 
 def make_score_rollouts(config: StepConfig, graphdef, mesh=None):
     """`score(params, batch, key) -> batch` with old_logp, old_entropy and dependency filled, on `mesh`."""
     mesh, programs = sharding.mesh_or_default(mesh), ProgramCache()
-    return lambda params, batch, key: score_program(config, graphdef, mesh, params, batch, programs)(params, batch,
-                                                                                                    key)
+    return lambda params, batch, key: score_program(config, graphdef, mesh, params, batch, programs)(params, batch, key)

@@ -10,6 +10,7 @@ alpha_i, larger for rollouts that depend more on the image on average:
 Token-level Gradient Filtering (TGF, Eq. 6) keeps the policy gradient of only the
 top ceil(k |o_i|) tokens of each rollout by S_t (or by an ablation's score).
 """
+
 import fractions
 
 import jax
@@ -39,8 +40,15 @@ def _by_scope(values, scope, group_size):
     raise ValueError(f"unknown TAS scope {scope!r}; expected 'global' or 'per_group'")
 
 
-def advantage_scale(trajectory_scores, trajectory_valid, mode="dynamic",
-                    beta_min=DEFAULT_BETA_MIN, beta_max=None, scope="global", group_size=None):
+def advantage_scale(
+    trajectory_scores,
+    trajectory_valid,
+    mode="dynamic",
+    beta_min=DEFAULT_BETA_MIN,
+    beta_max=None,
+    scope="global",
+    group_size=None,
+):
     """TAS scale alpha_i (paper Eq. 5).
 
     Args:
@@ -104,8 +112,7 @@ def top_fraction_mask(scores, response_mask, k):
     valid = response_mask.astype(bool)
     positions = jnp.broadcast_to(jnp.arange(scores.shape[-1], dtype=jnp.int32), scores.shape)
     padding_last = (~valid).astype(jnp.int32)
-    *_, order = jax.lax.sort((padding_last, -scores.astype(jnp.float32), positions),
-                             dimension=-1, num_keys=3)
+    *_, order = jax.lax.sort((padding_last, -scores.astype(jnp.float32), positions), dimension=-1, num_keys=3)
     # order[r] is the position ranked r; sorting the pairs (order, r) by order inverts it.
     _, rank = jax.lax.sort((order, positions), dimension=-1, num_keys=1)
     count = selection_count(valid.sum(axis=-1), k)

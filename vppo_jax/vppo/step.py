@@ -17,6 +17,7 @@ where they come from, for the trainer and the planner alike:
 
 With `vppo=False` the step is exactly the GRPO/DAPO baseline and traces no perturbed forward.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -85,8 +86,14 @@ def token_scores(config: StepConfig, model, inputs, perturbed_patches, targets, 
     perturbed = perturbation.perturb_images(config.perturbation, inputs, key, config.blacken_prob, perturbed_patches)
     hidden_perturbed = jax.lax.stop_gradient(model.hidden_states(perturbed))
     return dependency_lib.token_dependency(
-        config.estimator, jax.lax.stop_gradient(hidden), hidden_perturbed, model.unembedding(), targets,
-        response_mask, config.temperature, config.vocab_chunk,
+        config.estimator,
+        jax.lax.stop_gradient(hidden),
+        hidden_perturbed,
+        model.unembedding(),
+        targets,
+        response_mask,
+        config.temperature,
+        config.vocab_chunk,
     )
 
 
@@ -97,8 +104,9 @@ def score_rollouts(config: StepConfig, graphdef, params, batch: TrainBatch, key:
     def score(micro):
         inputs, perturbed_patches, targets, mask, micro_key = micro
         hidden = model.hidden_states(inputs)
-        logp, entropy = token_logprobs_and_entropy(hidden, model.unembedding(), targets, config.temperature,
-                                                   config.vocab_chunk)
+        logp, entropy = token_logprobs_and_entropy(
+            hidden, model.unembedding(), targets, config.temperature, config.vocab_chunk
+        )
         if config.vppo:
             dep = token_scores(config, model, inputs, perturbed_patches, targets, mask, hidden, micro_key)
         else:
@@ -107,7 +115,8 @@ def score_rollouts(config: StepConfig, graphdef, params, batch: TrainBatch, key:
 
     keys = jax.random.split(key, batch.targets.shape[0])
     logp, entropy, dep = jax.lax.map(
-        score, (batch.inputs, batch.perturbed_patches, batch.targets, batch.response_mask, keys))
+        score, (batch.inputs, batch.perturbed_patches, batch.targets, batch.response_mask, keys)
+    )
     return batch.replace(old_logp=logp, old_entropy=entropy, dependency=dep)
 
 
@@ -117,8 +126,13 @@ def shape_rows(config: StepConfig, dependency, entropy, response_mask, key) -> t
     valid = response_mask.any(axis=-1)  # empty responses take no part in min/max (reference)
     if config.vppo and config.tas:
         alpha = shaping.advantage_scale(
-            shaping.trajectory_dependency(dependency, response_mask), valid, config.tas_mode, config.beta_min,
-            config.beta_max, config.tas_scope, config.group_size,
+            shaping.trajectory_dependency(dependency, response_mask),
+            valid,
+            config.tas_mode,
+            config.beta_min,
+            config.beta_max,
+            config.tas_scope,
+            config.group_size,
         )
     else:
         alpha = jnp.ones(response_mask.shape[:1], jnp.float32)
@@ -129,8 +143,14 @@ def shape_rows(config: StepConfig, dependency, entropy, response_mask, key) -> t
     return alpha, weights
 
 
-def train_step(config: StepConfig, optimizer: optax.GradientTransformation, graphdef,
-               state: TrainState, batch: TrainBatch, key: jax.Array) -> tuple[TrainState, dict]:
+def train_step(
+    config: StepConfig,
+    optimizer: optax.GradientTransformation,
+    graphdef,
+    state: TrainState,
+    batch: TrainBatch,
+    key: jax.Array,
+) -> tuple[TrainState, dict]:
     """One optimizer update; see the module docstring."""
     micro_batches, rows, length = batch.targets.shape
     if config.vppo and not batch.scored and micro_batches > 1:
@@ -141,8 +161,9 @@ def train_step(config: StepConfig, optimizer: optax.GradientTransformation, grap
     shaped = None
     if batch.scored:
         flat = lambda a: None if a is None else a.reshape(micro_batches * rows, *a.shape[2:])
-        alpha, weights = shape_rows(config, flat(batch.dependency), flat(batch.old_entropy),
-                                    flat(batch.response_mask), filter_key)
+        alpha, weights = shape_rows(
+            config, flat(batch.dependency), flat(batch.old_entropy), flat(batch.response_mask), filter_key
+        )
         shaped = alpha.reshape(micro_batches, rows), weights.reshape(micro_batches, rows, length)
 
     counts = LossCounts(*loss_counts(batch.response_mask, config.loss.aggregation))
@@ -152,19 +173,29 @@ def train_step(config: StepConfig, optimizer: optax.GradientTransformation, grap
         accumulation), with the per-token statistics the metrics need as auxiliaries."""
         model = nnx.merge(graphdef, params)
         hidden = model.hidden_states(micro.inputs)
-        logp, entropy = token_logprobs_and_entropy(hidden, model.unembedding(), micro.targets, config.temperature,
-                                                   config.vocab_chunk)
+        logp, entropy = token_logprobs_and_entropy(
+            hidden, model.unembedding(), micro.targets, config.temperature, config.vocab_chunk
+        )
         if batch.scored:
             old_logp, dep = micro.old_logp, micro.dependency
             alpha, weights = shaped_micro
         else:  # this forward is pi_old's
             old_logp, dep = jax.lax.stop_gradient(logp), None
             if config.vppo:
-                dep = token_scores(config, model, micro.inputs, micro.perturbed_patches, micro.targets,
-                                   micro.response_mask, hidden, perturb_key)
+                dep = token_scores(
+                    config,
+                    model,
+                    micro.inputs,
+                    micro.perturbed_patches,
+                    micro.targets,
+                    micro.response_mask,
+                    hidden,
+                    perturb_key,
+                )
             alpha, weights = shape_rows(config, dep, jax.lax.stop_gradient(entropy), micro.response_mask, filter_key)
-        sums, metric_sums = loss_sums(logp, old_logp, micro.advantages, micro.response_mask, alpha, weights, None,
-                                      config.loss)
+        sums, metric_sums = loss_sums(
+            logp, old_logp, micro.advantages, micro.response_mask, alpha, weights, None, config.loss
+        )
         per_token = {"entropy": entropy, "alpha": alpha, "weights": weights, "dependency": dep}
         return total_loss(sums, counts, config.loss), (sums, metric_sums, jax.lax.stop_gradient(per_token))
 
@@ -181,8 +212,9 @@ def train_step(config: StepConfig, optimizer: optax.GradientTransformation, grap
     sums, metric_sums = jax.tree.map(lambda a: a.sum(0), (sums, metric_sums))
 
     new_state, grad_norm, finite = apply_update(optimizer, state, grads, loss)
-    metrics = step_metrics(config.vppo, loss, sums, metric_sums, counts, grad_norm, finite, per_token,
-                           batch.response_mask)
+    metrics = step_metrics(
+        config.vppo, loss, sums, metric_sums, counts, grad_norm, finite, per_token, batch.response_mask
+    )
     return new_state, metrics
 
 

@@ -10,6 +10,7 @@ with partial load, so converting never holds the whole model: a plain orbax save
 the whole tree costs a second copy of it in host buffers (measured: 2.1x the
 checkpoint size instead of 1.0x).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,9 +23,16 @@ import numpy as np
 from orbax.checkpoint.experimental import v1 as ocp
 
 from vppo_jax.io.atomic_dir import atomic_directory
-from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
-from vppo_jax.models.qwen2_5_vl.hf_io import CONFIG_FILE, copy_assets, hf_config_dict, model_from_params, param_shapes, read_config
 from vppo_jax.io.safetensors_files import CheckpointError
+from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+from vppo_jax.models.qwen2_5_vl.hf_io import (
+    CONFIG_FILE,
+    copy_assets,
+    hf_config_dict,
+    model_from_params,
+    param_shapes,
+    read_config,
+)
 
 PARAMS_DIR, HF_DIR = "params", "hf"
 

@@ -5,6 +5,7 @@ accepts (the flat hub layout with `rope_scaling`, the nested transformers 5 layo
 `text_config`/`rope_parameters`) is read exactly as transformers reads it. The result is a
 frozen, hashable dataclass so it can be a static argument of jitted functions.
 """
+
 from __future__ import annotations
 
 import dataclasses

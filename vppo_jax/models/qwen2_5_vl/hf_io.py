@@ -3,6 +3,7 @@
 Tensors stream one at a time (see safetensors_io); every tensor is checked against the
 abstract model before anything is loaded, and errors name the offending keys.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,19 +18,27 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from vppo_jax.io.atomic_dir import atomic_directory
+from vppo_jax.io.safetensors_files import CheckpointError, SafetensorsDirectory, write_sharded
 from vppo_jax.models.qwen2_5_vl.config import DTYPES, Qwen2_5_VLConfig
 from vppo_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration, abstract_model
 from vppo_jax.models.qwen2_5_vl.weights import legacy_name, weight_table
-from vppo_jax.io.safetensors_files import DTYPES as ST_DTYPES
-from vppo_jax.io.safetensors_files import CheckpointError, SafetensorsDirectory, write_sharded
 
 CONFIG_FILE = "config.json"
 FLOAT_DTYPES = ("F32", "BF16", "F16")
 # Files of the tokenizer and processor that travel with the weights.
 ASSET_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
-    "video_preprocessor_config.json", "processor_config.json", "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
 )
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -74,8 +83,9 @@ def _stored_dtype(files: SafetensorsDirectory, on_disk: dict[str, str]) -> str:
     return {"F32": "float32", "BF16": "bfloat16", "F16": "float32"}[name]
 
 
-def open_hf_params(path: str, dtype: str | None = None,
-                   param_dtype: str | None = None) -> tuple[Qwen2_5_VLConfig, Iterator[tuple[tuple, np.ndarray]]]:
+def open_hf_params(
+    path: str, dtype: str | None = None, param_dtype: str | None = None
+) -> tuple[Qwen2_5_VLConfig, Iterator[tuple[tuple, np.ndarray]]]:
     """Checks an HF directory and returns its config and an iterator of (parameter path, array).
 
     `dtype` computes, `param_dtype` stores; either alone sets both, neither keeps the stored
@@ -128,8 +138,9 @@ def model_from_params(config: Qwen2_5_VLConfig, params: Iterable[tuple[tuple, np
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def from_pretrained(path: str, dtype: str | None = None, param_dtype: str | None = None
-                    ) -> Qwen2_5_VLForConditionalGeneration:
+def from_pretrained(
+    path: str, dtype: str | None = None, param_dtype: str | None = None
+) -> Qwen2_5_VLForConditionalGeneration:
     """Loads an HF Qwen2.5-VL directory. `dtype` computes, `param_dtype` stores (fp32 master
     weights under bf16 compute: dtype="bfloat16", param_dtype="float32"); either alone sets
     both; default: as stored."""
@@ -151,20 +162,40 @@ def config_to_hf_dict(config: Qwen2_5_VLConfig) -> dict:
     v, t = config.vision, config.text
     hf = HFConfig(
         text_config=dict(
-            vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-            num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps, hidden_act=t.hidden_act,
-            rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)},
-            bos_token_id=None, eos_token_id=None,  # Qwen's ids do not exist in small test vocabularies
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_hidden_layers,
+            num_attention_heads=t.num_attention_heads,
+            num_key_value_heads=t.num_key_value_heads,
+            rms_norm_eps=t.rms_norm_eps,
+            hidden_act=t.hidden_act,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": t.rope_theta,
+                "mrope_section": list(t.mrope_section),
+            },
+            bos_token_id=None,
+            eos_token_id=None,  # Qwen's ids do not exist in small test vocabularies
         ),
         vision_config=dict(
-            depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_heads=v.num_heads,
-            out_hidden_size=v.out_hidden_size, patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-            spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
-            fullatt_block_indexes=list(v.fullatt_block_indexes), hidden_act=v.hidden_act, in_channels=v.in_channels,
+            depth=v.depth,
+            hidden_size=v.hidden_size,
+            intermediate_size=v.intermediate_size,
+            num_heads=v.num_heads,
+            out_hidden_size=v.out_hidden_size,
+            patch_size=v.patch_size,
+            temporal_patch_size=v.temporal_patch_size,
+            spatial_merge_size=v.spatial_merge_size,
+            window_size=v.window_size,
+            fullatt_block_indexes=list(v.fullatt_block_indexes),
+            hidden_act=v.hidden_act,
+            in_channels=v.in_channels,
         ),
-        image_token_id=config.image_token_id, video_token_id=config.video_token_id,
-        vision_start_token_id=config.vision_start_token_id, vision_end_token_id=config.vision_end_token_id,
+        image_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+        vision_start_token_id=config.vision_start_token_id,
+        vision_end_token_id=config.vision_end_token_id,
         tie_word_embeddings=config.tie_word_embeddings,
     )
     raw = hf.to_dict()

@@ -11,6 +11,7 @@
 - `ImageProcessor` is transformers' `Qwen2VLImageProcessorPil`, operation for operation
   (same dtypes, same rounding), so pixel_values are bit-identical to it.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -16,6 +16,7 @@ needs static shapes, so here (in NumPy, on the host) we compute:
   (HF scatters the merged features in row-major (batch, position) order);
 * the M-RoPE position ids, exactly as transformers' `get_rope_index` numbers them.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -92,7 +93,12 @@ def _windowed_slots(vcfg: VisionConfig, grid_thw: np.ndarray) -> tuple[np.ndarra
             nwh, nww = -(-uh_n // wu), -(-uw_n // wu)
             # Unit coordinates of every slot: (window row, window col, unit row, unit col, sub row, sub col).
             wh, ww, ih, iw, sh, sw = np.meshgrid(
-                np.arange(nwh), np.arange(nww), np.arange(wu), np.arange(wu), np.arange(m), np.arange(m),
+                np.arange(nwh),
+                np.arange(nww),
+                np.arange(wu),
+                np.arange(wu),
+                np.arange(m),
+                np.arange(m),
                 indexing="ij",
             )
             uh, uw = wh * wu + ih, ww * wu + iw
@@ -110,8 +116,11 @@ def _windowed_slots(vcfg: VisionConfig, grid_thw: np.ndarray) -> tuple[np.ndarra
 def _frame_windows(vcfg: VisionConfig, grid_thw: np.ndarray) -> list[int]:
     """Attention windows of each frame of `grid_thw`, in order."""
     m, wu = vcfg.spatial_merge_size, vcfg.window_units
-    return [-(-(h // m) // wu) * -(-(w // m) // wu) for t, h, w in np.asarray(grid_thw).reshape(-1, 3).tolist()
-            for _ in range(t)]
+    return [
+        -(-(h // m) // wu) * -(-(w // m) // wu)
+        for t, h, w in np.asarray(grid_thw).reshape(-1, 3).tolist()
+        for _ in range(t)
+    ]
 
 
 def count_windows(vcfg: VisionConfig, grid_thw: np.ndarray) -> int:
@@ -125,7 +134,10 @@ def largest_frame_windows(vcfg: VisionConfig, grid_thw: np.ndarray) -> int:
 
 
 def vision_inputs(
-    vcfg: VisionConfig, pixel_values: np.ndarray, grid_thw: np.ndarray, min_windows: int = 1,
+    vcfg: VisionConfig,
+    pixel_values: np.ndarray,
+    grid_thw: np.ndarray,
+    min_windows: int = 1,
     min_frame_windows: int = 1,
 ) -> tuple[VisionInputs, np.ndarray]:
     """Slot layout of all images of a batch, padded to a bucket of windows. The minimums let

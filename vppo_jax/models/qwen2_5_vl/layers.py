@@ -8,6 +8,7 @@ metadata; `vppo_jax.parallel.sharding.param_shardings` maps them to the mesh. Th
 names are those of sharding.RULES: "embed" (the model dimension), "heads", "kv_heads",
 "mlp", "vocab", "layers" (added by `stacked`), None (never split).
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -33,8 +34,9 @@ def param(value, axes: Axes) -> nnx.Param:
     """
     axes = tuple(axes)
     if len(axes) != len(value.shape):
-        raise ValueError(f"a parameter of shape {tuple(value.shape)} needs {len(value.shape)} logical axes, "
-                         f"got {axes}.")
+        raise ValueError(
+            f"a parameter of shape {tuple(value.shape)} needs {len(value.shape)} logical axes, got {axes}."
+        )
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
@@ -49,8 +51,18 @@ class Linear(nnx.Module):
     `bias_axes` says otherwise (a bias over the model dimension stays whole: (None,)).
     """
 
-    def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool, param_dtype, dtype,
-                 rngs: nnx.Rngs, bias_axes: Axes | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: Axes,
+        use_bias: bool,
+        param_dtype,
+        dtype,
+        rngs: nnx.Rngs,
+        bias_axes: Axes | None = None,
+    ):
         self.kernel = param(normal_init()(rngs.params(), (in_features, out_features), param_dtype), axes)
         bias_axes = (axes[-1],) if bias_axes is None else bias_axes
         self.bias = param(jnp.zeros((out_features,), param_dtype), bias_axes) if use_bias else None

@@ -1,4 +1,5 @@
 """Qwen2.5-VL for conditional generation: vision tower + text decoder + lm_head."""
+
 from __future__ import annotations
 
 import functools
@@ -23,8 +24,9 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else param(normal_init()(rngs.params(), (t.hidden_size, t.vocab_size), config.jnp_param_dtype),
-                       ("embed", "vocab"))
+            else param(
+                normal_init()(rngs.params(), (t.hidden_size, t.vocab_size), config.jnp_param_dtype), ("embed", "vocab")
+            )
         )
 
     def unembedding(self) -> jax.Array:
@@ -87,9 +89,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         mm_token_type_ids=None,
     ) -> jax.Array:
         """Logits (B, T, V) from the arrays an HF processor returns, like transformers' forward."""
-        inputs = prepare_inputs(
-            self.config, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids
-        )
+        inputs = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
         return _jitted_logits(self, inputs)
 
 

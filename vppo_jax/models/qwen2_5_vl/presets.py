@@ -8,6 +8,7 @@
 
 Parameters are fp32 unless overridden (`param_dtype`, `dtype`, or `.with_precision` after).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,11 +38,25 @@ def _qwen(hidden: int, layers: int, heads: int, kv_heads: int, mlp: int, about: 
     """A released Qwen2.5-VL: the same vision tower, a text decoder of the given size."""
     return Preset(
         about=about,
-        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=hidden,
-                    fullatt_block_indexes=(7, 15, 23, 31)),
-        text=dict(vocab_size=152064, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=1e-6, rope_theta=1e6,
-                  mrope_section=(16, 24, 24)),
+        vision=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=hidden,
+            fullatt_block_indexes=(7, 15, 23, 31),
+        ),
+        text=dict(
+            vocab_size=152064,
+            hidden_size=hidden,
+            intermediate_size=mlp,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            mrope_section=(16, 24, 24),
+        ),
         fields=dict(tie_word_embeddings=False),
     )
 
@@ -51,45 +66,96 @@ PRESETS: dict[str, Preset] = {
     "32b": _qwen(5120, 64, 40, 8, 27648, "Qwen2.5-VL-32B(-Instruct)"),
     "tiny": Preset(
         about="the embedded default policy (vppo_jax.demo.tiny_model): vocabulary and special-token ids "
-              "from its tokenizer",
-        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
-                    fullatt_block_indexes=(1,)),
-        text=dict(vocab_size=None, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
-                  mrope_section=(4, 6, 6)),
+        "from its tokenizer",
+        vision=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, fullatt_block_indexes=(1,)
+        ),
+        text=dict(
+            vocab_size=None,
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            mrope_section=(4, 6, 6),
+        ),
         fields=dict(tie_word_embeddings=True),
         ids_from_tokenizer=True,
     ),
     "test": Preset(
         about="the tests' model: tests/hf_reference.py's transformers model, every sharded dimension dividing 8 "
-              "(model 64, 4 heads of 16, 2 kv heads, MLP 128, vocabulary 1024)",
-        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                    fullatt_block_indexes=(1,)),
-        text=dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
-                  mrope_section=(2, 3, 3)),
-        fields=dict(tie_word_embeddings=False, image_token_id=1000, video_token_id=1003,
-                    vision_start_token_id=1001, vision_end_token_id=1002),
+        "(model 64, 4 heads of 16, 2 kv heads, MLP 128, vocabulary 1024)",
+        vision=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=(1,)
+        ),
+        text=dict(
+            vocab_size=1024,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            mrope_section=(2, 3, 3),
+        ),
+        fields=dict(
+            tie_word_embeddings=False,
+            image_token_id=1000,
+            video_token_id=1003,
+            vision_start_token_id=1001,
+            vision_end_token_id=1002,
+        ),
     ),
     "small": Preset(
         about="the speed benchmarks' model (benchmarks/rollout.py, step.py): text hidden 256 x 4 layers, "
-              "vocabulary 4096, vision depth 2",
-        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256,
-                    fullatt_block_indexes=(1,)),
-        text=dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
-                  mrope_section=(8, 12, 12)),
-        fields=dict(tie_word_embeddings=False, image_token_id=1000, video_token_id=1003,
-                    vision_start_token_id=1001, vision_end_token_id=1002),
+        "vocabulary 4096, vision depth 2",
+        vision=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256, fullatt_block_indexes=(1,)
+        ),
+        text=dict(
+            vocab_size=4096,
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            mrope_section=(8, 12, 12),
+        ),
+        fields=dict(
+            tie_word_embeddings=False,
+            image_token_id=1000,
+            video_token_id=1003,
+            vision_start_token_id=1001,
+            vision_end_token_id=1002,
+        ),
     ),
     "medium": Preset(
         about="the conversion memory benchmark's model (benchmarks/convert_memory.py): about 1B parameters, "
-              "a 2 GB checkpoint in bf16 at 18 text layers",
-        vision=dict(depth=4, hidden_size=1024, intermediate_size=2816, num_heads=16, out_hidden_size=2048,
-                    fullatt_block_indexes=(3,)),
-        text=dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=18,
-                  num_attention_heads=16, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6,
-                  mrope_section=(16, 24, 24)),
+        "a 2 GB checkpoint in bf16 at 18 text layers",
+        vision=dict(
+            depth=4,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_heads=16,
+            out_hidden_size=2048,
+            fullatt_block_indexes=(3,),
+        ),
+        text=dict(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=18,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            mrope_section=(16, 24, 24),
+        ),
         fields=dict(tie_word_embeddings=False),
     ),
 }
@@ -121,11 +187,14 @@ def preset(
     config_fields.update(fields)
     unset = ([] if text_fields.get("vocab_size") is not None else ["text=dict(vocab_size=...)"]) + (
         ["special_tokens={token: id}"]
-        if spec.ids_from_tokenizer and not set(SPECIAL_TOKEN_FIELDS) <= set(config_fields) else [])
+        if spec.ids_from_tokenizer and not set(SPECIAL_TOKEN_FIELDS) <= set(config_fields)
+        else []
+    )
     if unset:
         raise ValueError(f"preset {name!r} ({spec.about}) takes these from its tokenizer: pass {', '.join(unset)}.")
     try:
-        return Qwen2_5_VLConfig(vision=VisionConfig(**{**spec.vision, **(vision or {})}),
-                                text=TextConfig(**text_fields), **config_fields)
+        return Qwen2_5_VLConfig(
+            vision=VisionConfig(**{**spec.vision, **(vision or {})}), text=TextConfig(**text_fields), **config_fields
+        )
     except TypeError as e:  # a misspelt override
         raise ValueError(f"preset {name!r}: {e}") from e

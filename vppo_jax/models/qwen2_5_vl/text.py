@@ -1,4 +1,5 @@
 """The Qwen2 text decoder with multimodal rotary positions (M-RoPE), and its KV-cache decode path."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -110,8 +111,13 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, param_dtype=pdt)
         self.self_attn = TextAttention(config, rngs)
         self.mlp = GatedMLP(
-            t.hidden_size, t.intermediate_size, act=t.hidden_act, use_bias=False,
-            param_dtype=pdt, dtype=config.jnp_dtype, rngs=rngs,
+            t.hidden_size,
+            t.intermediate_size,
+            act=t.hidden_act,
+            use_bias=False,
+            param_dtype=pdt,
+            dtype=config.jnp_dtype,
+            rngs=rngs,
         )
 
     def __call__(self, x, cos, sin, mask, cache=None, index=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -132,8 +138,9 @@ class TextModel(nnx.Module):
     def __init__(self, config: Qwen2_5_VLConfig, rngs: nnx.Rngs):
         t = config.text
         self.config = config
-        self.embed_tokens = param(normal_init()(rngs.params(), (t.vocab_size, t.hidden_size), config.jnp_param_dtype),
-                                  ("vocab", "embed"))
+        self.embed_tokens = param(
+            normal_init()(rngs.params(), (t.vocab_size, t.hidden_size), config.jnp_param_dtype), ("vocab", "embed")
+        )
         self.layers = stacked(lambda r: DecoderLayer(config, r), t.num_hidden_layers, rngs)
         self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, param_dtype=config.jnp_param_dtype)
 

@@ -5,6 +5,7 @@ It runs on the slot layout of `inputs.vision_inputs`: S patch slots grouped in w
 `fullatt_block_indexes` attend over the whole frame (same segment id), reading only the
 windows of that frame.
 """
+
 from __future__ import annotations
 
 import jax
@@ -60,8 +61,9 @@ class VisionAttention(nnx.Module):
             gather = lambda a: blocks(a)[jnp.minimum(ahead, windows - 1)].reshape(windows, -1, *a.shape[1:])
             # Past the last window, the clipped index repeats a window: masked, not counted twice.
             in_range = jnp.repeat(ahead < windows, self.window_slots, axis=1)
-            mask = ((blocks(vision.segment_ids)[:, :, None] == gather(vision.segment_ids)[:, None, :])
-                    & (gather(vision.slot_valid) & in_range)[:, None, :])
+            mask = (blocks(vision.segment_ids)[:, :, None] == gather(vision.segment_ids)[:, None, :]) & (
+                gather(vision.slot_valid) & in_range
+            )[:, None, :]
             return attention(blocks(q), gather(k), gather(v), mask).reshape(slots, -1)
 
         def window_attention():
@@ -79,8 +81,13 @@ class VisionBlock(nnx.Module):
         self.norm2 = RMSNorm(vcfg.hidden_size, eps=VISION_NORM_EPS, param_dtype=pdt)
         self.attn = VisionAttention(config, rngs)
         self.mlp = GatedMLP(
-            vcfg.hidden_size, vcfg.intermediate_size, act=vcfg.hidden_act, use_bias=True,
-            param_dtype=pdt, dtype=config.jnp_dtype, rngs=rngs,
+            vcfg.hidden_size,
+            vcfg.intermediate_size,
+            act=vcfg.hidden_act,
+            use_bias=True,
+            param_dtype=pdt,
+            dtype=config.jnp_dtype,
+            rngs=rngs,
         )
 
     def __call__(self, x, cos, sin, vision: VisionInputs, full: jax.Array) -> jax.Array:
@@ -111,8 +118,13 @@ class VisionTower(nnx.Module):
         self.config = config
         # Conv3d with kernel == stride over a flattened patch is a matmul with the flattened kernel.
         self.patch_embed = Linear(
-            vcfg.patch_dim, vcfg.hidden_size, axes=(None, "embed"), use_bias=False,
-            param_dtype=config.jnp_param_dtype, dtype=config.jnp_dtype, rngs=rngs,
+            vcfg.patch_dim,
+            vcfg.hidden_size,
+            axes=(None, "embed"),
+            use_bias=False,
+            param_dtype=config.jnp_param_dtype,
+            dtype=config.jnp_dtype,
+            rngs=rngs,
         )
         self.blocks = stacked(lambda r: VisionBlock(config, r), vcfg.depth, rngs)
         self.merger = PatchMerger(config, rngs)
@@ -133,7 +145,5 @@ class VisionTower(nnx.Module):
         x = constrain(self.patch_embed(vision.patches), "batch", "act_embed")
         cos, sin = self.rotary(vision.rotary_hw)
         is_full = jnp.isin(jnp.arange(vcfg.depth), jnp.asarray(vcfg.fullatt_block_indexes, jnp.int32))
-        x = scan_layers(
-            self.blocks, x, is_full, lambda block, h, full: block(h, cos, sin, vision, full)
-        )
+        x = scan_layers(self.blocks, x, is_full, lambda block, h, full: block(h, cos, sin, vision, full))
         return self.merger(x)

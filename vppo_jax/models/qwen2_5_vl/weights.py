@@ -4,6 +4,7 @@ Each entry names our parameter, the HF tensor (with `{i}` for a layer index when
 parameter stacks all layers on a leading axis) and a transform whose forward direction
 turns the HF tensor into ours and whose inverse turns ours back, bit for bit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -85,7 +86,7 @@ _HF5_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "model.
 def legacy_name(name: str) -> str:
     for new, old in _HF5_PREFIXES:
         if name.startswith(new):
-            return old + name[len(new):]
+            return old + name[len(new) :]
     return name
 
 

@@ -18,9 +18,9 @@ Adding a reward: a module-level function in an importable module,
 named in the config as `reward.name = "my_project.rewards:exact_match"` (the module is
 imported, which registers it; the workers import it the same way).
 """
+
 from vppo_jax.rollout.rewards import accuracy  # noqa: F401  registers "accuracy"
 from vppo_jax.rollout.rewards.pool import DEFAULT_TIMEOUT_S, RewardPool, score_responses
 from vppo_jax.rollout.rewards.registry import get_reward, register, registered_rewards
 
-__all__ = ["DEFAULT_TIMEOUT_S", "RewardPool", "get_reward", "register", "registered_rewards",
-           "score_responses"]
+__all__ = ["DEFAULT_TIMEOUT_S", "RewardPool", "get_reward", "register", "registered_rewards", "score_responses"]

@@ -22,6 +22,7 @@ We keep mathruler's behaviour as it is, quirks included, so rewards match the re
 - sympy can run for minutes on adversarial answers ("\boxed{10000000!}"), which is why rewards
   run in worker processes with a time limit (pool.py).
 """
+
 import re
 
 from mathruler.grader import extract_boxed_content, grade_answer
@@ -32,7 +33,7 @@ _SPACE_AROUND_TAG_MARKS = re.compile(r"\s*(<|>|/)\s*")
 
 
 def strip_space_around_tag_marks(response):
-    """"< /think >" -> "</think>": the reference's fix for Qwen2.5-VL-32B's spaced tags."""
+    """ "< /think >" -> "</think>": the reference's fix for Qwen2.5-VL-32B's spaced tags."""
     return _SPACE_AROUND_TAG_MARKS.sub(r"\1", response)
 
 

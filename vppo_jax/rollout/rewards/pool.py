@@ -14,6 +14,7 @@ and forking such a process is unsafe. Spawned workers import the caller's main m
 a script that scores rewards must guard its entry point with `if __name__ == "__main__":`.
 A pool is used by one thread at a time.
 """
+
 import atexit
 import collections
 import logging
@@ -45,8 +46,8 @@ logger = logging.getLogger(__name__)
 class RewardPool:
     """Worker processes that grade rollout batches; reusable across batches, then `close()`.
 
-        with RewardPool(workers=8) as pool:
-            rewards, stats = pool.score_responses(responses, answers, "accuracy", timeout_s=10.0)
+    with RewardPool(workers=8) as pool:
+        rewards, stats = pool.score_responses(responses, answers, "accuracy", timeout_s=10.0)
     """
 
     def __init__(self, workers=DEFAULT_WORKERS):
@@ -86,9 +87,15 @@ class RewardPool:
             for worker in self._busy():
                 self._replace(worker)
         if stats["timeouts"] or stats["errors"]:
-            logger.warning("reward %r on %d responses: %d timed out (limit %.1f s), %d failed%s",
-                           reward, len(responses), stats["timeouts"], timeout_s, stats["errors"],
-                           f"; first failure: {first_error}" if first_error else "")
+            logger.warning(
+                "reward %r on %d responses: %d timed out (limit %.1f s), %d failed%s",
+                reward,
+                len(responses),
+                stats["timeouts"],
+                timeout_s,
+                stats["errors"],
+                f"; first failure: {first_error}" if first_error else "",
+            )
         return rewards, stats
 
     def _busy(self):
@@ -116,11 +123,11 @@ class RewardPool:
         _TIMED_OUT or the error text. Timed-out and dead workers are replaced; workers that
         finished starting or loading become ready.
         """
-        waiting = [worker for worker in self._workers
-                   if not worker.ready or worker.index is not None]
+        waiting = [worker for worker in self._workers if not worker.ready or worker.index is not None]
         next_deadline = min(worker.deadline for worker in waiting)
-        answered = connection.wait([worker.conn for worker in waiting],
-                                   timeout=max(0.0, next_deadline - time.monotonic()))
+        answered = connection.wait(
+            [worker.conn for worker in waiting], timeout=max(0.0, next_deadline - time.monotonic())
+        )
         finished = []
         for worker in waiting:
             if worker.conn in answered:
@@ -134,8 +141,9 @@ class RewardPool:
                 continue
             if not worker.ready:
                 if message != _READY:
-                    raise RuntimeError("a reward worker could not start, or import its reward: "
-                                       + _describe_unready(message))
+                    raise RuntimeError(
+                        "a reward worker could not start, or import its reward: " + _describe_unready(message)
+                    )
                 worker.ready = True
             elif message is None or message is _TIMED_OUT:
                 failure = _TIMED_OUT if message is _TIMED_OUT else "its worker process exited"
@@ -193,8 +201,7 @@ class _Worker:
 
     def __init__(self, context):
         self.conn, child_conn = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child_conn,), name="reward-worker",
-                                       daemon=True)
+        self.process = context.Process(target=_serve, args=(child_conn,), name="reward-worker", daemon=True)
         self.process.start()
         child_conn.close()  # so that its death reads as EOF here
         self.ready = False
@@ -246,7 +253,7 @@ def _serve(conn):
         try:
             kind, *args = pickle.loads(message)  # a load imports the reward's module here
             if kind == _LOAD:
-                reward_fn, = args
+                (reward_fn,) = args
                 reply = _READY
             else:
                 reply = float(reward_fn(*args)), None

@@ -9,6 +9,7 @@ imports the module, whose `@register` lines then add its rewards. The module is 
 on PYTHONPATH, in the directory the command runs from, and (for `python -m vppo_jax.train`)
 in the directory of the config file.
 """
+
 import importlib
 
 _REWARDS = {}
@@ -16,16 +17,20 @@ _REWARDS = {}
 
 def register(name):
     """Decorator adding `fn(response: str, answer: str) -> float` under `name`."""
+
     def add(fn):
         if "<" in fn.__qualname__:  # <lambda> or <locals>: workers could not import it
-            raise TypeError(f"reward {name!r}: {fn.__qualname__} is not a module-level function; "
-                            "worker processes import rewards by module and name")
+            raise TypeError(
+                f"reward {name!r}: {fn.__qualname__} is not a module-level function; "
+                "worker processes import rewards by module and name"
+            )
         existing = _REWARDS.get(name)
         # The same function seen twice (its module imported again) is fine; two are ambiguous.
         if existing is not None and _full_name(existing) != _full_name(fn):
             raise ValueError(f"reward {name!r} is already registered to {_full_name(existing)}")
         _REWARDS[name] = fn
         return fn
+
     return add
 
 
@@ -36,8 +41,10 @@ def get_reward(name):
         try:
             importlib.import_module(module)
         except ImportError as error:
-            raise ValueError(f"reward {name!r}: cannot import {module} ({error}). A reward module is found on "
-                             "PYTHONPATH, in the directory the command runs from, or next to the config file.") from error
+            raise ValueError(
+                f"reward {name!r}: cannot import {module} ({error}). A reward module is found on "
+                "PYTHONPATH, in the directory the command runs from, or next to the config file."
+            ) from error
     if short_name not in _REWARDS:
         raise ValueError(f"unknown reward {name!r}; registered: {', '.join(registered_rewards())}")
     return _REWARDS[short_name]
