@@ -31,13 +31,12 @@ from vppo_jax.demo.report import top_share
 from vppo_jax.eval.benchmarks import load_run
 from vppo_jax.io.cli import parse_flags
 from vppo_jax.models.qwen2_5_vl.image_processor import CLIP_MEAN, CLIP_STD, ImageProcessor, fit_pixel_budget
-from vppo_jax.rollout.groups import sample_and_grade, update_arrays
+from vppo_jax.rollout.groups import sample_and_grade, train_batch
 from vppo_jax.rollout.policy import prompt_builder
 from vppo_jax.rollout.rewards import RewardPool
 from vppo_jax.trainer import config as config_lib
 from vppo_jax.trainer.config import default_config
 from vppo_jax.vppo import programs, shaping
-from vppo_jax.vppo.batch import build_train_batch
 from vppo_jax.vppo.pixel_blackening import blacken_tiles, perturbed_pixel_values
 
 GEOMETRIES = ("blacken", "blacken_pixels")
@@ -82,7 +81,6 @@ def dependency(run: str, prompts_count: int, draws: int, seed: int) -> dict[str,
     with RewardPool(1) as pool:
         grade = lambda texts, answers: pool.score_responses(texts, answers, config.reward.name, 5.0)
         groups, _ = sample_and_grade(policy, prompts, keys, sampling, grade, policy.model.config.image_token_id)
-    arrays = update_arrays(groups)
     graphdef, params = nnx.split(policy.model, nnx.Param)
     base = config_lib.step_config(config)
     scores = {}
@@ -95,16 +93,8 @@ def dependency(run: str, prompts_count: int, draws: int, seed: int) -> dict[str,
                 perturbed = perturbed_pixel_values(
                     groups.prompts, groups.group_size, builder.image_processor, np.array([seed, draw])
                 )
-            batch = build_train_batch(
-                policy.model.config,
-                arrays["input_ids"],
-                arrays["attention_mask"],
-                arrays["response_tokens"],
-                np.zeros(len(groups.texts), np.float32),
-                arrays["pixel_values"],
-                arrays["image_grid_thw"],
-                perturbed_pixel_values=perturbed,
-            )
+            advantages = np.zeros(len(groups.texts), np.float32)
+            batch = train_batch(policy.model.config, groups, advantages, perturbed_pixel_values=perturbed)
             scores[name].append(np.asarray(score(params, batch, jax.random.key(draw)).dependency[0]))
         mask = np.asarray(batch.response_mask[0])
     selected = {

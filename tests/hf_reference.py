@@ -62,10 +62,11 @@ def tiny_hf_model(seed: int = 0, dtype=torch.float32, **config_kwargs) -> Qwen2_
 
 
 def random_image(height: int, width: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
-    """Random pixels (drawn as RGBA, so every mode gets the same draw) in `mode`."""
+    """Random pixels in `mode`: drawn as RGB, or as RGBA converted to the mode (alpha, palettes)."""
     rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8), "RGBA")
-    return image.convert(mode)
+    if mode == "RGB":
+        return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    return Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8), "RGBA").convert(mode)
 
 
 def load_port(hf_model, directory, **kwargs):

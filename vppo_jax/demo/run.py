@@ -27,11 +27,10 @@ import pyarrow.parquet as pq
 
 from vppo_jax.demo.embedded import prepare_embedded_default
 from vppo_jax.demo.report import DependencySample, write_report
-from vppo_jax.rollout.groups import sample_and_grade, update_arrays
+from vppo_jax.rollout.groups import sample_and_grade, train_batch
 from vppo_jax.rollout.rewards import RewardPool
 from vppo_jax.trainer.metrics import METRICS_FILE, read_metrics
 from vppo_jax.trainer.trainer import Trainer
-from vppo_jax.vppo.batch import build_train_batch
 
 METHODS = ("vppo", "grpo")
 
@@ -79,16 +78,7 @@ def dependency_samples(trainer: Trainer, count: int, key: jax.Array) -> list[Dep
     with RewardPool(1) as pool:
         grade = lambda texts, answers: pool.score_responses(texts, answers, config.reward.name, config.reward.timeout_s)
         groups, _ = sample_and_grade(policy, prompts, keys, trainer.sampling, grade, policy.model.config.image_token_id)
-    arrays = update_arrays(groups)
-    batch = build_train_batch(
-        policy.model.config,
-        arrays["input_ids"],
-        arrays["attention_mask"],
-        arrays["response_tokens"],
-        np.zeros(len(groups.texts), np.float32),
-        arrays.get("pixel_values"),
-        arrays.get("image_grid_thw"),
-    )
+    batch = train_batch(policy.model.config, groups, np.zeros(len(groups.texts), np.float32))
     # Scored as VPPO would score them, whichever method trained the policy.
     dependency = np.asarray(trainer.token_dependency(batch, score_key)[0])
     targets, mask = np.asarray(batch.targets[0]), np.asarray(batch.response_mask[0])

@@ -14,6 +14,7 @@ import numpy as np
 
 from vppo_jax.models.qwen2_5_vl.inputs import left_pad_to_bucket
 from vppo_jax.rollout import sampling
+from vppo_jax.vppo.batch import TrainBatch, build_train_batch
 
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")
 
@@ -171,3 +172,26 @@ def update_arrays(groups: GradedGroups) -> dict:
             [groups.prompts[p].image_grid_thw for p in range(len(groups.prompts)) for _ in range(g)]
         )
     return arrays
+
+
+def train_batch(
+    config,
+    groups: GradedGroups,
+    advantages: np.ndarray,
+    micro_batches: int = 1,
+    perturbed_pixel_values: np.ndarray | None = None,
+) -> TrainBatch:
+    """The groups' full sequences (`update_arrays`) as a TrainBatch of `micro_batches`, with
+    one advantage per row; `perturbed_pixel_values` as build_train_batch takes them."""
+    arrays = update_arrays(groups)
+    return build_train_batch(
+        config,
+        arrays["input_ids"],
+        arrays["attention_mask"],
+        arrays["response_tokens"],
+        advantages,
+        arrays.get("pixel_values"),
+        arrays.get("image_grid_thw"),
+        micro_batches,
+        perturbed_pixel_values,
+    )

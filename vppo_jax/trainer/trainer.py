@@ -28,7 +28,7 @@ from vppo_jax import data as data_lib
 from vppo_jax.data.images import open_image
 from vppo_jax.eval.accuracy import evaluate_prompts
 from vppo_jax.parallel import distributed, sharding
-from vppo_jax.rollout.groups import GradedGroups, concatenate, sample_and_grade, update_arrays
+from vppo_jax.rollout.groups import GradedGroups, concatenate, sample_and_grade, train_batch
 from vppo_jax.rollout.policy import compute_model, load_policy, prompt_builder
 from vppo_jax.rollout.rewards import RewardPool
 from vppo_jax.trainer import config as config_lib
@@ -37,7 +37,7 @@ from vppo_jax.trainer.collapse_guard import CollapseGuard
 from vppo_jax.trainer.metrics import MetricsWriter, Timer
 from vppo_jax.vppo import programs
 from vppo_jax.vppo.advantages import grpo_advantages, online_group_filter
-from vppo_jax.vppo.batch import TrainBatch, build_train_batch, init_sharded_state
+from vppo_jax.vppo.batch import TrainBatch, init_sharded_state
 from vppo_jax.vppo.pixel_blackening import perturbed_pixel_values
 from vppo_jax.vppo.step import needs_scoring
 
@@ -224,26 +224,15 @@ class Trainer:
         batches = []
         for u in range(c.train.updates_per_rollout):
             part = groups.select(np.arange(u * per_update, (u + 1) * per_update))
-            arrays = update_arrays(part)
             perturbed = None
-            if self.step_config.vppo and self.step_config.perturbation == "blacken_pixels" and "pixel_values" in arrays:
+            blacken_pixels = self.step_config.vppo and self.step_config.perturbation == "blacken_pixels"
+            if blacken_pixels and "pixel_values" in part.prompt_arrays:
                 seed = np.asarray(jax.random.key_data(jax.random.fold_in(key, u)))
                 perturbed = perturbed_pixel_values(
                     part.prompts, c.rollout.group_size, self.builder.image_processor, seed, c.algo.blacken_prob
                 )
-            batches.append(
-                build_train_batch(
-                    self.model_config,
-                    arrays["input_ids"],
-                    arrays["attention_mask"],
-                    arrays["response_tokens"],
-                    np.asarray(grpo_advantages(part.rewards, c.rollout.group_size)),
-                    arrays.get("pixel_values"),
-                    arrays.get("image_grid_thw"),
-                    c.train.micro_batches,
-                    perturbed,
-                )
-            )
+            advantages = np.asarray(grpo_advantages(part.rewards, c.rollout.group_size))
+            batches.append(train_batch(self.model_config, part, advantages, c.train.micro_batches, perturbed))
         return batches
 
     def evaluate(self, key: jax.Array) -> dict[str, float]:

@@ -34,32 +34,29 @@ class Preset:
     ids_from_tokenizer: bool = False  # the special-token ids too
 
 
+# fmt: off
+def _vision(depth: int, hidden: int, mlp: int, heads: int, out: int, full_attention: tuple[int, ...]) -> dict:
+    return dict(depth=depth, hidden_size=hidden, intermediate_size=mlp, num_heads=heads, out_hidden_size=out,
+                fullatt_block_indexes=full_attention)
+
+
+def _text(vocab: int | None, hidden: int, mlp: int, layers: int, heads: int, kv_heads: int,
+          mrope: tuple[int, int, int]) -> dict:
+    """A Qwen2.5 decoder (RMSNorm eps 1e-6, rope theta 1e6, as every released size)."""
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=1e-6, rope_theta=1e6,
+                mrope_section=mrope)
+
+
 def _qwen(hidden: int, layers: int, heads: int, kv_heads: int, mlp: int, about: str) -> Preset:
     """A released Qwen2.5-VL: the same vision tower, a text decoder of the given size."""
-    return Preset(
-        about=about,
-        vision=dict(
-            depth=32,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            out_hidden_size=hidden,
-            fullatt_block_indexes=(7, 15, 23, 31),
-        ),
-        text=dict(
-            vocab_size=152064,
-            hidden_size=hidden,
-            intermediate_size=mlp,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            rms_norm_eps=1e-6,
-            rope_theta=1e6,
-            mrope_section=(16, 24, 24),
-        ),
-        fields=dict(tie_word_embeddings=False),
-    )
+    return Preset(about=about, vision=_vision(32, 1280, 3420, 16, hidden, (7, 15, 23, 31)),
+                  text=_text(152064, hidden, mlp, layers, heads, kv_heads, (16, 24, 24)),
+                  fields=dict(tie_word_embeddings=False))
 
+
+# Vision-token ids of the models whose vocabulary is ours (no tokenizer): above the text ids tests draw.
+SYNTHETIC_IDS = dict(image_token_id=1000, video_token_id=1003, vision_start_token_id=1001, vision_end_token_id=1002)
 
 PRESETS: dict[str, Preset] = {
     "7b": _qwen(3584, 28, 28, 4, 18944, "Qwen2.5-VL-7B(-Instruct)"),
@@ -67,98 +64,29 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         about="the embedded default policy (vppo_jax.demo.tiny_model): vocabulary and special-token ids "
         "from its tokenizer",
-        vision=dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, fullatt_block_indexes=(1,)
-        ),
-        text=dict(
-            vocab_size=None,
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rms_norm_eps=1e-6,
-            rope_theta=1e6,
-            mrope_section=(4, 6, 6),
-        ),
-        fields=dict(tie_word_embeddings=True),
-        ids_from_tokenizer=True,
+        vision=_vision(2, 64, 128, 2, 128, (1,)), text=_text(None, 128, 384, 2, 4, 2, (4, 6, 6)),
+        fields=dict(tie_word_embeddings=True), ids_from_tokenizer=True,
     ),
     "test": Preset(
         about="the tests' model: tests/hf_reference.py's transformers model, every sharded dimension dividing 8 "
         "(model 64, 4 heads of 16, 2 kv heads, MLP 128, vocabulary 1024)",
-        vision=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=(1,)
-        ),
-        text=dict(
-            vocab_size=1024,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rms_norm_eps=1e-6,
-            rope_theta=1e6,
-            mrope_section=(2, 3, 3),
-        ),
-        fields=dict(
-            tie_word_embeddings=False,
-            image_token_id=1000,
-            video_token_id=1003,
-            vision_start_token_id=1001,
-            vision_end_token_id=1002,
-        ),
+        vision=_vision(2, 32, 64, 2, 64, (1,)), text=_text(1024, 64, 128, 2, 4, 2, (2, 3, 3)),
+        fields=dict(tie_word_embeddings=False, **SYNTHETIC_IDS),
     ),
     "small": Preset(
         about="the speed benchmarks' model (benchmarks/rollout.py, step.py): text hidden 256 x 4 layers, "
         "vocabulary 4096, vision depth 2",
-        vision=dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256, fullatt_block_indexes=(1,)
-        ),
-        text=dict(
-            vocab_size=4096,
-            hidden_size=256,
-            intermediate_size=768,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rms_norm_eps=1e-6,
-            rope_theta=1e6,
-            mrope_section=(8, 12, 12),
-        ),
-        fields=dict(
-            tie_word_embeddings=False,
-            image_token_id=1000,
-            video_token_id=1003,
-            vision_start_token_id=1001,
-            vision_end_token_id=1002,
-        ),
+        vision=_vision(2, 64, 128, 2, 256, (1,)), text=_text(4096, 256, 768, 4, 4, 2, (8, 12, 12)),
+        fields=dict(tie_word_embeddings=False, **SYNTHETIC_IDS),
     ),
     "medium": Preset(
         about="the conversion memory benchmark's model (benchmarks/convert_memory.py): about 1B parameters, "
         "a 2 GB checkpoint in bf16 at 18 text layers",
-        vision=dict(
-            depth=4,
-            hidden_size=1024,
-            intermediate_size=2816,
-            num_heads=16,
-            out_hidden_size=2048,
-            fullatt_block_indexes=(3,),
-        ),
-        text=dict(
-            vocab_size=32000,
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=18,
-            num_attention_heads=16,
-            num_key_value_heads=4,
-            rms_norm_eps=1e-6,
-            rope_theta=1e6,
-            mrope_section=(16, 24, 24),
-        ),
+        vision=_vision(4, 1024, 2816, 16, 2048, (3,)), text=_text(32000, 2048, 5632, 18, 16, 4, (16, 24, 24)),
         fields=dict(tie_word_embeddings=False),
     ),
 }
+# fmt: on
 
 
 def preset(
