@@ -140,4 +140,4 @@ def test_a_local_sweep_runs_skips_reports_failures_and_aggregates(sweep_file, tm
     summary = evaluate.evaluate(
         evaluate.EvalOptions(checkpoint=workdirs[name], data=[sweep.trials[1].overrides["data.val_files"][0]], k=2)
     )
-    assert summary["step"] == 1 and summary["benchmarks"]["val"]["problems"] == 2
+    assert summary["step"] == 1 and summary["benchmarks"]["val"]["problems"] == 4  # tiny_task's validation rows

@@ -193,3 +193,5 @@ def test_static_tas_needs_beta_max():
         step_lib.StepConfig(tas_mode="static")
     with pytest.raises(ValueError, match="estimator"):
         step_lib.StepConfig(estimator="l2")
+    with pytest.raises(ValueError, match="kl_coef"):  # a silently zero KL term would mislead
+        step_lib.StepConfig(loss=step_lib.LossConfig(kl_coef=0.1))

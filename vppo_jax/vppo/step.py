@@ -71,6 +71,12 @@ class StepConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}.")
         if self.tas_mode == "static" and self.beta_max is None:
             raise ValueError("tas_mode='static' needs beta_max (the paper's ablations use 1.1 or 1.2).")
+        if self.loss.kl_coef:
+            # loss_sums has the k3 term, but the step runs no reference policy to give it log-probs.
+            raise ValueError(
+                f"kl_coef={self.loss.kl_coef}: the KL penalty to a reference policy is not wired into "
+                "the step (no reference forward); the paper's recipes use 0."
+            )
 
 
 def needs_scoring(config: StepConfig, updates_per_rollout: int, micro_batches: int) -> bool:
