@@ -55,7 +55,8 @@ def deterministic(lines: list[dict]) -> list[dict]:
 def test_tiny_run_writes_metrics_tensorboard_and_checkpoints(tmp_path, assets):
     # No online filter: every group updates, whatever the rewards. The reference's perturbation
     # geometry: images blackened on the host, read by the step. A reward module of the user's,
-    # beside the config file (the run starts from the repository root, not from there).
+    # beside the config file (the run starts from the repository root, not from there). The
+    # recipes' memory settings: layers rematerialised, attention in blocks shorter than a row.
     (tmp_path / "my_reward.py").write_text(
         "from vppo_jax.rollout.rewards import register\n\n\n"
         "@register('always_one')\ndef always_one(response, answer):\n    return 1.0\n"
@@ -69,6 +70,8 @@ def test_tiny_run_writes_metrics_tensorboard_and_checkpoints(tmp_path, assets):
             "algo.online_filter": False,
             "algo.perturbation": "blacken_pixels",
             "reward.name": "my_reward:always_one",
+            "model.remat": "full",
+            "model.attention_block": 32,
         },
     )
     out = run(config, tmp_path / "run")

@@ -267,6 +267,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
         prompts=prompts,
         length=prompt_length + r.max_new_tokens,
         grid=grid,
+        remat=model_cfg.remat,
     )
 
 
@@ -321,8 +322,8 @@ def advice(result: dict, budget: float, mesh_shape: dict) -> str:
             "micro-batch: more train.micro_batches or devices on data/fsdp (down to one row per device), "
             "a smaller data.max_pixels (the vision tower's full-attention layers grow with the square of "
             "an image's patches, and the backward keeps their residuals for every vision layer: the layer "
-            "scan's lax.cond keeps both branches'), shorter sequences (the text attention's T x T "
-            "probabilities are kept per layer)"
+            "scan's lax.cond keeps both branches'), model.remat=\"full\" (each layer's backward keeps "
+            "only its input; now " + result["remat"] + "), a smaller model.attention_block"
         )
     rollout = [p for name, p in phases.items() if name.startswith("rollout") and p.total > budget]
     if rollout:
@@ -371,9 +372,11 @@ def main(argv):
         )
     mesh_shape = dict(mesh.shape)
     model_cfg = model_config(FLAGS.model, config.model.path, config.model.dtype, config.model.param_dtype)
+    model_cfg = model_cfg.with_compute(config.model.remat, config.model.attention_block)
     print(
         f"planning {FLAGS.model or config.model.path or 'tiny'} (parameters {model_cfg.param_dtype}, compute "
-        f"{model_cfg.dtype}) on {FLAGS.topology}",
+        f"{model_cfg.dtype}, remat {model_cfg.remat}, attention block {model_cfg.attention_block}) on "
+        f"{FLAGS.topology}",
         flush=True,
     )
     result = plan(config, model_cfg, mesh)

@@ -14,6 +14,7 @@ import ml_collections
 import optax
 
 from vppo_jax.data import prompts
+from vppo_jax.models.qwen2_5_vl.config import check_compute
 from vppo_jax.rollout import sampling
 from vppo_jax.rollout.rewards.registry import get_reward
 from vppo_jax.trainer.optimizer import make_optimizer
@@ -29,7 +30,12 @@ def default_config() -> ml_collections.ConfigDict:
     # the update's forward and backward); `param_dtype` holds the parameters and the Adam
     # moments: "float32" master weights, or "bfloat16" with Kahan-compensated AdamW for tight
     # memory (vppo_jax/trainer/optimizer.py).
-    c.model = ml_collections.ConfigDict(dict(path="", dtype="bfloat16", param_dtype="float32"))
+    # `remat`: what the backward keeps of each layer ("none", "full": only its input, "dots": its
+    # matmul outputs); `attention_block`: tokens per block of the decoder's attention, beyond
+    # which it never forms a (T, T) array (vppo_jax/models/qwen2_5_vl/attention.py).
+    c.model = ml_collections.ConfigDict(
+        dict(path="", dtype="bfloat16", param_dtype="float32", remat="none", attention_block=512)
+    )
 
     c.data = ml_collections.ConfigDict(
         dict(
@@ -143,6 +149,7 @@ def check_names(c: ml_collections.ConfigDict):
     """Resolves every name the config holds (reward, prompt template, the algorithm's choices,
     precision), so that a typo fails in the first second, not after the model has loaded."""
     get_reward(c.reward.name)
+    check_compute(c.model.remat, c.model.attention_block)
     prompts.prompt_template(c.data.prompt_template)
     step_config(c)  # StepConfig checks its choices
     optimizer(c)  # and make_optimizer the parameter dtype

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from vppo_jax import data as data_lib
 from vppo_jax.data.images import open_image
 from vppo_jax.eval.accuracy import evaluate_prompts
+from vppo_jax.models.qwen2_5_vl import with_config
 from vppo_jax.parallel import distributed, sharding
 from vppo_jax.rollout.groups import GradedGroups, concatenate, sample_and_grade, train_batch
 from vppo_jax.rollout.policy import compute_model, load_policy, prompt_builder
@@ -87,8 +88,9 @@ class Trainer:
         tokenizer and the prompt builder; prints what the image budget makes of a training image."""
         c, d = self.config, self.config.data
         with jax.default_device(_host_device()):
-            self.policy = load_policy(c.model.path, c.model.dtype, c.model.param_dtype)
-        self.model_config = self.policy.model.config
+            policy = load_policy(c.model.path, c.model.dtype, c.model.param_dtype)
+        self.model_config = policy.model.config.with_compute(c.model.remat, c.model.attention_block)
+        self.policy = dataclasses.replace(policy, model=with_config(policy.model, self.model_config))
         self.builder = prompt_builder(
             self.policy, d.max_prompt_length, d.min_pixels or None, d.max_pixels or None, d.prompt_template
         )

@@ -9,7 +9,12 @@ qwen2_5_vl.save_pretrained(model, "path/to/out")
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, VisionConfig
 from vppo_jax.models.qwen2_5_vl.hf_io import from_pretrained, save_pretrained
 from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, VisionInputs, prepare_inputs, rope_index
-from vppo_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration, abstract_model, init_model
+from vppo_jax.models.qwen2_5_vl.model import (
+    Qwen2_5_VLForConditionalGeneration,
+    abstract_model,
+    init_model,
+    with_config,
+)
 from vppo_jax.models.qwen2_5_vl.presets import PRESETS, preset
 
 __all__ = [
@@ -25,6 +30,7 @@ __all__ = [
     "prepare_inputs",
     "rope_index",
     "save_pretrained",
+    "with_config",
     "PRESETS",
     "preset",
 ]

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vppo_jax.models.qwen2_5_vl.config import REMAT_CHOICES
 from vppo_jax.parallel.sharding import constrain
 
 ACTIVATIONS: dict[str, Callable] = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
@@ -162,16 +163,28 @@ def _one_layer(params):
     return nnx.spmd.remove_axis(params, 0, {nnx.PARTITION_NAME: LAYERS_AXIS})
 
 
-def scan_layers(layers: nnx.Module, carry, per_layer_inputs, body: Callable):
+# What the backward pass keeps of each scanned layer (`Qwen2_5_VLConfig.remat`): everything
+# (no rematerialisation), only the layer's input (the rest recomputed), or the outputs of its
+# matmuls (elementwise work recomputed).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+assert tuple(REMAT_POLICIES) == REMAT_CHOICES, "config.REMAT_CHOICES names these policies"
+
+
+def scan_layers(layers: nnx.Module, carry, per_layer_inputs, body: Callable, remat: str = "none"):
     """Runs `body(layer, carry, per_layer_input) -> carry` over stacked layers with lax.scan.
 
     Scanning compiles one layer instead of L copies: compile time stays flat at 28 or 64 layers.
+    `remat` names what the backward keeps of each layer (REMAT_POLICIES).
     """
     with_no_output = lambda layer, carry, per_layer: (body(layer, carry, per_layer), None)
-    return scan_layers_with_outputs(layers, carry, per_layer_inputs, with_no_output)[0]
+    return scan_layers_with_outputs(layers, carry, per_layer_inputs, with_no_output, remat)[0]
 
 
-def scan_layers_with_outputs(layers: nnx.Module, carry, per_layer_inputs, body: Callable):
+def scan_layers_with_outputs(layers: nnx.Module, carry, per_layer_inputs, body: Callable, remat: str = "none"):
     """Like `scan_layers` for `body(...) -> (carry, output)`; returns the carry and the outputs stacked."""
     graphdef, params = nnx.split(layers)
 
@@ -179,6 +192,8 @@ def scan_layers_with_outputs(layers: nnx.Module, carry, per_layer_inputs, body: 
         layer_params, per_layer = xs
         return body(nnx.merge(graphdef, _one_layer(layer_params)), carry, per_layer)
 
+    if remat != "none":
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
     return jax.lax.scan(step, carry, (params, per_layer_inputs))
 
 

@@ -106,3 +106,11 @@ def init_model(config: Qwen2_5_VLConfig, seed: int = 0) -> Qwen2_5_VLForConditio
 def abstract_model(config: Qwen2_5_VLConfig) -> Qwen2_5_VLForConditionalGeneration:
     """The model with ShapeDtypeStructs instead of arrays: shapes to check a checkpoint against."""
     return nnx.eval_shape(functools.partial(init_model, config))
+
+
+def with_config(model: Qwen2_5_VLForConditionalGeneration, config: Qwen2_5_VLConfig):
+    """The same parameters (not copied) in a model built for `config`, an architecture equal to
+    the model's own that differs in how it computes (`Qwen2_5_VLConfig.with_compute`)."""
+    if (config.vision, config.text) != (model.config.vision, model.config.text):
+        raise ValueError("with_config changes how a model computes, not its architecture.")
+    return nnx.merge(nnx.graphdef(abstract_model(config)), nnx.state(model))

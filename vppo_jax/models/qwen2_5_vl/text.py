@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vppo_jax.models.qwen2_5_vl.attention import causal_attention
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig
 from vppo_jax.models.qwen2_5_vl.layers import (
     GatedMLP,
     Linear,
     RMSNorm,
     apply_rotary,
-    attention,
     masked_softmax,
     normal_init,
     param,
@@ -84,13 +84,15 @@ class TextAttention(nnx.Module):
         self.v_proj = Linear(t.hidden_size, kv_heads, axes=("embed", "kv_heads"), use_bias=True, **linear)
         self.o_proj = Linear(heads, t.hidden_size, axes=("heads", "embed"), use_bias=False, **linear)
         self.head_dim = t.head_dim
+        self.attention_block = config.attention_block
 
     def __call__(self, x, cos, sin, mask, cache=None, index=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Self-attention output and the keys and values attended to.
 
-        Without a cache the T tokens of x attend to each other under `mask` (B, T, T).
-        With a layer's cache (keys, values) and T = 1, the token's key and value are written
-        at slot `index` and it attends to the cache slots where `mask` (B, S) is True.
+        Without a cache the T tokens of x attend causally to each other's keys where `mask`
+        (B, T) is True (`attention.causal_attention`). With a layer's cache (keys, values) and
+        T = 1, the token's key and value are written at slot `index` and it attends to the
+        cache slots where `mask` (B, S) is True.
         """
         batch, length, _ = x.shape
         split = lambda y, heads: constrain(y.reshape(batch, length, -1, self.head_dim), "batch", None, heads, None)
@@ -98,7 +100,7 @@ class TextAttention(nnx.Module):
         k = apply_rotary(split(self.k_proj(x), "act_kv_heads"), cos, sin)
         v = split(self.v_proj(x), "act_kv_heads")
         if cache is None:
-            return self.o_proj(attention(q, k, v, mask)), (k, v)
+            return self.o_proj(causal_attention(q, k, v, mask, self.attention_block)), (k, v)
         keys = jax.lax.dynamic_update_slice(cache[0], k.transpose(0, 2, 3, 1), (0, 0, 0, index))
         values = jax.lax.dynamic_update_slice(cache[1], v.transpose(0, 2, 1, 3), (0, 0, index, 0))
         return self.o_proj(attend_to_cache(q, keys, values, mask)), (keys, values)
@@ -152,28 +154,23 @@ class TextModel(nnx.Module):
 
     def __call__(self, embeddings: jax.Array, position_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """Final hidden states (B, T, D). Causal attention over unmasked keys."""
-        cos, sin, mask = self._rotary_and_causal_mask(position_ids, attention_mask)
-        x = scan_layers(self.layers, embeddings, None, lambda layer, h, _: layer(h, cos, sin, mask)[0])
+        cos, sin = mrope_cos_sin(self.config.text, position_ids, self.config.jnp_dtype)
+        x = scan_layers(
+            self.layers, embeddings, None, lambda layer, h, _: layer(h, cos, sin, attention_mask)[0], self.config.remat
+        )
         return self.norm(x)
 
     def prefill(self, embeddings, position_ids, attention_mask, cache_length: int) -> tuple[jax.Array, KVCache]:
         """Final hidden states of the prompt (B, T, D), and a cache of `cache_length` slots
         holding the prompt's keys and values in slots [0, T)."""
-        cos, sin, mask = self._rotary_and_causal_mask(position_ids, attention_mask)
+        cos, sin = mrope_cos_sin(self.config.text, position_ids, self.config.jnp_dtype)
         x, (keys, values) = scan_layers_with_outputs(
-            self.layers, embeddings, None, lambda layer, h, _: layer(h, cos, sin, mask)
+            self.layers, embeddings, None, lambda layer, h, _: layer(h, cos, sin, attention_mask)
         )
         empty_slots = cache_length - embeddings.shape[1]
         keys = jnp.pad(keys.transpose(0, 1, 3, 4, 2), [(0, 0)] * 4 + [(0, empty_slots)])
         values = jnp.pad(values.transpose(0, 1, 3, 2, 4), [(0, 0)] * 3 + [(0, empty_slots), (0, 0)])
         return self.norm(x), KVCache(keys=tuple(keys), values=tuple(values))
-
-    def _rotary_and_causal_mask(self, position_ids, attention_mask):
-        length = attention_mask.shape[1]
-        causal = jnp.tril(jnp.ones((length, length), bool))
-        mask = causal[None] & attention_mask[:, None, :].astype(bool)
-        cos, sin = mrope_cos_sin(self.config.text, position_ids, self.config.jnp_dtype)
-        return cos, sin, mask
 
     def decoding_layers(self) -> list[DecoderLayer]:
         """The decoder layers as separate modules, for `decode`.
