@@ -18,7 +18,7 @@ What is assumed (state of the code, not of the hardware):
 - XLA:CPU compiles the program, not the TPU/GPU compiler: fusion, rematerialisation and
   buffer reuse differ there, so temporaries are an estimate (same order, not the byte).
 Topologies: a TPU name counts TensorCores, JAX sees one device per chip (v4, v5p megacore),
-so v5p-8 = 4 devices, v5p-32 = 16, v4-64 = 32; 8xh100 = 8 GPUs.
+so v5p-8 = 4 devices, v5p-32 = 16, v5p-64 = 32, v5p-128 = 64, v4-64 = 32; 8xh100 = 8 GPUs.
 """
 
 from __future__ import annotations
@@ -37,7 +37,14 @@ from vppo_jax.io.cli import parse_flags
 GIB = 1 << 30
 # Memory per device (GiB) and devices per topology.
 DEVICE_MEMORY_GIB = {"v5p": 95, "v4": 32, "h100": 80}
-TOPOLOGIES = {"v5p-8": ("v5p", 4), "v5p-32": ("v5p", 16), "v4-64": ("v4", 32), "8xh100": ("h100", 8)}
+TOPOLOGIES = {
+    "v5p-8": ("v5p", 4),
+    "v5p-32": ("v5p", 16),
+    "v5p-64": ("v5p", 32),
+    "v5p-128": ("v5p", 64),
+    "v4-64": ("v4", 32),
+    "8xh100": ("h100", 8),
+}
 
 FLAGS = flags.FLAGS
 
