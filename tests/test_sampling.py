@@ -1,6 +1,7 @@
 """The sampler against transformers (greedy generate, teacher-forced forward) and analytic distributions."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -163,6 +164,26 @@ def test_token_frequencies_match_truncated_distribution(temperature, top_k, top_
     support = expected > 0
     assert counts[~support].sum() == 0
     assert stats.chisquare(counts[support], expected[support] * draws).pvalue > 1e-3
+
+
+def test_nucleus_without_a_sort_keeps_exactly_the_sorted_nucleus():
+    """The bisection's nucleus against the sort-and-cumsum one written in NumPy, on random rows
+    with ties, banned (-inf) tokens, wide and narrow distributions and many top_p values."""
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        vocab = int(rng.integers(2, 400))
+        logits = (rng.normal(size=(4, vocab)) * rng.uniform(0.1, 8)).astype(np.float32)
+        if trial % 3 == 0:
+            logits = np.round(logits, 1)  # ties, also at the nucleus's edge
+        logits[:, rng.integers(0, vocab, 2)] = -np.inf
+        top_p = float(rng.uniform(0.05, 0.999))
+        kept = np.isfinite(np.asarray(sampling.truncate(jnp.asarray(logits), 0, top_p)))
+        for row, row_kept in zip(logits, kept):
+            probs = np.exp(row.astype(np.float64) - row.max())
+            probs /= probs.sum()
+            order = np.argsort(-row, kind="stable")
+            edge = row[order[np.cumsum(probs[order]) - probs[order] < top_p]].min()
+            np.testing.assert_array_equal(row_kept, row >= edge)
 
 
 def test_greedy_never_picks_a_banned_token():

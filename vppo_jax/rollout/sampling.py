@@ -64,17 +64,51 @@ def truncate(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     """Logits (N, V) with -inf outside the top-k tokens and then outside the top-p nucleus.
 
     The nucleus is the smallest set of most likely tokens (among the top k) whose
-    probability, renormalised over the top k, reaches top_p (transformers' order).
+    probability, renormalised over the top k, reaches top_p (transformers' order); tokens
+    tied with its least likely one stay in. No sort of the vocabulary: `lax.top_k` finds the
+    k-th logit, and `nucleus_threshold` the nucleus's least likely logit.
     """
-    if top_k == 0 and top_p >= 1.0:
-        return logits
-    ranked = jax.lax.top_k(logits, top_k)[0] if top_k else -jnp.sort(-logits, axis=-1)  # descending
-    kept = jnp.ones(ranked.shape, bool)
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
     if top_p < 1.0:
-        probs = jax.nn.softmax(ranked, axis=-1)
-        kept = jnp.cumsum(probs, axis=-1) - probs < top_p  # mass of the more likely tokens
-    threshold = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits >= threshold, logits, -jnp.inf)
+        logits = jnp.where(logits >= nucleus_threshold(logits, top_p), logits, -jnp.inf)
+    return logits
+
+
+def nucleus_threshold(logits: jax.Array, top_p: float) -> jax.Array:
+    """The smallest logit l of each row (N, V) -> (N, 1) whose strictly more likely tokens hold
+    less than top_p of the probability: the nucleus is every token at or above it.
+
+    The mass above a threshold falls as the threshold rises, so a bisection over the 2^32
+    float32 values (in their integer order) finds the lowest threshold with mass < top_p in
+    32 masked sums over the vocabulary, where a sort costs V log V per row.
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    finite = jnp.isfinite(logits)
+    mass_above = lambda t: jnp.sum(jnp.where(logits > t[:, None], probs, 0.0), axis=-1)
+
+    def step(_, bounds):
+        low, high = bounds  # ordered keys: mass_above(low) >= top_p > mass_above(high)
+        middle = (low >> 1) + (high >> 1) + (low & high & 1)  # no int32 overflow
+        inside = mass_above(_from_key(middle)) < top_p
+        return jnp.where(inside, low, middle), jnp.where(inside, middle, high)
+
+    low = _to_key(jnp.min(jnp.where(finite, logits, jnp.inf), axis=-1)) - 1  # all mass above it
+    high = _to_key(jnp.max(logits, axis=-1))  # nothing above the most likely token
+    _, high = jax.lax.fori_loop(0, 32, step, (low, high))
+    # The least likely token at or above that threshold: the nucleus's edge as a logit.
+    return jnp.min(jnp.where(logits >= _from_key(high)[:, None], logits, jnp.inf), axis=-1, keepdims=True)
+
+
+def _to_key(x: jax.Array) -> jax.Array:
+    """float32 -> int32 in the same order (negative floats' bits reversed)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _from_key(key: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(jnp.where(key < 0, key ^ jnp.int32(0x7FFFFFFF), key), jnp.float32)
 
 
 def draw(logits: jax.Array, uniforms: jax.Array) -> jax.Array:
