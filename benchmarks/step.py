@@ -63,8 +63,9 @@ def compiled_step(vppo: bool, model_config, batch, group: int):
     graphdef, state = init_state(init_model(model_config), optimizer)
     start = time.perf_counter()
     mesh = sharding.single_device_mesh()
-    program = programs.train_step_program(config, optimizer, graphdef, mesh, state, batch)
-    compiled = program.lower(state, batch, jax.random.key(0)).compile()
+    key = jax.random.key(0)
+    program = programs.train_step_program(config, optimizer, graphdef, mesh, state, batch, key)
+    compiled = program.lower(state, batch, key).compile()
     return compiled, state, time.perf_counter() - start
 
 

@@ -223,7 +223,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
     )
     if needs_scoring(step_config, t.updates_per_rollout, t.micro_batches):  # pi_old, dependency first
         if "score" in phases:
-            program = programs.score_program(step_config, graphdef, mesh, state.params, batch)
+            program = programs.score_program(step_config, graphdef, mesh, state.params, batch, key)
             results.append(
                 compiled_phase(
                     "score rollouts", program, sharded((state.params, batch, key), program.in_shardings), opt_bytes
@@ -231,7 +231,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
             )
         batch = scored_like(batch)
     if "update" in phases:
-        program = programs.train_step_program(step_config, optimizer, graphdef, mesh, state, batch)
+        program = programs.train_step_program(step_config, optimizer, graphdef, mesh, state, batch, key)
         results.append(compiled_phase("update step", program, sharded((state, batch, key), program.in_shardings), 0))
 
     # The sampler: every prompt of a round at once, G samples each, on the weights cast to the

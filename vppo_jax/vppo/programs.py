@@ -30,9 +30,11 @@ def train_step_program(
     mesh,
     state: TrainState,
     batch: TrainBatch,
+    key: jax.Array,
     programs: ProgramCache | None = None,
 ) -> Program:
-    """train_step compiled for the signature of (state, batch) on `mesh`; the state's buffers
+    """train_step compiled for the signature of (state, batch, key) on `mesh` (arrays or
+    ShapeDtypeStructs); the state's buffers
     are donated (reused in place): parameters and optimizer state are never held twice."""
 
     def build():
@@ -45,14 +47,13 @@ def train_step_program(
             (0,),
         )
 
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     return (programs or ProgramCache()).get("train_step", mesh, (state, batch, key), build)
 
 
 def score_program(
-    config: StepConfig, graphdef, mesh, params, batch: TrainBatch, programs: ProgramCache | None = None
+    config: StepConfig, graphdef, mesh, params, batch: TrainBatch, key: jax.Array, programs: ProgramCache | None = None
 ) -> Program:
-    """score_rollouts compiled for the signature of (params, batch) on `mesh`."""
+    """score_rollouts compiled for the signature of (params, batch, key) on `mesh`."""
 
     def build():
         sharding.check_rows(batch.targets.shape[1], mesh, "train batch (rows per micro-batch)")
@@ -63,14 +64,13 @@ def score_program(
             (),
         )
 
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     return (programs or ProgramCache()).get("score_rollouts", mesh, (params, batch, key), build)
 
 
 def make_train_step(config: StepConfig, optimizer: optax.GradientTransformation, graphdef, mesh=None):
     """`step(state, batch, key) -> (state, metrics)` on `mesh` (default: one device)."""
     mesh, programs = sharding.mesh_or_default(mesh), ProgramCache()
-    return lambda state, batch, key: train_step_program(config, optimizer, graphdef, mesh, state, batch, programs)(
+    return lambda state, batch, key: train_step_program(config, optimizer, graphdef, mesh, state, batch, key, programs)(
         state, batch, key
     )
 
@@ -78,4 +78,6 @@ def make_train_step(config: StepConfig, optimizer: optax.GradientTransformation,
 def make_score_rollouts(config: StepConfig, graphdef, mesh=None):
     """`score(params, batch, key) -> batch` with old_logp, old_entropy and dependency filled, on `mesh`."""
     mesh, programs = sharding.mesh_or_default(mesh), ProgramCache()
-    return lambda params, batch, key: score_program(config, graphdef, mesh, params, batch, programs)(params, batch, key)
+    return lambda params, batch, key: score_program(config, graphdef, mesh, params, batch, key, programs)(
+        params, batch, key
+    )

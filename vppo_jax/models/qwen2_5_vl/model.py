@@ -113,4 +113,6 @@ def with_config(model: Qwen2_5_VLForConditionalGeneration, config: Qwen2_5_VLCon
     the model's own that differs in how it computes (`Qwen2_5_VLConfig.with_compute`)."""
     if (config.vision, config.text) != (model.config.vision, model.config.text):
         raise ValueError("with_config changes how a model computes, not its architecture.")
+    if config == model.config:
+        return model
     return nnx.merge(nnx.graphdef(abstract_model(config)), nnx.state(model))
