@@ -97,8 +97,12 @@ def test_scores_match_transformers(setup, perturbation):
     logp = hf_token_logprobs(hf_model, arrays)
     logq = hf_token_logprobs(hf_model, arrays, gray_pixels)
 
-    targets = np.concatenate([arrays["input_ids"][:, 1:], np.zeros_like(arrays["input_ids"][:, :1])], 1)
-    mask = np.concatenate([response[:, 1:], np.zeros_like(response[:, :1])], 1)
+    # The batch covers the positions predicting a response token: the last R but one.
+    length, window = arrays["input_ids"].shape[1], scored.old_logp.shape[-1]
+    assert window == max(RESPONSE_LENGTHS)
+    positions = slice(length - window - 1, length - 1)
+    targets, mask = arrays["input_ids"][:, length - window :], response[:, length - window :]
+    logp, logq = logp[:, positions], logq[:, positions]
     expected_logp = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
     expected_kl = (np.exp(logp) * (logp - logq)).sum(-1)
     np.testing.assert_allclose(np.asarray(scored.old_logp[0])[mask], expected_logp[mask], atol=1e-4)

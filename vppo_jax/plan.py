@@ -214,7 +214,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
 
     # The update on one micro-batched slice of the rollout batch, as the trainer runs it.
     inputs = abstract_batch(model_cfg, rows, prompt_length + r.max_new_tokens, grid, leading=(t.micro_batches,))
-    per_row = lambda dtype: jax.ShapeDtypeStruct((t.micro_batches, rows, prompt_length + r.max_new_tokens), dtype)
+    per_row = lambda dtype: jax.ShapeDtypeStruct((t.micro_batches, rows, r.max_new_tokens), dtype)  # the responses
     batch = TrainBatch(
         inputs=inputs,
         targets=per_row(np.int32),

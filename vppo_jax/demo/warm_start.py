@@ -25,7 +25,7 @@ from vppo_jax.data.prompts import PromptBuilder
 from vppo_jax.io.cli import parse_flags
 from vppo_jax.models.qwen2_5_vl import save_pretrained
 from vppo_jax.rollout.policy import load_policy, prompt_builder
-from vppo_jax.vppo.batch import build_train_batch
+from vppo_jax.vppo.batch import build_train_batch, response_positions
 from vppo_jax.vppo.logprobs import token_logprobs_and_entropy
 
 
@@ -58,7 +58,16 @@ def sft_batch(config, examples: list[tuple], pad_id: int, prompt_width: int, res
         response[i, prompt_width : prompt_width + len(reply)] = True
     pixel_values = np.concatenate([p.pixel_values for p, _ in examples])
     grids = np.concatenate([p.image_grid_thw for p, _ in examples])
-    return build_train_batch(config, input_ids, attention, response, np.zeros(rows, np.float32), pixel_values, grids)
+    return build_train_batch(
+        config,
+        input_ids,
+        attention,
+        response,
+        np.zeros(rows, np.float32),
+        pixel_values,
+        grids,
+        response_start=prompt_width,
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
@@ -67,7 +76,8 @@ def sft_step(graphdef, optimizer, params, opt_state, batch):
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params)
-        logp, _ = token_logprobs_and_entropy(model.hidden_states(micro.inputs), model.unembedding(), micro.targets)
+        hidden = response_positions(model.hidden_states(micro.inputs), micro.targets)
+        logp, _ = token_logprobs_and_entropy(hidden, model.unembedding(), micro.targets)
         mask = micro.response_mask.astype(jnp.float32)
         return -(logp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 

@@ -194,4 +194,5 @@ def train_batch(
         arrays.get("image_grid_thw"),
         micro_batches,
         perturbed_pixel_values,
+        response_start=groups.prompt_arrays["input_ids"].shape[1],  # the prompts' padded width
     )

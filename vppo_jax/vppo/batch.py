@@ -27,18 +27,22 @@ from vppo_jax.parallel import sharding
 class TrainBatch:
     """Rollouts ready for the update; every leaf has a leading micro-batch axis M.
 
-    Position t of a row predicts token t + 1: `targets[t]` is that token and
-    `response_mask[t]` says whether it is a response token (the loss covers only those).
-    Rows are ordered by group: rows g*G .. g*G+G-1 share a prompt.
+    Per-token arrays cover the response window only: the last R positions but one of the
+    T-token rows, the positions that predict a response token (responses follow the
+    left-padded prompts, so every row's response starts in the same column). Column r of
+    `targets` is the token predicted at position T - R - 1 + r; `response_mask[r]` says
+    whether it is a response token (the loss covers only those). The vocabulary projection,
+    log-probs, entropy and dependency are computed at those R positions only
+    (`response_positions`). Rows are ordered by group: rows g*G .. g*G+G-1 share a prompt.
     """
 
     inputs: ModelInputs  # (M, b, T) token arrays, images in the slot layout per micro-batch
-    targets: jax.Array  # (M, b, T) int32
-    response_mask: jax.Array  # (M, b, T) bool
+    targets: jax.Array  # (M, b, R) int32
+    response_mask: jax.Array  # (M, b, R) bool
     advantages: jax.Array  # (M, b) GRPO advantages
-    old_logp: jax.Array | None = None  # (M, b, T) from score_rollouts, or None (in-pass)
-    dependency: jax.Array | None = None  # (M, b, T) from score_rollouts, or None (in-pass)
-    old_entropy: jax.Array | None = None  # (M, b, T) for entropy-based TGF
+    old_logp: jax.Array | None = None  # (M, b, R) from score_rollouts, or None (in-pass)
+    dependency: jax.Array | None = None  # (M, b, R) from score_rollouts, or None (in-pass)
+    old_entropy: jax.Array | None = None  # (M, b, R) for entropy-based TGF
     perturbed_patches: jax.Array | None = None  # (M, S, patch_dim) images I' made on the host ("blacken_pixels")
 
     @property
@@ -46,6 +50,12 @@ class TrainBatch:
         """Whether pi_old's statistics came with the batch (`score_rollouts`) rather than
         from the update's own forward pass."""
         return self.old_logp is not None
+
+
+def response_positions(hidden: jax.Array, targets: jax.Array) -> jax.Array:
+    """The hidden states (B, T, D) at the positions that predict `targets` (B, R): T-R-1 .. T-2."""
+    length, window = hidden.shape[1], targets.shape[-1]
+    return hidden[:, length - window - 1 : length - 1]
 
 
 def scored_like(batch: TrainBatch) -> TrainBatch:
@@ -135,21 +145,32 @@ def build_train_batch(
     image_grid_thw: np.ndarray | None = None,
     micro_batches: int = 1,
     perturbed_pixel_values: np.ndarray | None = None,
+    response_start: int | None = None,
 ) -> TrainBatch:
     """Splits B rows into `micro_batches` consecutive micro-batches with equal shapes.
 
     `perturbed_pixel_values`, rows like `pixel_values`: the images I' blackened on the host
     (vppo_jax/vppo/pixel_blackening.py), laid out like the originals.
 
-    `response_tokens` (B, T) marks the response tokens of each row. Position t predicts
-    token t + 1, so targets and the response mask are shifted one step left.
+    `response_tokens` (B, T) marks the response tokens of each row; none may sit before
+    column `response_start` (default: the first column holding one; rollouts pass their
+    prompt width, so the window's width is the same every step). Targets and the response
+    mask are the columns from there on (see TrainBatch).
     """
-    batch = input_ids.shape[0]
+    batch, length = input_ids.shape
     if batch % micro_batches:
         raise ValueError(f"{batch} rows do not split into {micro_batches} equal micro-batches.")
     rows = batch // micro_batches
-    targets = np.concatenate([input_ids[:, 1:], np.zeros_like(input_ids[:, :1])], axis=1)
-    response_mask = np.concatenate([response_tokens[:, 1:], np.zeros_like(response_tokens[:, :1])], axis=1)
+    response_tokens = np.asarray(response_tokens, bool)
+    if response_start is None:
+        columns = np.flatnonzero(response_tokens.any(0))
+        response_start = int(columns[0]) if len(columns) else length - 1
+    if not 1 <= response_start < length or response_tokens[:, :response_start].any():
+        raise ValueError(
+            f"response_start={response_start}: response tokens must start at or after it, in [1, {length})."
+        )
+    targets = input_ids[:, response_start:]
+    response_mask = response_tokens[:, response_start:]
 
     # Images of each micro-batch: a contiguous run of images and pixel rows.
     parts = []

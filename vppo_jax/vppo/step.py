@@ -29,7 +29,7 @@ from flax import nnx
 
 from vppo_jax.vppo import dependency as dependency_lib
 from vppo_jax.vppo import perturbation, shaping
-from vppo_jax.vppo.batch import TrainBatch, TrainState
+from vppo_jax.vppo.batch import TrainBatch, TrainState, response_positions
 from vppo_jax.vppo.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs_and_entropy
 from vppo_jax.vppo.loss import LossConfig, LossCounts, loss_counts, loss_sums, total_loss
 from vppo_jax.vppo.metrics import step_metrics
@@ -87,10 +87,10 @@ def needs_scoring(config: StepConfig, updates_per_rollout: int, micro_batches: i
 
 
 def token_scores(config: StepConfig, model, inputs, perturbed_patches, targets, response_mask, hidden, key):
-    """Token dependency under the policy whose final hidden states (original images) are
-    `hidden`: a divergence between its distributions with I and with I'."""
+    """Token dependency under the policy whose final hidden states (original images) at the
+    response positions are `hidden`: a divergence between its distributions with I and I'."""
     perturbed = perturbation.perturb_images(config.perturbation, inputs, key, config.blacken_prob, perturbed_patches)
-    hidden_perturbed = jax.lax.stop_gradient(model.hidden_states(perturbed))
+    hidden_perturbed = jax.lax.stop_gradient(response_positions(model.hidden_states(perturbed), targets))
     return dependency_lib.token_dependency(
         config.estimator,
         jax.lax.stop_gradient(hidden),
@@ -109,7 +109,7 @@ def score_rollouts(config: StepConfig, graphdef, params, batch: TrainBatch, key:
 
     def score(micro):
         inputs, perturbed_patches, targets, mask, micro_key = micro
-        hidden = model.hidden_states(inputs)
+        hidden = response_positions(model.hidden_states(inputs), targets)
         logp, entropy = token_logprobs_and_entropy(
             hidden, model.unembedding(), targets, config.temperature, config.vocab_chunk
         )
@@ -178,7 +178,7 @@ def train_step(
         """Loss of one micro-batch, its sums divided by the whole batch's counts (exact
         accumulation), with the per-token statistics the metrics need as auxiliaries."""
         model = nnx.merge(graphdef, params)
-        hidden = model.hidden_states(micro.inputs)
+        hidden = response_positions(model.hidden_states(micro.inputs), micro.targets)
         logp, entropy = token_logprobs_and_entropy(
             hidden, model.unembedding(), micro.targets, config.temperature, config.vocab_chunk
         )
