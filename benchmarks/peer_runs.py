@@ -113,7 +113,6 @@ def run_trl(where: dict[str, str], steps: int) -> list[dict]:
 
 
 def run_ours(where: dict[str, str], steps: int) -> list[dict]:
-    import jax
 
     from vppo_jax.trainer.config import default_config
     from vppo_jax.trainer.trainer import Trainer

@@ -64,9 +64,7 @@ def paths(directory: str) -> dict[str, str]:
 def tokenizer_corpus(rows: list[dict]) -> list[str]:
     """The problems and enough random words for 4096 BPE merges (a random model emits any token)."""
     rng = random.Random(0)
-    words = [
-        "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))) for _ in range(60_000)
-    ]
+    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))) for _ in range(60_000)]
     return [row["problem"] for row in rows] + [" ".join(words[i : i + 20]) for i in range(0, len(words), 20)]
 
 
