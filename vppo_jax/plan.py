@@ -379,7 +379,12 @@ def main(argv):
         )
     mesh_shape = dict(mesh.shape)
     model_cfg = model_config(FLAGS.model, config.model.path, config.model.dtype, config.model.param_dtype)
-    model_cfg = model_cfg.with_compute(config.model.remat, config.model.attention_block)
+    from vppo_jax.trainer import config as config_lib
+
+    # "auto" resolves for the topology's chips (scanned on accelerators), not for this CPU.
+    backend = "cpu" if FLAGS.topology.startswith("cpu") else "accelerator"
+    loop = config_lib.layer_loop(config.model.layer_loop, backend)
+    model_cfg = model_cfg.with_compute(config.model.remat, config.model.attention_block, loop)
     print(
         f"planning {FLAGS.model or config.model.path or 'tiny'} (parameters {model_cfg.param_dtype}, compute "
         f"{model_cfg.dtype}, remat {model_cfg.remat}, attention block {model_cfg.attention_block}) on "

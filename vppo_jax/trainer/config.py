@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
+import jax
 import ml_collections
 import optax
 
@@ -32,9 +33,11 @@ def default_config() -> ml_collections.ConfigDict:
     # memory (vppo_jax/trainer/optimizer.py).
     # `remat`: what the backward keeps of each layer ("none", "full": only its input, "dots": its
     # matmul outputs); `attention_block`: tokens per block of the decoder's attention, beyond
-    # which it never forms a (T, T) array (vppo_jax/models/qwen2_5_vl/attention.py).
+    # which it never forms a (T, T) array (vppo_jax/models/qwen2_5_vl/attention.py);
+    # `layer_loop`: "scan" (one compiled layer in a loop: compile time flat in depth), "unroll"
+    # (faster on a CPU), or "auto": unrolled on a CPU, scanned on accelerators.
     c.model = ml_collections.ConfigDict(
-        dict(path="", dtype="bfloat16", param_dtype="float32", remat="none", attention_block=512)
+        dict(path="", dtype="bfloat16", param_dtype="float32", remat="none", attention_block=512, layer_loop="auto")
     )
 
     c.data = ml_collections.ConfigDict(
@@ -149,7 +152,7 @@ def check_names(c: ml_collections.ConfigDict):
     """Resolves every name the config holds (reward, prompt template, the algorithm's choices,
     precision), so that a typo fails in the first second, not after the model has loaded."""
     get_reward(c.reward.name)
-    check_compute(c.model.remat, c.model.attention_block)
+    check_compute(c.model.remat, c.model.attention_block, layer_loop(c.model.layer_loop))
     prompts.prompt_template(c.data.prompt_template)
     step_config(c)  # StepConfig checks its choices
     optimizer(c)  # and make_optimizer the parameter dtype
@@ -187,6 +190,13 @@ def step_config(c: ml_collections.ConfigDict) -> StepConfig:
         temperature=c.rollout.temperature,
         loss=LossConfig(**pick(LossConfig)),
     )
+
+
+def layer_loop(name: str, backend: str | None = None) -> str:
+    """model.layer_loop resolved for `backend` (default: JAX's): "auto" unrolls on a CPU."""
+    if name != "auto":
+        return name
+    return "unroll" if (backend or jax.default_backend()) == "cpu" else "scan"
 
 
 def training_steps(c: ml_collections.ConfigDict, train_rows: int) -> int:

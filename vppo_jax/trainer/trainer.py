@@ -89,7 +89,9 @@ class Trainer:
         c, d = self.config, self.config.data
         with jax.default_device(_host_device()):
             policy = load_policy(c.model.path, c.model.dtype, c.model.param_dtype)
-        self.model_config = policy.model.config.with_compute(c.model.remat, c.model.attention_block)
+        self.model_config = policy.model.config.with_compute(
+            c.model.remat, c.model.attention_block, config_lib.layer_loop(c.model.layer_loop)
+        )
         self.policy = dataclasses.replace(policy, model=with_config(policy.model, self.model_config))
         self.builder = prompt_builder(
             self.policy, d.max_prompt_length, d.min_pixels or None, d.max_pixels or None, d.prompt_template

@@ -8,7 +8,14 @@ computed in chunks of `chunk_size` tokens: peak memory O(B * chunk * V), not O(B
 in the forward pass and (each chunk's logits recomputed) in the backward pass. The loss,
 the scoring pass, the dependency estimators (vppo_jax/vppo/dependency.py) and the warm
 start all go through here.
+
+The gradient of (log p(o_t), H_t) is written by hand (`_logp_entropy_backward`): it keeps
+two numbers per token from the forward, recomputes the chunk's logits once, and forms the
+logits' gradient in one pass over the vocabulary, where autodiff of a rematerialised
+log-softmax recomputes the whole forward and then runs its backward op by op.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +44,8 @@ def map_token_chunks(chunk_fn, chunk_size, *per_token):
     T is padded up to a multiple of chunk_size (padded rows are zeros and are cut off
     again); lax.map runs the chunks one after another, so only one chunk's (B, c, V)
     intermediates are live. chunk_fn returns a pytree of (B, c) arrays; the result is
-    the same pytree of (B, T) arrays. jax.checkpoint makes reverse-mode autodiff save
-    only each chunk's inputs and recompute its logits, keeping the backward pass at
-    O(B * c * V) as well.
+    the same pytree of (B, T) arrays. A chunk_fn to be differentiated must keep its
+    backward at O(B * c * V) itself (a custom VJP, as `logp_and_entropy`, or jax.checkpoint).
     """
     batch, length = per_token[0].shape[:2]
     num_chunks = -(-length // chunk_size)
@@ -53,7 +59,7 @@ def map_token_chunks(chunk_fn, chunk_size, *per_token):
     def from_chunks(y):
         return jnp.moveaxis(y, 0, 1).reshape(batch, padded_length)[:, :length]
 
-    chunk_outputs = jax.lax.map(jax.checkpoint(lambda xs: chunk_fn(*xs)), tuple(to_chunks(x) for x in per_token))
+    chunk_outputs = jax.lax.map(lambda xs: chunk_fn(*xs), tuple(to_chunks(x) for x in per_token))
     return jax.tree.map(from_chunks, chunk_outputs)
 
 
@@ -67,10 +73,43 @@ def token_logprobs_and_entropy(hidden, unembedding, tokens, temperature=1.0, chu
     Returns:
       (logp, entropy), each (B, T) fp32; differentiable with respect to hidden and W.
     """
-
-    def chunk_fn(h, o):
-        logp = log_softmax_chunk(h, unembedding, temperature)
-        entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-        return at_tokens(logp, o), entropy
-
+    chunk_fn = lambda h, o: logp_and_entropy(h, unembedding, o, temperature)
     return map_token_chunks(chunk_fn, chunk_size, hidden, tokens)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def logp_and_entropy(hidden, unembedding, tokens, temperature):
+    """(log p(o), H) of one (B, c, D) chunk: (B, c) each, fp32."""
+    return _logp_entropy_forward(hidden, unembedding, tokens, temperature)[0]
+
+
+def _logits(hidden, unembedding, temperature):
+    return jnp.einsum("bcd,dv->bcv", hidden, unembedding, preferred_element_type=jnp.float32) / temperature
+
+
+def _logp_entropy_forward(hidden, unembedding, tokens, temperature):
+    logits = _logits(hidden, unembedding, temperature)
+    log_normaliser = jax.nn.logsumexp(logits, axis=-1)
+    probs = jnp.exp(logits - log_normaliser[..., None])
+    mean_logit = jnp.sum(probs * logits, axis=-1)  # E_p[z]; H = log Z - E_p[z]
+    logp = at_tokens(logits, tokens) - log_normaliser
+    return (logp, log_normaliser - mean_logit), (hidden, unembedding, tokens, log_normaliser, mean_logit)
+
+
+def _logp_entropy_backward(temperature, residuals, cotangents):
+    """d/dz of g_logp * log p(o) + g_H * H, with p = softmax(z): g_logp * (onehot(o) - p)
+    - g_H * p * (z - E_p[z]); then through z = h W / temperature."""
+    hidden, unembedding, tokens, log_normaliser, mean_logit = residuals
+    g_logp, g_entropy = cotangents
+    logits = _logits(hidden, unembedding, temperature)
+    probs = jnp.exp(logits - log_normaliser[..., None])
+    g_logits = -probs * (g_logp[..., None] + g_entropy[..., None] * (logits - mean_logit[..., None]))
+    g_logits = g_logits + jax.nn.one_hot(tokens, logits.shape[-1], dtype=g_logits.dtype) * g_logp[..., None]
+    g_logits = (g_logits / temperature).astype(hidden.dtype)
+    g_hidden = jnp.einsum("bcv,dv->bcd", g_logits, unembedding)
+    flat = lambda a: a.reshape(-1, a.shape[-1])
+    g_unembedding = jax.lax.dot_general(flat(hidden), flat(g_logits), (((0,), (0,)), ((), ())))
+    return g_hidden, g_unembedding, None
+
+
+logp_and_entropy.defvjp(_logp_entropy_forward, _logp_entropy_backward)

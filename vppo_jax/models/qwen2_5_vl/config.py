@@ -58,14 +58,21 @@ class VisionConfig:
 
 
 REMAT_CHOICES = ("none", "full", "dots")  # layers.REMAT_POLICIES says what each keeps
+# How the stacked layers run: one compiled layer in a loop (compile time flat at 28 or 64
+# layers), or the loop unrolled (faster on a CPU, where the loop's slicing and stacking cost
+# more than they do on an accelerator).
+LAYER_LOOPS = ("scan", "unroll")
 
 
-def check_compute(remat: str, attention_block: int):
-    """Raises ValueError naming the field for a rematerialisation or attention block we do not have."""
+def check_compute(remat: str, attention_block: int, layer_loop: str = "scan"):
+    """Raises ValueError naming the field for a rematerialisation, attention block or layer
+    loop we do not have."""
     if remat not in REMAT_CHOICES:
         raise ValueError(f"model.remat={remat!r}; choose one of {REMAT_CHOICES}.")
     if attention_block < 1:
         raise ValueError(f"model.attention_block={attention_block} must be a positive number of tokens.")
+    if layer_loop not in LAYER_LOOPS:
+        raise ValueError(f"model.layer_loop={layer_loop!r}; choose one of {LAYER_LOOPS}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,11 +104,13 @@ class Qwen2_5_VLConfig:
     vision_end_token_id: int = 151653
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations
-    # How the forward and backward run, not what the model is (both default to the plain way):
-    # what the backward keeps of each scanned layer (layers.REMAT_POLICIES), and the token
-    # block of the decoder's attention beyond which it never forms a (T, T) array (attention.py).
+    # How the forward and backward run, not what the model is (each defaults to the plain way):
+    # what the backward keeps of each layer (layers.REMAT_POLICIES), the token block of the
+    # decoder's attention beyond which it never forms a (T, T) array (attention.py), and
+    # whether the stacked layers run in a loop or unrolled (LAYER_LOOPS).
     remat: str = "none"
     attention_block: int = 512
+    layer_loop: str = "scan"
     # The HF directory the weights came from, if any: its config.json and tokenizer files are
     # carried over on export. Not part of the model's identity (compare=False).
     source_dir: str | None = dataclasses.field(default=None, compare=False)
@@ -120,11 +129,15 @@ class Qwen2_5_VLConfig:
                 raise ValueError(f"Unknown dtype {name!r}; choose one of {sorted(DTYPES)}.")
         return dataclasses.replace(self, param_dtype=param_dtype, dtype=dtype or param_dtype)
 
-    def with_compute(self, remat: str | None = None, attention_block: int | None = None) -> "Qwen2_5_VLConfig":
-        """This config with the given rematerialisation and attention block (None keeps the current)."""
+    def with_compute(
+        self, remat: str | None = None, attention_block: int | None = None, layer_loop: str | None = None
+    ) -> "Qwen2_5_VLConfig":
+        """This config with the given rematerialisation, attention block and layer loop (None
+        keeps the current)."""
         remat, attention_block = remat or self.remat, attention_block or self.attention_block
-        check_compute(remat, attention_block)
-        return dataclasses.replace(self, remat=remat, attention_block=attention_block)
+        layer_loop = layer_loop or self.layer_loop
+        check_compute(remat, attention_block, layer_loop)
+        return dataclasses.replace(self, remat=remat, attention_block=attention_block, layer_loop=layer_loop)
 
     def with_precision(self, dtype: str | None = None, param_dtype: str | None = None) -> "Qwen2_5_VLConfig":
         """Flax's convention: `dtype` is the compute dtype, `param_dtype` the storage dtype; either

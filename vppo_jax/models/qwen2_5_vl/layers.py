@@ -198,17 +198,22 @@ REMAT_POLICIES = {
 assert tuple(REMAT_POLICIES) == REMAT_CHOICES, "config.REMAT_CHOICES names these policies"
 
 
-def scan_layers(layers: nnx.Module, carry, per_layer_inputs, body: Callable, remat: str = "none"):
+def scan_layers(
+    layers: nnx.Module, carry, per_layer_inputs, body: Callable, remat: str = "none", layer_loop: str = "scan"
+):
     """Runs `body(layer, carry, per_layer_input) -> carry` over stacked layers with lax.scan.
 
-    Scanning compiles one layer instead of L copies: compile time stays flat at 28 or 64 layers.
-    `remat` names what the backward keeps of each layer (REMAT_POLICIES).
+    Scanning compiles one layer instead of L copies: compile time stays flat at 28 or 64 layers;
+    layer_loop="unroll" unrolls the loop (config.LAYER_LOOPS). `remat` names what the backward
+    keeps of each layer (REMAT_POLICIES).
     """
     with_no_output = lambda layer, carry, per_layer: (body(layer, carry, per_layer), None)
-    return scan_layers_with_outputs(layers, carry, per_layer_inputs, with_no_output, remat)[0]
+    return scan_layers_with_outputs(layers, carry, per_layer_inputs, with_no_output, remat, layer_loop)[0]
 
 
-def scan_layers_with_outputs(layers: nnx.Module, carry, per_layer_inputs, body: Callable, remat: str = "none"):
+def scan_layers_with_outputs(
+    layers: nnx.Module, carry, per_layer_inputs, body: Callable, remat: str = "none", layer_loop: str = "scan"
+):
     """Like `scan_layers` for `body(...) -> (carry, output)`; returns the carry and the outputs stacked."""
     graphdef, params = nnx.split(layers)
 
@@ -218,7 +223,7 @@ def scan_layers_with_outputs(layers: nnx.Module, carry, per_layer_inputs, body: 
 
     if remat != "none":
         step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    return jax.lax.scan(step, carry, (params, per_layer_inputs))
+    return jax.lax.scan(step, carry, (params, per_layer_inputs), unroll=layer_loop == "unroll")
 
 
 def unstacked(layers: nnx.Module, count: int) -> list[nnx.Module]:

@@ -155,9 +155,8 @@ class TextModel(nnx.Module):
     def __call__(self, embeddings: jax.Array, position_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """Final hidden states (B, T, D). Causal attention over unmasked keys."""
         cos, sin = mrope_cos_sin(self.config.text, position_ids, self.config.jnp_dtype)
-        x = scan_layers(
-            self.layers, embeddings, None, lambda layer, h, _: layer(h, cos, sin, attention_mask)[0], self.config.remat
-        )
+        run_layer = lambda layer, h, _: layer(h, cos, sin, attention_mask)[0]
+        x = scan_layers(self.layers, embeddings, None, run_layer, self.config.remat, self.config.layer_loop)
         return self.norm(x)
 
     def prefill(self, embeddings, position_ids, attention_mask, cache_length: int) -> tuple[jax.Array, KVCache]:
@@ -165,7 +164,11 @@ class TextModel(nnx.Module):
         holding the prompt's keys and values in slots [0, T)."""
         cos, sin = mrope_cos_sin(self.config.text, position_ids, self.config.jnp_dtype)
         x, (keys, values) = scan_layers_with_outputs(
-            self.layers, embeddings, None, lambda layer, h, _: layer(h, cos, sin, attention_mask)
+            self.layers,
+            embeddings,
+            None,
+            lambda layer, h, _: layer(h, cos, sin, attention_mask),
+            layer_loop=self.config.layer_loop,
         )
         empty_slots = cache_length - embeddings.shape[1]
         keys = jnp.pad(keys.transpose(0, 1, 3, 4, 2), [(0, 0)] * 4 + [(0, empty_slots)])

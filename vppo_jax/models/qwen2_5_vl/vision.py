@@ -145,7 +145,6 @@ class VisionTower(nnx.Module):
         x = constrain(self.patch_embed(vision.patches), "batch", "act_embed")
         cos, sin = self.rotary(vision.rotary_hw)
         is_full = jnp.isin(jnp.arange(vcfg.depth), jnp.asarray(vcfg.fullatt_block_indexes, jnp.int32))
-        x = scan_layers(
-            self.blocks, x, is_full, lambda block, h, full: block(h, cos, sin, vision, full), self.config.remat
-        )
+        run_block = lambda block, h, full: block(h, cos, sin, vision, full)
+        x = scan_layers(self.blocks, x, is_full, run_block, self.config.remat, self.config.layer_loop)
         return self.merger(x)
