@@ -208,20 +208,24 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
 
     grid = image_grid(model_cfg, d.max_pixels)
     prompt_length = length_bucket(d.max_prompt_length, r.min_prompt_length)
-    rows = r.prompts_per_step * r.group_size // t.updates_per_rollout // t.micro_batches
+    update_rows = r.prompts_per_step * r.group_size // t.updates_per_rollout
+    micro_batches = config_lib.micro_batches(
+        config, update_rows, prompt_length + r.max_new_tokens, sharding.batch_shards(mesh)
+    )
+    rows = update_rows // micro_batches
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
     results = []
 
     # The update on one micro-batched slice of the rollout batch, as the trainer runs it.
-    inputs = abstract_batch(model_cfg, rows, prompt_length + r.max_new_tokens, grid, leading=(t.micro_batches,))
-    per_row = lambda dtype: jax.ShapeDtypeStruct((t.micro_batches, rows, r.max_new_tokens), dtype)  # the responses
+    inputs = abstract_batch(model_cfg, rows, prompt_length + r.max_new_tokens, grid, leading=(micro_batches,))
+    per_row = lambda dtype: jax.ShapeDtypeStruct((micro_batches, rows, r.max_new_tokens), dtype)  # the responses
     batch = TrainBatch(
         inputs=inputs,
         targets=per_row(np.int32),
         response_mask=per_row(np.bool_),
-        advantages=jax.ShapeDtypeStruct((t.micro_batches, rows), np.float32),
+        advantages=jax.ShapeDtypeStruct((micro_batches, rows), np.float32),
     )
-    if needs_scoring(step_config, t.updates_per_rollout, t.micro_batches):  # pi_old, dependency first
+    if needs_scoring(step_config, t.updates_per_rollout, micro_batches):  # pi_old, dependency first
         if "score" in phases:
             program = programs.score_program(step_config, graphdef, mesh, state.params, batch, key)
             results.append(

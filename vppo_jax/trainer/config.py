@@ -107,10 +107,14 @@ def default_config() -> ml_collections.ConfigDict:
             epochs=2,
             steps=0,
             updates_per_rollout=3,  # optimizer steps per rollout batch (384 -> 3 x 128 prompts)
-            # Gradient accumulation inside one optimizer step: 1024 rows per update in 32 micro-batches
-            # of 32 rows, the reference's 4 rows per device on its 8 GPUs. More rows per micro-batch
-            # run faster until memory runs out (`python -m vppo_jax.plan` prints it per device).
-            micro_batches=32,
+            # Gradient accumulation inside one optimizer step (exact: one token mean over the whole
+            # update). micro_batches > 0: that many (the recipes choose theirs with the planner);
+            # 0: as many as keep each device's share of a micro-batch within micro_batch_tokens
+            # tokens (verl's ppo_max_token_len_per_gpu), rows split evenly, at least one row per
+            # device. More rows per micro-batch run faster until memory runs out (`python -m
+            # vppo_jax.plan` prints it per device); on a CPU about 6k tokens is fastest.
+            micro_batches=0,
+            micro_batch_tokens=8192,
             seed=0,
         )
     )
@@ -190,6 +194,20 @@ def step_config(c: ml_collections.ConfigDict) -> StepConfig:
         temperature=c.rollout.temperature,
         loss=LossConfig(**pick(LossConfig)),
     )
+
+
+def micro_batches(c: ml_collections.ConfigDict, rows: int, row_tokens: int, row_shards: int = 1) -> int:
+    """Micro-batches of an update of `rows` rows of `row_tokens` tokens split over `row_shards`
+    devices: train.micro_batches, or (when 0) the fewest whose per-device rows fit in
+    train.micro_batch_tokens."""
+    t = c.train
+    if t.micro_batches:
+        return t.micro_batches
+    if t.micro_batch_tokens <= 0:
+        raise ValueError("train.micro_batches=0 needs train.micro_batch_tokens > 0 (tokens per device).")
+    per_device = rows // row_shards
+    fitting_rows = max(1, t.micro_batch_tokens // row_tokens)
+    return next(m for m in range(1, per_device + 1) if per_device % m == 0 and per_device // m <= fitting_rows)
 
 
 def layer_loop(name: str, backend: str | None = None) -> str:

@@ -236,7 +236,9 @@ class Trainer:
                     part.prompts, c.rollout.group_size, self.builder.image_processor, seed, c.algo.blacken_prob
                 )
             advantages = np.asarray(grpo_advantages(part.rewards, c.rollout.group_size))
-            batches.append(train_batch(self.model_config, part, advantages, c.train.micro_batches, perturbed))
+            row_tokens = part.prompt_arrays["input_ids"].shape[1] + part.tokens.shape[1]
+            micro = config_lib.micro_batches(c, len(part.texts), row_tokens, sharding.batch_shards(self.mesh))
+            batches.append(train_batch(self.model_config, part, advantages, micro, perturbed))
         return batches
 
     def evaluate(self, key: jax.Array) -> dict[str, float]:
@@ -261,7 +263,7 @@ class Trainer:
         c = self.config
         batches = self.update_batches(groups, score_key)
         tokens = float(sum(np.asarray(b.response_mask).sum() for b in batches))  # while still on the host
-        if needs_scoring(self.step_config, c.train.updates_per_rollout, c.train.micro_batches):
+        if needs_scoring(self.step_config, c.train.updates_per_rollout, batches[0].targets.shape[0]):
             # pi_old statistics for every slice from the rollout policy, before any update.
             with timer("dependency"):
                 batches = jax.block_until_ready(
@@ -346,10 +348,11 @@ def check_batch_shapes(config: ml_collections.ConfigDict, mesh):
             f"train.updates_per_rollout x processes = {t.updates_per_rollout} x {jax.process_count()}."
         )
     rows = r.prompts_per_step * r.group_size // t.updates_per_rollout
-    if rows % t.micro_batches:
+    micro = t.micro_batches or 1  # a token budget (micro_batches=0) always splits the rows evenly
+    if rows % micro:
         raise ValueError(f"{rows} rows per update do not split into train.micro_batches={t.micro_batches}.")
     sharding.check_rows(
-        rows // t.micro_batches,
+        rows // micro,
         mesh,
         "rows per micro-batch (rollout.prompts_per_step x "
         "rollout.group_size / train.updates_per_rollout / train.micro_batches)",
