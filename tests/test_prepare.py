@@ -22,9 +22,9 @@ from PIL import Image
 from vppo_jax import data
 from vppo_jax.data.prepare import convert, writer
 from vppo_jax.data.prepare.convert import prepare
+from vppo_jax.data.prepare.example import PrepareError
 from vppo_jax.data.prepare.image_files import ImageFiles
 from vppo_jax.data.prepare.registry import DATASETS
-from vppo_jax.data.prepare.sources import PrepareError
 from vppo_jax.data.prompts import INSTRUCTION
 from vppo_jax.eval import benchmarks
 from vppo_jax.trainer import config as config_lib
@@ -193,7 +193,7 @@ def test_virl39k_converts_from_its_published_layout(tmp_path, monkeypatch):
 # --- the source, the output, the command ------------------------------------------------------
 
 
-def test_a_file_of_another_layout_fails_at_once_naming_its_columns(tmp_path):
+def test_unusable_sources_fail_at_once_saying_why(tmp_path):
     write_virl39k_snapshot(tmp_path / "virl")
     with pytest.raises(
         PrepareError, match=r"no column \['messages'\]; its columns are \['problem', 'answer', 'images'\]"
@@ -203,6 +203,10 @@ def test_a_file_of_another_layout_fails_at_once_naming_its_columns(tmp_path):
         prepare(DATASETS["geo3k"], [str(tmp_path / "virl")], str(tmp_path / "out"))  # no geo3k file in it
     with pytest.raises(PrepareError, match="not a local file or directory"):
         prepare(DATASETS["geo3k"], [DATASETS["geo3k"].hub_id], str(tmp_path / "out"))
+    write_suite_snapshot(tmp_path / "broken", "geo3k")
+    (tmp_path / "broken" / "hiyouga_geometry3k_images.zip").write_bytes(b"cut short by a failed download")
+    with pytest.raises(PrepareError, match="hiyouga_geometry3k_images.zip is not a readable zip archive"):
+        prepare(DATASETS["geo3k"], [str(tmp_path / "broken")], str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 

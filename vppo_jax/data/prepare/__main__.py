@@ -27,8 +27,8 @@ import sys
 from absl import app, flags
 
 from vppo_jax.data.prepare.convert import prepare, summary
+from vppo_jax.data.prepare.example import PrepareError
 from vppo_jax.data.prepare.registry import DATASETS
-from vppo_jax.data.prepare.sources import PrepareError
 from vppo_jax.io.cli import parse_flags
 
 FLAGS = flags.FLAGS

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 
 import tqdm
 
-from vppo_jax.data.prepare.example import SKIP_REASONS, Skip, build_example
+from vppo_jax.data.prepare.example import SKIP_REASONS, PrepareError, Skip, build_example
 from vppo_jax.data.prepare.image_files import ImageFiles
 from vppo_jax.data.prepare.registry import Dataset
-from vppo_jax.data.prepare.sources import PrepareError, SourceRows, source_files
+from vppo_jax.data.prepare.sources import SourceRows, source_files
 from vppo_jax.data.prepare.writer import ParquetOutput, write_json
 
 
@@ -31,12 +31,13 @@ def prepare(dataset: Dataset, src: Sequence[str], out: str) -> dict:
     """Converts `dataset` from `src` into `out`; returns the report. Raises PrepareError (no
     usable input: wrong files, missing columns, no row converted) and FileExistsError."""
     parquet_path, report_path = output_paths(dataset, out)
+    output = ParquetOutput(parquet_path)  # refuses an existing file before any input is read
     files = source_files(src, dataset)
     rows = SourceRows(files.data_files, dataset)
     skipped: collections.Counter[str] = collections.Counter()
     notes: collections.Counter[str] = collections.Counter()
     written = 0
-    with ParquetOutput(parquet_path) as output, ImageFiles(files.image_directories) as images:
+    with ImageFiles(files.image_directories) as images, output:
         for where, row in tqdm.tqdm(rows, total=len(rows), desc=dataset.name, unit=" rows"):
             try:
                 if isinstance(row, Skip):

@@ -24,6 +24,11 @@ SKIP_REASONS = (
 )
 
 
+class PrepareError(Exception):
+    """Input that cannot be converted at all (no data file, missing columns, an unreadable
+    archive, no usable row); the message says what is wrong and the fix."""
+
+
 class Skip(Exception):
     """Raised for a row that cannot be converted; `reason` is one of SKIP_REASONS."""
 
@@ -92,6 +97,8 @@ def image_bytes(entry: Any, k: int, images: ImageReader) -> bytes:
             entry = images.read(entry)
         except FileNotFoundError as error:
             raise Skip("missing_image", f"image {k}: {error}") from None
+        except OSError as error:  # there, but unreadable
+            raise Skip("bad_image", f"image {k}: {error}") from None
     if not isinstance(entry, (bytes, bytearray)) or not entry:
         raise Skip("missing_image", f"image {k} has neither bytes nor a path (got {type(entry).__name__})")
     try:

@@ -15,6 +15,8 @@ import os
 import zipfile
 from collections.abc import Sequence
 
+from vppo_jax.data.prepare.example import PrepareError
+
 Location = tuple[str, str]  # (zip archive, member) or ("", file path)
 
 
@@ -22,9 +24,11 @@ class ImageFiles:
     """with ImageFiles(["snapshot/"]) as images: images.read("./data/images/geo/1.png") -> bytes"""
 
     def __init__(self, directories: Sequence[str]):
+        """Indexes the files under `directories` (and in their zip archives) up front: a broken
+        archive fails the run here, not as one skipped row after another."""
         self.directories = list(directories)
-        self._index: dict[tuple[str, ...], list[Location]] | None = None  # built on the first read
         self._archives: dict[str, zipfile.ZipFile] = {}
+        self._index = self._build_index()
 
     def __enter__(self) -> ImageFiles:
         return self
@@ -35,18 +39,20 @@ class ImageFiles:
 
     def read(self, reference: str) -> bytes:
         """The bytes of the file `reference` names; FileNotFoundError when no file under the
-        directories matches it (or only a bare name shared by several files does)."""
+        directories matches it (or only a bare name shared by several files does), OSError when
+        it cannot be read."""
         archive, path = self.locate(reference)
         if archive:
-            return self._archives[archive].read(path)
+            try:
+                return self._archives[archive].read(path)
+            except zipfile.BadZipFile as error:  # a corrupt member (bad CRC, truncated archive)
+                raise OSError(f"{archive}: {path}: {error}") from None
         with open(path, "rb") as f:
             return f.read()
 
     def locate(self, reference: str) -> Location:
         if os.path.isabs(reference) and os.path.isfile(reference):
             return "", reference
-        if self._index is None:
-            self._index = self._build_index()
         parts = path_parts(reference)
         for start in range(len(parts)):
             tail = tuple(parts[start:])
@@ -69,7 +75,10 @@ class ImageFiles:
                     else:
                         add_tails(index, path_parts(os.path.relpath(path, directory)), ("", path))
         for path in archives:  # after the loose files: an unpacked copy is preferred
-            self._archives[path] = zipfile.ZipFile(path)
+            try:
+                self._archives[path] = zipfile.ZipFile(path)
+            except zipfile.BadZipFile as error:
+                raise PrepareError(f"{path} is not a readable zip archive ({error}); download it again.") from None
             for member in self._archives[path].namelist():
                 if not member.endswith("/"):
                     add_tails(index, path_parts(member), (path, member))

@@ -15,14 +15,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from vppo_jax.data.prepare.example import Skip
+from vppo_jax.data.prepare.example import PrepareError, Skip
 from vppo_jax.data.prepare.registry import Dataset
 
 BATCH_ROWS = 100  # parquet rows decoded at a time: ViRL39K's image bytes are ~75 KB a row
-
-
-class PrepareError(Exception):
-    """Input that cannot be converted at all; the message says what is wrong and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
