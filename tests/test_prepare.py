@@ -207,18 +207,25 @@ def test_unusable_sources_fail_at_once_saying_why(tmp_path):
     (tmp_path / "broken" / "hiyouga_geometry3k_images.zip").write_bytes(b"cut short by a failed download")
     with pytest.raises(PrepareError, match="hiyouga_geometry3k_images.zip is not a readable zip archive"):
         prepare(DATASETS["geo3k"], [str(tmp_path / "broken")], str(tmp_path / "out"))
+    (tmp_path / "broken" / "data" / "hiyouga_geometry3k-00000-of-00001.parquet").write_bytes(b"PAR1 cut short")
+    with pytest.raises(PrepareError, match="hiyouga_geometry3k-00000-of-00001.parquet is not a readable parquet"):
+        prepare(DATASETS["geo3k"], [str(tmp_path / "broken")], str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
 def test_data_files_can_be_named_with_their_image_folder(tmp_path):
-    """A data file outside its snapshot: images are looked up beside it and in the directories given."""
-    expected, _ = write_suite_snapshot(tmp_path / "snapshot", "dynamath")
-    data_file = tmp_path / "elsewhere" / "dynamath.json"
+    """A data file outside its snapshot, here rewritten as JSON lines with a line cut short: images
+    are looked up beside it and in the directories given."""
+    expected, rows = write_suite_snapshot(tmp_path / "snapshot", "dynamath")
+    published = tmp_path / "snapshot" / "data" / "vppo" / "DynaMath_DynaMath_Sample.json"
+    data_file = tmp_path / "elsewhere" / "dynamath.jsonl"
     data_file.parent.mkdir()
-    (tmp_path / "snapshot" / "data" / "vppo" / "DynaMath_DynaMath_Sample.json").rename(data_file)
+    lines = [json.dumps(row) for row in json.loads(published.read_text())]
+    data_file.write_text("\n".join([*lines, lines[0][:20]]) + "\n")
     src = [str(data_file), str(tmp_path / "snapshot" / "data" / "images")]
-    prepare(DATASETS["dynamath"], src, str(tmp_path / "out"))
+    report = prepare(DATASETS["dynamath"], src, str(tmp_path / "out"))
     assert read_output(tmp_path / "out" / "dynamath.parquet") == expected
+    assert report["rows_read"] == rows + 1 and report["skipped"]["bad_row"] == 2
 
 
 def test_image_references_match_the_longest_tail_of_their_path(tmp_path):

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vppo_jax.data.prepare.example import PrepareError, Skip
@@ -84,29 +85,36 @@ def open_rows(path: str, dataset: Dataset) -> ParquetRows | JsonRows:
 class ParquetRows:
     def __init__(self, path: str, dataset: Dataset):
         self.path, self.columns = path, list(dataset.columns)
-        self.file = pq.ParquetFile(path)
+        try:
+            self.file = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as error:
+            raise PrepareError(f"{path} is not a readable parquet file ({error}); download it again.") from None
         check_columns(path, self.file.schema_arrow.names, dataset)
 
     def __len__(self) -> int:
         return self.file.metadata.num_rows
 
     def __iter__(self) -> Iterator[Any]:
-        for batch in self.file.iter_batches(batch_size=BATCH_ROWS, columns=self.columns):
-            yield from batch.to_pylist()
+        try:
+            for batch in self.file.iter_batches(batch_size=BATCH_ROWS, columns=self.columns):
+                yield from batch.to_pylist()
+        except (pa.ArrowException, OSError) as error:  # rows cannot be told apart in a corrupt row group
+            raise PrepareError(f"{self.path} stops being readable ({error}); download it again.") from None
 
 
 class JsonRows:
-    """A JSON array of rows (LLaMA-Factory's data files) or JSON lines; the evaluation sets are
-    small enough to hold in memory, which lets the columns be checked across all rows."""
+    """A JSON array of rows (LLaMA-Factory's data files) or JSON lines (.jsonl, or a .json that
+    is not one document); the evaluation sets are small enough to hold in memory, which lets
+    the columns be checked across all rows."""
 
     def __init__(self, path: str, dataset: Dataset):
         self.path = path
         with open(path, encoding="utf-8") as f:
             content = f.read()
         try:
-            self.rows = json.loads(content)
-        except json.JSONDecodeError:  # not one document: JSON lines
-            self.rows = [json_line(line) for line in content.splitlines() if line.strip()]
+            self.rows = json.loads(content) if path.endswith(".json") else json_lines(content)
+        except json.JSONDecodeError:
+            self.rows = json_lines(content)
         if not isinstance(self.rows, list):
             raise PrepareError(f"{path} holds one JSON {type(self.rows).__name__}, not a list of rows")
         columns = {key for row in self.rows if isinstance(row, dict) for key in row}
@@ -117,6 +125,10 @@ class JsonRows:
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.rows)
+
+
+def json_lines(content: str) -> list[Any]:
+    return [json_line(line) for line in content.splitlines() if line.strip()]
 
 
 def json_line(line: str) -> Any:
