@@ -49,6 +49,8 @@ class Fields:
 
 
 class ImageReader(Protocol):
+    """What build_example needs of image_files.ImageFiles (which imports this module)."""
+
     def read(self, reference: str) -> bytes: ...
 
 
