@@ -19,9 +19,16 @@ import json
 import os
 from typing import IO
 
+import fsspec
 from etils import epath
 
 COPY_CHUNK_BYTES = 16 << 20
+
+# fsspec caches an object store's listings (and the sizes in them) for the life of a process, so
+# objects another process wrote since, or rewrote, would stay unseen or read short: a trial's
+# checkpoints for the sweep launcher, a resumed run's metrics. Every lookup asks the store.
+for _protocol in ("gs", "s3", "az"):
+    fsspec.config.conf.setdefault(_protocol, {})["use_listings_cache"] = False
 
 
 def is_local(path: str | os.PathLike) -> bool:

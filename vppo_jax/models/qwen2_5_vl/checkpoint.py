@@ -10,14 +10,16 @@ with partial load, so converting never holds the whole model: a plain orbax save
 the whole tree costs a second copy of it in host buffers (measured: 2.1x the
 checkpoint size instead of 1.0x).
 
-The directory may be local or in a bucket (gs://...): orbax and vppo_jax/io/paths.py take
-either, and vppo_jax/io/atomic_dir.py says what "complete" means in each.
+The directory may be local or in a bucket (gs://...): it is read through orbax and
+vppo_jax/io/paths.py, which take either; vppo_jax/io/atomic_dir.py says what "complete" means
+in each.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from typing import Iterable
 
 import jax
@@ -47,15 +49,29 @@ def _nested(path: tuple, value) -> dict:
 
 
 def save_params(config: Qwen2_5_VLConfig, params: Iterable[tuple[tuple, np.ndarray]], path: str):
-    """Writes (parameter path, array) pairs and the config as a checkpoint directory."""
-    with atomic_directory(path) as tmp:
-        params_dir = os.path.join(tmp, PARAMS_DIR)
-        for param_path, value in params:
-            ocp.partial.save(params_dir, _nested(param_path, value))
-        ocp.partial.finalize(params_dir)
-        paths.makedirs(os.path.join(tmp, HF_DIR))
-        paths.write_json(os.path.join(tmp, HF_DIR, CONFIG_FILE), hf_config_dict(config))
-        copy_assets(config.source_dir, os.path.join(tmp, HF_DIR))
+    """Writes (parameter path, array) pairs and the config as a checkpoint directory.
+
+    Orbax's partial save renames directories as it merges each parameter in, which an object
+    store cannot do: a checkpoint for a bucket is written to a local temporary directory
+    first (local disk for one checkpoint) and uploaded once complete.
+    """
+    with atomic_directory(path) as directory:
+        if paths.is_local(directory):
+            _write_checkpoint(config, params, directory)
+        else:
+            with tempfile.TemporaryDirectory(prefix="vppo_checkpoint.") as spool:
+                _write_checkpoint(config, params, spool)
+                paths.copy_tree(spool, directory)
+
+
+def _write_checkpoint(config: Qwen2_5_VLConfig, params: Iterable[tuple[tuple, np.ndarray]], directory: str):
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    for param_path, value in params:
+        ocp.partial.save(params_dir, _nested(param_path, value))
+    ocp.partial.finalize(params_dir)
+    os.makedirs(os.path.join(directory, HF_DIR))
+    paths.write_json(os.path.join(directory, HF_DIR, CONFIG_FILE), hf_config_dict(config))
+    copy_assets(config.source_dir, os.path.join(directory, HF_DIR))
 
 
 def open_params(path: str, dtype: str | None = None, param_dtype: str | None = None):
