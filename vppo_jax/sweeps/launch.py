@@ -1,7 +1,7 @@
 """Runs every trial of a sweep file, one after another: on this machine, or on a TPU pod with all its workers.
 
     python -m vppo_jax.sweeps.launch experiments/tiny_2x2.py --root=runs/sweeps [--dry_run]
-    python -m vppo_jax.sweeps.launch experiments/vppo_7b_tgf_beta.py --root=/mnt/shared/sweeps \\
+    python -m vppo_jax.sweeps.launch experiments/vppo_7b_tgf_beta.py --root=gs://BUCKET/sweeps \\
         --mode=tpu-pod --pod=NAME --zone=ZONE [--repo=vppo_jax] [--python=python3] [--dry_run]
 
 Trials run from the repository root (relative paths in the sweep file are relative to it),
@@ -125,7 +125,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_string("root", None, "Directory of the sweeps' workdirs.")
+    flags.DEFINE_string("root", None, "Directory of the sweeps' workdirs (local or gs://...).")
     flags.DEFINE_enum("mode", "local", ["local", "tpu-pod"], "Where the trials run.")
     flags.DEFINE_string("pod", None, "tpu-pod: the TPU VM's name.")
     flags.DEFINE_string("zone", None, "tpu-pod: its zone.")
