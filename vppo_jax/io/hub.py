@@ -99,6 +99,6 @@ def _lookup(kind: str, repo_id: str, fetch, what: str | None = None) -> str:
         ) from error
     except (errors.RepositoryNotFoundError, errors.EntryNotFoundError, errors.RevisionNotFoundError) as error:
         raise HubLookupError(
-            f"{repo_id!r} is not a local path, and the Hugging Face Hub has no {what} (searched after {where}; "
-            f"{type(error).__name__}). Check the name; a private or gated repository needs `hf auth login`."
+            f"{repo_id!r} is not a local path, and neither {where} nor the Hugging Face Hub has {what} "
+            f"({type(error).__name__}). Check the name; a private or gated repository needs `hf auth login`."
         ) from error
