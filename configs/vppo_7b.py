@@ -1,6 +1,6 @@
 """VPPO on Qwen2.5-VL-7B-Instruct with ViRL39K: the paper's main recipe (Table 1, 57.5 avg@8).
 
-    python scripts/convert_hf_to_jax.py --hf_dir=Qwen2.5-VL-7B-Instruct --out=ckpt/qwen7b --dtype=bfloat16
+    python scripts/convert_hf_to_jax.py --hf_dir=Qwen/Qwen2.5-VL-7B-Instruct --out=ckpt/qwen7b --dtype=bfloat16
     python -m vppo_jax.train --config=configs/vppo_7b.py --workdir=runs/vppo_7b \
         --config.model.path=ckpt/qwen7b --config.data.train_files="('virl39k.parquet',)"
 

@@ -1,6 +1,6 @@
 """The paper's ablations on the 7B recipe (configs/ablation.py), one trial each.
 
-    python -m vppo_jax.sweeps.launch experiments/ablations_7b.py --root=/mnt/shared/sweeps \
+    python -m vppo_jax.sweeps.launch experiments/ablations_7b.py --root=gs://BUCKET/sweeps \
         --mode=tpu-pod --pod=NAME --zone=ZONE --python=.venv/bin/python
 
 Then evaluate and aggregate as experiments/table1_7b.py. The paper's avg@8 for each is in

@@ -1,6 +1,6 @@
 """The paper's 32B rows: GRPO, DAPO and VPPO on Qwen2.5-VL-32B (avg@8 62.6, 63.5, 64.6), 4096-token responses.
 
-    python -m vppo_jax.sweeps.launch experiments/table1_32b.py --root=/mnt/shared/sweeps \
+    python -m vppo_jax.sweeps.launch experiments/table1_32b.py --root=gs://BUCKET/sweeps \
         --mode=tpu-pod --pod=NAME --zone=ZONE --python=.venv/bin/python
 
 Then evaluate and aggregate as experiments/table1_7b.py.

@@ -1,9 +1,9 @@
 """The paper's Table 1 rows on Qwen2.5-VL-7B: GRPO, DAPO and VPPO on ViRL39K (avg@8 53.1, 55.0, 57.5).
 
-    python -m vppo_jax.sweeps.launch experiments/table1_7b.py --root=/mnt/shared/sweeps \
+    python -m vppo_jax.sweeps.launch experiments/table1_7b.py --root=gs://BUCKET/sweeps \
         --mode=tpu-pod --pod=NAME --zone=ZONE --python=.venv/bin/python
-    python -m vppo_jax.eval --checkpoint=/mnt/shared/sweeps/table1_7b/vppo --data data/benchmarks/*.parquet
-    python -m vppo_jax.sweeps.aggregate experiments/table1_7b.py --root=/mnt/shared/sweeps
+    python -m vppo_jax.eval --checkpoint=gs://BUCKET/sweeps/table1_7b/vppo --data data/benchmarks/*.parquet
+    python -m vppo_jax.sweeps.aggregate experiments/table1_7b.py --root=gs://BUCKET/sweeps
 
 Evaluate each trial on the eight benchmarks (README, "Experiments"); the aggregator then
 tabulates their avg@8 next to each other. Paths are relative to the repository root on the

@@ -1,8 +1,8 @@
 """The issue's example sweep on the paper's 7B VPPO recipe: TGF keep ratio x TAS floor (6 trials).
 
-    python -m vppo_jax.sweeps.launch experiments/vppo_7b_tgf_beta.py --root=/mnt/shared/sweeps \
+    python -m vppo_jax.sweeps.launch experiments/vppo_7b_tgf_beta.py --root=gs://BUCKET/sweeps \
         --mode=tpu-pod --pod=NAME --zone=ZONE --python=.venv/bin/python
-    python -m vppo_jax.sweeps.aggregate experiments/vppo_7b_tgf_beta.py --root=/mnt/shared/sweeps
+    python -m vppo_jax.sweeps.aggregate experiments/vppo_7b_tgf_beta.py --root=gs://BUCKET/sweeps
 
 The paper's choice is tgf_k=0.4, beta_min=0.9 (57.5 avg@8). Paths are relative to the
 repository root on the workers: edit them to where the model and data are.

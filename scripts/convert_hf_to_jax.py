@@ -1,9 +1,11 @@
 """Converts a Hugging Face Qwen2.5-VL directory into an orbax checkpoint training can start from.
 
-    python scripts/convert_hf_to_jax.py --hf_dir=/path/Qwen2.5-VL-7B-Instruct --out=/path/qwen7b_jax [--dtype=bfloat16]
+    python scripts/convert_hf_to_jax.py --hf_dir=Qwen/Qwen2.5-VL-7B-Instruct --out=/path/qwen7b_jax [--dtype=bfloat16]
 
-Tensors stream one at a time from the safetensors files, so a 7B checkpoint (15 GB in
-bf16) converts on a 24 GiB machine. The output appears only when complete.
+--hf_dir is a directory (local or gs://...) or a Hugging Face Hub name; --out may be in a
+bucket. Tensors stream one at a time from the safetensors files, so a 7B checkpoint (15 GB
+in bf16) converts on a 24 GiB machine. The output appears only when complete
+(vppo_jax/io/atomic_dir.py: what that means in a bucket).
 """
 
 from absl import app, flags, logging
@@ -16,7 +18,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_string("hf_dir", None, "HF directory with config.json and *.safetensors.")
+    flags.DEFINE_string("hf_dir", None, "HF directory with config.json and *.safetensors, or a Hub name.")
     flags.DEFINE_string("out", None, "Output checkpoint directory (must not exist).")
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Default: as stored.")
     flags.mark_flags_as_required(["hf_dir", "out"])

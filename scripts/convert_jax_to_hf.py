@@ -5,7 +5,7 @@
 The output loads with transformers' Qwen2_5_VLForConditionalGeneration.from_pretrained:
 config.json, legacy-named safetensors (sharded with an index above --max_shard_gb) and the
 tokenizer and processor files of the original directory, in --dtype (default: the dtype the
-checkpoint holds). It appears only when complete.
+checkpoint holds). It appears only when complete. Either path may be in a bucket (gs://...).
 """
 
 from absl import app, flags, logging

@@ -24,7 +24,6 @@ so v5p-8 = 4 devices, v5p-32 = 16, v5p-64 = 32, v5p-128 = 64, v4-64 = 32; 8xh100
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -32,6 +31,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from vppo_jax.io import hub, paths
 from vppo_jax.io.cli import parse_flags
 
 GIB = 1 << 30
@@ -55,8 +55,8 @@ def define_flags():
     flags.DEFINE_string(
         "model",
         "",
-        "a preset of vppo_jax/models/qwen2_5_vl/presets.py (7b, 32b, tiny, ...) or an HF/converted "
-        "model directory. Default: the config's model.path, tiny when empty.",
+        "a preset of vppo_jax/models/qwen2_5_vl/presets.py (7b, 32b, tiny, ...), an HF/converted "
+        "model directory or a Hub name. Default: the config's model.path, tiny when empty.",
     )
     flags.DEFINE_string("topology", "v5p-8", f"One of {sorted(TOPOLOGIES)}, or cpu-N (N devices).")
     flags.DEFINE_string("mesh", "", "data,fsdp,tensor sizes (one may be -1). Default: the config's mesh.")
@@ -77,7 +77,8 @@ def topology(name: str) -> tuple[int, float]:
 
 def model_config(name: str, config_path: str, dtype: str, param_dtype: str | None = None):
     """A Qwen2.5-VL config by preset name (qwen2_5_vl.PRESETS: 7b, 32b, ...; no download), the tiny
-    default's, or a directory's, computing in `dtype` with parameters in `param_dtype` (default: `dtype`)."""
+    default's, or a directory's (or a Hub name's: its config.json alone), computing in `dtype` with
+    parameters in `param_dtype` (default: `dtype`)."""
     from vppo_jax.models.qwen2_5_vl import PRESETS, preset
 
     name = name or config_path or "tiny"
@@ -89,7 +90,8 @@ def model_config(name: str, config_path: str, dtype: str, param_dtype: str | Non
         return preset(name).with_precision(dtype, param_dtype)
     from vppo_jax.models.qwen2_5_vl.hf_io import read_config
 
-    config_dir = os.path.join(name, "hf") if os.path.isdir(os.path.join(name, "hf")) else name
+    name = hub.resolve_model(name, allow_patterns=["config.json"])  # a Hub model's config alone, no weights
+    config_dir = os.path.join(name, "hf") if paths.is_dir(os.path.join(name, "hf")) else name
     return read_config(config_dir)[0].with_precision(dtype, param_dtype)
 
 
@@ -399,20 +401,19 @@ def main(argv):
     print(report(result, mesh_shape, devices, memory_gib))
     if FLAGS.json:
         peak = max(p.total for p in result["phases"])
-        with open(FLAGS.json, "w") as f:
-            json.dump(
-                dict(
-                    result,
-                    phases=[dataclasses.asdict(p) | {"total": p.total} for p in result["phases"]],
-                    mesh=mesh_shape,
-                    topology=FLAGS.topology,
-                    device_memory_gib=memory_gib,
-                    peak=peak,
-                    fits=bool(memory_gib) and peak <= memory_gib * GIB,
-                ),
-                f,
-                indent=1,
-            )
+        paths.write_json(
+            FLAGS.json,
+            dict(
+                result,
+                phases=[dataclasses.asdict(p) | {"total": p.total} for p in result["phases"]],
+                mesh=mesh_shape,
+                topology=FLAGS.topology,
+                device_memory_gib=memory_gib,
+                peak=peak,
+                fits=bool(memory_gib) and peak <= memory_gib * GIB,
+            ),
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ from vppo_jax.parallel import distributed
 from vppo_jax.trainer.trainer import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's config, metrics and checkpoints.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for the run's config, metrics and checkpoints (or gs://...)."
+)
 # Multi-process runs off TPU (vppo_jax/parallel/distributed.py); on a Cloud TPU pod JAX finds its workers itself.
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 in a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")

@@ -8,11 +8,14 @@ from typing import Any
 
 from PIL import Image
 
+from vppo_jax.io import paths
+
 
 def open_image(entry: Any, base_dir: str) -> Image.Image:
     """A decoded PIL image from raw bytes, an HF datasets {"bytes", "path"} dict, or a file path.
 
-    Relative paths are relative to `base_dir` (the data file's directory). HF datasets keeps
+    Relative paths are relative to `base_dir` (the data file's directory, which may be in a
+    bucket: the file is read through vppo_jax/io/paths.py). HF datasets keeps
     the original file name in "path" next to the bytes, so bytes win when both are present.
     Raises ValueError for an entry of another type, and whatever PIL raises for a missing,
     corrupt or oversized file (OSError, DecompressionBombError, SyntaxError, ...).
@@ -20,10 +23,11 @@ def open_image(entry: Any, base_dir: str) -> Image.Image:
     if isinstance(entry, dict):
         data, path = entry.get("bytes"), entry.get("path")
         entry = data if data else path
+    if isinstance(entry, str) and entry:
+        with paths.open_file(os.path.join(base_dir, entry), "rb") as f:
+            entry = f.read()
     if isinstance(entry, (bytes, bytearray)):
         image = Image.open(io.BytesIO(entry))
-    elif isinstance(entry, str) and entry:
-        image = Image.open(os.path.join(base_dir, entry))
     else:
         kind = type(entry).__name__
         raise ValueError(f"an image entry must be bytes, a path or a {{'bytes', 'path'}} dict, got {kind}")

@@ -24,6 +24,7 @@ import numpy as np
 import tokenizers
 from PIL import Image
 
+from vppo_jax.io import paths
 from vppo_jax.models.qwen2_5_vl.image_processor import ImageProcessor, fit_pixel_budget
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -53,13 +54,12 @@ def prompt_template(name: str) -> str:
     when the template has no {problem}."""
     if name in PROMPT_TEMPLATES:
         return PROMPT_TEMPLATES[name]
-    if not os.path.isfile(name):
+    if not paths.is_file(name):
         raise ValueError(
             f"data.prompt_template={name!r} is neither one of {sorted(PROMPT_TEMPLATES)} nor a file "
             "(a text file holding the user turn, with {problem} where the problem goes)."
         )
-    with open(name) as f:
-        template = f.read().removesuffix("\n")
+    template = paths.read_text(name).removesuffix("\n")
     if "{problem}" not in template:
         raise ValueError(f"data.prompt_template={name!r} has no {{problem}}: mark where the problem goes.")
     return template
@@ -105,12 +105,12 @@ class SpecialTokens:
 def load_tokenizer(model_dir: str) -> tokenizers.Tokenizer:
     """The tokenizer.json of an HF model directory (a transformers fast tokenizer's `.backend_tokenizer` also works)."""
     path = os.path.join(model_dir, "tokenizer.json")
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise FileNotFoundError(
             f"{path} not found: pass the HF model directory (or the hf/ folder of a converted checkpoint), "
             "which must hold the fast tokenizer's tokenizer.json."
         )
-    return tokenizers.Tokenizer.from_file(path)
+    return tokenizers.Tokenizer.from_str(paths.read_text(path))
 
 
 def special_tokens(tokenizer: tokenizers.Tokenizer) -> SpecialTokens:

@@ -3,7 +3,9 @@
 Nothing is decoded up front. A parquet file is read one row group at a time (a few recent
 groups are cached), so a 39k-row ViRL39K file with its image bytes never sits in memory;
 HF datasets writes image parquet in groups of 100 rows. A JSON-lines file is indexed by
-the byte offset of each line once, and a row is read by seeking to it.
+the byte offset of each line once, and a row is read by seeking to it. Files may be local,
+in a bucket (gs://...; vppo_jax/io/paths.py: reads become ranged downloads) or files of a
+Hugging Face Hub dataset, "ORG/NAME/FILE" (vppo_jax/io/hub.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+
+from vppo_jax.io import hub, paths
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ class ParquetRows:
             )
 
     def _open(self):
-        self._file = pq.ParquetFile(self.path)
+        self._file = pq.ParquetFile(paths.open_file(self.path, "rb"))
         self._cache: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self._lock = threading.Lock()  # grain reads from several threads; pyarrow file handles are not shared safely
 
@@ -89,14 +93,14 @@ class JsonLinesRows:
     def __init__(self, path: str):
         self.path = path
         offsets = []
-        with open(path, "rb") as f:
+        with paths.open_file(path, "rb") as f:
             offset = 0
             for line in f:
                 if line.strip():
                     offsets.append(offset)
                 offset += len(line)
         if offsets:
-            with open(path, "rb") as f:
+            with paths.open_file(path, "rb") as f:
                 f.seek(offsets[0])
                 if f.read(1) == b"[":
                     raise ValueError(f"{path} is one JSON array; write one JSON object per line (JSON Lines).")
@@ -107,7 +111,7 @@ class JsonLinesRows:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """The row's object; raises ValueError when the line is not a JSON object."""
-        with open(self.path, "rb") as f:
+        with paths.open_file(self.path, "rb") as f:
             f.seek(int(self.offsets[index]))
             row = json.loads(f.readline())
         if not isinstance(row, dict):
@@ -116,24 +120,26 @@ class JsonLinesRows:
 
 
 def open_rows(path: str, columns: Sequence[str]) -> ParquetRows | JsonLinesRows:
-    if path.endswith(".parquet"):
-        return ParquetRows(path, columns)
-    if path.endswith((".jsonl", ".json")):
-        return JsonLinesRows(path)
-    raise ValueError(f"{path}: unknown data file type; use .parquet or .jsonl (JSON Lines, also accepted as .json).")
+    """The rows of a data file: a local path, a URL or a Hub dataset's ORG/NAME/FILE."""
+    if not path.endswith((".parquet", ".jsonl", ".json")):
+        raise ValueError(
+            f"{path}: unknown data file type; use .parquet or .jsonl (JSON Lines, also accepted as .json)."
+        )
+    path = paths.absolute(hub.resolve_data_file(path))
+    return ParquetRows(path, columns) if path.endswith(".parquet") else JsonLinesRows(path)
 
 
 class RowSource:
     """The rows of several files, concatenated in order; `source[i]` is a `Row`."""
 
-    def __init__(self, paths: Sequence[str], columns: Sequence[str]):
-        if isinstance(paths, str) or not paths or not all(paths):
-            raise ValueError(f"Data files must be a non-empty list of paths, got {paths!r}.")
+    def __init__(self, files: Sequence[str], columns: Sequence[str]):
+        if isinstance(files, str) or not files or not all(files):
+            raise ValueError(f"Data files must be a non-empty list of paths, got {files!r}.")
         self.columns = tuple(columns)
-        self.files = [open_rows(os.path.abspath(p), columns) for p in paths]
+        self.files = [open_rows(p, columns) for p in files]
         self.file_starts = np.cumsum([0] + [len(f) for f in self.files]).tolist()
         if len(self) == 0:
-            raise ValueError(f"The data files {list(paths)} hold no rows.")
+            raise ValueError(f"The data files {list(files)} hold no rows.")
 
     def __len__(self) -> int:
         return self.file_starts[-1]

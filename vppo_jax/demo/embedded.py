@@ -14,6 +14,7 @@ import ml_collections
 from vppo_jax.demo import synthetic
 from vppo_jax.demo.tiny_model import write_tiny_model
 from vppo_jax.demo.warm_start import warm_start
+from vppo_jax.io import paths
 
 
 def is_embedded_default(config: ml_collections.ConfigDict) -> bool:
@@ -30,14 +31,14 @@ def prepare_embedded_default(config: ml_collections.ConfigDict, workdir: str) ->
     s = config.synthetic
     assets = os.path.join(workdir, "embedded")
     files = synthetic.split_paths(assets)
-    if not all(os.path.exists(f) for f in files.values()):
+    if not all(paths.exists(f) for f in files.values()):
         synthetic.write_splits(assets, s.train, s.val, s.seed, teacher_noise=s.teacher_noise)
     model_dir = os.path.join(assets, "tiny_model")
-    if not os.path.exists(model_dir):
+    if not paths.exists(model_dir):
         write_tiny_model(model_dir, synthetic.tokenizer_corpus(files["train"]), seed=config.train.seed)
     if s.warm_start_steps:
         warm_dir, model_dir = model_dir, os.path.join(assets, "warm_start")
-        if not os.path.exists(model_dir):
+        if not paths.exists(model_dir):
             warm_start(
                 warm_dir,
                 files["train"],

@@ -18,11 +18,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import json
 import os
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from vppo_jax.io import paths
 
 TOP_FRACTION = 0.2  # "the top 20% of tokens hold X% of the total dependency"
 
@@ -59,7 +60,7 @@ def plot_accuracy(curves: dict[str, list[tuple[int, float]]], warm_start: float,
     axes.set(xlabel="RL step", ylabel=f"validation {metric} (%)", title="Synthetic shapes task")
     axes.grid(alpha=0.3)
     axes.legend()
-    figure.savefig(path, dpi=120)
+    _save_png(figure, path)
 
 
 def plot_token_dependency(values: np.ndarray, path: str):
@@ -74,7 +75,7 @@ def plot_token_dependency(values: np.ndarray, path: str):
         ylabel="tokens (log scale)",
         title=f"Token dependency: top {TOP_FRACTION:.0%} of tokens hold {share:.1%} of the total",
     )
-    figure.savefig(path, dpi=120)
+    _save_png(figure, path)
 
 
 def plot_trajectory_dependency(values: np.ndarray, path: str):
@@ -87,7 +88,12 @@ def plot_trajectory_dependency(values: np.ndarray, path: str):
         xlabel="trajectory dependency (mean S_t over a response)", ylabel="responses", title="Trajectory dependency"
     )
     axes.legend()
-    figure.savefig(path, dpi=120)
+    _save_png(figure, path)
+
+
+def _save_png(figure: Figure, path: str):
+    with paths.open_file(path, "wb") as f:  # a file object: the report may go to a bucket
+        figure.savefig(f, format="png", dpi=120)
 
 
 def _colour(value: float, scale: float) -> str:
@@ -123,8 +129,7 @@ def tokens_html(samples: list[DependencySample], path: str):
             f"<div class='s'>{image}<div><b>{html.escape(sample.problem)}</b> "
             f"(answer {html.escape(sample.answer)}, {verdict})<br>{tokens}</div></div>"
         )
-    with open(path, "w") as f:
-        f.write("\n".join(parts))
+    paths.write_text(path, "\n".join(parts))
 
 
 def summary_markdown(
@@ -176,7 +181,7 @@ def write_report(
     wall_seconds: float,
 ) -> str:
     """Writes the report files (module docstring) and returns the path of report.md."""
-    os.makedirs(directory, exist_ok=True)
+    paths.makedirs(directory)
     token_values = np.concatenate([s.dependency for s in samples]) if samples else np.zeros(0)
     trajectory_values = np.array([s.dependency.mean() for s in samples if len(s.dependency)])
     plot_accuracy(curves, warm_start, metric, os.path.join(directory, "accuracy.png"))
@@ -195,9 +200,7 @@ def write_report(
         "trajectory_dependency_mean": float(np.mean(trajectory_values)),
         "wall_seconds": wall_seconds,
     }
-    with open(os.path.join(directory, "report.json"), "w") as f:
-        json.dump(numbers, f, indent=1)
+    paths.write_json(os.path.join(directory, "report.json"), numbers, indent=1)
     path = os.path.join(directory, "report.md")
-    with open(path, "w") as f:
-        f.write(summary_markdown(curves, warm_start, metric, token_values, trajectory_values, wall_seconds))
+    paths.write_text(path, summary_markdown(curves, warm_start, metric, token_values, trajectory_values, wall_seconds))
     return path

@@ -16,7 +16,6 @@ Every stage resumes: a killed demo, run again with the same flags, picks up wher
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -27,6 +26,7 @@ import pyarrow.parquet as pq
 
 from vppo_jax.demo.embedded import prepare_embedded_default
 from vppo_jax.demo.report import DependencySample, write_report
+from vppo_jax.io import paths
 from vppo_jax.rollout.groups import sample_and_grade, train_batch
 from vppo_jax.rollout.rewards import RewardPool
 from vppo_jax.trainer.metrics import METRICS_FILE, read_metrics
@@ -46,9 +46,8 @@ def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collecti
 def warm_start_accuracy(trainer: Trainer, path: str) -> float:
     """The trainer's validation metric before its first update, computed once and cached."""
     metric = f"eval/avg@{trainer.config.eval.k}"
-    if os.path.exists(path):
-        with open(path) as f:
-            cached = json.load(f)
+    if paths.exists(path):
+        cached = paths.read_json(path)
         if metric in cached:
             return cached[metric]
     if trainer.start_step:
@@ -57,8 +56,7 @@ def warm_start_accuracy(trainer: Trainer, path: str) -> float:
             "accuracy can no longer be measured there. Use a new --workdir."
         )
     summary = trainer.evaluate(jax.random.key(trainer.config.train.seed))
-    with open(path, "w") as f:
-        json.dump(summary, f)
+    paths.write_json(path, summary, indent=None)
     return summary[metric]
 
 
@@ -102,7 +100,8 @@ def dependency_samples(trainer: Trainer, count: int, key: jax.Array) -> list[Dep
 
 def _validation_rows(config) -> list[dict]:
     d = config.data
-    return [row for f in d.val_files for row in pq.read_table(f, columns=[d.problem_key, d.images_key]).to_pylist()]
+    columns = [d.problem_key, d.images_key]
+    return [row for f in d.val_files for row in pq.read_table(paths.open_file(f, "rb"), columns=columns).to_pylist()]
 
 
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -132,5 +131,5 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> str:
         samples,
         time.perf_counter() - start,
     )
-    print(open(path).read().split("\n![")[0])
+    print(paths.read_text(path).split("\n![")[0])
     return path

@@ -27,6 +27,7 @@ from absl import app, flags, logging
 from PIL import Image, ImageDraw
 
 from vppo_jax.data.prompts import INSTRUCTION, SYSTEM_PROMPT
+from vppo_jax.io import paths
 from vppo_jax.io.cli import parse_flags
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
@@ -113,8 +114,9 @@ def generate_rows(count: int, seed: int, image_size: int = 84, teacher_noise: fl
 
 
 def write_parquet(rows: list[dict], path: str):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
+    paths.makedirs(os.path.dirname(paths.absolute(path)))
+    with paths.open_file(path, "wb") as f:
+        pq.write_table(pa.Table.from_pylist(rows), f)
 
 
 def split_paths(directory: str) -> dict[str, str]:
@@ -125,16 +127,16 @@ def write_splits(
     directory: str, train: int, val: int, seed: int, image_size: int = 84, teacher_noise: float = 0.0
 ) -> dict[str, str]:
     """Writes train.parquet and val.parquet (disjoint seeds) and returns their paths."""
-    paths = split_paths(directory)
+    files = split_paths(directory)
     for split, count, split_seed in (("train", train, seed), ("val", val, seed + 1_000_003)):
-        write_parquet(generate_rows(count, split_seed, image_size, teacher_noise), paths[split])
-    return paths
+        write_parquet(generate_rows(count, split_seed, image_size, teacher_noise), files[split])
+    return files
 
 
 def tokenizer_corpus(train_file: str) -> list[str]:
     """Texts a tokenizer for this task must encode compactly: problems, worked answers, and
     the chat prompt around them."""
-    table = pq.read_table(train_file, columns=["problem", "reasoning"]).to_pylist()
+    table = pq.read_table(paths.open_file(train_file, "rb"), columns=["problem", "reasoning"]).to_pylist()
     chat = f"system {SYSTEM_PROMPT} user {INSTRUCTION} assistant"
     return [chat] * 50 + [f"{row['problem']} {row['reasoning']}" for row in table]
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from vppo_jax.data.images import open_image
 from vppo_jax.data.prompts import PromptBuilder
+from vppo_jax.io import paths
 from vppo_jax.io.cli import parse_flags
 from vppo_jax.models.qwen2_5_vl import save_pretrained
 from vppo_jax.rollout.policy import load_policy, prompt_builder
@@ -31,7 +32,7 @@ from vppo_jax.vppo.logprobs import token_logprobs_and_entropy
 
 def supervised_examples(policy, builder: PromptBuilder, data_file: str) -> list[tuple]:
     """(prompt, response ids) for every row: the response is the worked answer + <|im_end|>."""
-    rows = pq.read_table(data_file).to_pylist()
+    rows = pq.read_table(paths.open_file(data_file, "rb")).to_pylist()
     examples = []
     for index, row in enumerate(rows):
         images = [open_image(entry, "") for entry in row["images"]]

@@ -2,7 +2,7 @@
 
     python -m vppo_jax.eval --checkpoint=runs/vppo_7b --data mathverse.parquet dynamath.parquet
     python -m vppo_jax.eval --checkpoint=runs/vppo_7b --data=mathverse.parquet,dynamath.parquet
-    python -m vppo_jax.eval --checkpoint=Qwen2.5-VL-7B-Instruct --data mathverse.parquet --out=results/base --k=8
+    python -m vppo_jax.eval --checkpoint=Qwen/Qwen2.5-VL-7B-Instruct --data mathverse.parquet --out=results/base --k=8
 
 --data takes the benchmark files as a comma-separated list or as the words that follow it
 (a shell glob: --data data/benchmarks/*.parquet).
@@ -10,8 +10,10 @@
 --checkpoint is one of
 - a training run's workdir (config.json + checkpoints/): its latest checkpoint (or --step),
   with the run's own prompt length, image budget, response length and reward;
-- an HF directory or a scripts/convert_hf_to_jax.py checkpoint: with the paper recipe's
-  settings (vppo_jax/trainer/config.py).
+- an HF directory (or Hugging Face Hub name) or a scripts/convert_hf_to_jax.py checkpoint:
+  with the paper recipe's settings (vppo_jax/trainer/config.py).
+Any of these, the benchmark files and --out may be in a bucket (gs://...); a benchmark file
+may also be ORG/NAME/FILE, a file of a Hub dataset.
 Every problem gets k responses sampled at temperature 1.0, top-p 1.0 (the paper's evaluation). Per
 benchmark file (parquet or JSON lines with problem/answer/images columns, names settable):
 avg@k, the mean accuracy over all k x N responses (the paper's metric), and pass@k, the
@@ -37,7 +39,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     """Only when run as the program: the reward workers, spawned, re-import this module."""
-    flags.DEFINE_string("checkpoint", None, "A run's workdir, HF directory or converted checkpoint.")
+    flags.DEFINE_string("checkpoint", None, "A run's workdir, HF directory (or Hub name) or converted checkpoint.")
     flags.DEFINE_list("data", None, "Benchmark files (.parquet, .jsonl): comma-separated, or the words after --data.")
     flags.DEFINE_string(
         "out",

@@ -25,10 +25,11 @@ from flax import nnx
 from vppo_jax import data as data_lib
 from vppo_jax.data.prompts import PromptBuilder
 from vppo_jax.eval.accuracy import evaluate_prompts
+from vppo_jax.io import hub, paths
 from vppo_jax.rollout.policy import Policy, compute_model, load_policy, prompt_builder
 from vppo_jax.rollout.rewards import RewardPool
 from vppo_jax.trainer import config as config_lib
-from vppo_jax.trainer.checkpoints import CONFIG_FILE, RunCheckpoints
+from vppo_jax.trainer.checkpoints import CONFIG_FILE, RunCheckpoints, complete_steps
 from vppo_jax.vppo.batch import init_state
 
 # The paper samples its evaluation responses at temperature 1.0, top-p 1.0 (docs/algorithm.md#reward-and-evaluation).
@@ -41,7 +42,7 @@ class EvalOptions:
     """What to evaluate and how; None takes the run's setting (a run's workdir) or the recipe's.
     The flags of `python -m vppo_jax.eval` have these names and defaults."""
 
-    checkpoint: str  # a run's workdir, an HF directory or a converted checkpoint
+    checkpoint: str  # a run's workdir, an HF directory (or Hub name) or a converted checkpoint
     data: tuple[str, ...]  # benchmark files (.parquet, .jsonl), one benchmark each
     out: str | None = None  # default with a run's workdir: WORKDIR/evaluation
     k: int = 8  # responses per problem
@@ -63,35 +64,27 @@ class EvalOptions:
 def is_run_workdir(path: str) -> bool:
     """A training run's workdir holds the resolved experiment config (an HF config.json has no "train")."""
     try:
-        with open(os.path.join(path, CONFIG_FILE)) as f:
-            return "train" in json.load(f)
+        return "train" in paths.read_json(os.path.join(path, CONFIG_FILE))
     except (FileNotFoundError, NotADirectoryError):
         return False
 
 
-def saved_steps(workdir: str) -> list[int]:
-    """Steps of the run's complete checkpoints: orbax writes each into a temporary folder and
-    renames it to its step number once complete."""
-    directory = os.path.join(workdir, "checkpoints")
-    names = os.listdir(directory) if os.path.isdir(directory) else []
-    return sorted(int(name) for name in names if name.isdigit())
-
-
 def load_run(workdir: str, step: int | None, dtype: str | None) -> tuple[Policy, ml_collections.ConfigDict, int]:
     """The policy of a training run at checkpoint `step` (the latest if None), and the run's config."""
-    with open(os.path.join(workdir, CONFIG_FILE)) as f:
-        saved = json.load(f)
+    saved = paths.read_json(os.path.join(workdir, CONFIG_FILE))
     # Runs from before the precision modes held their parameters in model.dtype.
     saved["model"].setdefault("param_dtype", saved["model"]["dtype"])
     config = config_lib.default_config()  # fields added since the run was started keep their defaults
     config.update(saved)
     config.model.dtype = dtype or config.model.dtype
-    if not os.path.exists(config.model.path):
+    try:
+        model_path = hub.resolve_model(config.model.path)
+    except hub.HubLookupError as error:
         raise FileNotFoundError(
-            f"{workdir}/{CONFIG_FILE} names model.path={config.model.path!r}, which does not exist here. Relative "
-            "paths are relative to where the run was started: run this command from there."
-        )
-    steps = saved_steps(workdir)
+            f"{workdir}/{CONFIG_FILE} names model.path={config.model.path!r}, which does not exist here ({error}) "
+            "Relative paths are relative to where the run was started: run this command from there."
+        ) from error
+    steps = complete_steps(workdir)
     if not steps:
         raise FileNotFoundError(f"{workdir} has no checkpoint yet; a run saves one every checkpoint.every_steps steps.")
     step = steps[-1] if step is None else step
@@ -99,7 +92,7 @@ def load_run(workdir: str, step: int | None, dtype: str | None) -> tuple[Policy,
         raise FileNotFoundError(f"{workdir}/checkpoints has no checkpoint {step}; it holds steps {steps}.")
     checkpoints = RunCheckpoints(workdir, config.checkpoint.keep)
     # The run's base model gives the architecture and tokenizer; the checkpoint, the parameters.
-    policy = load_policy(config.model.path, config.model.dtype, config.model.param_dtype)
+    policy = load_policy(model_path, config.model.dtype, config.model.param_dtype)
     optimizer = config_lib.optimizer(config)
     # Orbax restores into the train state's structure; eval_shape gives it without allocating optimizer state.
     abstract_state = jax.eval_shape(lambda: init_state(policy.model, optimizer)[1])
@@ -110,12 +103,14 @@ def load_run(workdir: str, step: int | None, dtype: str | None) -> tuple[Policy,
 
 
 def load_checkpoint(path: str, step: int | None, dtype: str | None):
-    """(policy, settings config, step or None) for a run workdir, an HF directory or a converted checkpoint."""
+    """(policy, settings config, step or None) for a run workdir, an HF directory (or Hub name) or a
+    converted checkpoint."""
     if is_run_workdir(path):
         return load_run(path, step, dtype)
     if step is not None:
         raise ValueError(f"--step={step} needs a training run's workdir; {path} is not one.")
-    if not os.path.isdir(path):
+    path = hub.resolve_model(path)
+    if not paths.is_dir(path):
         raise FileNotFoundError(f"--checkpoint={path!r} does not exist.")
     config = config_lib.default_config()
     try:
@@ -228,7 +223,7 @@ def evaluate(options: EvalOptions) -> dict:
         "benchmarks": {},
     }
     metrics = (f"avg@{options.k}", f"pass@{options.k}")
-    os.makedirs(out, exist_ok=True)
+    paths.makedirs(out)
     with RewardPool(min(config.reward.workers, os.cpu_count() or 1)) as pool:
         grade = functools.partial(pool.score_responses, reward=config.reward.name, timeout_s=config.reward.timeout_s)
         for name, path in zip(names, options.data):
@@ -247,13 +242,11 @@ def evaluate(options: EvalOptions) -> dict:
                 options.max_examples,
             )
             summary["benchmarks"][name] = result
-            with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in results)
+            paths.write_text(os.path.join(out, f"{name}.jsonl"), "".join(json.dumps(r) + "\n" for r in results))
             scores = ", ".join(f"{m} {result[m]:.4f}" for m in metrics)
             print(f"{name}: {scores} on {result['problems']} problems", flush=True)
     benchmarks = summary["benchmarks"].values()
     summary["average"] = {m: sum(b[m] for b in benchmarks) / len(benchmarks) for m in metrics}
-    with open(os.path.join(out, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
+    paths.write_json(os.path.join(out, SUMMARY_FILE), summary)
     print(markdown_table(summary))
     return summary

@@ -5,14 +5,16 @@ from typing import Callable
 
 from absl import flags
 
+from vppo_jax.io.hub import HubLookupError
 from vppo_jax.io.safetensors_files import CheckpointError
 
 
 def run_conversion(convert: Callable[[], None], out: str) -> int:
-    """Runs `convert`; bad input becomes one error line and exit status 1 (no traceback)."""
+    """Runs `convert`; bad input (a malformed checkpoint, an existing output, a model that is
+    neither a path nor a Hub name) becomes one error line and exit status 1 (no traceback)."""
     try:
         convert()
-    except (CheckpointError, FileExistsError) as e:
+    except (CheckpointError, FileExistsError, HubLookupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

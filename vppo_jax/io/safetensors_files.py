@@ -3,7 +3,8 @@
 The format is an 8-byte little-endian header length, a JSON header mapping each name to
 {dtype, shape, data_offsets}, then the raw bytes. Reading a tensor is one seek and one
 read, so converting a checkpoint never holds more than the tensors being converted; the
-`safetensors` package would need a whole shard in memory to write it.
+`safetensors` package would need a whole shard in memory to write it. Files may be local or
+in a bucket (vppo_jax/io/paths.py): a read is then a ranged download.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
+
+from vppo_jax.io import paths
 
 DTYPES = {
     "F32": np.dtype(np.float32),
@@ -38,7 +41,7 @@ class CheckpointError(ValueError):
 def read_header(path: str) -> tuple[dict, int]:
     """The header of one .safetensors file and the offset where its data starts."""
     try:
-        with open(path, "rb") as f:
+        with paths.open_file(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(length))
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -52,20 +55,19 @@ class SafetensorsDirectory:
 
     def __init__(self, directory: str):
         index_path = os.path.join(directory, INDEX_FILE)
-        if os.path.exists(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f).get("weight_map")
+        if paths.exists(index_path):
+            weight_map = paths.read_json(index_path).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index_path} has no 'weight_map'.")
             files = sorted(set(weight_map.values()))
-        elif os.path.exists(os.path.join(directory, SINGLE_FILE)):
+        elif paths.exists(os.path.join(directory, SINGLE_FILE)):
             files = [SINGLE_FILE]
         else:
             raise CheckpointError(
                 f"{directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}: not a safetensors checkpoint "
                 "(convert .bin checkpoints with transformers first)."
             )
-        missing = [name for name in files if not os.path.exists(os.path.join(directory, name))]
+        missing = [name for name in files if not paths.exists(os.path.join(directory, name))]
         if missing:
             raise CheckpointError(f"{directory}: shard file(s) {missing} listed in {INDEX_FILE} are missing.")
         self.entries: dict[str, tuple[str, dict, int]] = {}
@@ -93,10 +95,11 @@ class SafetensorsDirectory:
         count = int(np.prod(info["shape"], dtype=np.int64))
         if end - begin != count * dtype.itemsize:
             raise CheckpointError(f"tensor {key!r} in {path}: {end - begin} bytes do not fit shape {info['shape']}.")
-        with open(path, "rb") as f:
+        data = np.empty(end - begin, np.uint8)
+        with paths.open_file(path, "rb") as f:
             f.seek(data_start + begin)
-            data = np.fromfile(f, dtype=np.uint8, count=end - begin)
-        if data.size != end - begin:
+            filled = f.readinto(data)
+        if filled != end - begin:
             raise CheckpointError(f"tensor {key!r} in {path} is truncated: the file ends early.")
         return data.view(dtype).reshape(info["shape"])
 
@@ -111,7 +114,7 @@ def write_file(path: str, specs: list[tuple[str, tuple[int, ...], np.dtype]], pr
     header["__metadata__"] = {"format": "pt"}  # transformers refuses files without it
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align the data to 8 bytes, as the reference writer does
-    with open(path, "wb") as f:
+    with paths.open_file(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape, dtype in specs:
@@ -150,6 +153,5 @@ def write_sharded(
             "metadata": {"total_size": total},
             "weight_map": {spec[0]: name for name, shard in zip(names, shards) for spec in shard},
         }
-        with open(os.path.join(directory, INDEX_FILE), "w") as f:
-            json.dump(index, f, indent=2)
+        paths.write_json(os.path.join(directory, INDEX_FILE), index)
     return names

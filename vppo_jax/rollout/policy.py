@@ -10,6 +10,7 @@ from flax import nnx
 from tokenizers import Tokenizer
 
 from vppo_jax.data import prompts
+from vppo_jax.io import hub, paths
 from vppo_jax.models.qwen2_5_vl import from_pretrained
 from vppo_jax.models.qwen2_5_vl.checkpoint import HF_DIR, PARAMS_DIR, load_model
 from vppo_jax.models.qwen2_5_vl.image_processor import ImageProcessor
@@ -31,11 +32,13 @@ class Policy:
 
 
 def load_policy(path: str, dtype: str, param_dtype: str | None = None) -> Policy:
-    """An HF directory (config.json + safetensors) or a scripts/convert_hf_to_jax.py output,
-    computing in `dtype` with parameters held in `param_dtype` (default: `dtype`)."""
-    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+    """An HF directory (config.json + safetensors) or a scripts/convert_hf_to_jax.py output, local
+    or in a bucket, or a Hub name; computing in `dtype` with parameters held in `param_dtype`
+    (default: `dtype`)."""
+    path = hub.resolve_model(path)
+    if paths.is_dir(os.path.join(path, PARAMS_DIR)):
         model, hf_dir = load_model(path, dtype, param_dtype), os.path.join(path, HF_DIR)
-    elif os.path.isfile(os.path.join(path, "config.json")):
+    elif paths.is_file(os.path.join(path, "config.json")):
         model, hf_dir = from_pretrained(path, dtype, param_dtype), path
     else:
         raise FileNotFoundError(
@@ -43,11 +46,11 @@ def load_policy(path: str, dtype: str, param_dtype: str | None = None) -> Policy
             "checkpoint written by scripts/convert_hf_to_jax.py."
         )
     tokenizer_path = os.path.join(hf_dir, TOKENIZER_FILE)
-    if not os.path.isfile(tokenizer_path):
+    if not paths.is_file(tokenizer_path):
         raise FileNotFoundError(
             f"{hf_dir} has no {TOKENIZER_FILE}; copy the tokenizer files of the original model there."
         )
-    return Policy(model=model, tokenizer=Tokenizer.from_file(tokenizer_path), hf_dir=hf_dir)
+    return Policy(model=model, tokenizer=Tokenizer.from_str(paths.read_text(tokenizer_path)), hf_dir=hf_dir)
 
 
 def compute_model(graphdef: nnx.GraphDef, params, config):

@@ -1,7 +1,7 @@
 """Hyperparameter sweeps: trials of a config with overrides, launched locally or on a TPU pod, then tabulated.
 
     python -m vppo_jax.sweeps.launch experiments/tiny_2x2.py --root=runs/sweeps
-    python -m vppo_jax.sweeps.launch experiments/vppo_7b_tgf_beta.py --root=/mnt/shared/sweeps \
+    python -m vppo_jax.sweeps.launch experiments/vppo_7b_tgf_beta.py --root=gs://BUCKET/sweeps \
         --mode=tpu-pod --pod=my-v5p-64 --zone=us-east5-a --repo=vppo_jax [--dry_run]
     python -m vppo_jax.sweeps.aggregate experiments/tiny_2x2.py --root=runs/sweeps
 

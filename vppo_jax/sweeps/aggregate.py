@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import json
 import os
 import re
 
@@ -28,6 +27,7 @@ from absl import app, flags, logging
 from matplotlib.figure import Figure
 
 from vppo_jax.eval.benchmarks import EVALUATION_DIR, SUMMARY_FILE
+from vppo_jax.io import paths
 from vppo_jax.io.cli import parse_flags
 from vppo_jax.sweeps.trials import Sweep, finished, load_sweep
 from vppo_jax.trainer.metrics import METRICS_FILE, read_metrics
@@ -37,10 +37,9 @@ def benchmark_metrics(workdir: str) -> dict[str, float]:
     """The run's benchmark evaluation (vppo_jax.eval's summary) as metrics:
     {"benchmarks/mathverse/avg@8": ..., "benchmarks/average/avg@8": ..., ...}."""
     path = os.path.join(workdir, EVALUATION_DIR, SUMMARY_FILE)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return {}
-    with open(path) as f:
-        summary = json.load(f)
+    summary = paths.read_json(path)
     results = {**summary["benchmarks"], "average": summary["average"]}
     return {
         f"benchmarks/{name}/{metric}": value
@@ -55,7 +54,7 @@ def trial_rows(sweep: Sweep, root: str, metrics: list[str]) -> list[dict]:
     for trial in sweep.trials:
         workdir = sweep.workdir(root, trial)
         path = os.path.join(workdir, METRICS_FILE)
-        lines = read_metrics(path) if os.path.exists(path) else []
+        lines = read_metrics(path) if paths.exists(path) else []
         status = "finished" if finished(workdir) else "incomplete" if lines else "not started"
         row = {
             "trial": trial.name,
@@ -113,7 +112,8 @@ def plot(sweep: Sweep, rows: list[dict], metric: str, path: str) -> bool:
     axes.grid(alpha=0.3)
     if series_fields:
         axes.legend()
-    figure.savefig(path, dpi=120)
+    with paths.open_file(path, "wb") as f:
+        figure.savefig(f, format="png", dpi=120)
     return True
 
 
@@ -123,13 +123,12 @@ def aggregate(sweep_file: str, root: str, metrics: list[str] | None = None, out:
     sweep = load_sweep(sweep_file)
     metrics = list(metrics or sweep.metrics)
     out = out or os.path.join(root, sweep.name)
-    os.makedirs(out, exist_ok=True)
+    paths.makedirs(out)
     rows = trial_rows(sweep, root, metrics)
     columns = ["trial", *swept_fields(sweep), "status", "steps", *metrics]
     table = markdown(rows, columns)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+    paths.write_text(os.path.join(out, "results.md"), table)
+    with paths.open_file(os.path.join(out, "results.csv"), "w") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

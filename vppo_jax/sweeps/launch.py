@@ -1,7 +1,7 @@
 """Runs every trial of a sweep file, one after another: on this machine, or on a TPU pod with all its workers.
 
     python -m vppo_jax.sweeps.launch experiments/tiny_2x2.py --root=runs/sweeps [--dry_run]
-    python -m vppo_jax.sweeps.launch experiments/vppo_7b_tgf_beta.py --root=/mnt/shared/sweeps \\
+    python -m vppo_jax.sweeps.launch experiments/vppo_7b_tgf_beta.py --root=gs://BUCKET/sweeps \\
         --mode=tpu-pod --pod=NAME --zone=ZONE [--repo=vppo_jax] [--python=python3] [--dry_run]
 
 Trials run from the repository root (relative paths in the sweep file are relative to it),
@@ -13,8 +13,12 @@ failed trial is reported and the next one starts; the exit status is 1 if any fa
 local: each trial is a `python -m vppo_jax.train` subprocess writing to WORKDIR/train.log.
 tpu-pod: each trial is `gcloud compute tpus tpu-vm ssh NAME --worker=all --command="cd REPO &&
 python3 -m vppo_jax.train ..."`, so every worker runs the trainer (REPO is relative to the
-workers' home directory, a relative ROOT to REPO). ROOT must be a directory all workers share
-(NFS, Filestore, a gcsfuse mount); finished trials are recognised when it is visible here too.
+workers' home directory, a relative ROOT to REPO). ROOT must be a place all workers share: a
+bucket (gs://bucket/sweeps), or a shared filesystem (NFS, Filestore); finished trials are
+recognised when it is visible here too.
+
+ROOT may be a bucket in local mode too: every output of the trials (config, metrics,
+TensorBoard, checkpoints, train.log) then goes there.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app, flags, logging
 
+from vppo_jax.io import paths
 from vppo_jax.io.cli import parse_flags
 from vppo_jax.sweeps.trials import Trial, finished, load_sweep
 
@@ -46,16 +52,27 @@ def pod_command(trial: Trial, workdir: str, pod: str, zone: str, repo: str, pyth
 
 
 def run_local(command: list[str], workdir: str) -> int:
-    """Runs the trial with its output appended to WORKDIR/train.log; returns its exit status."""
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, LOG_FILE), "a") as log:
-        return subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    """Runs the trial with its output appended to WORKDIR/train.log; returns its exit status.
+
+    A subprocess writes to a file descriptor, which only a local file has: for a workdir in a
+    bucket the output goes to a local temporary file, appended to the log when the trial ends.
+    """
+    log_path = os.path.join(workdir, LOG_FILE)
+    if paths.is_local(workdir):
+        os.makedirs(workdir, exist_ok=True)
+        with open(log_path, "a") as log:
+            return subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    with tempfile.TemporaryFile("w+", errors="replace") as log:
+        status = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        log.seek(0)
+        paths.append_text(log_path, log.read())
+    return status
 
 
 def log_tail(workdir: str) -> str:
     path = os.path.join(workdir, LOG_FILE)
-    with open(path, errors="replace") as f:
-        lines = f.read().splitlines()[-LOG_LINES_SHOWN:]
+    with paths.open_file(path, "rb") as f:
+        lines = f.read().decode(errors="replace").splitlines()[-LOG_LINES_SHOWN:]
     return f"last lines of {path}:\n" + "\n".join("    " + line for line in lines)
 
 
@@ -78,7 +95,7 @@ def launch(
     sweep = load_sweep(sweep_file)
     local = mode == "local"
     # Local trials run from the repository root: the root must not depend on where we are.
-    root = os.path.abspath(root) if local else root
+    root = paths.absolute(root) if local else root
     failed = []
     for number, trial in enumerate(sweep.trials, 1):
         workdir = sweep.workdir(root, trial)
@@ -108,7 +125,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_string("root", None, "Directory of the sweeps' workdirs.")
+    flags.DEFINE_string("root", None, "Directory of the sweeps' workdirs (local or gs://...).")
     flags.DEFINE_enum("mode", "local", ["local", "tpu-pod"], "Where the trials run.")
     flags.DEFINE_string("pod", None, "tpu-pod: the TPU VM's name.")
     flags.DEFINE_string("zone", None, "tpu-pod: its zone.")

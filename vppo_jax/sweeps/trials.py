@@ -9,7 +9,8 @@ import json
 import os
 import re
 
-from vppo_jax.trainer.checkpoints import CONFIG_FILE
+from vppo_jax.io import paths
+from vppo_jax.trainer.checkpoints import CONFIG_FILE, complete_steps
 
 DEFAULT_METRICS = ("eval/avg@8", "eval/pass@8")
 CONFIG_KEY = "config"  # a trial entry that names its config file instead of overriding a field
@@ -95,11 +96,10 @@ def load_sweep(path: str) -> Sweep:
 
 
 def finished(workdir: str) -> bool:
-    """Whether the run in `workdir` saved its final checkpoint (orbax renames a checkpoint into
-    place only once it is complete, and the trainer always saves at its last step)."""
+    """Whether the run in `workdir` saved its final checkpoint complete (the trainer always saves
+    at its last step)."""
     try:
-        with open(os.path.join(workdir, CONFIG_FILE)) as f:
-            steps = json.load(f)["train"]["steps"]
+        steps = paths.read_json(os.path.join(workdir, CONFIG_FILE))["train"]["steps"]
     except FileNotFoundError:
         return False
-    return os.path.isdir(os.path.join(workdir, "checkpoints", str(steps)))
+    return steps in complete_steps(workdir)

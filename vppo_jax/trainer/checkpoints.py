@@ -2,9 +2,11 @@
 
 A checkpoint holds everything needed to continue exactly: the train state (step,
 parameters, optimizer state, skipped-update count), the run's PRNG key, the data
-iterator's position and small host-side counters. Orbax writes each checkpoint to a
-temporary directory and renames it when complete, asynchronously, so a run killed at any
-moment resumes from the latest complete checkpoint.
+iterator's position and small host-side counters. Orbax writes each checkpoint
+asynchronously and marks it complete (on a disk by renaming a temporary directory, in a
+bucket with a commit_success.txt written last), so a run killed at any moment resumes from
+the latest complete checkpoint. The workdir may be local or a URL (gs://bucket/run): orbax
+takes either.
 
 In a multi-process run every process calls save and restore (orbax coordinates them):
 each writes and reads the shards of the sharded arrays its devices hold; the data
@@ -22,11 +24,12 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vppo_jax.io import paths
 from vppo_jax.parallel import distributed
 
 CONFIG_FILE = "config.json"
 # Fields a restarted run may change without becoming another run.
-RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "eval.every_steps")
+RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "eval.every_steps", "logging.")
 
 
 def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
@@ -45,12 +48,11 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict):
     A workdir belongs to one run: starting a different config in it is refused (it would
     mix two runs' checkpoints and metrics) with the differing fields named.
     """
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     path = os.path.join(workdir, CONFIG_FILE)
     resolved = json.loads(config.to_json_best_effort())
-    if os.path.exists(path):
-        with open(path) as f:
-            existing = _flatten(json.load(f))
+    if paths.exists(path):
+        existing = _flatten(paths.read_json(path))
         current = _flatten(resolved)
         differing = sorted(
             key
@@ -63,14 +65,22 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict):
                 f"{workdir} holds a run of another config ({details}). Use a new --workdir, or remove "
                 "this one to start over."
             )
-    with open(path, "w") as f:
-        json.dump(resolved, f, indent=2)
+    paths.write_json(path, resolved)
+
+
+def checkpoints_dir(workdir: str) -> str:
+    return os.path.join(paths.absolute(workdir), "checkpoints")
+
+
+def complete_steps(workdir: str) -> list[int]:
+    """The steps of the run's complete checkpoints, as orbax tells them apart on each backend."""
+    return sorted(ocp.utils.checkpoint_steps(checkpoints_dir(workdir)))
 
 
 class RunCheckpoints:
     def __init__(self, workdir: str, keep: int):
         self.manager = ocp.CheckpointManager(
-            os.path.join(os.path.abspath(workdir), "checkpoints"),
+            checkpoints_dir(workdir),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
         )
 

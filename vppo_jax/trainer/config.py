@@ -18,6 +18,7 @@ from vppo_jax.data import prompts
 from vppo_jax.models.qwen2_5_vl.config import check_compute
 from vppo_jax.rollout import sampling
 from vppo_jax.rollout.rewards.registry import get_reward
+from vppo_jax.trainer import wandb_run
 from vppo_jax.trainer.optimizer import make_optimizer
 from vppo_jax.vppo.loss import LossConfig
 from vppo_jax.vppo.step import StepConfig
@@ -26,7 +27,8 @@ from vppo_jax.vppo.step import StepConfig
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
-    # The policy: an HF directory, a checkpoint from scripts/convert_hf_to_jax.py, or ""
+    # The policy: an HF directory, a Hugging Face Hub name (Qwen/Qwen2.5-VL-7B-Instruct), a
+    # checkpoint from scripts/convert_hf_to_jax.py (any of them may be in a bucket, gs://...), or ""
     # for the tiny random model of the embedded default. `dtype` computes (sampling, scoring,
     # the update's forward and backward); `param_dtype` holds the parameters and the Adam
     # moments: "float32" master weights, or "bfloat16" with Kahan-compensated AdamW for tight
@@ -42,7 +44,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(
         dict(
-            train_files=("",),  # parquet or jsonl in the ViRL39K schema (problem, answer, images)
+            # parquet or jsonl in the ViRL39K schema (problem, answer, images): local, gs://..., or
+            # ORG/NAME/FILE, a file of a Hugging Face Hub dataset
+            train_files=("",),
             val_files=("",),
             problem_key="problem",
             answer_key="answer",
@@ -126,6 +130,9 @@ def default_config() -> ml_collections.ConfigDict:
     # state over fsdp (model dim) and tensor (heads, MLP, vocab). One size may be -1 (the rest
     # of the devices). The default is one device, as a run on a CPU wants; recipes set theirs.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    # Weights & Biases beside TensorBoard (vppo_jax/trainer/wandb_run.py): off while wandb_project is "".
+    # The same scalars per step; entity and name default to wandb's (your default entity, a random name).
+    c.logging = ml_collections.ConfigDict(dict(wandb_project="", wandb_entity="", wandb_name=""))
     return c
 
 
@@ -154,12 +161,13 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
 
 def check_names(c: ml_collections.ConfigDict):
     """Resolves every name the config holds (reward, prompt template, the algorithm's choices,
-    precision), so that a typo fails in the first second, not after the model has loaded."""
+    precision, wandb when asked for), so that a typo fails in the first second, not after the model has loaded."""
     get_reward(c.reward.name)
     check_compute(c.model.remat, c.model.attention_block, layer_loop(c.model.layer_loop))
     prompts.prompt_template(c.data.prompt_template)
     step_config(c)  # StepConfig checks its choices
     optimizer(c)  # and make_optimizer the parameter dtype
+    wandb_run.check_available(c.logging)
 
 
 # StepConfig fields the config keeps elsewhere: the rollout's group size and temperature.

@@ -144,7 +144,13 @@ class Trainer:
         )
         self.checkpoints = RunCheckpoints(self.workdir, c.checkpoint.keep)
         self.start_step = self._resume()
-        self.metrics = MetricsWriter(self.workdir, resume_step=self.start_step, enabled=jax.process_index() == 0)
+        self.metrics = MetricsWriter(
+            self.workdir,
+            resume_step=self.start_step,
+            enabled=jax.process_index() == 0,
+            logging=c.logging,
+            run_config=c.to_dict(),
+        )
 
     def _resume(self) -> int:
         latest = self.checkpoints.latest_step()

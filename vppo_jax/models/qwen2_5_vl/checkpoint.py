@@ -9,20 +9,25 @@ Parameters are saved one at a time with orbax's partial save and loaded one at a
 with partial load, so converting never holds the whole model: a plain orbax save of
 the whole tree costs a second copy of it in host buffers (measured: 2.1x the
 checkpoint size instead of 1.0x).
+
+The directory may be local or in a bucket (gs://...): it is read through orbax and
+vppo_jax/io/paths.py, which take either; vppo_jax/io/atomic_dir.py says what "complete" means
+in each.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import tempfile
 from typing import Iterable
 
 import jax
 import numpy as np
 from orbax.checkpoint.experimental import v1 as ocp
 
-from vppo_jax.io.atomic_dir import atomic_directory
+from vppo_jax.io import paths
+from vppo_jax.io.atomic_dir import atomic_directory, is_complete
 from vppo_jax.io.safetensors_files import CheckpointError
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vppo_jax.models.qwen2_5_vl.hf_io import (
@@ -44,16 +49,29 @@ def _nested(path: tuple, value) -> dict:
 
 
 def save_params(config: Qwen2_5_VLConfig, params: Iterable[tuple[tuple, np.ndarray]], path: str):
-    """Writes (parameter path, array) pairs and the config as a checkpoint directory."""
-    with atomic_directory(path) as tmp:
-        params_dir = os.path.join(tmp, PARAMS_DIR)
-        for param_path, value in params:
-            ocp.partial.save(params_dir, _nested(param_path, value))
-        ocp.partial.finalize(params_dir)
-        os.makedirs(os.path.join(tmp, HF_DIR))
-        with open(os.path.join(tmp, HF_DIR, CONFIG_FILE), "w") as f:
-            json.dump(hf_config_dict(config), f, indent=2)
-        copy_assets(config.source_dir, os.path.join(tmp, HF_DIR))
+    """Writes (parameter path, array) pairs and the config as a checkpoint directory.
+
+    Orbax's partial save renames directories as it merges each parameter in, which an object
+    store cannot do: a checkpoint for a bucket is written to a local temporary directory
+    first (local disk for one checkpoint) and uploaded once complete.
+    """
+    with atomic_directory(path) as directory:
+        if paths.is_local(directory):
+            _write_checkpoint(config, params, directory)
+        else:
+            with tempfile.TemporaryDirectory(prefix="vppo_checkpoint.") as spool:
+                _write_checkpoint(config, params, spool)
+                paths.copy_tree(spool, directory)
+
+
+def _write_checkpoint(config: Qwen2_5_VLConfig, params: Iterable[tuple[tuple, np.ndarray]], directory: str):
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    for param_path, value in params:
+        ocp.partial.save(params_dir, _nested(param_path, value))
+    ocp.partial.finalize(params_dir)
+    os.makedirs(os.path.join(directory, HF_DIR))
+    paths.write_json(os.path.join(directory, HF_DIR, CONFIG_FILE), hf_config_dict(config))
+    copy_assets(config.source_dir, os.path.join(directory, HF_DIR))
 
 
 def open_params(path: str, dtype: str | None = None, param_dtype: str | None = None):
@@ -61,10 +79,12 @@ def open_params(path: str, dtype: str | None = None, param_dtype: str | None = N
     parameter. Parameters come in `param_dtype` and the config computes in `dtype` (as
     `open_hf_params`: either alone sets both; default: as stored)."""
     params_dir, hf_dir = os.path.join(path, PARAMS_DIR), os.path.join(path, HF_DIR)
-    if not os.path.isdir(params_dir):
+    if not paths.is_dir(params_dir):
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ folder: not a checkpoint written by save_params.")
+    if not is_complete(path):
+        raise CheckpointError(f"{path} is incomplete: its conversion was interrupted. Remove it and convert again.")
     config, raw = read_config(hf_dir)
-    stored = dataclasses.replace(config.with_dtypes(raw.get("dtype") or "float32"), source_dir=os.path.abspath(hf_dir))
+    stored = dataclasses.replace(config.with_dtypes(raw.get("dtype") or "float32"), source_dir=paths.absolute(hf_dir))
     stored_shapes = param_shapes(stored)
     config = stored.with_precision(dtype, param_dtype)
     shapes = {p: (shape, np.dtype(config.jnp_param_dtype)) for p, (shape, _) in stored_shapes.items()}

@@ -1,15 +1,15 @@
 """Hugging Face directories in and out: `from_pretrained` and `save_pretrained`.
 
 Tensors stream one at a time (see safetensors_io); every tensor is checked against the
-abstract model before anything is loaded, and errors name the offending keys.
+abstract model before anything is loaded, and errors name the offending keys. A directory
+may be local or in a bucket (gs://...); a model to read may also be named as on the Hugging
+Face Hub (vppo_jax/io/hub.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 from typing import Callable, Iterable, Iterator
 
 import jax
@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from vppo_jax.io import hub, paths
 from vppo_jax.io.atomic_dir import atomic_directory
 from vppo_jax.io.safetensors_files import CheckpointError, SafetensorsDirectory, write_sharded
 from vppo_jax.models.qwen2_5_vl.config import DTYPES, Qwen2_5_VLConfig
@@ -45,10 +46,9 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 def read_config(directory: str) -> tuple[Qwen2_5_VLConfig, dict]:
     path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
+    if not paths.is_file(path):
         raise CheckpointError(f"{directory} has no {CONFIG_FILE}: not a Hugging Face model directory.")
-    with open(path) as f:
-        raw = json.load(f)
+    raw = paths.read_json(path)
     try:
         return Qwen2_5_VLConfig.from_hf_dict(raw), raw
     except ValueError as e:
@@ -92,13 +92,15 @@ def open_hf_params(
     dtype (`Qwen2_5_VLConfig.with_precision`). Every name, shape and dtype is
     checked before the first tensor is read; the iterator then reads one parameter at a
     time (stacked ones filled layer by layer in place), so a consumer that writes each
-    parameter away holds at most one in memory.
+    parameter away holds at most one in memory. `path` may be a Hub name (downloaded into the
+    HF cache first).
     """
+    path = hub.resolve_model(path)
     config, _ = read_config(path)
     files = SafetensorsDirectory(path)
     on_disk = _check_tensors(files, config)
     config = config.with_dtypes(_stored_dtype(files, on_disk)).with_precision(dtype, param_dtype)
-    config = dataclasses.replace(config, source_dir=os.path.abspath(path))
+    config = dataclasses.replace(config, source_dir=paths.absolute(path))
     param_dtype = config.param_dtype
     shapes = param_shapes(config)
     table = weight_table(config)
@@ -141,15 +143,15 @@ def model_from_params(config: Qwen2_5_VLConfig, params: Iterable[tuple[tuple, np
 def from_pretrained(
     path: str, dtype: str | None = None, param_dtype: str | None = None
 ) -> Qwen2_5_VLForConditionalGeneration:
-    """Loads an HF Qwen2.5-VL directory. `dtype` computes, `param_dtype` stores (fp32 master
-    weights under bf16 compute: dtype="bfloat16", param_dtype="float32"); either alone sets
-    both; default: as stored."""
+    """Loads an HF Qwen2.5-VL directory (local, gs://..., or a Hub name). `dtype` computes,
+    `param_dtype` stores (fp32 master weights under bf16 compute: dtype="bfloat16",
+    param_dtype="float32"); either alone sets both; default: as stored."""
     return model_from_params(*open_hf_params(path, dtype, param_dtype))
 
 
 def hf_config_dict(config: Qwen2_5_VLConfig) -> dict:
     """The config.json to write: the source's (when loaded from HF) with the dtype updated."""
-    from_source = config.source_dir and os.path.isfile(os.path.join(config.source_dir, CONFIG_FILE))
+    from_source = config.source_dir and paths.is_file(os.path.join(config.source_dir, CONFIG_FILE))
     raw = read_config(config.source_dir)[1] if from_source else config_to_hf_dict(config)
     raw["torch_dtype"] = raw["dtype"] = config.param_dtype
     return raw
@@ -241,8 +243,8 @@ def copy_assets(source: str | None, directory: str):
     if not source:
         return
     for name in ASSET_FILES:
-        if os.path.isfile(os.path.join(source, name)):
-            shutil.copy2(os.path.join(source, name), os.path.join(directory, name))
+        if paths.is_file(os.path.join(source, name)):
+            paths.copy_file(os.path.join(source, name), os.path.join(directory, name))
 
 
 def write_hf_directory(
@@ -252,12 +254,13 @@ def write_hf_directory(
     path: str,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ):
-    """Writes a complete HF directory atomically: config.json, safetensors, tokenizer files."""
+    """Writes a complete HF directory atomically: safetensors, tokenizer files, then config.json
+    (last, so that in a bucket, where a foreign HF directory has no completion marker, a
+    directory with config.json is a whole one)."""
     with atomic_directory(path) as tmp:
         save_params_as_hf(config, shapes, load, tmp, max_shard_bytes)
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(hf_config_dict(config), f, indent=2)
         copy_assets(config.source_dir, tmp)
+        paths.write_json(os.path.join(tmp, CONFIG_FILE), hf_config_dict(config))
 
 
 def save_pretrained(

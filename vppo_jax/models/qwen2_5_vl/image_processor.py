@@ -15,12 +15,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 
 import numpy as np
 from PIL import Image
+
+from vppo_jax.io import paths
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -79,10 +80,9 @@ class ImageProcessor:
     def from_pretrained(cls, model_dir: str) -> ImageProcessor:
         """Reads preprocessor_config.json of an HF model directory; the released defaults when it is absent."""
         path = os.path.join(model_dir, "preprocessor_config.json")
-        if not os.path.exists(path):
+        if not paths.exists(path):
             return cls()
-        with open(path) as f:
-            saved = json.load(f)
+        saved = paths.read_json(path)
         for name, expected in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
             if name in saved and not np.allclose(saved[name], expected):
                 raise ValueError(
