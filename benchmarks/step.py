@@ -18,6 +18,7 @@ from absl import app, flags, logging
 from vppo_jax.io.cli import parse_flags
 from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, init_model, preset
 from vppo_jax.parallel import sharding
+from vppo_jax.trainer.config import layer_loop
 from vppo_jax.trainer.optimizer import make_optimizer
 from vppo_jax.vppo import programs
 from vppo_jax.vppo import step as step_lib
@@ -29,10 +30,11 @@ IMAGE_TOKEN = 4000
 
 def small_config() -> Qwen2_5_VLConfig:
     """The rollout benchmark's model ("small": text hidden 256 x 4 layers, vocab 4096, vision depth 2),
-    its vision tokens above the random text's ids."""
-    return preset(
+    its vision tokens above the random text's ids, its layers run as the trainer runs them here."""
+    config = preset(
         "small", image_token_id=IMAGE_TOKEN, video_token_id=4001, vision_start_token_id=4002, vision_end_token_id=4003
     )
+    return config.with_compute(layer_loop=layer_loop("auto"))
 
 
 def rollout_batch(config: Qwen2_5_VLConfig, rows: int, response: int, group: int):

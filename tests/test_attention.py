@@ -1,5 +1,5 @@
-"""The decoder's blockwise attention and the layers' rematerialisation, against the dense
-attention and transformers."""
+"""The decoder's blockwise attention, the layers' rematerialisation and the unrolled layer
+loop, against the dense attention, the scan and transformers."""
 
 import jax
 import jax.numpy as jnp
@@ -99,8 +99,29 @@ def test_remat_gives_the_same_gradients_and_keeps_less(port, remat):
     assert kept(rematerialised) < 0.8 * kept(plain)  # remat cannot silently stop working
 
 
+def test_unrolled_layers_match_transformers_and_the_scan(hf_model, port):
+    samples = [(text_ids(40, 1), [(56, 84)]), (text_ids(12, 2), [(112, 56)])]
+    batch = processor_batch(samples)
+    unrolled = qwen2_5_vl.with_config(port, port.config.with_compute(layer_loop="unroll"))
+    real = batch["attention_mask"].astype(bool)
+    assert np.abs(hf_logits(hf_model, batch) - np.asarray(unrolled(**batch), np.float32))[real].max() <= 1e-4
+
+    inputs = prepare_inputs(port.config, **batch)
+    graphdef, params = nnx.split(port, nnx.Param)
+    unrolled_graphdef = nnx.graphdef(unrolled)
+
+    def gradient(graphdef):
+        loss = lambda p: (nnx.merge(graphdef, p).hidden_states(inputs).astype(jnp.float32) ** 2).mean()
+        return jax.jit(jax.grad(loss))(params)
+
+    for a, b in zip(jax.tree.leaves(gradient(graphdef)), jax.tree.leaves(gradient(unrolled_graphdef))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
 def test_compute_choices_are_checked(port):
     with pytest.raises(ValueError, match="model.remat='some'"):
         port.config.with_compute(remat="some")
+    with pytest.raises(ValueError, match="model.layer_loop='loop'"):
+        port.config.with_compute(layer_loop="loop")
     with pytest.raises(ValueError, match="architecture"):
         qwen2_5_vl.with_config(port, qwen2_5_vl.preset("small"))

@@ -3,14 +3,12 @@ hand (as `hf download` leaves it) around the tiny test model and task: the resol
 errors, and every command that takes a model or data path."""
 
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from flax import nnx
-from huggingface_hub import constants
 
 from vppo_jax.data import RowSource
 from vppo_jax.eval import benchmarks as evaluate
@@ -19,22 +17,10 @@ from vppo_jax.models.qwen2_5_vl import from_pretrained
 from vppo_jax.plan import model_config
 from vppo_jax.rollout.policy import load_policy
 
+from hub_cache import cache_repo, go_offline
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL, DATASET = "vppo-test/tiny-vl", "vppo-test/shapes"
-REVISION = "0123456789abcdef0123456789abcdef01234567"  # the commit a snapshot is stored under
-
-
-def cache_repo(cache, kind: str, repo_id: str, files: dict[str, str]) -> str:
-    """Lays `files` ({path in the repo: local file}) out as the hub cache holds a download of
-    `repo_id` at main; returns the snapshot directory."""
-    repo = cache / f"{kind}s--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / REVISION
-    for name, source in files.items():
-        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, snapshot / name)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(REVISION)
-    return str(snapshot)
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +40,7 @@ def hf_home(tmp_path_factory, tiny_task) -> dict[str, str]:
 
 @pytest.fixture
 def offline(hf_home, monkeypatch) -> dict[str, str]:
-    """No network: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when imported, so this
-    process gets its settings patched and subprocesses get the environment."""
-    monkeypatch.setenv("HF_HOME", hf_home["home"])
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", os.path.join(hf_home["home"], "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    go_offline(monkeypatch, hf_home["home"])
     return hf_home
 
 

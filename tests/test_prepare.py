@@ -29,6 +29,7 @@ from vppo_jax.data.prompts import INSTRUCTION
 from vppo_jax.eval import benchmarks
 from vppo_jax.trainer import config as config_lib
 
+from hub_cache import cache_repo, go_offline
 from test_processing import tiny_builder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,6 +194,18 @@ def test_virl39k_converts_from_its_published_layout(tmp_path, monkeypatch):
 # --- the source, the output, the command ------------------------------------------------------
 
 
+def test_the_default_source_is_the_hub_id_resolved_through_the_cache(tmp_path, monkeypatch):
+    expected, _ = write_virl39k_snapshot(tmp_path / "download")
+    files = {str(path.relative_to(tmp_path / "download")): str(path) for path in (tmp_path / "download").rglob("*.*")}
+    go_offline(monkeypatch, str(tmp_path / "home"))
+    virl39k = DATASETS["virl39k"]
+    with pytest.raises(PrepareError, match=f"(?s){virl39k.hub_id}.*HF_HUB_OFFLINE.*hf download {virl39k.hub_id}"):
+        prepare(virl39k, [virl39k.hub_id], str(tmp_path / "out"))  # not in the cache yet
+    cache_repo(tmp_path / "home" / "hub", "dataset", virl39k.hub_id, files)
+    prepare(virl39k, [virl39k.hub_id], str(tmp_path / "out"))
+    assert read_output(tmp_path / "out" / "virl39k.parquet") == expected
+
+
 def test_unusable_sources_fail_at_once_saying_why(tmp_path):
     write_virl39k_snapshot(tmp_path / "virl")
     with pytest.raises(
@@ -201,8 +214,6 @@ def test_unusable_sources_fail_at_once_saying_why(tmp_path):
         prepare(DATASETS["geo3k"], [str(tmp_path / "virl" / "data" / "train-00000-of-00002.parquet")], str(tmp_path))
     with pytest.raises(PrepareError, match="hf download PAPO-Galaxy/PAPO_eval --repo-type dataset"):
         prepare(DATASETS["geo3k"], [str(tmp_path / "virl")], str(tmp_path / "out"))  # no geo3k file in it
-    with pytest.raises(PrepareError, match="not a local file or directory"):
-        prepare(DATASETS["geo3k"], [DATASETS["geo3k"].hub_id], str(tmp_path / "out"))
     write_suite_snapshot(tmp_path / "broken", "geo3k")
     (tmp_path / "broken" / "hiyouga_geometry3k_images.zip").write_bytes(b"cut short by a failed download")
     with pytest.raises(PrepareError, match="hiyouga_geometry3k_images.zip is not a readable zip archive"):

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from vppo_jax.data.prepare.example import PrepareError, Skip
 from vppo_jax.data.prepare.registry import Dataset
+from vppo_jax.io import hub
 
 BATCH_ROWS = 100  # parquet rows decoded at a time: ViRL39K's image bytes are ~75 KB a row
 
@@ -32,11 +33,15 @@ def source_files(src: Sequence[str], dataset: Dataset) -> SourceFiles:
     """The local files of `dataset` that `src` names: the data files among them, or else the
     files under its directories that match the dataset's published data files by name.
     Images are looked up under the directories, and beside data files given by path."""
-    # Hub-id resolution (huggingface_hub, offline cache) plugs in here: each entry of src that
-    # is not a local path but a hub id such as the default, dataset.hub_id, becomes its snapshot.
-    absent = [path for path in src if not os.path.exists(path)]
-    if absent:
-        raise PrepareError(f"--src {', '.join(absent)} is not a local file or directory. {download_hint(dataset)}")
+    # An entry that is not a local path is a Hub dataset id (the default, dataset.hub_id): its
+    # published data and image files, from the Hugging Face cache or downloaded into it.
+    try:
+        src = [
+            path if os.path.exists(path) else hub.resolve_dataset(path, list(dataset.data_files + dataset.image_files))
+            for path in src
+        ]
+    except hub.HubLookupError as error:
+        raise PrepareError(f"{error}\n{download_hint(dataset)}") from error
     files = [os.path.abspath(path) for path in src if os.path.isfile(path)]
     directories = [os.path.abspath(path) for path in src if os.path.isdir(path)]
     if files:
