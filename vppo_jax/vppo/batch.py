@@ -152,25 +152,26 @@ def build_train_batch(
     `perturbed_pixel_values`, rows like `pixel_values`: the images I' blackened on the host
     (vppo_jax/vppo/pixel_blackening.py), laid out like the originals.
 
-    `response_tokens` (B, T) marks the response tokens of each row; none may sit before
-    column `response_start` (default: the first column holding one; rollouts pass their
-    prompt width, so the window's width is the same every step). Targets and the response
-    mask are the columns from there on (see TrainBatch).
+    `response_tokens` (B, T) marks the response tokens of each row; none may sit in columns
+    1 .. response_start - 1 (default: the first column from 1 on holding one; rollouts pass
+    their prompt width, so the window's width is the same every step). Column 0 is never a
+    target: no position predicts it. Targets and the response mask are the columns from
+    response_start on (see TrainBatch).
     """
     batch, length = input_ids.shape
     if batch % micro_batches:
         raise ValueError(f"{batch} rows do not split into {micro_batches} equal micro-batches.")
     rows = batch // micro_batches
-    response_tokens = np.asarray(response_tokens, bool)
+    predicted = np.asarray(response_tokens, bool)[:, 1:]  # columns 1 .. T-1
     if response_start is None:
-        columns = np.flatnonzero(response_tokens.any(0))
-        response_start = int(columns[0]) if len(columns) else length - 1
-    if not 1 <= response_start < length or response_tokens[:, :response_start].any():
+        columns = np.flatnonzero(predicted.any(0))
+        response_start = 1 + int(columns[0]) if len(columns) else length - 1
+    if not 1 <= response_start < length or predicted[:, : response_start - 1].any():
         raise ValueError(
             f"response_start={response_start}: response tokens must start at or after it, in [1, {length})."
         )
     targets = input_ids[:, response_start:]
-    response_mask = response_tokens[:, response_start:]
+    response_mask = predicted[:, response_start - 1 :]
 
     # Images of each micro-batch: a contiguous run of images and pixel rows.
     parts = []
