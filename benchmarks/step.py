@@ -101,7 +101,7 @@ def main(argv):
     model_config = small_config()
     batch = rollout_batch(model_config, FLAGS.rows, FLAGS.response, FLAGS.group)
     print(
-        f"batch: {FLAGS.rows} rows x {batch.targets.shape[-1]} tokens ({FLAGS.response} response), "
+        f"batch: {FLAGS.rows} rows x {batch.inputs.input_ids.shape[-1]} tokens ({FLAGS.response} response), "
         f"one 112x112 image each; {jax.devices()[0].platform}"
     )
     steps = {name: compiled_step(name == "VPPO", model_config, batch, FLAGS.group) for name in ("GRPO", "VPPO")}
