@@ -233,6 +233,7 @@ def test_micro_batches_come_from_the_token_budget_unless_counted():
         ({"data.prompt_template": "fancy"}, "data.prompt_template='fancy' is neither one of"),
         ({"algo.estimator": "kl2"}, "estimator='kl2'; choose one of"),
         ({"model.param_dtype": "float16"}, "model.param_dtype='float16'; choose one of"),
+        ({"train.micro_batches": 0, "train.micro_batch_tokens": 0}, "train.micro_batch_tokens=0: give a positive"),
     ],
 )
 def test_every_name_in_the_config_is_checked(override, message):

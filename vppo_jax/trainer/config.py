@@ -167,6 +167,7 @@ def check_names(c: ml_collections.ConfigDict):
     prompts.prompt_template(c.data.prompt_template)
     step_config(c)  # StepConfig checks its choices
     optimizer(c)  # and make_optimizer the parameter dtype
+    check_micro_batching(c.train)
     wandb_run.check_available(c.logging)
 
 
@@ -204,15 +205,23 @@ def step_config(c: ml_collections.ConfigDict) -> StepConfig:
     )
 
 
+def check_micro_batching(t: ml_collections.ConfigDict):
+    """Raises ValueError for a train section that names neither a micro-batch count nor a budget."""
+    if t.micro_batches < 0 or (not t.micro_batches and t.micro_batch_tokens <= 0):
+        raise ValueError(
+            f"train.micro_batches={t.micro_batches}, train.micro_batch_tokens={t.micro_batch_tokens}: give a "
+            "positive micro-batch count, or 0 and a positive token budget per device."
+        )
+
+
 def micro_batches(c: ml_collections.ConfigDict, rows: int, row_tokens: int, row_shards: int = 1) -> int:
     """Micro-batches of an update of `rows` rows of `row_tokens` tokens split over `row_shards`
     devices: train.micro_batches, or (when 0) the fewest whose per-device rows fit in
     train.micro_batch_tokens."""
     t = c.train
+    check_micro_batching(t)
     if t.micro_batches:
         return t.micro_batches
-    if t.micro_batch_tokens <= 0:
-        raise ValueError("train.micro_batches=0 needs train.micro_batch_tokens > 0 (tokens per device).")
     per_device = rows // row_shards
     fitting_rows = max(1, t.micro_batch_tokens // row_tokens)
     return next(m for m in range(1, per_device + 1) if per_device % m == 0 and per_device // m <= fitting_rows)

@@ -29,8 +29,12 @@ def log_softmax_chunk(hidden, unembedding, temperature):
     Pass hidden and unembedding in the same dtype: the matmul then accumulates in fp32
     (preferred_element_type) without materialising an fp32 copy of the (D, V) matrix.
     """
-    logits = jnp.einsum("bcd,dv->bcv", hidden, unembedding, preferred_element_type=jnp.float32)
-    return jax.nn.log_softmax(logits / temperature, axis=-1)
+    return jax.nn.log_softmax(chunk_logits(hidden, unembedding, temperature), axis=-1)
+
+
+def chunk_logits(hidden, unembedding, temperature):
+    """h W / temperature for a (B, c, D) chunk, accumulated in fp32: (B, c, V)."""
+    return jnp.einsum("bcd,dv->bcv", hidden, unembedding, preferred_element_type=jnp.float32) / temperature
 
 
 def at_tokens(logp, tokens):
@@ -83,12 +87,8 @@ def logp_and_entropy(hidden, unembedding, tokens, temperature):
     return _logp_entropy_forward(hidden, unembedding, tokens, temperature)[0]
 
 
-def _logits(hidden, unembedding, temperature):
-    return jnp.einsum("bcd,dv->bcv", hidden, unembedding, preferred_element_type=jnp.float32) / temperature
-
-
 def _logp_entropy_forward(hidden, unembedding, tokens, temperature):
-    logits = _logits(hidden, unembedding, temperature)
+    logits = chunk_logits(hidden, unembedding, temperature)
     log_normaliser = jax.nn.logsumexp(logits, axis=-1)
     probs = jnp.exp(logits - log_normaliser[..., None])
     mean_logit = jnp.sum(probs * logits, axis=-1)  # E_p[z]; H = log Z - E_p[z]
@@ -101,7 +101,7 @@ def _logp_entropy_backward(temperature, residuals, cotangents):
     - g_H * p * (z - E_p[z]); then through z = h W / temperature."""
     hidden, unembedding, tokens, log_normaliser, mean_logit = residuals
     g_logp, g_entropy = cotangents
-    logits = _logits(hidden, unembedding, temperature)
+    logits = chunk_logits(hidden, unembedding, temperature)
     probs = jnp.exp(logits - log_normaliser[..., None])
     g_logits = -probs * (g_logp[..., None] + g_entropy[..., None] * (logits - mean_logit[..., None]))
     g_logits = g_logits + jax.nn.one_hot(tokens, logits.shape[-1], dtype=g_logits.dtype) * g_logp[..., None]
