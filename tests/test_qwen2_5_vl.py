@@ -40,8 +40,14 @@ def test_fp32_logits_match_transformers(hf_model, port, samples):
 
 @pytest.mark.parametrize(
     "config",
-    [dict(fullatt=()), dict(fullatt=(0, 1)), dict(tied=True), dict(depth=4, fullatt=(1, 3))],
-    ids=["all_windowed", "all_full_attention", "tied_embeddings", "depth4_mixed"],
+    [
+        dict(fullatt=()),
+        dict(fullatt=(0, 1)),
+        dict(tied=True),
+        dict(depth=4, fullatt=(1, 3)),
+        dict(depth=7, fullatt=(2, 5)),  # two groups of (2 window, 1 full) blocks, then a window block
+    ],
+    ids=["all_windowed", "all_full_attention", "tied_embeddings", "depth4_mixed", "depth7_groups_and_tail"],
 )
 def test_fp32_logits_match_transformers_across_configs(tmp_path, config):
     hf_model = tiny_hf_model(seed=1, **config)

@@ -11,7 +11,8 @@ names are those of sharding.RULES: "embed" (the model dimension), "heads", "kv_h
 
 from __future__ import annotations
 
-from typing import Callable
+import itertools
+from typing import Callable, Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -216,7 +217,10 @@ def scan_layers_with_outputs(
 ):
     """Like `scan_layers` for `body(...) -> (carry, output)`; returns the carry and the outputs stacked."""
     graphdef, params = nnx.split(layers)
+    return _scan(graphdef, params, carry, per_layer_inputs, body, remat, layer_loop)
 
+
+def _scan(graphdef, params, carry, per_layer_inputs, body: Callable, remat: str, layer_loop: str):
     def step(carry, xs):
         layer_params, per_layer = xs
         return body(nnx.merge(graphdef, _one_layer(layer_params)), carry, per_layer)
@@ -224,6 +228,58 @@ def scan_layers_with_outputs(
     if remat != "none":
         step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
     return jax.lax.scan(step, carry, (params, per_layer_inputs), unroll=layer_loop == "unroll")
+
+
+Runs = tuple[tuple[Hashable, int], ...]  # (kind, number of consecutive layers of that kind)
+
+
+def layer_groups(kinds: Sequence[Hashable]) -> tuple[Runs, int, Runs]:
+    """Layers of several kinds arranged as (group, repeats, tail): the runs of `group` repeated
+    `repeats` times, then the runs of `tail`, chosen to compile the fewest layer bodies (one per
+    run of the group and of the tail). Qwen2.5-VL's vision tower, a full-attention layer after
+    every 7 windowed ones 4 times, is one group of 2 runs repeated 4 times: 2 bodies, not 8.
+    Kinds in no periodic order still run, at worst one body per run."""
+    runs = tuple((kind, len(list(same))) for kind, same in itertools.groupby(kinds))
+
+    def arrangement(size):
+        repeats = 1
+        while runs[repeats * size : (repeats + 1) * size] == runs[:size]:
+            repeats += 1
+        return runs[:size], repeats, runs[repeats * size :]
+
+    bodies_then_tail = lambda a: (len(a[0]) + len(a[2]), len(a[2]))  # no tail when one is not needed
+    return min((arrangement(size) for size in range(1, len(runs) + 1)), key=bodies_then_tail)
+
+
+def scan_layers_by_kind(
+    layers: nnx.Module, carry, kinds: Sequence[Hashable], body: Callable, remat: str = "none", layer_loop: str = "scan"
+):
+    """Runs `body(layer, carry, kind) -> carry` over stacked layers, `kinds[i]` a static value
+    that chooses the code of layer i. Each run of layers of one kind is its own scan, so the
+    backward keeps, at every layer, the residuals of that layer's code alone (a `lax.cond` on
+    the kind inside one scan would keep those of every kind at every layer). The runs repeat in
+    a scan over groups of layers (`layer_groups`); `remat` and `layer_loop` as in `scan_layers`.
+    """
+    graphdef, params = nnx.split(layers)
+    group, repeats, tail = layer_groups(kinds)
+    group_size = sum(count for _, count in group)
+
+    def run(stacked_params, carry, runs: Runs):
+        """The layers of `stacked_params` (as many as `runs` count) in one scan per run."""
+        start = 0
+        for kind, count in runs:
+            run_params = jax.tree.map(lambda p: p[start : start + count], stacked_params)
+            step = lambda layer, carry, _, kind=kind: (body(layer, carry, kind), None)
+            carry = _scan(graphdef, run_params, carry, None, step, remat, layer_loop)[0]
+            start += count
+        return carry
+
+    # The leading axis of the groups' parameters is the group's: a scan step sees one group's
+    # layers stacked, as the runs expect.
+    grouped = jax.tree.map(lambda p: p[: repeats * group_size].reshape(repeats, group_size, *p.shape[1:]), params)
+    group_step = lambda carry, group_params: (run(group_params, carry, group), None)
+    carry = jax.lax.scan(group_step, carry, grouped, unroll=layer_loop == "unroll")[0]
+    return run(jax.tree.map(lambda p: p[repeats * group_size :], params), carry, tail)
 
 
 def unstacked(layers: nnx.Module, count: int) -> list[nnx.Module]:

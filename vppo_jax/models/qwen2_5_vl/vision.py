@@ -22,7 +22,7 @@ from vppo_jax.models.qwen2_5_vl.layers import (
     activate,
     apply_rotary,
     attention,
-    scan_layers,
+    scan_layers_by_kind,
     stacked,
 )
 from vppo_jax.parallel.sharding import constrain
@@ -40,7 +40,7 @@ class VisionAttention(nnx.Module):
         self.num_heads = vcfg.num_heads
         self.window_slots = vcfg.window_units**2 * vcfg.merge_unit
 
-    def __call__(self, x, cos, sin, vision: VisionInputs, full: jax.Array) -> jax.Array:
+    def __call__(self, x, cos, sin, vision: VisionInputs, full: bool) -> jax.Array:
         slots = x.shape[0]
         q, k, v = jnp.split(self.qkv(x).reshape(slots, 3 * self.num_heads, -1), 3, axis=1)
         q, k, v = (constrain(a, "batch", "act_heads", None) for a in (q, k, v))
@@ -71,7 +71,7 @@ class VisionAttention(nnx.Module):
             mask = jnp.broadcast_to(valid[:, None, :], (windows, self.window_slots, self.window_slots))
             return attention(blocks(q), blocks(k), blocks(v), mask).reshape(slots, -1)
 
-        return self.proj(jax.lax.cond(full, full_attention, window_attention))
+        return self.proj(full_attention() if full else window_attention())
 
 
 class VisionBlock(nnx.Module):
@@ -90,7 +90,7 @@ class VisionBlock(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x, cos, sin, vision: VisionInputs, full: jax.Array) -> jax.Array:
+    def __call__(self, x, cos, sin, vision: VisionInputs, full: bool) -> jax.Array:
         x = x + self.attn(self.norm1(x), cos, sin, vision, full)
         # Patch slots split like rows, the model dim whole.
         return constrain(x + self.mlp(self.norm2(x)), "batch", "act_embed")
@@ -144,7 +144,9 @@ class VisionTower(nnx.Module):
         vcfg = self.config.vision
         x = constrain(self.patch_embed(vision.patches), "batch", "act_embed")
         cos, sin = self.rotary(vision.rotary_hw)
-        is_full = jnp.isin(jnp.arange(vcfg.depth), jnp.asarray(vcfg.fullatt_block_indexes, jnp.int32))
+        # Whether each block attends over whole frames: static, so that window and full blocks
+        # run in separate scans and each keeps only its own residuals for the backward.
+        is_full = [i in vcfg.fullatt_block_indexes for i in range(vcfg.depth)]
         run_block = lambda block, h, full: block(h, cos, sin, vision, full)
-        x = scan_layers(self.blocks, x, is_full, run_block, self.config.remat, self.config.layer_loop)
+        x = scan_layers_by_kind(self.blocks, x, is_full, run_block, self.config.remat, self.config.layer_loop)
         return self.merger(x)
