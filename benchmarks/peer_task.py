@@ -146,7 +146,7 @@ def trl_prompt(problem: str) -> list[dict]:
 
 def check_prompts_match(where: dict[str, str]) -> int:
     """Asserts that every prompt tokenises to the same ids for TRL (the HF processor, as
-    GRPOTrainer calls it) and for us (our PromptBuilder); returns the prompt length."""
+    GRPOTrainer calls it) and for us (our PromptBuilder); returns the mean prompt length."""
     from trl.data_utils import prepare_multimodal_messages
 
     processor = load_processor(where["model"])
@@ -163,7 +163,7 @@ def check_prompts_match(where: dict[str, str]) -> int:
         max_pixels=None,
         template=prompts.prompt_template("plain"),
     )
-    lengths = set()
+    lengths = []
     for index, row in enumerate(read_rows(where["data"])):
         theirs = processor.apply_chat_template(
             [prepare_multimodal_messages(trl_prompt(row["problem"]), [row["image"]])],
@@ -174,5 +174,5 @@ def check_prompts_match(where: dict[str, str]) -> int:
         ours = builder(index, row["problem"], row["answer"], [row["image"]])
         if ours.skipped or list(ours.prompt_ids) != list(theirs):
             raise AssertionError(f"row {index}: the prompts differ\n ours:   {ours.prompt_ids}\n theirs: {theirs}")
-        lengths.add(len(theirs))
-    return int(np.max(list(lengths)))
+        lengths.append(len(theirs))
+    return float(np.mean(lengths))

@@ -11,17 +11,24 @@ compiles, or warms torch up). Not part of CI: it takes about 15 minutes.
     python benchmarks/peer_trl.py [--steps=4] [--workdir=/tmp/vppo_peer_trl]
 
 Targets: our GRPO step >= 2x faster than TRL's defaults, VPPO >= 1.5x, our peak RSS no higher.
+
+It also prints the floor of each step on this machine: the step's model FLOPs
+(vppo_jax/flops.py on the task's mean prompt and response lengths) at the rate of one large
+fp32 matmul of the update's shape, measured after the runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
+import time
 
+import peer_runs
 import peer_task
 from absl import app, flags, logging
 
@@ -49,6 +56,7 @@ class Run:
     step: float = 0.0
     rollout: float = 0.0
     tokens_per_second: float = 0.0
+    response_tokens: float = 0.0  # mean per completion
     peak_rss_gib: float = 0.0
 
     def execute(self, task: str, label: str, steps: int):
@@ -65,6 +73,8 @@ class Run:
         self.step = statistics.median(r["step"] for r in records)
         self.rollout = statistics.median(r["rollout"] for r in records)
         self.tokens_per_second = statistics.median(r["tokens"] / r["step"] for r in records)
+        completions = peer_runs.PROMPTS_PER_STEP * peer_runs.GROUP_SIZE
+        self.response_tokens = statistics.mean(r["tokens"] for r in records) / completions
         self.peak_rss_gib = usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
     def row(self) -> str:
@@ -88,11 +98,49 @@ def planned_runs() -> dict[str, Run]:
     return runs
 
 
+def matmul_flops_per_second(rows: int = 8192, repeats: int = 20) -> float:
+    """fp32 FLOP/s of this machine's best case for the update: one jitted (rows x 256) @ (256 x
+    768) matmul, the MLP's up-projection at a micro-batch of 8192 tokens; best of `repeats`."""
+    import jax
+    import jax.numpy as jnp
+
+    a, b = jnp.ones((rows, 256), jnp.float32), jnp.ones((256, 768), jnp.float32)
+    matmul = jax.jit(jnp.dot)
+    matmul(a, b).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * 256 * 768 / best
+
+
+def step_flops(algo: str, prompt_tokens: float, response_tokens: float) -> float:
+    """Model FLOPs of one of our steps on the task (vppo_jax/flops.py): VPPO's scoring pass
+    runs the policy with and without the image before the update (our runs split the update
+    into several micro-batches), GRPO has none (one update per rollout)."""
+    from vppo_jax import flops
+    from vppo_jax.models.qwen2_5_vl import presets
+
+    config = presets.preset("small", text=dict(vocab_size=peer_task.VOCAB_SIZE))
+    patches = (peer_task.IMAGE_SIZE // config.vision.patch_size) ** 2
+    shape = flops.StepShape(
+        prompts=peer_runs.PROMPTS_PER_STEP,
+        group_size=peer_runs.GROUP_SIZE,
+        prompt_tokens=prompt_tokens,
+        image_patches=patches,
+        response_tokens=response_tokens,
+        scoring_forwards=2 if algo == "vppo" else 0,
+    )
+    return sum(flops.step_flops(config, shape).values())
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     where = peer_task.write_task(FLAGS.workdir)
-    print(f"task in {FLAGS.workdir}: prompts token-identical for both ({peer_task.check_prompts_match(where)} tokens)")
+    prompt_tokens = peer_task.check_prompts_match(where)
+    print(f"task in {FLAGS.workdir}: prompts token-identical for both ({prompt_tokens:.1f} tokens on average)")
     runs = planned_runs()
     for label, run in runs.items():
         run.execute(FLAGS.workdir, label, FLAGS.steps)
@@ -109,6 +157,15 @@ def main(argv):
         print(
             f"{algo.upper()} ratio: {ratio:.2f}x (TRL's default step / ours); peak RSS {ours.peak_rss_gib:.1f} vs "
             f"{trl.peak_rss_gib:.1f} GiB; {verdict} the target (>= {target}x, RSS no higher)"
+        )
+    rate = matmul_flops_per_second()
+    print(f"\nfloor at the best fp32 matmul rate of this machine ({rate / 1e9:.0f} GFLOP/s):")
+    for algo in FLAGS.ours:
+        ours = runs[algo]
+        total = step_flops(algo, prompt_tokens, ours.response_tokens)
+        print(
+            f"{algo.upper()}: {total / 1e12:.2f} TFLOP per step -> floor {total / rate:.1f} s; ours "
+            f"{ours.step:.1f} s = {ours.step * rate / total:.1f}x the floor; 2x TRL's default = {trl.step / 2:.1f} s"
         )
 
 
