@@ -30,7 +30,8 @@ def run_plan(*flags: str) -> subprocess.CompletedProcess:
 
 
 def test_tiny_plan_on_four_devices(tmp_path):
-    out = run_plan("--topology=cpu-4", "--mesh=1,4,1", "--device_memory_gib=0.1", f"--json={tmp_path / 'plan.json'}")
+    # v5p-8: 4 devices, and a named topology also gets the throughput on paper.
+    out = run_plan("--topology=v5p-8", "--mesh=1,4,1", "--device_memory_gib=0.1", f"--json={tmp_path / 'plan.json'}")
     assert out.returncode == 0, out.stderr[-3000:]
     plan = json.loads((tmp_path / "plan.json").read_text())
 
@@ -66,6 +67,9 @@ def test_tiny_plan_on_four_devices(tmp_path):
     assert "verdict: does NOT fit in 0.1 GiB per device" in out.stdout and "to fit:" in out.stdout
     assert "fits per device on (v5p 95 GiB: yes, v4 32 GiB: yes, h100 80 GiB: yes)" in out.stdout
     assert "| update step |" in out.stdout
+    # One VPPO update per rollout in one micro-batch: the perturbed forward runs inside the update.
+    assert plan["scoring_forwards"] == 1
+    assert "| rollout decode |" in out.stdout and "| update |" in out.stdout and "step: " in out.stdout
 
 
 def test_the_state_of_each_precision_mode_matches_its_hand_count():

@@ -62,6 +62,11 @@ def define_flags():
     flags.DEFINE_string("mesh", "", "data,fsdp,tensor sizes (one may be -1). Default: the config's mesh.")
     flags.DEFINE_float("device_memory_gib", 0.0, "Memory per device; default: the topology's.")
     flags.DEFINE_string("json", "", "Also write the figures (bytes per device) to this JSON file.")
+    flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for prefill, scoring and updates.")
+    flags.DEFINE_float("decode_mfu", 0.1, "Model FLOPs utilisation assumed for decoding (memory-bound).")
+    flags.DEFINE_integer("text_tokens", 100, "Mean text tokens of a prompt besides its image, for the FLOPs.")
+    flags.DEFINE_integer("response_tokens", 0, "Mean response tokens for the FLOPs (0: rollout.max_new_tokens).")
+    flags.DEFINE_float("sampling_rounds", 1.0, "Mean rounds of sampling per step (dynamic sampling), for the FLOPs.")
     flags.mark_flags_as_required(["config"])
 
 
@@ -281,6 +286,11 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
         length=prompt_length + r.max_new_tokens,
         grid=grid,
         remat=model_cfg.remat,
+        # Forwards of every row besides the update's own: the scoring pass (VPPO: with and without
+        # the image; GRPO: pi_old), or VPPO's perturbed forward inside a single update.
+        scoring_forwards=(1 + step_config.vppo)
+        if needs_scoring(step_config, t.updates_per_rollout, micro_batches)
+        else int(step_config.vppo),
     )
 
 
@@ -334,8 +344,7 @@ def advice(result: dict, budget: float, mesh_shape: dict) -> str:
             f"the update's temporaries are {update.temporaries / GIB:,.0f} GiB for {result['rows']} rows per "
             "micro-batch: more train.micro_batches or devices on data/fsdp (down to one row per device), "
             "a smaller data.max_pixels (the vision tower's full-attention layers grow with the square of "
-            "an image's patches, and the backward keeps their residuals for every vision layer: the layer "
-            "scan's lax.cond keeps both branches'), model.remat=\"full\" (each layer's backward keeps "
+            "an image's patches), model.remat=\"full\" (each layer's backward keeps "
             "only its input; now " + result["remat"] + "), a smaller model.attention_block"
         )
     rollout = [p for name, p in phases.items() if name.startswith("rollout") and p.total > budget]
@@ -350,6 +359,42 @@ def advice(result: dict, budget: float, mesh_shape: dict) -> str:
             + ": fewer rollout.prompts_per_step per round, a smaller data.max_pixels, or more devices"
         )
     return "; ".join(tips) or "no single term dominates: more devices"
+
+
+def throughput(config, model_cfg, result: dict, topology_name: str) -> str:
+    """Model FLOPs of one rollout step (vppo_jax/flops.py) at mean lengths given by the flags,
+    and its time on the topology at the assumed MFUs."""
+    from vppo_jax import flops
+
+    r = config.rollout
+    patches = math.prod(result["grid"])
+    shape = flops.StepShape(
+        prompts=round(r.prompts_per_step * FLAGS.sampling_rounds),
+        group_size=r.group_size,
+        prompt_tokens=FLAGS.text_tokens + patches // model_cfg.vision.merge_unit,
+        image_patches=patches,
+        response_tokens=FLAGS.response_tokens or r.max_new_tokens,
+        scoring_forwards=result["scoring_forwards"],
+    )
+    kind, devices = TOPOLOGIES[topology_name]
+    peak = flops.PEAK_FLOPS[kind] * devices
+    lines = [
+        f"throughput on paper: {shape.prompts} prompts x {shape.group_size} samples of {shape.prompt_tokens:.0f} "
+        f"prompt tokens ({patches // model_cfg.vision.merge_unit} of them the image) and {shape.response_tokens:.0f} "
+        f"response tokens on average; {devices} devices at {flops.PEAK_FLOPS[kind] / 1e12:.0f} TFLOP/s bf16 peak each",
+        "",
+        "| phase | model PFLOP per step | MFU assumed | seconds |",
+        "|---|---|---|---|",
+    ]
+    total_seconds = 0.0
+    for phase, amount in flops.step_flops(model_cfg, shape).items():
+        mfu = FLAGS.decode_mfu if phase == "rollout decode" else FLAGS.mfu
+        seconds = amount / (peak * mfu)
+        total_seconds += seconds
+        lines.append(f"| {phase} | {amount / 1e15:,.1f} | {mfu:.0%} | {seconds:,.0f} |")
+    reference = "the reference: about 5 min per step on 8 GPUs, 17 h for 202 steps"
+    lines.append(f"step: {total_seconds / 60:.1f} min ({reference})")
+    return "\n".join(lines)
 
 
 def main(argv):
@@ -399,6 +444,8 @@ def main(argv):
     )
     result = plan(config, model_cfg, mesh)
     print(report(result, mesh_shape, devices, memory_gib))
+    if FLAGS.topology in TOPOLOGIES:
+        print("\n" + throughput(config, model_cfg, result, FLAGS.topology))
     if FLAGS.json:
         peak = max(p.total for p in result["phases"])
         paths.write_json(
