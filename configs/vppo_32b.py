@@ -12,6 +12,6 @@ def get_config(arg: str = ""):
     config = vppo_7b.get_config(arg)
     if not parse_arg(arg, runlocal=False).runlocal:
         config.rollout.max_new_tokens = 4096
-        # One row per device on v5p-64 (32 devices): update 66.3 GiB, scoring 34.6 GiB per device.
-        config.train.micro_batches = 32
+        # One 8192-token row (4096 prompt + 4096 response) per device per micro-batch.
+        config.train.micro_batch_tokens = 8192
     return config

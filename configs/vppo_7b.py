@@ -18,11 +18,12 @@ def get_config(arg: str = ""):
     # Every device holds 1/n of the weights and optimizer state and decodes/trains 1/n of the
     # rows (FSDP); `python -m vppo_jax.plan` prints what this needs per device.
     config.mesh.fsdp = -1
-    # The update's memory (`python -m vppo_jax.plan`, v5p-32): each layer's backward keeps only
-    # its input, and 64 micro-batches of 16 rows (one per device) bring the update from 2.0 TiB
-    # to 56 GiB per device; 32 micro-batches of 32 rows need 96 GiB.
+    # The update's memory (`python -m vppo_jax.plan`): each layer's backward keeps only its
+    # input, and each device takes one 6144-token row per micro-batch: as many micro-batches as
+    # the topology needs (64 on v5p-32, 128 on 8 x H100), whatever the device count.
     config.model.remat = "full"
-    config.train.micro_batches = 64
+    config.train.micro_batches = 0
+    config.train.micro_batch_tokens = 6144
     if parse_arg(arg, runlocal=False).runlocal:
         config.rollout.prompts_per_step = 4
         config.rollout.group_size = 4

@@ -225,6 +225,14 @@ def test_micro_batches_come_from_the_token_budget_unless_counted():
     config.train.micro_batches = 4
     assert micro_batches(config, rows=256, row_tokens=192) == 4  # a count wins
 
+    # The shipped recipes: one row per device per micro-batch on any topology (1024 rows per
+    # update; 7B rows of 4096 + 2048 tokens, 32B rows of 4096 + 4096).
+    from configs import vppo_7b, vppo_32b
+
+    for devices, count in ((8, 128), (16, 64), (32, 32)):
+        assert micro_batches(vppo_7b.get_config(), rows=1024, row_tokens=6144, row_shards=devices) == count
+        assert micro_batches(vppo_32b.get_config(), rows=1024, row_tokens=8192, row_shards=devices) == count
+
 
 @pytest.mark.parametrize(
     "override, message",
