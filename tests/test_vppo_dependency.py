@@ -139,3 +139,18 @@ def test_bf16_inputs_accumulate_in_fp32(inputs):
     assert scores.dtype == jnp.float32
     expected = np_dependency("kl", *rounded, tokens, mask, TEMPERATURE)
     np.testing.assert_allclose(np.asarray(scores), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_scoring_pass_statistics_come_with_the_dependency(inputs):
+    """scores_with_dependency: pi_old's log-probs and entropy beside the dependency, from the
+    same pass over the vocabulary, each against float64 NumPy."""
+    hidden, _, unembedding, tokens, mask = inputs
+    logp = np_log_softmax(hidden, unembedding, TEMPERATURE)
+    entropy = -(np.exp(logp) * logp).sum(-1)
+    sampled = np.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+    fn = jax.jit(dependency.scores_with_dependency, static_argnames=("name", "chunk_size"))
+    got_logp, got_entropy, got_dependency = fn("kl", *inputs, TEMPERATURE, chunk_size=4)
+    np.testing.assert_allclose(np.asarray(got_logp), sampled, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_entropy), entropy, rtol=1e-5, atol=1e-5)
+    expected = np_dependency("kl", *inputs, TEMPERATURE)
+    np.testing.assert_allclose(np.asarray(got_dependency), expected, rtol=2e-5, atol=2e-6)

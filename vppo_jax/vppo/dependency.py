@@ -62,31 +62,42 @@ def _top1_probability_drop(logp, logp_perturbed, tokens):
 ESTIMATORS = {"k3": _sampled_k3, "kl": _exact_kl, "jsd": _jensen_shannon, "top1_drop": _top1_probability_drop}
 
 
-def token_dependency(
+def scores_with_dependency(
     name, hidden, hidden_perturbed, unembedding, tokens, mask, temperature=1.0, chunk_size=DEFAULT_CHUNK_SIZE
 ):
-    """Per-token visual dependency S_t (paper Definition 3.1) with estimator `name`.
+    """log pi(o_t | s_t, I), the entropy H_t and the visual dependency S(s_t, I) (paper
+    Definition 3.1) of every token, with estimator `name`, each distribution over the
+    vocabulary computed once: what the scoring pass needs of pi_old.
 
     Args:
       name: one of "k3", "kl", "jsd", "top1_drop" (static).
       hidden, hidden_perturbed: (B, T, D) final hidden states with I and with I'.
       unembedding: (D, V).
-      tokens: (B, T) sampled tokens o_t (used by k3).
-      mask: (B, T) response mask; masked positions give 0.
+      tokens: (B, T) sampled tokens o_t.
+      mask: (B, T) response mask; masked positions get dependency 0.
       temperature: rollout temperature (1.0).
       chunk_size: tokens per vocabulary chunk (static).
     Returns:
-      (B, T) fp32 dependency scores, without gradient (they come from pi_old).
+      (logp, entropy, dependency), each (B, T) fp32, without gradient (they are pi_old's).
     """
     estimator = ESTIMATORS[name]
 
     def chunk_fn(h, h_perturbed, o):
-        return estimator(
-            log_softmax_chunk(h, unembedding, temperature), log_softmax_chunk(h_perturbed, unembedding, temperature), o
-        )
+        logp = log_softmax_chunk(h, unembedding, temperature)
+        entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+        return at_tokens(logp, o), entropy, estimator(logp, log_softmax_chunk(h_perturbed, unembedding, temperature), o)
 
-    scores = map_token_chunks(chunk_fn, chunk_size, hidden, hidden_perturbed, tokens)
-    return jax.lax.stop_gradient(jnp.where(mask.astype(bool), scores, 0.0))
+    logp, entropy, scores = map_token_chunks(chunk_fn, chunk_size, hidden, hidden_perturbed, tokens)
+    return jax.lax.stop_gradient((logp, entropy, jnp.where(mask.astype(bool), scores, 0.0)))
+
+
+def token_dependency(
+    name, hidden, hidden_perturbed, unembedding, tokens, mask, temperature=1.0, chunk_size=DEFAULT_CHUNK_SIZE
+):
+    """The dependency alone, (B, T) fp32 (see `scores_with_dependency`; the compiler drops the
+    unused log-probs and entropy)."""
+    args = (hidden, hidden_perturbed, unembedding, tokens, mask, temperature, chunk_size)
+    return scores_with_dependency(name, *args)[2]
 
 
 # The estimators by name, e.g. kl(hidden, hidden_perturbed, unembedding, tokens, mask).

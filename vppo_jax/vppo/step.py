@@ -87,11 +87,11 @@ def needs_scoring(config: StepConfig, updates_per_rollout: int, micro_batches: i
 
 
 def token_scores(config: StepConfig, model, inputs, perturbed_patches, targets, response_mask, hidden, key):
-    """Token dependency under the policy whose final hidden states (original images) at the
-    response positions are `hidden`: a divergence between its distributions with I and I'."""
+    """(log p(o_t), H_t, S_t) under the policy whose final hidden states (original images) at
+    the response positions are `hidden`; S_t a divergence between its distributions with I and I'."""
     perturbed = perturbation.perturb_images(config.perturbation, inputs, key, config.blacken_prob, perturbed_patches)
     hidden_perturbed = jax.lax.stop_gradient(response_positions(model.hidden_states(perturbed), targets))
-    return dependency_lib.token_dependency(
+    return dependency_lib.scores_with_dependency(
         config.estimator,
         jax.lax.stop_gradient(hidden),
         hidden_perturbed,
@@ -110,14 +110,12 @@ def score_rollouts(config: StepConfig, graphdef, params, batch: TrainBatch, key:
     def score(micro):
         inputs, perturbed_patches, targets, mask, micro_key = micro
         hidden = response_positions(model.hidden_states(inputs), targets)
+        if config.vppo:  # one pass over the vocabulary gives the log-probs, entropy and dependency
+            return token_scores(config, model, inputs, perturbed_patches, targets, mask, hidden, micro_key)
         logp, entropy = token_logprobs_and_entropy(
             hidden, model.unembedding(), targets, config.temperature, config.vocab_chunk
         )
-        if config.vppo:
-            dep = token_scores(config, model, inputs, perturbed_patches, targets, mask, hidden, micro_key)
-        else:
-            dep = jnp.zeros_like(logp)
-        return logp, entropy, dep
+        return logp, entropy, jnp.zeros_like(logp)
 
     keys = jax.random.split(key, batch.targets.shape[0])
     logp, entropy, dep = jax.lax.map(
@@ -197,7 +195,7 @@ def train_step(
                     micro.response_mask,
                     hidden,
                     perturb_key,
-                )
+                )[2]  # the log-probs and entropy with gradient come from logp_and_entropy above
             alpha, weights = shape_rows(config, dep, jax.lax.stop_gradient(entropy), micro.response_mask, filter_key)
         sums, metric_sums = loss_sums(
             logp, old_logp, micro.advantages, micro.response_mask, alpha, weights, None, config.loss
