@@ -20,7 +20,7 @@ def get_config(arg: str = ""):
     config.mesh.fsdp = -1
     # The update's memory (`python -m vppo_jax.plan`, v5p-32): each layer's backward keeps only
     # its input, and 64 micro-batches of 16 rows (one per device) bring the update from 2.0 TiB
-    # to 56 GiB per device; 32 micro-batches of 32 rows need 96 GiB.
+    # to 28.4 GiB per device; 32 micro-batches of 32 rows need 37.6 GiB.
     config.model.remat = "full"
     config.train.micro_batches = 64
     if parse_arg(arg, runlocal=False).runlocal:
