@@ -56,11 +56,10 @@ def blockwise_causal_attention(q, k, v, key_valid, block_size: int) -> jax.Array
         a = jnp.pad(a, [(0, 0), (0, padded - length)] + [(0, 0)] * (a.ndim - 2))
         return jnp.moveaxis(a.reshape(batch, blocks, block_size, *a.shape[2:]), 1, 0)
 
-    rows = lambda a: a.reshape(blocks * batch, *a.shape[2:])  # key blocks: row b's block j is j * B + b
     positions = jnp.broadcast_to(jnp.arange(padded).reshape(blocks, 1, block_size), (blocks, batch, block_size))
-    index = jnp.broadcast_to(jnp.arange(blocks)[:, None] * batch + jnp.arange(batch), (blocks, blocks, batch))
-    keys = rows(split(k)), rows(split(v)), index, rows(split(key_valid.astype(bool)))
-    out = block_attention(split(q), *keys, positions=(positions, rows(positions)))  # (blocks, B, block, H * hd)
+    index = jnp.broadcast_to(jnp.arange(blocks), (blocks, blocks))  # every query block reads every key block
+    keys = split(k), split(v), index, split(key_valid.astype(bool))
+    out = block_attention(split(q), *keys, positions=(positions, positions))  # (blocks, B, block, H * hd)
     return jnp.moveaxis(out, 0, 1).reshape(batch, padded, -1)[:, :length]
 
 
@@ -69,23 +68,26 @@ def block_attention(q, k, v, index, key_valid, segments=None, positions=None) ->
 
     q: (nq, B, bq, H, hd), nq query blocks of B rows each: the blocks run one after the
         other, the rows of a block together.
-    k, v: (N, bk, Hkv, hd), the key blocks; key_valid: (N, bk) bool, False for padding.
-    index: (nq, steps, B) int, the key block that row b of query block i reads at step j.
-        A row must not read a key block twice (its keys would count twice).
-    segments: None, or (query (nq, B, bq), key (N, bk)) int: a query attends to the keys
-        of its own segment only.
-    positions: None, or (query (nq, B, bq), key (N, bk)) int: causal, a query attends to
-        the keys at or before its position.
+    k, v: (N, B, bk, Hkv, hd), each row's own key blocks, with index (nq, steps) int: the
+        key block that query block i reads at step j (the decoder); or (N, bk, Hkv, hd), key
+        blocks the rows share, with index (nq, steps, B): the key block that row b reads
+        (vision: a frame's windows). Either way `k[index[i, j]]` is a step's (B, bk, Hkv, hd),
+        and a row must not read a key block twice (its keys would count twice).
+    key_valid: bool, k's leading axes: False for padding.
+    segments: None, or (query (nq, B, bq), key: k's leading axes) int: a query attends to
+        the keys of its own segment only.
+    positions: None, or (query (nq, B, bq), key: k's leading axes) int: causal, a query
+        attends to the keys at or before its position.
     """
-    num_kv = k.shape[2]
+    num_kv = k.shape[-2]
     grouped = q.reshape(*q.shape[:3], num_kv, q.shape[3] // num_kv, q.shape[4])  # (nq, B, bq, Hkv, g, hd)
     out = _block_attention(grouped, k, v, (index, key_valid, segments, positions))
     return out.reshape(*q.shape[:3], -1)
 
 
 def _block_scores(q_block, k, key_index, query_ids, where):
-    """Scaled fp32 scores of one query block (B, bq, Hkv, g, hd) against the key blocks
-    `key_index` (B,), (B, Hkv, g, bq, bk), and which of them a query may attend to."""
+    """Scaled fp32 scores of one query block (B, bq, Hkv, g, hd) against the keys `k[key_index]`,
+    (B, Hkv, g, bq, bk), and which of them a query may attend to."""
     _, key_valid, segments, positions = where
     q_segments, q_positions = query_ids
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q_block, k[key_index]).astype(jnp.float32) * q_block.shape[-1] ** -0.5
