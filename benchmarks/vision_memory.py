@@ -1,6 +1,6 @@
 """Compiled temporaries of the vision tower's gradient for one image on one device.
 
-    python -m benchmarks.vision_memory [--model=7b] [--pixels=1003520] [--remat=none,full]
+    python -m benchmarks.vision_memory [--model=7b] [--pixels=1003520] [--remat=none,full] [--attention_block=512]
 
 Builds the tower of a preset (the released Qwen2.5-VL's: 32 blocks of 1280, full attention at
 7/15/23/31) in bf16 on fp32 parameters, as the recipes compute, lowers and compiles the
@@ -8,6 +8,9 @@ gradient of its summed squared output for one square image of at most `--pixels`
 recipes' data.max_pixels: 980 x 980) from abstract shapes (nothing is allocated), and prints
 XLA's temporary-buffer size for each rematerialisation, with the preset's full-attention
 layers and with none (every layer windowed): the difference is what full attention costs.
+Full attention runs window by window when a frame's look-ahead (its windows, bucketed) holds
+more than `--attention_block` patch slots (the recipes' model.attention_block); a block of
+the frame's slots or more (8192 at 980 x 980) gives the dense per-frame attention.
 """
 
 import dataclasses
@@ -29,6 +32,9 @@ def define_flags():
     flags.DEFINE_string("model", "7b", "A preset of vppo_jax/models/qwen2_5_vl/presets.py.")
     flags.DEFINE_integer("pixels", 1280 * 28 * 28, "The image budget (the recipes' data.max_pixels).")
     flags.DEFINE_list("remat", ["none", "full"], "model.remat values to compile.")
+    flags.DEFINE_integer(
+        "attention_block", 512, "model.attention_block: full attention over at most this many slots is dense."
+    )
 
 
 def gradient_temporaries(config) -> int:
@@ -48,11 +54,13 @@ def main(argv):
     side = config.vision.patch_size
     print(
         f"{FLAGS.model} vision tower, one {h * side} x {w * side} image, full attention at "
-        f"{config.vision.fullatt_block_indexes}; temporaries of the gradient, GiB"
+        f"{config.vision.fullatt_block_indexes}, attention block {FLAGS.attention_block}; temporaries of the "
+        "gradient, GiB"
     )
     for remat in FLAGS.remat:
-        full = gradient_temporaries(config.with_compute(remat=remat)) / GIB
-        none = gradient_temporaries(windowed.with_compute(remat=remat)) / GIB
+        compute = dict(remat=remat, attention_block=FLAGS.attention_block)
+        full = gradient_temporaries(config.with_compute(**compute)) / GIB
+        none = gradient_temporaries(windowed.with_compute(**compute)) / GIB
         print(f"  remat {remat}: {full:,.1f} with the preset's full-attention layers, {none:,.1f} with none")
 
 

@@ -55,7 +55,13 @@ def test_fp32_logits_match_transformers_across_configs(tmp_path, config):
     assert max_abs_error_on_real_tokens(hf_model, model, processor_batch(BATCH_OF_THREE + UNEVEN_WINDOWS)) <= 1e-4
 
 
-def test_merged_vision_features_match(hf_model, port):
+# model.attention_block 512: every frame here runs the dense full attention; 64 (one window): window by window.
+ATTENTION_BLOCKS = pytest.mark.parametrize("attention_block", [512, 64], ids=["dense", "blockwise"])
+
+
+@ATTENTION_BLOCKS
+def test_merged_vision_features_match(hf_model, port, attention_block):
+    port = qwen2_5_vl.with_config(port, port.config.with_compute(attention_block=attention_block))
     batch = processor_batch(BATCH_OF_THREE + UNEVEN_WINDOWS)
     with torch.no_grad():
         features = hf_model.model.get_image_features(
@@ -70,10 +76,12 @@ def test_merged_vision_features_match(hf_model, port):
     assert np.abs(ours_in_hf_order - reference).max() <= 1e-5
 
 
-def test_full_attention_reads_only_its_frames_windows(hf_model, port):
+@ATTENTION_BLOCKS
+def test_full_attention_reads_only_its_frames_windows(hf_model, port, attention_block):
     """A 1-window frame, then a 3-window frame that ends the batch: the second frame's
-    look-ahead (4 windows) runs past the last window, whose clipped index must not count that
-    window twice; and neither frame may see the other."""
+    look-ahead (4 windows) runs past the last window and wraps around to the first frame's,
+    which it must not see; nor may the first frame see the second."""
+    port = qwen2_5_vl.with_config(port, port.config.with_compute(attention_block=attention_block))
     batch = processor_batch([(text_ids(3, 9), [(112, 112)]), (text_ids(4, 6), [(112, 336)])])
     inputs = prepare_inputs(port.config, **batch)
     assert inputs.vision.frame_windows == 4 and inputs.vision.slot_valid.size // 64 == 4

@@ -35,7 +35,8 @@ def default_config() -> ml_collections.ConfigDict:
     # memory (vppo_jax/trainer/optimizer.py).
     # `remat`: what the backward keeps of each layer ("none", "full": only its input, "dots": its
     # matmul outputs); `attention_block`: tokens per block of the decoder's attention, beyond
-    # which it never forms a (T, T) array (vppo_jax/models/qwen2_5_vl/attention.py);
+    # which it never forms a (T, T) array, and the patch slots of a frame beyond which the
+    # vision tower's full attention runs window by window (vppo_jax/models/qwen2_5_vl/attention.py);
     # `layer_loop`: "scan" (one compiled layer in a loop: compile time flat in depth), "unroll"
     # (faster on a CPU), or "auto": unrolled on a CPU, scanned on accelerators.
     c.model = ml_collections.ConfigDict(

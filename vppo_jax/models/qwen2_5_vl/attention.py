@@ -1,17 +1,28 @@
-"""The decoder's causal self-attention without a (T, T) array for long sequences.
+"""Attention without a (queries, keys) array, for the decoder and the vision tower alike.
 
-    out = causal_attention(q, k, v, key_valid, block_size)   # q (B, T, H, hd), key_valid (B, T)
+    out = causal_attention(q, k, v, key_valid, block_size)   # the decoder: q (B, T, H, hd), key_valid (B, T)
+    out = block_attention(q, k, v, index, key_valid, segments=..., positions=...)   # the kernel
 
-Query t attends to the keys s <= t with key_valid[s] (left or right padding alike). A
-sequence of at most `block_size` tokens runs the dense attention (`layers.attention`, what
-the port was checked against transformers with). A longer one is cut into query blocks and
-key blocks: each query block runs over the key blocks with an online softmax in fp32 (the
-running max, the running sum and the weighted values, rescaled as the max grows), so no
-array larger than (B, H, block, block) exists. Each key-block step is rematerialised
-(`jax.checkpoint`): the backward pass recomputes a block's scores instead of storing them,
-and keeps only the running statistics per block.
+`block_attention` takes queries in blocks and, for each query block, the key blocks it reads
+(`index`): a decoder query block reads every key block of its rows, a vision query window
+the windows of its frame (`vision.VisionAttention`). Which keys a query attends to comes from
+per-token flags, never from a dense mask: the key exists (`key_valid`), has the query's
+segment id (vision: one segment per frame) and, for causal attention, a position at or before
+the query's. Over its key blocks a query block runs an online softmax in fp32 (the running
+max, the running sum and the weighted values, rescaled as the max grows), so no array larger
+than (query block, key block) per head and row exists.
 
-A query row whose keys are all masked (padding) comes out as zeros here and as the mean of
+The backward pass is flash attention's, written by hand (`jax.custom_vjp`): it keeps the
+output and each query's log-sum-exp, and recomputes each block's probabilities from them key
+block by key block. Autodiff through the online softmax would keep the running statistics
+and weighted values of every (query block, key block) step: for the 7B vision tower at
+980 x 980, 128 steps of 40 MiB of fp32 values per full-attention layer.
+
+The dense attention (`layers.attention`), what the port was checked against transformers
+with, runs where all keys of a query fit in one block: the decoder's sequences of at most
+`block_size` tokens, and (vision.py) frames whose look-ahead (the largest frame's windows,
+bucketed) holds at most `model.attention_block` patch slots.
+A query with no key it may attend to (padding) comes out as zeros here and as the mean of
 the values in the dense attention; both are finite and no real token reads them.
 """
 
@@ -21,6 +32,9 @@ import jax
 import jax.numpy as jnp
 
 from vppo_jax.models.qwen2_5_vl.layers import attention
+
+LOWEST = jnp.finfo(jnp.float32).min
+TINY = jnp.finfo(jnp.float32).tiny
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, block_size: int) -> jax.Array:
@@ -33,49 +47,145 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
 
 
 def blockwise_causal_attention(q, k, v, key_valid, block_size: int) -> jax.Array:
-    batch, length, num_heads, head_dim = q.shape
-    num_kv = k.shape[2]
+    """`causal_attention` in blocks of `block_size` tokens, whatever the length."""
+    batch, length = q.shape[:2]
     blocks = -(-length // block_size)
     padded = blocks * block_size
 
-    def split(a):  # (B, T, ...) -> (blocks, B, block, ...), padded at the end
+    def split(a):  # (B, T, ...) -> (blocks, B, block, ...), padded at the end (padding keys invalid)
         a = jnp.pad(a, [(0, 0), (0, padded - length)] + [(0, 0)] * (a.ndim - 2))
         return jnp.moveaxis(a.reshape(batch, blocks, block_size, *a.shape[2:]), 1, 0)
 
-    q_blocks = split(q.reshape(batch, length, num_kv, num_heads // num_kv, head_dim))
-    k_blocks, v_blocks, valid_blocks = split(k), split(v), split(key_valid.astype(bool))
-    positions = jnp.arange(padded).reshape(blocks, block_size)
-    scale = head_dim**-0.5
-    lowest = jnp.finfo(jnp.float32).min
+    positions = jnp.broadcast_to(jnp.arange(padded).reshape(blocks, 1, block_size), (blocks, batch, block_size))
+    index = jnp.broadcast_to(jnp.arange(blocks), (blocks, blocks))  # every query block reads every key block
+    keys = split(k), split(v), index, split(key_valid.astype(bool))
+    out = block_attention(split(q), *keys, positions=(positions, positions))  # (blocks, B, block, H * hd)
+    return jnp.moveaxis(out, 0, 1).reshape(batch, padded, -1)[:, :length]
+
+
+def block_attention(q, k, v, index, key_valid, segments=None, positions=None) -> jax.Array:
+    """Grouped-query attention over key blocks chosen per query block; (nq, B, bq, H * hd) in v's dtype.
+
+    q: (nq, B, bq, H, hd), nq query blocks of B rows each: the blocks run one after the
+        other, the rows of a block together.
+    k, v: (N, B, bk, Hkv, hd), each row's own key blocks, with index (nq, steps) int: the
+        key block that query block i reads at step j (the decoder); or (N, bk, Hkv, hd), key
+        blocks the rows share, with index (nq, steps, B): the key block that row b reads
+        (vision: a frame's windows). Either way `k[index[i, j]]` is a step's (B, bk, Hkv, hd),
+        and a row must not read a key block twice (its keys would count twice).
+    key_valid: bool, k's leading axes: False for padding.
+    segments: None, or (query (nq, B, bq), key: k's leading axes) int: a query attends to
+        the keys of its own segment only.
+    positions: None, or (query (nq, B, bq), key: k's leading axes) int: causal, a query
+        attends to the keys at or before its position.
+    """
+    num_kv = k.shape[-2]
+    grouped = q.reshape(*q.shape[:3], num_kv, q.shape[3] // num_kv, q.shape[4])  # (nq, B, bq, Hkv, g, hd)
+    out = _block_attention(grouped, k, v, (index, key_valid, segments, positions))
+    return out.reshape(*q.shape[:3], -1)
+
+
+def _block_scores(q_block, k, key_index, query_ids, where):
+    """Scaled fp32 scores of one query block (B, bq, Hkv, g, hd) against the keys `k[key_index]`,
+    (B, Hkv, g, bq, bk), and which of them a query may attend to."""
+    _, key_valid, segments, positions = where
+    q_segments, q_positions = query_ids
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q_block, k[key_index]).astype(jnp.float32) * q_block.shape[-1] ** -0.5
+    allowed = key_valid[key_index][:, None, :]  # (B, 1, bk)
+    if segments is not None:
+        allowed = allowed & (q_segments[:, :, None] == segments[1][key_index][:, None, :])
+    if positions is not None:
+        allowed = allowed & (positions[1][key_index][:, None, :] <= q_positions[:, :, None])
+    allowed = allowed[:, None, None]  # over the heads
+    return jnp.where(allowed, scores, LOWEST), allowed
+
+
+def _query_blocks(q, where):
+    """What `lax.map` / `lax.scan` over the query blocks takes per block: the block, its key
+    block indexes and its queries' segment ids and positions (or None)."""
+    index, _, segments, positions = where
+    query_side = lambda ids: None if ids is None else ids[0]
+    return q, index, (query_side(segments), query_side(positions))
+
+
+def _tied(q, where):
+    """q and the key blocks' flags, made to depend on each other (an optimization barrier).
+    Under a layer scan the flags are loop-invariant: without this, the scan's partial
+    evaluation hoists every step's gathered flags and masks out of the layer loop and stores
+    them, (steps, B, H, bq, bk) booleans, the dense mask this module exists to avoid (the 7B
+    vision tower cut to one window and one full-attention block, 980 x 980, remat full: 3.7
+    GiB of gradient temporaries, 2.1 tied)."""
+    return jax.lax.optimization_barrier((q, where))
+
+
+@jax.custom_vjp
+def _block_attention(q, k, v, where):
+    return _forward(q, k, v, where)[0]
+
+
+def _forward(q, k, v, where):
+    """The online softmax: the output (nq, B, bq, Hkv, g, hd) and its log-sum-exp (nq, B, Hkv, g, bq)."""
+    q, where = _tied(q, where)
+    stats_shape = (q.shape[1], *q.shape[3:5], q.shape[2])  # (B, Hkv, g, bq)
 
     def query_block(inputs):
-        q_block, q_positions = inputs  # (B, bq, Hkv, g, hd), (bq,)
+        q_block, block_index, query_ids = inputs
 
-        @jax.checkpoint
-        def key_block(carry, key_inputs):
-            running_max, running_sum, weighted = carry  # (B, Hkv, g, bq) x 2, (B, Hkv, g, bq, hd)
-            k_block, v_block, valid, k_positions = key_inputs
-            scores = jnp.einsum("bqkgd,bskd->bkgqs", q_block, k_block).astype(jnp.float32) * scale
-            allowed = (k_positions[None, :] <= q_positions[:, None])[None] & valid[:, None, :]  # (B, bq, bk)
-            allowed = allowed[:, None, None]
-            scores = jnp.where(allowed, scores, lowest)
+        def key_step(carry, key_index):
+            running_max, running_sum, weighted = carry
+            scores, allowed = _block_scores(q_block, k, key_index, query_ids, where)
             new_max = jnp.maximum(running_max, scores.max(-1))
             weights = jnp.where(allowed, jnp.exp(scores - new_max[..., None]), 0.0)
             rescale = jnp.exp(running_max - new_max)
-            running_sum = running_sum * rescale + weights.sum(-1)
-            values = jnp.einsum("bkgqs,bskd->bkgqd", weights, v_block.astype(jnp.float32))
-            return (new_max, running_sum, weighted * rescale[..., None] + values), None
+            values = jnp.einsum("bkgqs,bskd->bkgqd", weights, v[key_index].astype(jnp.float32))
+            return (new_max, running_sum * rescale + weights.sum(-1), weighted * rescale[..., None] + values), None
 
-        stats_shape = (batch, num_kv, num_heads // num_kv, block_size)
         init = (
-            jnp.full(stats_shape, lowest, jnp.float32),
+            jnp.full(stats_shape, LOWEST, jnp.float32),
             jnp.zeros(stats_shape, jnp.float32),
-            jnp.zeros((*stats_shape, head_dim), jnp.float32),
+            jnp.zeros((*stats_shape, q.shape[-1]), jnp.float32),
         )
-        (_, total, weighted), _ = jax.lax.scan(key_block, init, (k_blocks, v_blocks, valid_blocks, positions))
-        out = weighted / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[..., None]  # (B, Hkv, g, bq, hd)
-        return jnp.moveaxis(out, 3, 1).astype(v.dtype)  # (B, bq, Hkv, g, hd)
+        (running_max, total, weighted), _ = jax.lax.scan(key_step, init, block_index)
+        total = jnp.maximum(total, TINY)  # no allowed key: zeros out, probabilities zero in the backward
+        out = jnp.moveaxis(weighted / total[..., None], 3, 1).astype(v.dtype)  # (B, bq, Hkv, g, hd)
+        return out, running_max + jnp.log(total)
 
-    out = jax.lax.map(query_block, (q_blocks, positions))  # (blocks, B, bq, Hkv, g, hd)
-    out = jnp.moveaxis(out, 0, 1).reshape(batch, padded, num_heads * head_dim)
-    return out[:, :length]
+    out, log_sum = jax.lax.map(query_block, _query_blocks(q, where))
+    return out, (q, k, v, where, out, log_sum)
+
+
+def _backward(residuals, d_out):
+    """Flash attention's backward: per query block, per key block, the probabilities from the
+    log-sum-exp, then dV += P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ += dS K, dK += dS^T Q."""
+    q, k, v, where, out, log_sum = residuals
+    q, where = _tied(q, where)
+    d_out = d_out.astype(jnp.float32)
+    # rowsum(dO * O), laid out like the log-sum-exp: (nq, B, Hkv, g, bq).
+    d_sum = jnp.moveaxis((d_out * out.astype(jnp.float32)).sum(-1), 2, -1)
+    scale = q.shape[-1] ** -0.5
+
+    def query_block(d_keys, inputs):
+        (q_block, block_index, query_ids), d_out_block, log_sum_block, d_sum_block = inputs
+
+        def key_step(carry, key_index):
+            d_q, d_k, d_v = carry
+            scores, allowed = _block_scores(q_block, k, key_index, query_ids, where)
+            probs = jnp.where(allowed, jnp.exp(scores - log_sum_block[..., None]), 0.0)
+            d_v = d_v.at[key_index].add(jnp.einsum("bkgqs,bqkgd->bskd", probs, d_out_block))
+            d_probs = jnp.einsum("bqkgd,bskd->bkgqs", d_out_block, v[key_index].astype(jnp.float32))
+            d_scores = probs * (d_probs - d_sum_block[..., None]) * scale
+            d_q = d_q + jnp.einsum("bkgqs,bskd->bqkgd", d_scores, k[key_index].astype(jnp.float32))
+            d_k = d_k.at[key_index].add(jnp.einsum("bkgqs,bqkgd->bskd", d_scores, q_block.astype(jnp.float32)))
+            return (d_q, d_k, d_v), None
+
+        init = (jnp.zeros(q_block.shape, jnp.float32), *d_keys)
+        (d_q, *d_keys), _ = jax.lax.scan(key_step, init, block_index)
+        return tuple(d_keys), d_q
+
+    d_keys = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    inputs = (_query_blocks(q, where), d_out, log_sum, d_sum)
+    (d_k, d_v), d_q = jax.lax.scan(query_block, d_keys, inputs)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+_block_attention.defvjp(_forward, _backward)

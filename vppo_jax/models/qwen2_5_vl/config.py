@@ -106,8 +106,9 @@ class Qwen2_5_VLConfig:
     dtype: str = "float32"  # compute dtype of activations
     # How the forward and backward run, not what the model is (each defaults to the plain way):
     # what the backward keeps of each layer (layers.REMAT_POLICIES), the token block of the
-    # decoder's attention beyond which it never forms a (T, T) array (attention.py), and
-    # whether the stacked layers run in a loop or unrolled (LAYER_LOOPS).
+    # decoder's attention beyond which it never forms a (T, T) array, and the frame size in
+    # patch slots beyond which the vision tower's full attention runs window by window
+    # (attention.py), and whether the stacked layers run in a loop or unrolled (LAYER_LOOPS).
     remat: str = "none"
     attention_block: int = 512
     layer_loop: str = "scan"

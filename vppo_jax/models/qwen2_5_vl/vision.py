@@ -3,7 +3,8 @@
 It runs on the slot layout of `inputs.vision_inputs`: S patch slots grouped in windows of
 `window_units**2 * 4` slots. Window layers attend inside a window; the layers listed in
 `fullatt_block_indexes` attend over the whole frame (same segment id), reading only the
-windows of that frame.
+windows of that frame: densely when a frame's look-ahead holds at most `attention_block`
+slots, else window by window with attention.py's online softmax.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vppo_jax.models.qwen2_5_vl.attention import block_attention
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vppo_jax.models.qwen2_5_vl.inputs import VisionInputs
 from vppo_jax.models.qwen2_5_vl.layers import (
@@ -39,6 +41,8 @@ class VisionAttention(nnx.Module):
         self.proj = Linear(vcfg.hidden_size, vcfg.hidden_size, axes=("heads", "embed"), bias_axes=(None,), **linear)
         self.num_heads = vcfg.num_heads
         self.window_slots = vcfg.window_units**2 * vcfg.merge_unit
+        # A look-ahead of more patch slots than this runs the blockwise full attention (attention.py).
+        self.attention_block = config.attention_block
 
     def __call__(self, x, cos, sin, vision: VisionInputs, full: bool) -> jax.Array:
         slots = x.shape[0]
@@ -54,16 +58,18 @@ class VisionAttention(nnx.Module):
         def full_attention():
             # A frame fills consecutive windows, so each query window attends over the `span`
             # windows from its frame's first: the cost grows with frame size, not batch size.
+            # Past the last window the index wraps around to windows of earlier frames, which
+            # the segment ids mask; with span <= windows no window is read twice.
             span = vision.frame_windows or windows
-            frame = blocks(vision.segment_ids).max(axis=1)  # -1 for padding windows
-            frame = jnp.where(frame < 0, windows, frame)  # padding sorts last, the rest is ascending
-            ahead = jnp.searchsorted(frame, frame, side="left")[:, None] + jnp.arange(span)  # (windows, span)
-            gather = lambda a: blocks(a)[jnp.minimum(ahead, windows - 1)].reshape(windows, -1, *a.shape[1:])
-            # Past the last window, the clipped index repeats a window: masked, not counted twice.
-            in_range = jnp.repeat(ahead < windows, self.window_slots, axis=1)
-            mask = (blocks(vision.segment_ids)[:, :, None] == gather(vision.segment_ids)[:, None, :]) & (
-                gather(vision.slot_valid) & in_range
-            )[:, None, :]
+            segments = blocks(vision.segment_ids)
+            frame = jnp.where(segments.max(axis=1) < 0, windows, segments.max(axis=1))  # frames ascend, padding last
+            ahead = (jnp.searchsorted(frame, frame, side="left")[:, None] + jnp.arange(span)) % windows
+            if span * self.window_slots > self.attention_block:
+                # Windows as blocks: every query window at once, one of its frame's windows per step.
+                keys = blocks(k), blocks(v), ahead.T[None], blocks(vision.slot_valid)
+                return block_attention(blocks(q)[None], *keys, segments=(segments[None], segments)).reshape(slots, -1)
+            gather = lambda a: blocks(a)[ahead].reshape(windows, -1, *a.shape[1:])  # (windows, span * slots, ...)
+            mask = (segments[:, :, None] == gather(vision.segment_ids)[:, None, :]) & gather(vision.slot_valid)[:, None]
             return attention(blocks(q), gather(k), gather(v), mask).reshape(slots, -1)
 
         def window_attention():
