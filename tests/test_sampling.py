@@ -1,5 +1,7 @@
 """The sampler against transformers (greedy generate, teacher-forced forward) and analytic distributions."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,6 +130,27 @@ def test_group_samples_equal_repeated_prompts(port):
     np.testing.assert_allclose(np.asarray(grouped.logprobs), np.asarray(repeated.logprobs), atol=1e-5)
     # The G samples of a prompt differ from each other (different keys).
     assert len({tuple(row) for row in np.asarray(grouped.tokens)[:group]}) == group
+
+
+@pytest.mark.parametrize("devices, wave", [(1, 3), (4, 2)], ids=["one_device_waves_of_3", "data_parallel_4_waves_of_2"])
+def test_waves_give_the_rollout_of_one_wave(port, devices, wave):
+    """The same keys sample the same rollout whether the prompts go in one wave or several,
+    the last one padded (3 + 1 prompts) or not (2 + 2)."""
+    mesh = Mesh(np.array(jax.devices()[:devices]), ("data",)) if devices > 1 else None
+    params = sampling.SamplingParams(max_new_tokens=12, temperature=1.0, group_size=2, end_token_ids=(), pad_token_id=0)
+    keys = keys_for(len(PROMPTS) * params.group_size, seed=3)
+    whole = sampling.generate(port, processor_batch(PROMPTS), keys, params, mesh)
+    waves = sampling.generate(
+        port, processor_batch(PROMPTS), keys, dataclasses.replace(params, wave_prompts=wave), mesh
+    )
+    np.testing.assert_array_equal(np.asarray(waves.tokens), np.asarray(whole.tokens))
+    np.testing.assert_array_equal(np.asarray(waves.mask), np.asarray(whole.mask))
+    np.testing.assert_allclose(np.asarray(waves.logprobs), np.asarray(whole.logprobs), atol=1e-5)
+
+
+def test_a_negative_wave_size_is_refused():
+    with pytest.raises(ValueError, match=r"wave_prompts=-1 \(rollout.wave_prompts in a config\)"):
+        sampling.SamplingParams(max_new_tokens=1, end_token_ids=(), pad_token_id=0, wave_prompts=-1)
 
 
 def truncated_distribution(logits, banned, temperature, top_k, top_p):

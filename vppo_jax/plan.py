@@ -13,6 +13,7 @@ What is assumed (state of the code, not of the hardware):
 - the optimizer state stays on the devices while sampling, so every phase adds it; so do the
   master weights when they are held in another dtype than the compute dtype (the sampler
   runs on a copy cast to the compute dtype);
+- the sampler runs one wave of rollout.wave_prompts prompts (the round when 0) at a time;
 - one image per prompt at the recipe's largest image (data.max_pixels, as a square), the
   longest prompt bucket and max_new_tokens for every row: the worst case of a step;
 - XLA:CPU compiles the program, not the TPU/GPU compiler: fusion, rematerialisation and
@@ -240,9 +241,11 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
         program = programs.train_step_program(step_config, optimizer, graphdef, mesh, state, batch, key)
         results.append(compiled_phase("update step", program, sharded((state, batch, key), program.in_shardings), 0))
 
-    # The sampler: every prompt of a round at once, G samples each, on the weights cast to the
-    # compute dtype (vppo_jax.rollout.policy.compute_model); the master weights stay resident beside them.
-    prompts = -(-r.prompts_per_step // sharding.batch_shards(mesh)) * sharding.batch_shards(mesh)
+    # The sampler: one wave of prompts (all of a round when rollout.wave_prompts is 0), G samples
+    # each, on the weights cast to the compute dtype (vppo_jax.rollout.policy.compute_model); the
+    # master weights stay resident beside them.
+    wave = min(r.wave_prompts or r.prompts_per_step, r.prompts_per_step)
+    prompts = -(-wave // sharding.batch_shards(mesh)) * sharding.batch_shards(mesh)
     inputs = abstract_batch(model_cfg, prompts, prompt_length, grid)
     cache_length = prompt_length + r.max_new_tokens
     compute_params = jax.tree.map(
@@ -288,7 +291,7 @@ def report(result: dict, mesh_shape: dict, devices: int, memory_gib: float) -> s
     gib = lambda b: f"{b / GIB:,.2f}"
     lines = [
         f"mesh {mesh_shape} on {devices} devices; update: {result['rows']} rows x {result['length']} tokens per "
-        f"micro-batch, sampler: {result['prompts']} prompts, image grid {result['grid']} per row",
+        f"micro-batch, sampler: {result['prompts']} prompts per wave, image grid {result['grid']} per row",
         f"parameters {gib(result['params'])} GiB, optimizer state {gib(result['opt_state'])} GiB per device",
         "",
         "| phase | arguments | outputs | aliased | temporaries | program | + optimizer state | total GiB | compile s |",
@@ -347,7 +350,7 @@ def advice(result: dict, budget: float, mesh_shape: dict) -> str:
                 f"{p.arguments / GIB:,.0f} GiB arguments)"
                 for p in rollout
             )
-            + ": fewer rollout.prompts_per_step per round, a smaller data.max_pixels, or more devices"
+            + ": a smaller rollout.wave_prompts (prompts sampled at once), a smaller data.max_pixels, or more devices"
         )
     return "; ".join(tips) or "no single term dominates: more devices"
 

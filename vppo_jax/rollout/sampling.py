@@ -45,6 +45,16 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0: no nucleus truncation
     group_size: int = 1  # G samples per prompt
     min_prompt_length: int = 16  # prompts are left-padded to 2^k or 1.5 * 2^k tokens, at least this many
+    # `generate` runs this many prompts at a time (0: all at once): the sampler's memory
+    # follows the wave, not the whole batch, and the same keys give the same rollout.
+    wave_prompts: int = 0
+
+    def __post_init__(self):
+        if self.wave_prompts < 0:
+            raise ValueError(
+                f"wave_prompts={self.wave_prompts} (rollout.wave_prompts in a config): give 0 (all prompts in "
+                "one wave) or a positive number of prompts."
+            )
 
 
 @flax.struct.dataclass
@@ -269,18 +279,25 @@ def _decode_rows(
 
 
 def prefill(
-    model: Qwen2_5_VLForConditionalGeneration, batch: dict, params: SamplingParams, mesh: Mesh | None = None
+    model: Qwen2_5_VLForConditionalGeneration,
+    batch: dict,
+    params: SamplingParams,
+    mesh: Mesh | None = None,
+    rows: int = 0,
 ) -> Prefilled:
     """Runs the prompts of an HF-processor batch (left-padded) once and repeats them G times.
 
     On a mesh (default: one device), prompts and image patch slots are split over its batch
-    axes (data x fsdp), padded with empty prompts to a multiple of them; the parameters and
-    the KV cache are split by the sharding rules (`vppo_jax/parallel/sharding.py`).
+    axes (data x fsdp), padded with empty prompts to a multiple of them (and to at least
+    `rows` prompts: a wave's size); the parameters and the KV cache are split by the sharding
+    rules (`vppo_jax/parallel/sharding.py`).
     """
     mesh = sharding.mesh_or_default(mesh)
     batch = left_pad_to_bucket(batch, params.min_prompt_length, params.pad_token_id)
     prompts = batch["input_ids"].shape[0]
-    inputs = prepare_inputs(model.config, **_pad_prompts(batch, sharding.batch_shards(mesh), params.pad_token_id))
+    shards = sharding.batch_shards(mesh)
+    padded_rows = -(-max(rows, prompts) // shards) * shards
+    inputs = prepare_inputs(model.config, **_pad_prompts(batch, padded_rows, params.pad_token_id))
     graphdef, state = nnx.split(model)
     cache_length = inputs.input_ids.shape[1] + params.max_new_tokens
     program = compiled_prefill(graphdef, state, inputs, cache_length, params.group_size, mesh)
@@ -319,13 +336,73 @@ def generate(
     params: SamplingParams,
     mesh: Mesh | None = None,
 ) -> Rollout:
-    """G samples for each prompt of an HF-processor batch: `prefill`, then `decode` with one key per sample."""
-    return decode(model, prefill(model, batch, params, mesh), keys, params, mesh)
+    """G samples for each prompt of an HF-processor batch: `prefill`, then `decode` with one key per
+    sample (N,), in waves of `params.wave_prompts` prompts.
+
+    Every wave is left-padded to the whole batch's prompt length and the last one is padded
+    to a full wave with empty prompts: one compiled prefill and decode serve all waves, and
+    each row computes what it would in one wave (its tokens are drawn from its own key).
+    """
+    batch = left_pad_to_bucket(batch, params.min_prompt_length, params.pad_token_id)
+    prompts = batch["input_ids"].shape[0]
+    if keys.shape != (prompts * params.group_size,):
+        raise ValueError(
+            f"keys has shape {keys.shape}; expected ({prompts * params.group_size},): one key per sample, "
+            "prompts x group_size."
+        )
+    wave = min(params.wave_prompts or prompts, prompts)
+    if wave == prompts:
+        return decode(model, prefill(model, batch, params, mesh), keys, params, mesh)
+    group, merge_unit = params.group_size, model.config.vision.merge_unit
+    rollouts = [
+        decode(
+            model,
+            prefill(
+                model,
+                _prompt_slice(batch, start, start + wave, model.config.image_token_id, merge_unit),
+                params,
+                mesh,
+                rows=wave,
+            ),
+            keys[start * group : (start + wave) * group],
+            params,
+            mesh,
+        )
+        for start in range(0, prompts, wave)
+    ]
+    return jax.tree.map(lambda *parts: jnp.concatenate(parts), *rollouts)
 
 
-def _pad_prompts(batch: dict, multiple: int, pad_id: int) -> dict:
-    """The batch with prompts of one pad token appended up to a multiple of `multiple` rows."""
-    missing = -batch["input_ids"].shape[0] % multiple
+def _prompt_slice(batch: dict, start: int, stop: int, image_token_id: int, merge_unit: int) -> dict:
+    """Prompts [start, stop) of an HF-processor batch, with their images.
+
+    The images follow each other in the order of their tokens in the text: image i belongs to
+    the prompt that holds its first token (merge_unit patches make one token).
+    """
+    sliced = {name: np.asarray(array)[start:stop] for name, array in batch.items() if name not in _IMAGE_KEYS}
+    if "pixel_values" not in batch:
+        return sliced
+    grids = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
+    patches = np.prod(grids, axis=1)
+    first_token = np.cumsum(patches // merge_unit) - patches // merge_unit
+    prompt_tokens = np.cumsum(np.sum(np.asarray(batch["input_ids"]) == image_token_id, axis=1))
+    owner = np.searchsorted(prompt_tokens, first_token, side="right")
+    images = np.flatnonzero((owner >= start) & (owner < stop))
+    if not len(images):
+        return sliced
+    first_patch = np.cumsum(patches) - patches
+    patch_rows = np.concatenate([np.arange(first_patch[i], first_patch[i] + patches[i]) for i in images])
+    sliced["pixel_values"] = np.asarray(batch["pixel_values"])[patch_rows]
+    sliced["image_grid_thw"] = grids[images]
+    return sliced
+
+
+_IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+
+
+def _pad_prompts(batch: dict, rows: int, pad_id: int) -> dict:
+    """The batch with prompts of one pad token appended up to `rows` rows."""
+    missing = rows - batch["input_ids"].shape[0]
     if not missing:
         return batch
     padded = dict(batch)
