@@ -10,8 +10,8 @@ import jax
 from flax import nnx
 
 from vppo_jax.models.qwen2_5_vl import abstract_model
-from vppo_jax.parallel.sharding import tree_paths
-from vppo_jax.plan import model_config
+from vppo_jax.parallel.sharding import make_mesh, param_shardings, tree_paths
+from vppo_jax.plan import bytes_per_device, model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,11 +49,21 @@ def test_tiny_plan_on_four_devices(tmp_path):
 
     phases = {p["name"]: p for p in plan["phases"]}
     assert set(phases) == {"update step", "rollout prefill", "rollout decode"}  # one update per rollout: no scoring
-    # The decode loop takes the parameters and the KV cache (2 layers x keys and values, fp32,
-    # 8 prompts x 4 samples over 4 devices, 2 kv heads x 32 dims, prompt 64 + 32 new slots).
-    cache = 2 * 2 * (8 * 4 // 4) * 2 * 32 * (64 + 32) * 4
-    assert phases["rollout decode"]["arguments"] >= plan["params"] + cache
-    assert phases["rollout decode"]["aliased"] >= cache  # the donated cache is updated in place
+    # The decode loop takes the text decoder's parameters (jit drops the unused vision tower's)
+    # and the prompts' KV cache, one row per prompt (8 prompts over 4 devices, 256 slots),
+    # which their 8 samples share; the samples' own response caches (32 slots each) are its
+    # temporaries. Bytes per slot of one row: 2 layers x keys and values x 2 kv heads x 32
+    # dims x fp32. Besides: each prompt's logits (fp32), mask and next position, a key per sample.
+    slot = 2 * 2 * 2 * 32 * 4
+    prompt_cache, response_cache = slot * (8 // 4) * 256, slot * (8 * 8 // 4) * 32
+    vocab = model_config("tiny", "", "float32").text.vocab_size
+    besides = (8 // 4) * (vocab * 4 + 256 + 4) + (8 * 8 // 4) * 8
+    mesh = make_mesh({"fsdp": 4}, jax.devices()[:4])
+    text = nnx.State({k: v for k, v in state.items() if k != "visual"})
+    text_params = bytes_per_device(text, param_shardings(mesh, text))
+    decode = phases["rollout decode"]
+    assert decode["arguments"] == text_params + prompt_cache + besides
+    assert decode["temporaries"] >= response_cache
     # The update takes the train state and gives it back in place (donated).
     assert phases["update step"]["aliased"] >= plan["params"] + plan["opt_state"]
     for phase in phases.values():

@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 from scipy import stats
 
 from vppo_jax.models.qwen2_5_vl.inputs import left_pad_to_bucket, length_bucket
+from vppo_jax.models.qwen2_5_vl.text import attend_to_cache
 from vppo_jax.rollout import sampling
 
 from hf_reference import IMAGE_TOKEN, VISION_END, VISION_START, processor_batch, text_ids
@@ -151,6 +152,38 @@ def test_waves_give_the_rollout_of_one_wave(port, devices, wave):
 def test_a_negative_wave_size_is_refused():
     with pytest.raises(ValueError, match=r"wave_prompts=-1 \(rollout.wave_prompts in a config\)"):
         sampling.SamplingParams(max_new_tokens=1, end_token_ids=(), pad_token_id=0, wave_prompts=-1)
+
+
+def test_shared_prompt_cache_attention_equals_attention_over_the_repeated_cache():
+    """attend_to_cache (the prompt's cache read by its G samples, merged with each sample's
+    response cache) against a dense float64 softmax over the prompt's slots repeated G times
+    and concatenated with each sample's; one sample with no response slot and one prompt with
+    no prompt slot open."""
+    prompts, group, kv_heads, per_kv, head_dim, prompt_slots, response_slots = 3, 2, 2, 3, 8, 5, 4
+    rng = np.random.default_rng(0)
+    rows, heads = prompts * group, kv_heads * per_kv
+    q = rng.normal(size=(rows, 1, heads, head_dim)).astype(np.float32)
+    prompt_keys = rng.normal(size=(prompts, kv_heads, head_dim, prompt_slots)).astype(np.float32)
+    prompt_values = rng.normal(size=(prompts, kv_heads, prompt_slots, head_dim)).astype(np.float32)
+    response_keys = rng.normal(size=(rows, kv_heads, head_dim, response_slots)).astype(np.float32)
+    response_values = rng.normal(size=(rows, kv_heads, response_slots, head_dim)).astype(np.float32)
+    prompt_mask = rng.random((prompts, prompt_slots)) < 0.7
+    response_mask = rng.random((rows, response_slots)) < 0.6
+    prompt_mask[0], response_mask[0] = True, False  # sample 0 reads its prompt alone
+    prompt_mask[2], response_mask[4:] = False, True  # prompt 2's samples read their responses alone
+    out = attend_to_cache(q, (prompt_keys, prompt_values), prompt_mask, (response_keys, response_values), response_mask)
+
+    repeat = lambda a: np.repeat(a.astype(np.float64), group, axis=0)
+    keys = np.concatenate([repeat(prompt_keys), response_keys], axis=-1)  # (B, Hkv, hd, T + S)
+    values = np.concatenate([repeat(prompt_values), response_values], axis=-2)
+    mask = np.concatenate([repeat(prompt_mask).astype(bool), response_mask], axis=-1)
+    grouped_q = q.reshape(rows, kv_heads, per_kv, head_dim).astype(np.float64)
+    scores = np.einsum("bkhd,bkds->bkhs", grouped_q, keys) / np.sqrt(head_dim)
+    scores = np.where(mask[:, None, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = np.einsum("bkhs,bksd->bkhd", probs, values).reshape(rows, 1, heads * head_dim)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5, rtol=1e-5)
 
 
 def truncated_distribution(logits, banned, temperature, top_k, top_p):

@@ -247,12 +247,11 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
     wave = min(r.wave_prompts or r.prompts_per_step, r.prompts_per_step)
     prompts = -(-wave // sharding.batch_shards(mesh)) * sharding.batch_shards(mesh)
     inputs = abstract_batch(model_cfg, prompts, prompt_length, grid)
-    cache_length = prompt_length + r.max_new_tokens
     compute_params = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, model_cfg.jnp_dtype, sharding=a.sharding), state.params
     )
     sampling_resident = opt_bytes + (params_bytes if model_cfg.param_dtype != model_cfg.dtype else 0)
-    prefill = sampling.compiled_prefill(graphdef, compute_params, inputs, cache_length, r.group_size, mesh)
+    prefill = sampling.compiled_prefill(graphdef, compute_params, inputs, mesh)
     if "prefill" in phases:
         results.append(
             compiled_phase(
@@ -272,7 +271,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
             group_size=r.group_size,
         )
         keys = jax.ShapeDtypeStruct((prompts * r.group_size,), key.dtype)
-        args = (compute_params, prefilled.replace(cache=None), prefilled.cache, keys)
+        args = (compute_params, prefilled, keys)
         decode = sampling.compiled_decode(graphdef, *args, params, mesh)
         results.append(compiled_phase("rollout decode", decode, sharded(args, decode.in_shardings), sampling_resident))
     return dict(
