@@ -203,29 +203,44 @@ def _prefill(graphdef, state, inputs: ModelInputs) -> Prefilled:
     return Prefilled(logits, inputs.attention_mask.astype(bool), next_position, cache)
 
 
+# The layer stacks, which the decode loop reads layer by layer (the text decoder's) or not at all (the vision tower's).
+_STACKS = nnx.Any(nnx.PathContains("layers"), nnx.PathContains("visual"))
+
+
 def _decode(graphdef, params: SamplingParams, mesh: Mesh, state, prefilled: Prefilled, keys: jax.Array) -> Rollout:
     # Every step reads every weight: gather the fsdp slices once, before the loop, instead of
-    # at every step; each device keeps its tensor slice (one more copy of params / tensor).
-    state = jax.lax.with_sharding_constraint(state, sharding.gathered(sharding.param_shardings(mesh, state), "fsdp"))
+    # at every step; each device keeps its tensor slice. The decoder layers are sliced out of
+    # the split stack first and gathered one by one: slicing them out of a gathered stack
+    # would hold the stack and its slices, two gathered copies of the decoder.
+    model = nnx.merge(graphdef, state)
+    layers_graphdef, layers = nnx.split(model.language_model.decoding_layers())
+    graphdef, stacks, rest = nnx.split(model, _STACKS, ...)
+    gather = lambda tree: jax.lax.with_sharding_constraint(
+        tree, sharding.gathered(sharding.param_shardings(mesh, tree), "fsdp")
+    )
     # Each group of rows (one per device of data x fsdp) decodes in a loop of its own: one
     # shared loop would all-reduce "have all rows ended?" at every step, and no group could
     # stop early. Inside a group the compiler splits heads over tensor.
     manual = tuple(axis for axis in ("data", "fsdp") if axis in mesh.axis_names)
     rows = PartitionSpec(manual)
+    # The stacks enter the loop as they are split (unread there, so never gathered).
+    stack_specs = jax.tree.map(lambda s: s.spec, sharding.gathered(sharding.param_shardings(mesh, stacks), "tensor"))
     decode_rows = jax.shard_map(
-        functools.partial(_decode_rows, graphdef, params),
+        functools.partial(_decode_rows, graphdef, layers_graphdef, params),
         mesh=mesh,
-        in_specs=(PartitionSpec(), rows, rows),
+        in_specs=(stack_specs, PartitionSpec(), PartitionSpec(), rows, rows),
         out_specs=rows,
         axis_names=set(manual),
         check_vma=False,
     )
-    return decode_rows(state, prefilled, keys)
+    return decode_rows(stacks, gather(rest), gather(layers), prefilled, keys)
 
 
-def _decode_rows(graphdef, params: SamplingParams, state, prefilled: Prefilled, keys: jax.Array) -> Rollout:
-    model = nnx.merge(graphdef, state)
-    layers = model.language_model.decoding_layers()
+def _decode_rows(
+    graphdef, layers_graphdef, params: SamplingParams, stacks, rest, layers, prefilled: Prefilled, keys: jax.Array
+) -> Rollout:
+    model = nnx.merge(graphdef, stacks, rest)
+    layers = nnx.merge(layers_graphdef, layers)
     banned = vision_token_ids(model.config)
     end_ids = np.asarray(params.end_token_ids, np.int32).reshape(-1)
     rows = keys.shape[0]  # the samples of this device's prompts, row p * G + g

@@ -219,7 +219,8 @@ class TextModel(nnx.Module):
 
         Take them once, outside the decode loop: indexing the stacked weights inside it copies
         every layer's weights at every step on CPU. Taken in a jitted function, they are one
-        copy of the decoder's weights for as long as it runs.
+        copy of the decoder's weights for as long as it runs (of this device's slices: gather
+        them after, not the stack before).
         """
         return unstacked(self.layers, self.config.text.num_hidden_layers)
 
