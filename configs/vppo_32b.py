@@ -14,4 +14,6 @@ def get_config(arg: str = ""):
         config.rollout.max_new_tokens = 4096
         # One row per device on v5p-64 (32 devices): update 66.3 GiB, scoring 34.6 GiB per device.
         config.train.micro_batches = 32
+        # One prompt per device per wave on v5p-64: the prefill takes 39.6 GiB per device.
+        config.rollout.wave_prompts = 32
     return config

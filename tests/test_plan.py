@@ -113,3 +113,24 @@ def test_a_mesh_that_does_not_cover_the_topology_is_refused():
     assert "mesh {'data': 1, 'fsdp': 3, 'tensor': 1} uses 3 of the 4 devices of v5p-8" in out.stderr
     out = run_plan("--topology=v6e-9")
     assert out.returncode != 0 and "--topology='v6e-9': choose one of" in out.stderr
+
+
+def test_the_sampler_is_planned_for_one_wave():
+    """rollout.wave_prompts = 3 of the round's 8 prompts, rounded up to the 4 batch shards: one
+    prompt per device instead of two, so the decode loop takes one prompt's cache row, logits,
+    mask and position and its 8 samples' keys less (counted by hand, as above)."""
+    from configs import tiny
+    from vppo_jax.plan import plan
+
+    model_cfg = model_config("tiny", "", "float32")
+    mesh = make_mesh({"fsdp": 4}, jax.devices()[:4])
+    decodes = {}
+    for wave in (0, 3):
+        config = tiny.get_config()
+        config.rollout.wave_prompts = wave
+        result = plan(config, model_cfg, mesh, phases=("decode",))
+        decodes[wave] = result["phases"][0]
+        assert result["prompts"] == (4 if wave else 8)
+    slot = 2 * 2 * 2 * 32 * 4
+    one_prompt = slot * 256 + model_cfg.text.vocab_size * 4 + 256 + 4 + 8 * 8
+    assert decodes[0].arguments - decodes[3].arguments == one_prompt
