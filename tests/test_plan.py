@@ -105,6 +105,14 @@ def test_the_state_of_each_precision_mode_matches_its_hand_count():
     assert decode_master.resident == master["opt_state"] + master["params"]
     assert decode_kahan.resident == kahan["opt_state"]
     assert decode_master.arguments >= 2 * elements  # the bf16 copy of the weights
+    # With host memory (a TPU or GPU) the optimizer state waits there while sampling.
+    config = tiny.get_config()
+    config.model.dtype = "bfloat16"
+    offloaded = plan(config, model_config("tiny", "", "bfloat16", "float32"), mesh, ("decode",), host_memory=True)
+    assert offloaded["phases"][0].resident == master["params"]
+    config.rollout.offload_optimizer_state = False
+    kept = plan(config, model_config("tiny", "", "bfloat16", "float32"), mesh, ("decode",), host_memory=True)
+    assert kept["phases"][0].resident == master["params"] + master["opt_state"]
 
 
 def test_a_mesh_that_does_not_cover_the_topology_is_refused():

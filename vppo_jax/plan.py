@@ -10,9 +10,11 @@ their shardings) and each program's arguments, outputs and temporaries (XLA's me
 analysis), then the peak against the device's memory and a verdict.
 
 What is assumed (state of the code, not of the hardware):
-- the optimizer state stays on the devices while sampling, so every phase adds it; so do the
-  master weights when they are held in another dtype than the compute dtype (the sampler
-  runs on a copy cast to the compute dtype);
+- the optimizer state stays on the devices while updating, and while sampling too unless
+  rollout.offload_optimizer_state moves it to host memory (a TPU or GPU topology; on cpu-N
+  host memory is the device's, so it still counts); the master weights stay while sampling
+  when they are held in another dtype than the compute dtype (the sampler runs on a copy
+  cast to the compute dtype);
 - the sampler runs one wave of rollout.wave_prompts prompts (the round when 0) at a time;
 - one image per prompt at the recipe's largest image (data.max_pixels, as a square), the
   longest prompt bucket and max_new_tokens for every row: the worst case of a step;
@@ -142,7 +144,9 @@ class Phase:
     outputs: int
     aliased: int
     temporaries: int  # XLA's peak of live temporaries (buffer assignment)
-    resident: int  # optimizer state held on the device besides (0 for the update, which takes it as an argument)
+    # State held on the device besides: the optimizer state (0 for the update, which takes it as an
+    # argument; 0 while sampling when it waits in host memory), and the master weights while sampling.
+    resident: int
     compile_s: float
 
     @property
@@ -181,8 +185,10 @@ def bytes_per_device(tree, shardings) -> int:
     )
 
 
-def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode")) -> dict:
-    """Per-device bytes of parameters, optimizer state and each compiled phase on `mesh`."""
+def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"), host_memory: bool = False) -> dict:
+    """Per-device bytes of parameters, optimizer state and each compiled phase on `mesh`;
+    `host_memory`: the devices have host memory of their own (TPU, GPU) for the optimizer
+    state to wait in while sampling (rollout.offload_optimizer_state)."""
     import jax
     import numpy as np
     from flax import nnx
@@ -250,7 +256,10 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
     compute_params = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, model_cfg.jnp_dtype, sharding=a.sharding), state.params
     )
-    sampling_resident = opt_bytes + (params_bytes if model_cfg.param_dtype != model_cfg.dtype else 0)
+    offloaded = r.offload_optimizer_state and host_memory
+    sampling_resident = (0 if offloaded else opt_bytes) + (
+        params_bytes if model_cfg.param_dtype != model_cfg.dtype else 0
+    )
     prefill = sampling.compiled_prefill(graphdef, compute_params, inputs, mesh)
     if "prefill" in phases:
         results.append(
@@ -293,7 +302,7 @@ def report(result: dict, mesh_shape: dict, devices: int, memory_gib: float) -> s
         f"micro-batch, sampler: {result['prompts']} prompts per wave, image grid {result['grid']} per row",
         f"parameters {gib(result['params'])} GiB, optimizer state {gib(result['opt_state'])} GiB per device",
         "",
-        "| phase | arguments | outputs | aliased | temporaries | program | + optimizer state | total GiB | compile s |",
+        "| phase | arguments | outputs | aliased | temporaries | program | + resident state | total GiB | compile s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result["phases"]:
@@ -399,7 +408,7 @@ def main(argv):
         f"{FLAGS.topology}",
         flush=True,
     )
-    result = plan(config, model_cfg, mesh)
+    result = plan(config, model_cfg, mesh, host_memory=not FLAGS.topology.startswith("cpu"))
     print(report(result, mesh_shape, devices, memory_gib))
     if FLAGS.json:
         peak = max(p.total for p in result["phases"])
