@@ -44,37 +44,59 @@ class KVCache:
     values: tuple[jax.Array, ...]  # per layer (B, kv_heads, S, head_dim)
 
 
+# Response cache slots read per block while decoding: only the blocks written so far are read.
+RESPONSE_BLOCK = 256
+
+
 def attend_to_cache(
     q: jax.Array,
     prompt: tuple[jax.Array, jax.Array],
     prompt_mask: jax.Array,
     response: tuple[jax.Array, jax.Array],
     response_mask: jax.Array,
+    filled: jax.Array,
+    block: int | None = None,
 ) -> jax.Array:
     """Attention of one new token per sample over its prompt's cache and its own response cache.
 
     q: (B, 1, H, hd) for B = P x G samples, row p * G + g a sample of prompt p. prompt: one
     layer's keys (P, Hkv, hd, T) and values (P, Hkv, T, hd), shared by a prompt's G samples;
-    response: the samples' own keys (B, Hkv, hd, S) and values (B, Hkv, S, hd). The masks
-    (P, T) and (B, S) say which slots are attended to. Returns (B, 1, H * hd).
+    response: the samples' own keys (B, Hkv, hd, S) and values (B, Hkv, S, hd), slots
+    [0, filled) written. The masks (P, T) and (B, S) say which slots are attended to (none at
+    or after `filled`). Returns (B, 1, H * hd).
 
-    Each part is a softmax of its own in fp32, and the two are merged by their maxima and
-    sums: the softmax over all T + S slots, computed without the prompt's cache repeated.
+    Each part is a softmax of its own in fp32, and the parts are merged by their maxima and
+    sums: the softmax over all slots, computed without the prompt's cache repeated. The
+    response cache is read in blocks of `block` slots (default RESPONSE_BLOCK) up to the one
+    holding slot filled - 1 (whole when S is at most one block or not a multiple of it).
     """
+    block = block or RESPONSE_BLOCK
     batch, _, num_heads, head_dim = q.shape
     prompts, num_kv = prompt[0].shape[:2]
     group = batch // prompts
     q = q.reshape(prompts, group, num_kv, num_heads // num_kv, head_dim)
     per_prompt = lambda a: a.reshape(prompts, group, *a.shape[1:])
-    parts = (
-        _partial_softmax(q, prompt[0], prompt[1], prompt_mask[:, None], "p"),
-        _partial_softmax(q, per_prompt(response[0]), per_prompt(response[1]), per_prompt(response_mask), "pg"),
-    )
-    peak = jnp.maximum(parts[0][1], parts[1][1])
-    weights = [jnp.exp(part_max - peak) for _, part_max, _ in parts]
-    total = sum(weight * part_sum for weight, (_, _, part_sum) in zip(weights, parts))
-    out = sum(weight * part_out for weight, (part_out, _, _) in zip(weights, parts)) / total
-    return out.astype(response[1].dtype).reshape(batch, 1, num_heads * head_dim)
+    keys, values, mask = per_prompt(response[0]), per_prompt(response[1]), per_prompt(response_mask)
+    attended = _partial_softmax(q, prompt[0], prompt[1], prompt_mask[:, None], "p")
+    slots = keys.shape[-1]
+    if slots <= block or slots % block:
+        attended = _merge(attended, _partial_softmax(q, keys, values, mask, "pg"))
+    else:
+
+        def add_block(i, attended):
+            part = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, i * block, block, axis)
+            return _merge(attended, _partial_softmax(q, part(keys, -1), part(values, -2), part(mask, -1), "pg"))
+
+        attended = jax.lax.fori_loop(0, (filled + block - 1) // block, add_block, attended)
+    out, _, total = attended
+    return (out / total).astype(response[1].dtype).reshape(batch, 1, num_heads * head_dim)
+
+
+def _merge(a: tuple, b: tuple) -> tuple:
+    """Two parts' (unnormalised output, maximum, sum) as one: each rescaled to the larger maximum."""
+    peak = jnp.maximum(a[1], b[1])
+    scale_a, scale_b = jnp.exp(a[1] - peak), jnp.exp(b[1] - peak)
+    return a[0] * scale_a + b[0] * scale_b, peak, a[2] * scale_a + b[2] * scale_b
 
 
 def _partial_softmax(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, rows: str):
@@ -144,7 +166,7 @@ class TextAttention(nnx.Module):
         prompt, (keys, values) = cache
         keys = jax.lax.dynamic_update_slice(keys, k.transpose(0, 2, 3, 1), (0, 0, 0, index))
         values = jax.lax.dynamic_update_slice(values, v.transpose(0, 2, 1, 3), (0, 0, index, 0))
-        attended = attend_to_cache(q, prompt, mask[0], (keys, values), mask[1])
+        attended = attend_to_cache(q, prompt, mask[0], (keys, values), mask[1], index + 1)
         return self.o_proj(attended), (keys, values)
 
 
