@@ -267,8 +267,10 @@ class TextModel(nnx.Module):
         cos, sin = mrope_cos_sin(self.config.text, position_ids, self.config.jnp_dtype)
         x, keys, values = embeddings, [], []
         masks = (prompt_mask, response_mask)
-        for layer, *cache in zip(layers, prompt.keys, prompt.values, response.keys, response.values):
-            layer_cache = ((cache[0], cache[1]), (cache[2], cache[3]))
+        for layer, prompt_keys, prompt_values, layer_keys, layer_values in zip(
+            layers, prompt.keys, prompt.values, response.keys, response.values
+        ):
+            layer_cache = ((prompt_keys, prompt_values), (layer_keys, layer_values))
             x, (layer_keys, layer_values) = layer(x, cos, sin, masks, layer_cache, index)
             keys.append(layer_keys)
             values.append(layer_values)
