@@ -73,23 +73,29 @@ def attend_to_cache(
     block = block or RESPONSE_BLOCK
     batch, _, num_heads, head_dim = q.shape
     prompts, num_kv = prompt[0].shape[:2]
-    group = batch // prompts
-    q = q.reshape(prompts, group, num_kv, num_heads // num_kv, head_dim)
-    per_prompt = lambda a: a.reshape(prompts, group, *a.shape[1:])
-    keys, values, mask = per_prompt(response[0]), per_prompt(response[1]), per_prompt(response_mask)
-    attended = _partial_softmax(q, prompt[0], prompt[1], prompt_mask[:, None], "p")
+    group, per_kv = batch // prompts, num_heads // num_kv
+    q = q.reshape(batch, num_kv, per_kv, head_dim)
+    # The prompt's part as one batched matmul per prompt and kv head over its G x Hg query
+    # heads, then back in the samples' layout (B, Hkv, Hg, .) for the merge.
+    by_prompt = q.reshape(prompts, group, num_kv, per_kv, head_dim).transpose(0, 2, 1, 3, 4)
+    by_prompt = by_prompt.reshape(prompts, num_kv, group * per_kv, head_dim)
+    to_samples = lambda a: (
+        a.reshape(prompts, num_kv, group, per_kv, -1).transpose(0, 2, 1, 3, 4).reshape(batch, num_kv, per_kv, -1)
+    )
+    attended = tuple(map(to_samples, _partial_softmax(by_prompt, prompt[0], prompt[1], prompt_mask)))
+    keys, values = response
     slots = keys.shape[-1]
     if slots <= block or slots % block:
-        attended = _merge(attended, _partial_softmax(q, keys, values, mask, "pg"))
+        attended = _merge(attended, _partial_softmax(q, keys, values, response_mask))
     else:
 
         def add_block(i, attended):
             part = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, i * block, block, axis)
-            return _merge(attended, _partial_softmax(q, part(keys, -1), part(values, -2), part(mask, -1), "pg"))
+            return _merge(attended, _partial_softmax(q, part(keys, -1), part(values, -2), part(response_mask, -1)))
 
         attended = jax.lax.fori_loop(0, (filled + block - 1) // block, add_block, attended)
     out, _, total = attended
-    return (out / total).astype(response[1].dtype).reshape(batch, 1, num_heads * head_dim)
+    return (out / total).astype(values.dtype).reshape(batch, 1, num_heads * head_dim)
 
 
 def _merge(a: tuple, b: tuple) -> tuple:
@@ -99,22 +105,21 @@ def _merge(a: tuple, b: tuple) -> tuple:
     return a[0] * scale_a + b[0] * scale_b, peak, a[2] * scale_a + b[2] * scale_b
 
 
-def _partial_softmax(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, rows: str):
+def _partial_softmax(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array):
     """One part's unnormalised attention output, score maximum and sum of exponentials (fp32).
 
-    q (P, G, Hkv, Hg, hd). rows "p": keys (P, Hkv, hd, S) and values (P, Hkv, S, hd), one
-    per prompt; rows "pg": (P, G, Hkv, ...), one per sample. mask (P, 1 or G, S). Masked
-    slots count zero; a part with none unmasked gets a maximum so low that the merge gives
-    it no weight.
+    q (R, Hkv, Q, hd) for R rows of keys (R, Hkv, hd, S) and values (R, Hkv, S, hd); mask
+    (R, S). Masked slots count zero; a part with none unmasked gets a maximum so low that
+    the merge gives it no weight.
     """
     head_dim = q.shape[-1]
-    scores = jnp.einsum(f"pgkhd,{rows}kds->pgkhs", q, keys).astype(jnp.float32) * head_dim**-0.5
-    mask = mask[:, :, None, None, :]
+    scores = jnp.einsum("rkqd,rkds->rkqs", q, keys).astype(jnp.float32) * head_dim**-0.5
+    mask = mask[:, None, None, :]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     part_max = jnp.max(scores, axis=-1, keepdims=True)
     exps = jnp.where(mask, jnp.exp(scores - part_max), 0.0)
     # Probabilities stay fp32 through the value product; only the merged output is rounded to the dtype.
-    out = jnp.einsum(f"pgkhs,{rows}ksd->pgkhd", exps, values.astype(jnp.float32))
+    out = jnp.einsum("rkqs,rksd->rkqd", exps, values.astype(jnp.float32))
     return out, part_max, jnp.sum(exps, axis=-1, keepdims=True)
 
 
