@@ -14,4 +14,6 @@ def get_config(arg: str = ""):
         config.rollout.max_new_tokens = 4096
         # One 8192-token row (4096 prompt + 4096 response) per device per micro-batch.
         config.train.micro_batch_tokens = 8192
+        # One prompt per device per wave on v5p-64: the prefill takes 39.6 GiB per device.
+        config.rollout.wave_prompts = 32
     return config

@@ -10,8 +10,8 @@ import jax
 from flax import nnx
 
 from vppo_jax.models.qwen2_5_vl import abstract_model
-from vppo_jax.parallel.sharding import tree_paths
-from vppo_jax.plan import model_config
+from vppo_jax.parallel.sharding import make_mesh, param_shardings, tree_paths
+from vppo_jax.plan import bytes_per_device, model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,11 +50,21 @@ def test_tiny_plan_on_four_devices(tmp_path):
 
     phases = {p["name"]: p for p in plan["phases"]}
     assert set(phases) == {"update step", "rollout prefill", "rollout decode"}  # one update per rollout: no scoring
-    # The decode loop takes the parameters and the KV cache (2 layers x keys and values, fp32,
-    # 8 prompts x 4 samples over 4 devices, 2 kv heads x 32 dims, prompt 64 + 32 new slots).
-    cache = 2 * 2 * (8 * 4 // 4) * 2 * 32 * (64 + 32) * 4
-    assert phases["rollout decode"]["arguments"] >= plan["params"] + cache
-    assert phases["rollout decode"]["aliased"] >= cache  # the donated cache is updated in place
+    # The decode loop takes the text decoder's parameters (jit drops the unused vision tower's)
+    # and the prompts' KV cache, one row per prompt (8 prompts over 4 devices, 256 slots),
+    # which their 8 samples share; the samples' own response caches (32 slots each) are its
+    # temporaries. Bytes per slot of one row: 2 layers x keys and values x 2 kv heads x 32
+    # dims x fp32. Besides: each prompt's logits (fp32), mask and next position, a key per sample.
+    slot = 2 * 2 * 2 * 32 * 4
+    prompt_cache, response_cache = slot * (8 // 4) * 256, slot * (8 * 8 // 4) * 32
+    vocab = model_config("tiny", "", "float32").text.vocab_size
+    besides = (8 // 4) * (vocab * 4 + 256 + 4) + (8 * 8 // 4) * 8
+    mesh = make_mesh({"fsdp": 4}, jax.devices()[:4])
+    text = nnx.State({k: v for k, v in state.items() if k != "visual"})
+    text_params = bytes_per_device(text, param_shardings(mesh, text))
+    decode = phases["rollout decode"]
+    assert decode["arguments"] == text_params + prompt_cache + besides
+    assert decode["temporaries"] >= response_cache
     # The update takes the train state and gives it back in place (donated).
     assert phases["update step"]["aliased"] >= plan["params"] + plan["opt_state"]
     for phase in phases.values():
@@ -99,6 +109,14 @@ def test_the_state_of_each_precision_mode_matches_its_hand_count():
     assert decode_master.resident == master["opt_state"] + master["params"]
     assert decode_kahan.resident == kahan["opt_state"]
     assert decode_master.arguments >= 2 * elements  # the bf16 copy of the weights
+    # With host memory (a TPU or GPU) the optimizer state waits there while sampling.
+    config = tiny.get_config()
+    config.model.dtype = "bfloat16"
+    offloaded = plan(config, model_config("tiny", "", "bfloat16", "float32"), mesh, ("decode",), host_memory=True)
+    assert offloaded["phases"][0].resident == master["params"]
+    config.rollout.offload_optimizer_state = False
+    kept = plan(config, model_config("tiny", "", "bfloat16", "float32"), mesh, ("decode",), host_memory=True)
+    assert kept["phases"][0].resident == master["params"] + master["opt_state"]
 
 
 def test_a_mesh_that_does_not_cover_the_topology_is_refused():
@@ -107,3 +125,24 @@ def test_a_mesh_that_does_not_cover_the_topology_is_refused():
     assert "mesh {'data': 1, 'fsdp': 3, 'tensor': 1} uses 3 of the 4 devices of v5p-8" in out.stderr
     out = run_plan("--topology=v6e-9")
     assert out.returncode != 0 and "--topology='v6e-9': choose one of" in out.stderr
+
+
+def test_the_sampler_is_planned_for_one_wave():
+    """rollout.wave_prompts = 3 of the round's 8 prompts, rounded up to the 4 batch shards: one
+    prompt per device instead of two, so the decode loop takes one prompt's cache row, logits,
+    mask and position and its 8 samples' keys less (counted by hand, as above)."""
+    from configs import tiny
+    from vppo_jax.plan import plan
+
+    model_cfg = model_config("tiny", "", "float32")
+    mesh = make_mesh({"fsdp": 4}, jax.devices()[:4])
+    decodes = {}
+    for wave in (0, 3):
+        config = tiny.get_config()
+        config.rollout.wave_prompts = wave
+        result = plan(config, model_cfg, mesh, phases=("decode",))
+        decodes[wave] = result["phases"][0]
+        assert result["prompts"] == (4 if wave else 8)
+    slot = 2 * 2 * 2 * 32 * 4
+    one_prompt = slot * 256 + model_cfg.text.vocab_size * 4 + 256 + 4 + 8 * 8
+    assert decodes[0].arguments - decodes[3].arguments == one_prompt

@@ -1,5 +1,7 @@
 """The sampler against transformers (greedy generate, teacher-forced forward) and analytic distributions."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,9 @@ import torch
 from jax.sharding import Mesh
 from scipy import stats
 
+from vppo_jax.models.qwen2_5_vl import text
 from vppo_jax.models.qwen2_5_vl.inputs import left_pad_to_bucket, length_bucket
+from vppo_jax.models.qwen2_5_vl.text import attend_to_cache
 from vppo_jax.rollout import sampling
 
 from hf_reference import IMAGE_TOKEN, VISION_END, VISION_START, processor_batch, text_ids
@@ -70,6 +74,17 @@ def test_greedy_matches_transformers_generate(port, hf_greedy, devices):
     assert len(rollout.tokens.sharding.device_set) == devices
 
 
+def test_greedy_reading_the_response_cache_in_blocks_matches_transformers(port, hf_greedy, monkeypatch):
+    """The decode loop reading the response cache in blocks of 8 slots, only those written so
+    far (5 blocks of the 40), gives transformers' greedy tokens too."""
+    monkeypatch.setattr(text, "RESPONSE_BLOCK", 8)
+    sampling._PROGRAMS.clear()  # not the programs compiled with whole-cache reads
+    params = sampling.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, end_token_ids=(), pad_token_id=0)
+    rollout = sampling.generate(port, processor_batch(PROMPTS), keys_for(len(PROMPTS)), params)
+    sampling._PROGRAMS.clear()
+    np.testing.assert_array_equal(np.asarray(rollout.tokens), hf_greedy)
+
+
 def test_end_tokens_stop_each_sequence(port, hf_greedy):
     # End tokens taken from transformers' greedy output: row 0's 6th token and row 2's 11th.
     end_ids = (int(hf_greedy[0, 5]), int(hf_greedy[2, 10]))
@@ -128,6 +143,70 @@ def test_group_samples_equal_repeated_prompts(port):
     np.testing.assert_allclose(np.asarray(grouped.logprobs), np.asarray(repeated.logprobs), atol=1e-5)
     # The G samples of a prompt differ from each other (different keys).
     assert len({tuple(row) for row in np.asarray(grouped.tokens)[:group]}) == group
+
+
+@pytest.mark.parametrize("devices, wave", [(1, 3), (4, 2)], ids=["one_device_waves_of_3", "data_parallel_4_waves_of_2"])
+def test_waves_give_the_rollout_of_one_wave(port, devices, wave):
+    """The same keys sample the same rollout whether the prompts go in one wave or several,
+    the last one padded (3 + 1 prompts) or not (2 + 2)."""
+    mesh = Mesh(np.array(jax.devices()[:devices]), ("data",)) if devices > 1 else None
+    params = sampling.SamplingParams(max_new_tokens=12, temperature=1.0, group_size=2, end_token_ids=(), pad_token_id=0)
+    keys = keys_for(len(PROMPTS) * params.group_size, seed=3)
+    whole = sampling.generate(port, processor_batch(PROMPTS), keys, params, mesh)
+    waves = sampling.generate(
+        port, processor_batch(PROMPTS), keys, dataclasses.replace(params, wave_prompts=wave), mesh
+    )
+    np.testing.assert_array_equal(np.asarray(waves.tokens), np.asarray(whole.tokens))
+    np.testing.assert_array_equal(np.asarray(waves.mask), np.asarray(whole.mask))
+    np.testing.assert_allclose(np.asarray(waves.logprobs), np.asarray(whole.logprobs), atol=1e-5)
+
+
+def test_a_negative_wave_size_is_refused():
+    with pytest.raises(ValueError, match=r"wave_prompts=-1 \(rollout.wave_prompts in a config\)"):
+        sampling.SamplingParams(max_new_tokens=1, end_token_ids=(), pad_token_id=0, wave_prompts=-1)
+
+
+@pytest.mark.parametrize("block, filled", [(256, 8), (2, 5)], ids=["one_block", "blocks_of_2_up_to_slot_5"])
+def test_shared_prompt_cache_attention_equals_attention_over_the_repeated_cache(block, filled):
+    """attend_to_cache (the prompt's cache read by its G samples, merged with each sample's
+    response cache) against a dense float64 softmax over the prompt's slots repeated G times
+    and concatenated with each sample's; one sample with no response slot open, one prompt
+    with no prompt slot. In blocks, the blocks after slot `filled` - 1 hold NaN: they are never read."""
+    prompts, group, kv_heads, per_kv, head_dim, prompt_slots, response_slots = 3, 2, 2, 3, 8, 5, 8
+    rng = np.random.default_rng(0)
+    rows, heads = prompts * group, kv_heads * per_kv
+    q = rng.normal(size=(rows, 1, heads, head_dim)).astype(np.float32)
+    prompt_keys = rng.normal(size=(prompts, kv_heads, head_dim, prompt_slots)).astype(np.float32)
+    prompt_values = rng.normal(size=(prompts, kv_heads, prompt_slots, head_dim)).astype(np.float32)
+    response_keys = rng.normal(size=(rows, kv_heads, head_dim, response_slots)).astype(np.float32)
+    response_values = rng.normal(size=(rows, kv_heads, response_slots, head_dim)).astype(np.float32)
+    unread = -(-filled // block) * block  # the blocks after the one holding slot filled - 1
+    response_keys[..., unread:], response_values[..., unread:, :] = np.nan, np.nan
+    prompt_mask = rng.random((prompts, prompt_slots)) < 0.7
+    response_mask = (rng.random((rows, response_slots)) < 0.6) & (np.arange(response_slots) < filled)
+    prompt_mask[0], response_mask[0] = True, False  # sample 0 reads its prompt alone
+    prompt_mask[2], response_mask[4:, :filled] = False, True  # prompt 2's samples read their responses alone
+    out = attend_to_cache(
+        q,
+        (prompt_keys, prompt_values),
+        prompt_mask,
+        (response_keys, response_values),
+        response_mask,
+        jnp.int32(filled),
+        block,
+    )
+
+    repeat = lambda a: np.repeat(a.astype(np.float64), group, axis=0)
+    keys = np.concatenate([repeat(prompt_keys), response_keys[..., :filled]], axis=-1)  # (B, Hkv, hd, T + filled)
+    values = np.concatenate([repeat(prompt_values), response_values[..., :filled, :]], axis=-2)
+    mask = np.concatenate([repeat(prompt_mask).astype(bool), response_mask[:, :filled]], axis=-1)
+    grouped_q = q.reshape(rows, kv_heads, per_kv, head_dim).astype(np.float64)
+    scores = np.einsum("bkhd,bkds->bkhs", grouped_q, keys) / np.sqrt(head_dim)
+    scores = np.where(mask[:, None, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = np.einsum("bkhs,bksd->bkhd", probs, values).reshape(rows, 1, heads * head_dim)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5, rtol=1e-5)
 
 
 def truncated_distribution(logits, banned, temperature, top_k, top_p):

@@ -10,9 +10,12 @@ their shardings) and each program's arguments, outputs and temporaries (XLA's me
 analysis), then the peak against the device's memory and a verdict.
 
 What is assumed (state of the code, not of the hardware):
-- the optimizer state stays on the devices while sampling, so every phase adds it; so do the
-  master weights when they are held in another dtype than the compute dtype (the sampler
-  runs on a copy cast to the compute dtype);
+- the optimizer state stays on the devices while updating, and while sampling too unless
+  rollout.offload_optimizer_state moves it to host memory (a TPU or GPU topology; on cpu-N
+  host memory is the device's, so it still counts); the master weights stay while sampling
+  when they are held in another dtype than the compute dtype (the sampler runs on a copy
+  cast to the compute dtype);
+- the sampler runs one wave of rollout.wave_prompts prompts (the round when 0) at a time;
 - one image per prompt at the recipe's largest image (data.max_pixels, as a square), the
   longest prompt bucket and max_new_tokens for every row: the worst case of a step;
 - XLA:CPU compiles the program, not the TPU/GPU compiler: fusion, rematerialisation and
@@ -146,7 +149,9 @@ class Phase:
     outputs: int
     aliased: int
     temporaries: int  # XLA's peak of live temporaries (buffer assignment)
-    resident: int  # optimizer state held on the device besides (0 for the update, which takes it as an argument)
+    # State held on the device besides: the optimizer state (0 for the update, which takes it as an
+    # argument; 0 while sampling when it waits in host memory), and the master weights while sampling.
+    resident: int
     compile_s: float
 
     @property
@@ -185,8 +190,10 @@ def bytes_per_device(tree, shardings) -> int:
     )
 
 
-def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode")) -> dict:
-    """Per-device bytes of parameters, optimizer state and each compiled phase on `mesh`."""
+def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"), host_memory: bool = False) -> dict:
+    """Per-device bytes of parameters, optimizer state and each compiled phase on `mesh`;
+    `host_memory`: the devices have host memory of their own (TPU, GPU) for the optimizer
+    state to wait in while sampling (rollout.offload_optimizer_state)."""
     import jax
     import numpy as np
     from flax import nnx
@@ -245,16 +252,20 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
         program = programs.train_step_program(step_config, optimizer, graphdef, mesh, state, batch, key)
         results.append(compiled_phase("update step", program, sharded((state, batch, key), program.in_shardings), 0))
 
-    # The sampler: every prompt of a round at once, G samples each, on the weights cast to the
-    # compute dtype (vppo_jax.rollout.policy.compute_model); the master weights stay resident beside them.
-    prompts = -(-r.prompts_per_step // sharding.batch_shards(mesh)) * sharding.batch_shards(mesh)
+    # The sampler: one wave of prompts (all of a round when rollout.wave_prompts is 0), G samples
+    # each, on the weights cast to the compute dtype (vppo_jax.rollout.policy.compute_model); the
+    # master weights stay resident beside them.
+    wave = min(r.wave_prompts or r.prompts_per_step, r.prompts_per_step)
+    prompts = -(-wave // sharding.batch_shards(mesh)) * sharding.batch_shards(mesh)
     inputs = abstract_batch(model_cfg, prompts, prompt_length, grid)
-    cache_length = prompt_length + r.max_new_tokens
     compute_params = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, model_cfg.jnp_dtype, sharding=a.sharding), state.params
     )
-    sampling_resident = opt_bytes + (params_bytes if model_cfg.param_dtype != model_cfg.dtype else 0)
-    prefill = sampling.compiled_prefill(graphdef, compute_params, inputs, cache_length, r.group_size, mesh)
+    offloaded = r.offload_optimizer_state and host_memory
+    sampling_resident = (0 if offloaded else opt_bytes) + (
+        params_bytes if model_cfg.param_dtype != model_cfg.dtype else 0
+    )
+    prefill = sampling.compiled_prefill(graphdef, compute_params, inputs, mesh)
     if "prefill" in phases:
         results.append(
             compiled_phase(
@@ -274,7 +285,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
             group_size=r.group_size,
         )
         keys = jax.ShapeDtypeStruct((prompts * r.group_size,), key.dtype)
-        args = (compute_params, prefilled.replace(cache=None), prefilled.cache, keys)
+        args = (compute_params, prefilled, keys)
         decode = sampling.compiled_decode(graphdef, *args, params, mesh)
         results.append(compiled_phase("rollout decode", decode, sharded(args, decode.in_shardings), sampling_resident))
     return dict(
@@ -298,10 +309,10 @@ def report(result: dict, mesh_shape: dict, devices: int, memory_gib: float) -> s
     gib = lambda b: f"{b / GIB:,.2f}"
     lines = [
         f"mesh {mesh_shape} on {devices} devices; update: {result['rows']} rows x {result['length']} tokens per "
-        f"micro-batch, sampler: {result['prompts']} prompts, image grid {result['grid']} per row",
+        f"micro-batch, sampler: {result['prompts']} prompts per wave, image grid {result['grid']} per row",
         f"parameters {gib(result['params'])} GiB, optimizer state {gib(result['opt_state'])} GiB per device",
         "",
-        "| phase | arguments | outputs | aliased | temporaries | program | + optimizer state | total GiB | compile s |",
+        "| phase | arguments | outputs | aliased | temporaries | program | + resident state | total GiB | compile s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result["phases"]:
@@ -356,7 +367,7 @@ def advice(result: dict, budget: float, mesh_shape: dict) -> str:
                 f"{p.arguments / GIB:,.0f} GiB arguments)"
                 for p in rollout
             )
-            + ": fewer rollout.prompts_per_step per round, a smaller data.max_pixels, or more devices"
+            + ": a smaller rollout.wave_prompts (prompts sampled at once), a smaller data.max_pixels, or more devices"
         )
     return "; ".join(tips) or "no single term dominates: more devices"
 
@@ -442,7 +453,7 @@ def main(argv):
         f"{FLAGS.topology}",
         flush=True,
     )
-    result = plan(config, model_cfg, mesh)
+    result = plan(config, model_cfg, mesh, host_memory=not FLAGS.topology.startswith("cpu"))
     print(report(result, mesh_shape, devices, memory_gib))
     if FLAGS.topology in TOPOLOGIES:
         print("\n" + throughput(config, model_cfg, result, FLAGS.topology))

@@ -272,6 +272,16 @@ def cache_shardings(mesh: Mesh, cache) -> Any:
     return jax.tree.map(lambda leaf: named(mesh, "batch", "act_kv_heads", None, None, shape=leaf.shape), cache)
 
 
+def has_host_memory(mesh: Mesh) -> bool:
+    """Whether the mesh's devices can hold arrays in pinned host memory (TPU, GPU and CPU can)."""
+    return "pinned_host" in {memory.kind for memory in mesh.devices.flat[0].addressable_memories()}
+
+
+def on_host(shardings) -> Any:
+    """The shardings in pinned host memory: the same split, off the accelerator."""
+    return jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), shardings)
+
+
 def rows_shardings(mesh: Mesh, tree) -> Any:
     """Every leaf split over the batch axes along its first axis."""
     return jax.tree.map(lambda leaf: named(mesh, "batch", *[None] * (leaf.ndim - 1)), tree)

@@ -8,9 +8,10 @@
     rollout.tokens, rollout.mask, rollout.logprobs, rollout.truncated  # (num_prompts * G, ...)
 
 Row p * G + g holds sample g of prompt p. The prefill runs the vision tower and the prompt
-once per prompt and repeats the resulting KV cache for the prompt's G samples. Decoding is
-one `lax.while_loop` that feeds one token per sequence per step and stops when every
-sequence has produced an end token or `max_new_tokens` tokens.
+once per prompt; its KV cache stays one per prompt, which the prompt's G samples all read,
+beside a response cache of their own. Decoding is one `lax.while_loop` that feeds one token
+per sample per step and stops when every sample has produced an end token or
+`max_new_tokens` tokens.
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0: no nucleus truncation
     group_size: int = 1  # G samples per prompt
     min_prompt_length: int = 16  # prompts are left-padded to 2^k or 1.5 * 2^k tokens, at least this many
+    # `generate` runs this many prompts at a time (0: all at once): the sampler's memory
+    # follows the wave, not the whole batch, and the same keys give the same rollout.
+    wave_prompts: int = 0
+
+    def __post_init__(self):
+        if self.wave_prompts < 0:
+            raise ValueError(
+                f"wave_prompts={self.wave_prompts} (rollout.wave_prompts in a config): give 0 (all prompts in "
+                "one wave) or a positive number of prompts."
+            )
 
 
 @flax.struct.dataclass
@@ -164,65 +175,76 @@ def sample_tokens(
 
 @flax.struct.dataclass
 class Prefilled:
-    """Prompts after the prefill, G rows per prompt: what `decode` continues."""
+    """Prompts after the prefill, one row per prompt: what `decode` continues, G samples each."""
 
-    logits: jax.Array  # (N, V) after the last prompt token
-    prompt_mask: jax.Array  # (N, T) bool: real prompt tokens
-    next_position: jax.Array  # (N,) M-RoPE position of the first response token, on all three axes
-    cache: KVCache  # prompt in slots [0, T), max_new_tokens empty slots after
-    # Rows of real prompts; the rest pad the prompts to a multiple of the mesh's batch shards.
+    logits: jax.Array  # (P, V) after the last prompt token
+    prompt_mask: jax.Array  # (P, T) bool: real prompt tokens
+    next_position: jax.Array  # (P,) M-RoPE position of the first response token, on all three axes
+    cache: KVCache  # the prompt's keys and values, T slots
+    # Samples of real prompts (prompts x G); the other prompts pad to a multiple of the mesh's batch shards.
     real_rows: int | None = flax.struct.field(pytree_node=False, default=None)
 
 
 @flax.struct.dataclass
 class _DecodeState:
     step: jax.Array  # index of the next response token to sample
-    cache: KVCache
+    cache: KVCache  # the responses', one row per sample
     tokens: jax.Array
     mask: jax.Array
     logprobs: jax.Array
     finished: jax.Array  # (N,) bool: an end token has been sampled
 
 
-def _prefill(graphdef, cache_length: int, group_size: int, state, inputs: ModelInputs) -> Prefilled:
+def _prefill(graphdef, state, inputs: ModelInputs) -> Prefilled:
     model = nnx.merge(graphdef, state)
-    logits, cache = model.prefill(inputs, cache_length)
+    logits, cache = model.prefill(inputs)
     # Text after the prompt continues from its largest position (transformers: rope delta).
     next_position = jnp.max(inputs.position_ids, axis=(0, 2)) + 1
-    prefilled = Prefilled(logits, inputs.attention_mask.astype(bool), next_position, cache)
-    return jax.tree.map(lambda a: jnp.repeat(a, group_size, axis=0), prefilled)
+    return Prefilled(logits, inputs.attention_mask.astype(bool), next_position, cache)
 
 
-def _decode(
-    graphdef, params: SamplingParams, mesh: Mesh, state, prefilled: Prefilled, cache: KVCache, keys: jax.Array
-) -> tuple[Rollout, KVCache]:
+# The layer stacks, which the decode loop reads layer by layer (the text decoder's) or not at all (the vision tower's).
+_STACKS = nnx.Any(nnx.PathContains("layers"), nnx.PathContains("visual"))
+
+
+def _decode(graphdef, params: SamplingParams, mesh: Mesh, state, prefilled: Prefilled, keys: jax.Array) -> Rollout:
     # Every step reads every weight: gather the fsdp slices once, before the loop, instead of
-    # at every step; each device keeps its tensor slice (one more copy of params / tensor).
-    state = jax.lax.with_sharding_constraint(state, sharding.gathered(sharding.param_shardings(mesh, state), "fsdp"))
+    # at every step; each device keeps its tensor slice. The decoder layers are sliced out of
+    # the split stack first and gathered one by one: slicing them out of a gathered stack
+    # would hold the stack and its slices, two gathered copies of the decoder.
+    model = nnx.merge(graphdef, state)
+    layers_graphdef, layers = nnx.split(model.language_model.decoding_layers())
+    graphdef, stacks, rest = nnx.split(model, _STACKS, ...)
+    gather = lambda tree: jax.lax.with_sharding_constraint(
+        tree, sharding.gathered(sharding.param_shardings(mesh, tree), "fsdp")
+    )
     # Each group of rows (one per device of data x fsdp) decodes in a loop of its own: one
     # shared loop would all-reduce "have all rows ended?" at every step, and no group could
     # stop early. Inside a group the compiler splits heads over tensor.
     manual = tuple(axis for axis in ("data", "fsdp") if axis in mesh.axis_names)
     rows = PartitionSpec(manual)
+    # The stacks enter the loop as they are split (unread there, so never gathered).
+    stack_specs = jax.tree.map(lambda s: s.spec, sharding.gathered(sharding.param_shardings(mesh, stacks), "tensor"))
     decode_rows = jax.shard_map(
-        functools.partial(_decode_rows, graphdef, params),
+        functools.partial(_decode_rows, graphdef, layers_graphdef, params),
         mesh=mesh,
-        in_specs=(PartitionSpec(), rows, rows, rows),
+        in_specs=(stack_specs, PartitionSpec(), PartitionSpec(), rows, rows),
         out_specs=rows,
         axis_names=set(manual),
         check_vma=False,
     )
-    return decode_rows(state, prefilled, cache, keys)
+    return decode_rows(stacks, gather(rest), gather(layers), prefilled, keys)
 
 
 def _decode_rows(
-    graphdef, params: SamplingParams, state, prefilled: Prefilled, cache: KVCache, keys: jax.Array
-) -> tuple[Rollout, KVCache]:
-    model = nnx.merge(graphdef, state)
-    layers = model.language_model.decoding_layers()
+    graphdef, layers_graphdef, params: SamplingParams, stacks, rest, layers, prefilled: Prefilled, keys: jax.Array
+) -> Rollout:
+    model = nnx.merge(graphdef, stacks, rest)
+    layers = nnx.merge(layers_graphdef, layers)
     banned = vision_token_ids(model.config)
     end_ids = np.asarray(params.end_token_ids, np.int32).reshape(-1)
-    rows, prompt_length = prefilled.prompt_mask.shape
+    rows = keys.shape[0]  # the samples of this device's prompts, row p * G + g
+    per_sample = lambda a: jnp.repeat(a, params.group_size, axis=0)
     response_slots = jnp.arange(params.max_new_tokens)
     # Row i's uniform at step t comes from its key folded with t; all are drawn before the loop.
     step_uniform = lambda key, t: jax.random.uniform(jax.random.fold_in(key, t))
@@ -243,19 +265,37 @@ def _decode_rows(
             finished=state.finished | (live & jnp.isin(tokens, end_ids)),
         )
 
+    next_position = per_sample(prefilled.next_position)
+
     def decode_one(state: _DecodeState) -> _DecodeState:
         previous = state.step - 1  # the last sampled token goes in at its slot, then predicts the next
-        slot = prompt_length + previous
-        position = jnp.broadcast_to(prefilled.next_position + previous, (3, rows))[..., None]
-        slot_mask = jnp.concatenate([prefilled.prompt_mask, (response_slots <= previous)[None].repeat(rows, 0)], 1)
+        position = jnp.broadcast_to(next_position + previous, (3, rows))[..., None]
+        response_mask = jnp.broadcast_to(response_slots <= previous, (rows, params.max_new_tokens))
         token = jax.lax.dynamic_index_in_dim(state.tokens, previous, axis=1, keepdims=False)
-        logits, cache = model.decode_step(layers, token, position, slot_mask, state.cache, slot)
+        logits, cache = model.decode_step(
+            layers, token, position, prefilled.cache, prefilled.prompt_mask, state.cache, response_mask, previous
+        )
         return record(state.replace(cache=cache), logits)
 
     def not_done(state: _DecodeState) -> jax.Array:
         return (state.step < params.max_new_tokens) & ~jnp.all(state.finished)
 
     shape = (rows, params.max_new_tokens)
+    # The response cache: each sample's own keys and values, the prompt's cache shape with
+    # one row per sample and max_new_tokens slots; heads split over tensor like the prompt's.
+    empty = lambda prompt_part, slot_axis: sharding.constrain(
+        jnp.zeros(
+            (rows, *prompt_part.shape[1:slot_axis], params.max_new_tokens, *prompt_part.shape[slot_axis + 1 :]),
+            prompt_part.dtype,
+        ),
+        "batch",
+        "act_kv_heads",
+        None,
+        None,
+    )
+    cache = KVCache(
+        keys=tuple(empty(k, 3) for k in prefilled.cache.keys), values=tuple(empty(v, 2) for v in prefilled.cache.values)
+    )
     start = _DecodeState(
         step=jnp.int32(0),
         cache=cache,
@@ -264,27 +304,32 @@ def _decode_rows(
         logprobs=jnp.zeros(shape, jnp.float32),
         finished=jnp.zeros((rows,), bool),
     )
-    end = jax.lax.while_loop(not_done, decode_one, record(start, prefilled.logits))
-    return Rollout(tokens=end.tokens, mask=end.mask, logprobs=end.logprobs, truncated=~end.finished), end.cache
+    end = jax.lax.while_loop(not_done, decode_one, record(start, per_sample(prefilled.logits)))
+    return Rollout(tokens=end.tokens, mask=end.mask, logprobs=end.logprobs, truncated=~end.finished)
 
 
 def prefill(
-    model: Qwen2_5_VLForConditionalGeneration, batch: dict, params: SamplingParams, mesh: Mesh | None = None
+    model: Qwen2_5_VLForConditionalGeneration,
+    batch: dict,
+    params: SamplingParams,
+    mesh: Mesh | None = None,
+    rows: int = 0,
 ) -> Prefilled:
-    """Runs the prompts of an HF-processor batch (left-padded) once and repeats them G times.
+    """Runs the prompts of an HF-processor batch (left-padded) once: their logits and KV cache.
 
     On a mesh (default: one device), prompts and image patch slots are split over its batch
-    axes (data x fsdp), padded with empty prompts to a multiple of them; the parameters and
-    the KV cache are split by the sharding rules (`vppo_jax/parallel/sharding.py`).
+    axes (data x fsdp), padded with empty prompts to a multiple of them (and to at least
+    `rows` prompts: a wave's size); the parameters and the KV cache are split by the sharding
+    rules (`vppo_jax/parallel/sharding.py`).
     """
     mesh = sharding.mesh_or_default(mesh)
     batch = left_pad_to_bucket(batch, params.min_prompt_length, params.pad_token_id)
     prompts = batch["input_ids"].shape[0]
-    inputs = prepare_inputs(model.config, **_pad_prompts(batch, sharding.batch_shards(mesh), params.pad_token_id))
+    shards = sharding.batch_shards(mesh)
+    padded_rows = -(-max(rows, prompts) // shards) * shards
+    inputs = prepare_inputs(model.config, **_pad_prompts(batch, padded_rows, params.pad_token_id))
     graphdef, state = nnx.split(model)
-    cache_length = inputs.input_ids.shape[1] + params.max_new_tokens
-    program = compiled_prefill(graphdef, state, inputs, cache_length, params.group_size, mesh)
-    return program(state, inputs).replace(real_rows=prompts * params.group_size)
+    return compiled_prefill(graphdef, state, inputs, mesh)(state, inputs).replace(real_rows=prompts * params.group_size)
 
 
 def decode(
@@ -294,21 +339,21 @@ def decode(
     params: SamplingParams,
     mesh: Mesh | None = None,
 ) -> Rollout:
-    """Samples a response for every row of `prefilled`, one PRNG key per row (N,).
+    """Samples G responses for every prompt of `prefilled`, one PRNG key per sample (N,).
 
-    The same keys reproduce the same rollout. The prefilled cache is consumed (donated).
-    Use the mesh of `prefill`; the rollout comes back whole on every device (replicated).
+    The same keys reproduce the same rollout. Use the mesh of `prefill`; the rollout comes
+    back whole on every device (replicated).
     """
     mesh = sharding.mesh_or_default(mesh)
-    rows = prefilled.prompt_mask.shape[0]
+    rows = prefilled.prompt_mask.shape[0] * params.group_size
     real = prefilled.real_rows or rows
     if keys.shape != (real,):
         raise ValueError(f"keys has shape {keys.shape}; expected ({real},): one key per sample, prompts x group_size.")
     if real < rows:  # padding prompts sample with copies of a real key; their rows are dropped below
         keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], rows - real)])
     graphdef, state = nnx.split(model)
-    args = (state, prefilled.replace(cache=None, real_rows=None), prefilled.cache, keys)
-    rollout = compiled_decode(graphdef, *args, params, mesh)(*args)[0]
+    args = (state, prefilled.replace(real_rows=None), keys)
+    rollout = compiled_decode(graphdef, *args, params, mesh)(*args)
     return rollout if real == rows else jax.tree.map(lambda a: a[:real], rollout)
 
 
@@ -319,13 +364,73 @@ def generate(
     params: SamplingParams,
     mesh: Mesh | None = None,
 ) -> Rollout:
-    """G samples for each prompt of an HF-processor batch: `prefill`, then `decode` with one key per sample."""
-    return decode(model, prefill(model, batch, params, mesh), keys, params, mesh)
+    """G samples for each prompt of an HF-processor batch: `prefill`, then `decode` with one key per
+    sample (N,), in waves of `params.wave_prompts` prompts.
+
+    Every wave is left-padded to the whole batch's prompt length and the last one is padded
+    to a full wave with empty prompts: one compiled prefill and decode serve all waves, and
+    each row computes what it would in one wave (its tokens are drawn from its own key).
+    """
+    batch = left_pad_to_bucket(batch, params.min_prompt_length, params.pad_token_id)
+    prompts = batch["input_ids"].shape[0]
+    if keys.shape != (prompts * params.group_size,):
+        raise ValueError(
+            f"keys has shape {keys.shape}; expected ({prompts * params.group_size},): one key per sample, "
+            "prompts x group_size."
+        )
+    wave = min(params.wave_prompts or prompts, prompts)
+    if wave == prompts:
+        return decode(model, prefill(model, batch, params, mesh), keys, params, mesh)
+    group, merge_unit = params.group_size, model.config.vision.merge_unit
+    rollouts = [
+        decode(
+            model,
+            prefill(
+                model,
+                _prompt_slice(batch, start, start + wave, model.config.image_token_id, merge_unit),
+                params,
+                mesh,
+                rows=wave,
+            ),
+            keys[start * group : (start + wave) * group],
+            params,
+            mesh,
+        )
+        for start in range(0, prompts, wave)
+    ]
+    return jax.tree.map(lambda *parts: jnp.concatenate(parts), *rollouts)
 
 
-def _pad_prompts(batch: dict, multiple: int, pad_id: int) -> dict:
-    """The batch with prompts of one pad token appended up to a multiple of `multiple` rows."""
-    missing = -batch["input_ids"].shape[0] % multiple
+def _prompt_slice(batch: dict, start: int, stop: int, image_token_id: int, merge_unit: int) -> dict:
+    """Prompts [start, stop) of an HF-processor batch, with their images.
+
+    The images follow each other in the order of their tokens in the text: image i belongs to
+    the prompt that holds its first token (merge_unit patches make one token).
+    """
+    sliced = {name: np.asarray(array)[start:stop] for name, array in batch.items() if name not in _IMAGE_KEYS}
+    if "pixel_values" not in batch:
+        return sliced
+    grids = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
+    patches = np.prod(grids, axis=1)
+    first_token = np.cumsum(patches // merge_unit) - patches // merge_unit
+    prompt_tokens = np.cumsum(np.sum(np.asarray(batch["input_ids"]) == image_token_id, axis=1))
+    owner = np.searchsorted(prompt_tokens, first_token, side="right")
+    images = np.flatnonzero((owner >= start) & (owner < stop))
+    if not len(images):
+        return sliced
+    first_patch = np.cumsum(patches) - patches
+    patch_rows = np.concatenate([np.arange(first_patch[i], first_patch[i] + patches[i]) for i in images])
+    sliced["pixel_values"] = np.asarray(batch["pixel_values"])[patch_rows]
+    sliced["image_grid_thw"] = grids[images]
+    return sliced
+
+
+_IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+
+
+def _pad_prompts(batch: dict, rows: int, pad_id: int) -> dict:
+    """The batch with prompts of one pad token appended up to `rows` rows."""
+    missing = rows - batch["input_ids"].shape[0]
     if not missing:
         return batch
     padded = dict(batch)
@@ -340,23 +445,22 @@ def _pad_prompts(batch: dict, multiple: int, pad_id: int) -> dict:
 
 def _prefilled_shardings(mesh: Mesh, prefilled: Prefilled):
     """Rows over the batch axes; the cache's heads over tensor too."""
-    cache = prefilled.cache
     shardings = sharding.rows_shardings(mesh, prefilled.replace(cache=None))
-    return shardings if cache is None else shardings.replace(cache=sharding.cache_shardings(mesh, cache))
+    return shardings.replace(cache=sharding.cache_shardings(mesh, prefilled.cache))
 
 
 # The sampler's programs, shared by every caller (a trainer, evaluation, the demo).
 _PROGRAMS = ProgramCache()
 
 
-def compiled_prefill(graphdef, state, inputs: ModelInputs, cache_length: int, group_size: int, mesh: Mesh) -> Program:
+def compiled_prefill(graphdef, state, inputs: ModelInputs, mesh: Mesh) -> Program:
     """The prefill compiled for these argument shapes (arrays or ShapeDtypeStructs)."""
     return _PROGRAMS.get(
-        ("prefill", graphdef, cache_length, group_size),
+        ("prefill", graphdef),
         mesh,
         (state, inputs),
         lambda: (
-            functools.partial(_prefill, graphdef, cache_length, group_size),
+            functools.partial(_prefill, graphdef),
             (sharding.param_shardings(mesh, state), sharding.inputs_shardings(mesh, inputs)),
             lambda out: _prefilled_shardings(mesh, out),
             (),
@@ -364,24 +468,20 @@ def compiled_prefill(graphdef, state, inputs: ModelInputs, cache_length: int, gr
     )
 
 
-def compiled_decode(
-    graphdef, state, prefilled: Prefilled, cache: KVCache, keys, params: SamplingParams, mesh: Mesh
-) -> Program:
-    """The decode loop compiled for these argument shapes; `prefilled` without its cache,
-    which is donated."""
+def compiled_decode(graphdef, state, prefilled: Prefilled, keys, params: SamplingParams, mesh: Mesh) -> Program:
+    """The decode loop compiled for these argument shapes."""
     return _PROGRAMS.get(
         ("decode", graphdef, params),
         mesh,
-        (state, prefilled, cache, keys),
+        (state, prefilled, keys),
         lambda: (
             functools.partial(_decode, graphdef, params, mesh),
             (
                 sharding.param_shardings(mesh, state),
                 _prefilled_shardings(mesh, prefilled),
-                sharding.cache_shardings(mesh, cache),
                 sharding.rows_shardings(mesh, keys),
             ),
-            lambda out: (sharding.replicated(mesh), sharding.cache_shardings(mesh, out[1])),
-            (2,),
+            lambda out: sharding.replicated(mesh),
+            (),
         ),
     )

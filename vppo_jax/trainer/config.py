@@ -76,6 +76,13 @@ def default_config() -> ml_collections.ConfigDict:
             # Prompts are left-padded to the next length of the form 2^k or 1.5 x 2^k at or above
             # this (one compile per length): larger means fewer compiles and more padding.
             min_prompt_length=512,
+            # Prompts prefilled and decoded together (0: the whole round at once): the sampler's
+            # memory grows with this, its speed too. A round that it does not divide ends with a
+            # wave padded with empty prompts. The recipes choose theirs with the planner.
+            wave_prompts=0,
+            # The optimizer state waits in host memory while sampling (where the devices have
+            # it), leaving the device's memory to the sampler; it comes back for the update.
+            offload_optimizer_state=True,
             max_filter_rounds=8,  # dynamic sampling: rounds of sampling to fill the batch
             # The collapse guard (vppo_jax/trainer/collapse_guard.py): a step whose batch holds fewer live
             # groups than this share of prompts_per_step is starved; this many starved steps in a
@@ -282,5 +289,6 @@ def sampling_params(c: ml_collections.ConfigDict, special, **overrides) -> sampl
         end_token_ids=(special.im_end, special.endoftext),
         pad_token_id=special.endoftext,
         min_prompt_length=r.min_prompt_length,
+        wave_prompts=r.wave_prompts,
     )
     return sampling.SamplingParams(**(settings | overrides))

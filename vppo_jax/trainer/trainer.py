@@ -15,6 +15,7 @@ read), rewards are graded in shares, and process 0 writes metrics.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -173,6 +174,20 @@ class Trainer:
             self.policy, model=compute_model(self.graphdef, self.state.params, self.model_config)
         )
 
+    @contextlib.contextmanager
+    def optimizer_state_on_host(self):
+        """The optimizer state in host memory for the duration (rollout.offload_optimizer_state,
+        where the devices have host memory), back on the devices after."""
+        if not (self.config.rollout.offload_optimizer_state and sharding.has_host_memory(self.mesh)):
+            yield
+            return
+        on_device = jax.tree.map(lambda a: a.sharding, self.state.opt_state)
+        self.state = self.state.replace(opt_state=jax.device_put(self.state.opt_state, sharding.on_host(on_device)))
+        try:
+            yield
+        finally:
+            self.state = self.state.replace(opt_state=jax.device_put(self.state.opt_state, on_device))
+
     def next_prompts(self, count: int) -> list:
         """`count` prompts: this process's share read here, the others' gathered, in the order
         one process reading the whole stream would have them (without skips)."""
@@ -290,7 +305,7 @@ class Trainer:
         c = self.config
         timer, key = Timer(), jax.random.fold_in(self.rng, step)
         rollout_key, score_key, update_key, eval_key = jax.random.split(key, 4)
-        with timer("rollout"):
+        with timer("rollout"), self.optimizer_state_on_host():
             groups, metrics = self.collect(rollout_key)
         metrics |= self.collapse_guard.observe(step, int(groups.live.sum()), metrics)
         tokens = 0.0

@@ -51,15 +51,13 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         hidden = self.hidden_states(inputs)
         return jnp.dot(hidden, self.unembedding().astype(hidden.dtype))
 
-    def prefill(self, inputs: ModelInputs, cache_length: int) -> tuple[jax.Array, KVCache]:
-        """Logits (B, V) after the last prompt token and a KV cache of `cache_length` slots.
+    def prefill(self, inputs: ModelInputs) -> tuple[jax.Array, KVCache]:
+        """Logits (B, V) after the last prompt token and the prompt's KV cache (T slots).
 
         Prompts must be left-padded, so that the last position is a real token in every row.
         """
         embeddings = self.input_embeddings(inputs)
-        hidden, cache = self.language_model.prefill(
-            embeddings, inputs.position_ids, inputs.attention_mask, cache_length
-        )
+        hidden, cache = self.language_model.prefill(embeddings, inputs.position_ids, inputs.attention_mask)
         return jnp.dot(hidden[:, -1], self.unembedding().astype(hidden.dtype)), cache
 
     def decode_step(
@@ -67,18 +65,23 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         layers: list[DecoderLayer],
         tokens: jax.Array,
         position_ids: jax.Array,
-        slot_mask: jax.Array,
-        cache: KVCache,
+        prompt: KVCache,
+        prompt_mask: jax.Array,
+        response: KVCache,
+        response_mask: jax.Array,
         index: jax.Array,
     ) -> tuple[jax.Array, KVCache]:
-        """Logits (B, V) after one text token per sequence (B,) written at cache slot `index`.
+        """Logits (B, V) after one text token per sample (B,) written at response cache slot `index`.
 
-        position_ids (3, B, 1): its M-RoPE position; slot_mask (B, S): the slots it attends to;
+        position_ids (3, B, 1): its M-RoPE position; the caches and masks as
+        `TextModel.decode` takes them (the prompts' shared by each prompt's samples);
         layers: `self.language_model.decoding_layers()`, taken once outside the decode loop.
         """
         embeddings = self.language_model.embed(tokens[:, None])
-        hidden, cache = self.language_model.decode(layers, embeddings, position_ids, slot_mask, cache, index)
-        return jnp.dot(hidden[:, 0], self.unembedding().astype(hidden.dtype)), cache
+        hidden, response = self.language_model.decode(
+            layers, embeddings, position_ids, prompt, prompt_mask, response, response_mask, index
+        )
+        return jnp.dot(hidden[:, 0], self.unembedding().astype(hidden.dtype)), response
 
     def __call__(
         self,

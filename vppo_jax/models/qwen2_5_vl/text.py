@@ -17,7 +17,6 @@ from vppo_jax.models.qwen2_5_vl.layers import (
     Linear,
     RMSNorm,
     apply_rotary,
-    masked_softmax,
     normal_init,
     param,
     scan_layers,
@@ -30,7 +29,11 @@ from vppo_jax.parallel.sharding import constrain
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every decoder layer, preallocated for prompt + response slots.
+    """Keys and values of every decoder layer over a run of cache slots.
+
+    Decoding holds two: the prompts' (one row per prompt, written by the prefill) and the
+    responses' (one row per sample, a slot written per step). A prompt's G samples read its
+    one row: its keys and values are not repeated G times.
 
     One array per layer (not stacked) and keys stored transposed: the decode loop updates
     each in place and attends with plain batched matmuls. On CPU, slicing a stacked cache
@@ -41,20 +44,83 @@ class KVCache:
     values: tuple[jax.Array, ...]  # per layer (B, kv_heads, S, head_dim)
 
 
-def attend_to_cache(q: jax.Array, keys: jax.Array, values: jax.Array, slot_mask: jax.Array) -> jax.Array:
-    """Attention of one new token per sequence over its cache.
+# Response cache slots read per block while decoding: only the blocks written so far are read.
+RESPONSE_BLOCK = 256
 
-    q: (B, 1, H, hd); keys (B, Hkv, hd, S) and values (B, Hkv, S, hd) of one layer;
-    slot_mask (B, S): the slots the token may attend to. Returns (B, 1, H * hd).
+
+def attend_to_cache(
+    q: jax.Array,
+    prompt: tuple[jax.Array, jax.Array],
+    prompt_mask: jax.Array,
+    response: tuple[jax.Array, jax.Array],
+    response_mask: jax.Array,
+    filled: jax.Array,
+    block: int | None = None,
+) -> jax.Array:
+    """Attention of one new token per sample over its prompt's cache and its own response cache.
+
+    q: (B, 1, H, hd) for B = P x G samples, row p * G + g a sample of prompt p. prompt: one
+    layer's keys (P, Hkv, hd, T) and values (P, Hkv, T, hd), shared by a prompt's G samples;
+    response: the samples' own keys (B, Hkv, hd, S) and values (B, Hkv, S, hd), slots
+    [0, filled) written. The masks (P, T) and (B, S) say which slots are attended to (none at
+    or after `filled`). Returns (B, 1, H * hd).
+
+    Each part is a softmax of its own in fp32, and the parts are merged by their maxima and
+    sums: the softmax over all slots, computed without the prompt's cache repeated. The
+    response cache is read in blocks of `block` slots (default RESPONSE_BLOCK) up to the one
+    holding slot filled - 1 (whole when S is at most one block or not a multiple of it).
     """
+    block = block or RESPONSE_BLOCK
     batch, _, num_heads, head_dim = q.shape
-    num_kv = keys.shape[1]
-    q = q.reshape(batch, num_kv, num_heads // num_kv, head_dim)
-    scores = jnp.einsum("bkgd,bkds->bkgs", q, keys).astype(jnp.float32) * head_dim**-0.5
-    probs = masked_softmax(scores, slot_mask[:, None, None, :])
-    # Probabilities stay fp32 through the value product; only the output is rounded to the dtype.
-    out = jnp.einsum("bkgs,bksd->bkgd", probs, values.astype(jnp.float32)).astype(values.dtype)
-    return out.reshape(batch, 1, num_heads * head_dim)
+    prompts, num_kv = prompt[0].shape[:2]
+    group, per_kv = batch // prompts, num_heads // num_kv
+    q = q.reshape(batch, num_kv, per_kv, head_dim)
+    # The prompt's part as one batched matmul per prompt and kv head over its G x Hg query
+    # heads, then back in the samples' layout (B, Hkv, Hg, .) for the merge.
+    by_prompt = q.reshape(prompts, group, num_kv, per_kv, head_dim).transpose(0, 2, 1, 3, 4)
+    by_prompt = by_prompt.reshape(prompts, num_kv, group * per_kv, head_dim)
+    to_samples = lambda a: (
+        a.reshape(prompts, num_kv, group, per_kv, -1).transpose(0, 2, 1, 3, 4).reshape(batch, num_kv, per_kv, -1)
+    )
+    attended = tuple(map(to_samples, _partial_softmax(by_prompt, prompt[0], prompt[1], prompt_mask)))
+    keys, values = response
+    slots = keys.shape[-1]
+    if slots <= block or slots % block:
+        attended = _merge(attended, _partial_softmax(q, keys, values, response_mask))
+    else:
+
+        def add_block(i, attended):
+            part = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, i * block, block, axis)
+            return _merge(attended, _partial_softmax(q, part(keys, -1), part(values, -2), part(response_mask, -1)))
+
+        attended = jax.lax.fori_loop(0, (filled + block - 1) // block, add_block, attended)
+    out, _, total = attended
+    return (out / total).astype(values.dtype).reshape(batch, 1, num_heads * head_dim)
+
+
+def _merge(a: tuple, b: tuple) -> tuple:
+    """Two parts' (unnormalised output, maximum, sum) as one: each rescaled to the larger maximum."""
+    peak = jnp.maximum(a[1], b[1])
+    scale_a, scale_b = jnp.exp(a[1] - peak), jnp.exp(b[1] - peak)
+    return a[0] * scale_a + b[0] * scale_b, peak, a[2] * scale_a + b[2] * scale_b
+
+
+def _partial_softmax(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array):
+    """One part's unnormalised attention output, score maximum and sum of exponentials (fp32).
+
+    q (R, Hkv, Q, hd) for R rows of keys (R, Hkv, hd, S) and values (R, Hkv, S, hd); mask
+    (R, S). Masked slots count zero; a part with none unmasked gets a maximum so low that
+    the merge gives it no weight.
+    """
+    head_dim = q.shape[-1]
+    scores = jnp.einsum("rkqd,rkds->rkqs", q, keys).astype(jnp.float32) * head_dim**-0.5
+    mask = mask[:, None, None, :]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    part_max = jnp.max(scores, axis=-1, keepdims=True)
+    exps = jnp.where(mask, jnp.exp(scores - part_max), 0.0)
+    # Probabilities stay fp32 through the value product; only the merged output is rounded to the dtype.
+    out = jnp.einsum("rkqs,rksd->rkqd", exps, values.astype(jnp.float32))
+    return out, part_max, jnp.sum(exps, axis=-1, keepdims=True)
 
 
 def mrope_cos_sin(tcfg: TextConfig, position_ids: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
@@ -90,9 +156,10 @@ class TextAttention(nnx.Module):
         """Self-attention output and the keys and values attended to.
 
         Without a cache the T tokens of x attend causally to each other's keys where `mask`
-        (B, T) is True (`attention.causal_attention`). With a layer's cache (keys, values) and
-        T = 1, the token's key and value are written at slot `index` and it attends to the
-        cache slots where `mask` (B, S) is True.
+        (B, T) is True (`attention.causal_attention`). While decoding (T = 1), cache is one
+        layer's (prompt (keys, values), response (keys, values)) and mask their (prompt
+        mask, response mask), as `attend_to_cache` takes them: the token's key and value are
+        written at response slot `index`, and the response cache comes back.
         """
         batch, length, _ = x.shape
         split = lambda y, heads: constrain(y.reshape(batch, length, -1, self.head_dim), "batch", None, heads, None)
@@ -101,9 +168,11 @@ class TextAttention(nnx.Module):
         v = split(self.v_proj(x), "act_kv_heads")
         if cache is None:
             return self.o_proj(causal_attention(q, k, v, mask, self.attention_block)), (k, v)
-        keys = jax.lax.dynamic_update_slice(cache[0], k.transpose(0, 2, 3, 1), (0, 0, 0, index))
-        values = jax.lax.dynamic_update_slice(cache[1], v.transpose(0, 2, 1, 3), (0, 0, index, 0))
-        return self.o_proj(attend_to_cache(q, keys, values, mask)), (keys, values)
+        prompt, (keys, values) = cache
+        keys = jax.lax.dynamic_update_slice(keys, k.transpose(0, 2, 3, 1), (0, 0, 0, index))
+        values = jax.lax.dynamic_update_slice(values, v.transpose(0, 2, 1, 3), (0, 0, index, 0))
+        attended = attend_to_cache(q, prompt, mask[0], (keys, values), mask[1], index + 1)
+        return self.o_proj(attended), (keys, values)
 
 
 class DecoderLayer(nnx.Module):
@@ -159,9 +228,8 @@ class TextModel(nnx.Module):
         x = scan_layers(self.layers, embeddings, None, run_layer, self.config.remat, self.config.layer_loop)
         return self.norm(x)
 
-    def prefill(self, embeddings, position_ids, attention_mask, cache_length: int) -> tuple[jax.Array, KVCache]:
-        """Final hidden states of the prompt (B, T, D), and a cache of `cache_length` slots
-        holding the prompt's keys and values in slots [0, T)."""
+    def prefill(self, embeddings, position_ids, attention_mask) -> tuple[jax.Array, KVCache]:
+        """Final hidden states of the prompt (B, T, D), and its keys and values (T slots)."""
         cos, sin = mrope_cos_sin(self.config.text, position_ids, self.config.jnp_dtype)
         x, (keys, values) = scan_layers_with_outputs(
             self.layers,
@@ -170,9 +238,7 @@ class TextModel(nnx.Module):
             lambda layer, h, _: layer(h, cos, sin, attention_mask),
             layer_loop=self.config.layer_loop,
         )
-        empty_slots = cache_length - embeddings.shape[1]
-        keys = jnp.pad(keys.transpose(0, 1, 3, 4, 2), [(0, 0)] * 4 + [(0, empty_slots)])
-        values = jnp.pad(values.transpose(0, 1, 3, 2, 4), [(0, 0)] * 3 + [(0, empty_slots), (0, 0)])
+        keys, values = keys.transpose(0, 1, 3, 4, 2), values.transpose(0, 1, 3, 2, 4)
         return self.norm(x), KVCache(keys=tuple(keys), values=tuple(values))
 
     def decoding_layers(self) -> list[DecoderLayer]:
@@ -180,7 +246,8 @@ class TextModel(nnx.Module):
 
         Take them once, outside the decode loop: indexing the stacked weights inside it copies
         every layer's weights at every step on CPU. Taken in a jitted function, they are one
-        copy of the decoder's weights for as long as it runs.
+        copy of the decoder's weights for as long as it runs (of this device's slices: gather
+        them after, not the stack before).
         """
         return unstacked(self.layers, self.config.text.num_hidden_layers)
 
@@ -189,19 +256,27 @@ class TextModel(nnx.Module):
         layers: Sequence[DecoderLayer],
         embeddings: jax.Array,
         position_ids: jax.Array,
-        slot_mask: jax.Array,
-        cache: KVCache,
+        prompt: KVCache,
+        prompt_mask: jax.Array,
+        response: KVCache,
+        response_mask: jax.Array,
         index: jax.Array,
     ) -> tuple[jax.Array, KVCache]:
-        """One new token per sequence (B, 1, D), written at cache slot `index`.
+        """One new token per sample (B, 1, D), written at response cache slot `index`.
 
-        It attends to the slots where slot_mask (B, S) is True (its own included). Returns
-        its final hidden state (B, 1, D) and the updated cache.
+        It attends to its prompt's cache where prompt_mask (P, T) is True (B = P x G samples,
+        row p * G + g of prompt p) and to its own response cache where response_mask (B, S)
+        is True (its own slot included). Returns its final hidden state (B, 1, D) and the
+        updated response cache.
         """
         cos, sin = mrope_cos_sin(self.config.text, position_ids, self.config.jnp_dtype)
         x, keys, values = embeddings, [], []
-        for layer, layer_cache in zip(layers, zip(cache.keys, cache.values)):
-            x, (layer_keys, layer_values) = layer(x, cos, sin, slot_mask, layer_cache, index)
+        masks = (prompt_mask, response_mask)
+        for layer, prompt_keys, prompt_values, layer_keys, layer_values in zip(
+            layers, prompt.keys, prompt.values, response.keys, response.values
+        ):
+            layer_cache = ((prompt_keys, prompt_values), (layer_keys, layer_values))
+            x, (layer_keys, layer_values) = layer(x, cos, sin, masks, layer_cache, index)
             keys.append(layer_keys)
             values.append(layer_values)
         return self.norm(x), KVCache(keys=tuple(keys), values=tuple(values))
