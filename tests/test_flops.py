@@ -69,29 +69,32 @@ def test_decoder_sequence_and_decode_step(config):
     masked = 2 * text.num_hidden_layers * 2 * query * masked_keys
     assert traced == pytest.approx(flops.decoder_sequence_flops(text, length) + masked, rel=1e-9)
 
-    # One decode step over a cache of S slots reads all S: the token at position S - 1.
-    slots = 300
-    per_layer = lambda shape: tuple(
-        jax.ShapeDtypeStruct(shape, config.jnp_dtype) for _ in range(text.num_hidden_layers)
-    )
-    keys = per_layer((1, text.num_key_value_heads, text.head_dim, slots))  # KVCache's layout
-    values = per_layer((1, text.num_key_value_heads, slots, text.head_dim))
+    # One decode step reads its prompt's cache (T slots) and its own response cache (S slots,
+    # at most one block: read whole): the token at position T + S - 1.
+    prompt_slots, response_slots = 200, 100
+    layers = range(text.num_hidden_layers)
+    per_layer = lambda shape: tuple(jax.ShapeDtypeStruct(shape, config.jnp_dtype) for _ in layers)
+    kv_heads, head_dim = text.num_key_value_heads, text.head_dim
+    cache = lambda slots: KVCache(per_layer((1, kv_heads, head_dim, slots)), per_layer((1, kv_heads, slots, head_dim)))
 
-    def decode(s, tokens, position, slot_mask, keys, values):
+    def decode(s, tokens, position, prompt, prompt_mask, response, response_mask):
         full = nnx.merge(graphdef, s)
         layers = full.language_model.decoding_layers()
-        return full.decode_step(layers, tokens, position, slot_mask, KVCache(keys, values), slots - 1)
+        args = (tokens, position, prompt, prompt_mask, response, response_mask, response_slots - 1)
+        return full.decode_step(layers, *args)
 
     traced = traced_matmul_flops(
         decode,
         state,
         jax.ShapeDtypeStruct((1,), np.int32),
         jax.ShapeDtypeStruct((3, 1, 1), np.int32),
-        jax.ShapeDtypeStruct((1, slots), np.bool_),
-        keys,
-        values,
+        cache(prompt_slots),
+        jax.ShapeDtypeStruct((1, prompt_slots), np.bool_),
+        cache(response_slots),
+        jax.ShapeDtypeStruct((1, response_slots), np.bool_),
     )
-    expected = flops.decoder_sequence_flops(text, 1, start=slots - 1) + flops.vocabulary_flops(text, 1)
+    start = prompt_slots + response_slots - 1
+    expected = flops.decoder_sequence_flops(text, 1, start=start) + flops.vocabulary_flops(text, 1)
     assert traced == pytest.approx(expected, rel=1e-9)
 
 
