@@ -38,6 +38,10 @@ def define_flags():
     flags.DEFINE_integer("micro_batch", 32, "TRL: completions per forward/backward (gradient accumulation).")
     flags.DEFINE_enum("algo", "grpo", ["grpo", "vppo"], "Ours: the algorithm.")
     flags.DEFINE_integer("micro_batches", 0, "Ours: train.micro_batches (0: the config's default).")
+    flags.DEFINE_integer("micro_batch_tokens", 0, "Ours: train.micro_batch_tokens (0: the config's default).")
+    flags.DEFINE_integer(
+        "cpu_devices", 0, "Ours: that many JAX CPU devices with the rows split over them (mesh.data=-1); 0: one."
+    )
     flags.mark_flags_as_required(["framework", "task", "out"])
 
 
@@ -130,6 +134,13 @@ def run_ours(where: dict[str, str], steps: int) -> list[dict]:
     c.train.update(steps=steps, updates_per_rollout=1)
     if FLAGS.micro_batches:
         c.train.micro_batches = FLAGS.micro_batches
+    if FLAGS.micro_batch_tokens:
+        c.train.micro_batch_tokens = FLAGS.micro_batch_tokens
+    if FLAGS.cpu_devices:  # before JAX starts its CPU backend (the trainer's first array)
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+        c.mesh.data = -1
     c.checkpoint.every_steps = 0
     c.eval.every_steps = steps + 1
     trainer = Trainer(c, tempfile.mkdtemp())
