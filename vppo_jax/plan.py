@@ -388,7 +388,6 @@ def throughput(config, model_cfg, result: dict, topology_name: str) -> str:
         scoring_forwards=result["scoring_forwards"],
     )
     kind, devices = TOPOLOGIES[topology_name]
-    peak = flops.PEAK_FLOPS[kind] * devices
     lines = [
         f"throughput on paper: {shape.prompts} prompts x {shape.group_size} samples of {shape.prompt_tokens:.0f} "
         f"prompt tokens ({patches // model_cfg.vision.merge_unit} of them the image) and {shape.response_tokens:.0f} "
@@ -400,7 +399,7 @@ def throughput(config, model_cfg, result: dict, topology_name: str) -> str:
     total_seconds = 0.0
     for phase, amount in flops.step_flops(model_cfg, shape).items():
         mfu = FLAGS.decode_mfu if phase == "rollout decode" else FLAGS.mfu
-        seconds = amount / (peak * mfu)
+        seconds = flops.step_seconds(amount, devices, flops.PEAK_FLOPS[kind], mfu)
         total_seconds += seconds
         lines.append(f"| {phase} | {amount / 1e15:,.1f} | {mfu:.0%} | {seconds:,.0f} |")
     reference = "the reference: about 5 min per step on 8 GPUs, 17 h for 202 steps"
