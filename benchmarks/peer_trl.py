@@ -50,9 +50,7 @@ def define_flags():
     flags.DEFINE_list("ours", ["grpo", "vppo"], "Our algorithms to run.")
     flags.DEFINE_integer("micro_batches", 0, "Our train.micro_batches (0: the config's default).")
     flags.DEFINE_bool("trl_without_checkpointing", True, "Also run TRL with gradient checkpointing off.")
-    flags.DEFINE_bool(
-        "per_core", True, "Also run ours on one JAX CPU device per core (rows split over them), 2048 tokens each."
-    )
+    flags.DEFINE_bool("per_core", True, "Also run ours on one JAX CPU device per core (rows split over them).")
 
 
 @dataclasses.dataclass
@@ -89,7 +87,7 @@ class Run:
         update = self.step - self.rollout
         return (
             f"| {self.framework} | {self.setting} | {self.step:.1f} | {self.rollout:.1f} | {update:.1f} | "
-            f"{self.tokens_per_second:,.0f} | {self.peak_rss_gib:.1f} GiB |"
+            f"{self.tokens_per_second:,.0f} | {self.peak_rss_gib:.2f} GiB |"
         )
 
 
@@ -100,12 +98,12 @@ def planned_runs() -> dict[str, Run]:
             "TRL", "gradient checkpointing off", ("--framework=trl", "--nogradient_checkpointing")
         )
     setting = f"micro_batches={FLAGS.micro_batches}" if FLAGS.micro_batches else "the config's defaults"
-    per_core = (f"--cpu_devices={os.cpu_count()}", "--micro_batch_tokens=2048")
+    per_core = (f"--cpu_devices={os.cpu_count()}",)
     for algo in FLAGS.ours:
         args = ("--framework=ours", f"--algo={algo}", f"--micro_batches={FLAGS.micro_batches}")
         runs[algo] = Run(f"ours {algo.upper()}", setting, args, algo)
         if FLAGS.per_core:
-            setting_per_core = f"{os.cpu_count()} CPU devices (one per core), 2048 tokens per device"
+            setting_per_core = f"{os.cpu_count()} CPU devices (one per core)"
             runs[f"{algo}_per_core"] = Run(f"ours {algo.upper()}", setting_per_core, args + per_core, algo)
     return runs
 
@@ -169,7 +167,7 @@ def main(argv):
         verdict = "meets" if ratio >= target and run.peak_rss_gib <= trl.peak_rss_gib else "misses"
         print(
             f"{run.algo.upper()} ({run.setting}) ratio: {ratio:.2f}x (TRL's default step / ours); peak RSS "
-            f"{run.peak_rss_gib:.1f} vs {trl.peak_rss_gib:.1f} GiB; {verdict} the target (>= {target}x, RSS no higher)"
+            f"{run.peak_rss_gib:.2f} vs {trl.peak_rss_gib:.2f} GiB; {verdict} the target (>= {target}x, RSS no higher)"
         )
     rate = matmul_flops_per_second()
     print(f"\nfloor at the best fp32 matmul rate of this machine ({rate / 1e9:.0f} GFLOP/s):")

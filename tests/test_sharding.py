@@ -334,3 +334,16 @@ def test_the_7b_preset_has_the_released_parameter_count():
     """8,292,166,656: Qwen2.5-VL-7B's safetensors (16,584,333,312 bytes in bf16)."""
     params = nnx.split(abstract_model(preset("7b")), nnx.Param)[1]
     assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params)) == 8_292_166_656
+
+
+def test_optimizer_state_leaves_the_devices_only_where_host_memory_is_separate():
+    # On a CPU the devices' memory is host memory: moving the optimizer state would only copy it.
+    mesh = sharding.make_mesh({"data": -1})
+    assert not sharding.can_offload_to_host(mesh)
+    assert sharding.host_memory_is_separate("tpu") and sharding.host_memory_is_separate("gpu")
+    # The move itself (what the trainer does on TPU/GPU) keeps the split and the values.
+    state = jax.device_put(np.arange(16.0).reshape(8, 2), sharding.named(mesh, "batch", None))
+    there = jax.device_put(state, sharding.on_host(state.sharding))
+    back = jax.device_put(there, state.sharding)
+    assert there.sharding.memory_kind == "pinned_host" and back.sharding == state.sharding
+    np.testing.assert_array_equal(back, np.arange(16.0).reshape(8, 2))

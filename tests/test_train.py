@@ -216,10 +216,10 @@ def test_the_paper_recipes_train_two_epochs_of_virl39k_as_the_reference_counts_t
 def test_micro_batches_come_from_the_token_budget_unless_counted():
     from vppo_jax.trainer.config import default_config, micro_batches
 
-    config = default_config()  # 8192 tokens per device and micro-batch
-    assert micro_batches(config, rows=256, row_tokens=192) == 8  # 32 rows of 192 tokens (42 would fit)
+    config = default_config()  # 2048 tokens per device and micro-batch
+    assert micro_batches(config, rows=256, row_tokens=192) == 32  # 8 rows of 192 tokens (10 would fit)
     assert micro_batches(config, rows=1024, row_tokens=6144, row_shards=8) == 128  # one row per device
-    assert micro_batches(config, rows=96, row_tokens=1000, row_shards=2) == 6  # 8 fit; 48 rows split as 6 x 8
+    assert micro_batches(config, rows=96, row_tokens=500, row_shards=2) == 12  # 4 fit; 48 rows split as 12 x 4
     config.train.micro_batch_tokens = 100
     assert micro_batches(config, rows=256, row_tokens=192) == 256  # never less than a row
     config.train.micro_batches = 4

@@ -205,7 +205,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
     from vppo_jax.trainer import config as config_lib
     from vppo_jax.vppo import programs
     from vppo_jax.vppo.batch import TrainBatch, init_state, scored_like, train_state_shardings
-    from vppo_jax.vppo.step import needs_scoring
+    from vppo_jax.vppo.step import extra_forwards, needs_scoring
 
     r, t, d = config.rollout, config.train, config.data
     optimizer, step_config = config_lib.optimizer(config), config_lib.step_config(config)
@@ -297,11 +297,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
         length=prompt_length + r.max_new_tokens,
         grid=grid,
         remat=model_cfg.remat,
-        # Forwards of every row besides the update's own: the scoring pass (VPPO: with and without
-        # the image; GRPO: pi_old), or VPPO's perturbed forward inside a single update.
-        scoring_forwards=(1 + step_config.vppo)
-        if needs_scoring(step_config, t.updates_per_rollout, micro_batches)
-        else int(step_config.vppo),
+        scoring_forwards=extra_forwards(step_config, t.updates_per_rollout, micro_batches),
     )
 
 
@@ -452,7 +448,7 @@ def main(argv):
         f"{FLAGS.topology}",
         flush=True,
     )
-    result = plan(config, model_cfg, mesh, host_memory=not FLAGS.topology.startswith("cpu"))
+    result = plan(config, model_cfg, mesh, host_memory=sharding.host_memory_is_separate(backend))
     print(report(result, mesh_shape, devices, memory_gib))
     if FLAGS.topology in TOPOLOGIES:
         print("\n" + throughput(config, model_cfg, result, FLAGS.topology))

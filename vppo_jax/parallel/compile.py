@@ -8,7 +8,9 @@ compile per argument signature.
 
 `build() -> (function, in_shardings, out_shardings, donated argument positions)`;
 out_shardings may be a function of the output shapes. The update, the scoring pass and
-the sampler all compile through here.
+the sampler all compile through here. A program compiles at its first call, and the
+compiler's working memory goes back to the OS before it runs (vppo_jax/parallel/host_memory.py):
+otherwise its peak would stay under the program's own buffers.
 """
 
 from __future__ import annotations
@@ -20,16 +22,21 @@ from typing import Any, Callable
 import jax
 from jax.sharding import Mesh
 
-from vppo_jax.parallel import sharding
+from vppo_jax.parallel import host_memory, sharding
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Program:
     jitted: Any  # the jax.jit-wrapped function
     in_shardings: tuple
+    compiled: Any = None  # the executable for the one signature a ProgramCache entry serves
 
     def __call__(self, *args):
-        return self.jitted(*sharding.put(args, self.in_shardings))
+        args = sharding.put(args, self.in_shardings)
+        if self.compiled is None:
+            self.compiled = self.jitted.lower(*args).compile()
+            host_memory.release_freed_memory()
+        return self.compiled(*args)
 
     def lower(self, *args):
         return self.jitted.lower(*args)

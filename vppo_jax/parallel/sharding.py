@@ -272,9 +272,17 @@ def cache_shardings(mesh: Mesh, cache) -> Any:
     return jax.tree.map(lambda leaf: named(mesh, "batch", "act_kv_heads", None, None, shape=leaf.shape), cache)
 
 
-def has_host_memory(mesh: Mesh) -> bool:
-    """Whether the mesh's devices can hold arrays in pinned host memory (TPU, GPU and CPU can)."""
-    return "pinned_host" in {memory.kind for memory in mesh.devices.flat[0].addressable_memories()}
+def host_memory_is_separate(platform: str) -> bool:
+    """Whether moving arrays to pinned host memory frees device memory on `platform`: on TPUs
+    and GPUs; a CPU device's memory is host memory already (a move would only copy)."""
+    return platform != "cpu"
+
+
+def can_offload_to_host(mesh: Mesh) -> bool:
+    """Whether the mesh's devices have a pinned host memory apart from their own."""
+    device = mesh.devices.flat[0]
+    has_pinned_host = "pinned_host" in {memory.kind for memory in device.addressable_memories()}
+    return has_pinned_host and host_memory_is_separate(device.platform)
 
 
 def on_host(shardings) -> Any:

@@ -29,7 +29,7 @@ from vppo_jax import data as data_lib
 from vppo_jax.data.images import open_image
 from vppo_jax.eval.accuracy import evaluate_prompts
 from vppo_jax.models.qwen2_5_vl import with_config
-from vppo_jax.parallel import distributed, sharding
+from vppo_jax.parallel import distributed, host_memory, sharding
 from vppo_jax.rollout.groups import GradedGroups, concatenate, sample_and_grade, train_batch
 from vppo_jax.rollout.policy import compute_model, load_policy, prompt_builder
 from vppo_jax.rollout.rewards import RewardPool
@@ -177,8 +177,8 @@ class Trainer:
     @contextlib.contextmanager
     def optimizer_state_on_host(self):
         """The optimizer state in host memory for the duration (rollout.offload_optimizer_state,
-        where the devices have host memory), back on the devices after."""
-        if not (self.config.rollout.offload_optimizer_state and sharding.has_host_memory(self.mesh)):
+        where the devices have a host memory apart from their own), back on the devices after."""
+        if not (self.config.rollout.offload_optimizer_state and sharding.can_offload_to_host(self.mesh)):
             yield
             return
         on_device = jax.tree.map(lambda a: a.sharding, self.state.opt_state)
@@ -307,11 +307,13 @@ class Trainer:
         rollout_key, score_key, update_key, eval_key = jax.random.split(key, 4)
         with timer("rollout"), self.optimizer_state_on_host():
             groups, metrics = self.collect(rollout_key)
+            host_memory.release_freed_memory()  # the sampler's caches, before the update's activations
         metrics |= self.collapse_guard.observe(step, int(groups.live.sum()), metrics)
         tokens = 0.0
         if groups.live.any():  # an empty batch has no gradient: no update, only the guard's count
             update_metrics, tokens = self.update(groups, score_key, update_key, timer)
             metrics |= update_metrics
+            host_memory.release_freed_memory()  # the update's activations, before the next rollout
         skip_counts = distributed.allgather(self.skips.metrics())  # every process's own skips
         metrics |= {name: sum(counts[name] for counts in skip_counts) for name in skip_counts[0]}
         metrics["train/skipped_updates"] = int(self.state.skipped_steps)
