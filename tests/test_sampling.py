@@ -249,14 +249,17 @@ def test_nucleus_without_a_sort_keeps_exactly_the_sorted_nucleus():
     """The bisection's nucleus against the sort-and-cumsum one written in NumPy, on random rows
     with ties, banned (-inf) tokens, wide and narrow distributions and many top_p values."""
     rng = np.random.default_rng(0)
+    width = 400  # every trial's vocabulary padded to it with banned tokens: one compile
+    nucleus = jax.jit(lambda logits, top_p: logits >= sampling.nucleus_threshold(logits, top_p))
     for trial in range(60):
-        vocab = int(rng.integers(2, 400))
-        logits = (rng.normal(size=(4, vocab)) * rng.uniform(0.1, 8)).astype(np.float32)
+        vocab = int(rng.integers(2, width))
+        logits = np.full((4, width), -np.inf, np.float32)
+        logits[:, :vocab] = rng.normal(size=(4, vocab)) * rng.uniform(0.1, 8)
         if trial % 3 == 0:
             logits = np.round(logits, 1)  # ties, also at the nucleus's edge
         logits[:, rng.integers(0, vocab, 2)] = -np.inf
         top_p = float(rng.uniform(0.05, 0.999))
-        kept = np.isfinite(np.asarray(sampling.truncate(jnp.asarray(logits), 0, top_p)))
+        kept = np.asarray(nucleus(jnp.asarray(logits), top_p))
         for row, row_kept in zip(logits, kept):
             probs = np.exp(row.astype(np.float64) - row.max())
             probs /= probs.sum()
