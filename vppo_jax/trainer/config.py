@@ -126,7 +126,7 @@ def default_config() -> ml_collections.ConfigDict:
             # device. On an accelerator more rows per micro-batch run faster until memory runs
             # out (`python -m vppo_jax.plan` prints it per device; the recipes set theirs); on a
             # CPU, which is compute-bound at any size, 2048 tokens run as fast as 8192 with a
-            # third of the activations (benchmarks/peer_trl.py).
+            # third of the activations (README, "Training").
             micro_batches=0,
             micro_batch_tokens=2048,
             seed=0,
