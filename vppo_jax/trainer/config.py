@@ -80,8 +80,9 @@ def default_config() -> ml_collections.ConfigDict:
             # memory grows with this, its speed too. A round that it does not divide ends with a
             # wave padded with empty prompts. The recipes choose theirs with the planner.
             wave_prompts=0,
-            # The optimizer state waits in host memory while sampling (where the devices have
-            # it), leaving the device's memory to the sampler; it comes back for the update.
+            # The optimizer state waits in host memory while sampling (on TPUs and GPUs; a CPU's
+            # device memory is host memory already), leaving the device's memory to the sampler;
+            # it comes back for the update.
             offload_optimizer_state=True,
             max_filter_rounds=8,  # dynamic sampling: rounds of sampling to fill the batch
             # The collapse guard (vppo_jax/trainer/collapse_guard.py): a step whose batch holds fewer live
