@@ -238,6 +238,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
         targets=per_row(np.int32),
         response_mask=per_row(np.bool_),
         advantages=jax.ShapeDtypeStruct((micro_batches, rows), np.float32),
+        prompt_group=math.gcd(r.group_size, rows),  # as build_train_batch finds a rollout's rows
     )
     if needs_scoring(step_config, t.updates_per_rollout, micro_batches):  # pi_old, dependency first
         if "score" in phases:

@@ -26,7 +26,7 @@ from vppo_jax.io import paths
 from vppo_jax.io.cli import parse_flags
 from vppo_jax.models.qwen2_5_vl import save_pretrained
 from vppo_jax.rollout.policy import load_policy, prompt_builder
-from vppo_jax.vppo.batch import build_train_batch, response_positions
+from vppo_jax.vppo.batch import build_train_batch
 from vppo_jax.vppo.logprobs import token_logprobs_and_entropy
 
 
@@ -77,7 +77,7 @@ def sft_step(graphdef, optimizer, params, opt_state, batch):
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params)
-        hidden = response_positions(model.hidden_states(micro.inputs), micro.targets)
+        hidden = model.response_hidden_states(micro.inputs, micro.targets.shape[-1])
         logp, _ = token_logprobs_and_entropy(hidden, model.unembedding(), micro.targets)
         mask = micro.response_mask.astype(jnp.float32)
         return -(logp * mask).sum() / jnp.maximum(mask.sum(), 1.0)

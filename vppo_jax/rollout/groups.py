@@ -195,4 +195,5 @@ def train_batch(
         micro_batches,
         perturbed_pixel_values,
         response_start=groups.prompt_arrays["input_ids"].shape[1],  # the prompts' padded width
+        prompt_group=groups.group_size,
     )

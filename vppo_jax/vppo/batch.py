@@ -3,6 +3,7 @@ the host by `build_train_batch`) and the training state (`TrainState`), with the
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.struct
@@ -33,7 +34,9 @@ class TrainBatch:
     `targets` is the token predicted at position T - R - 1 + r; `response_mask[r]` says
     whether it is a response token (the loss covers only those). The vocabulary projection,
     log-probs, entropy and dependency are computed at those R positions only
-    (`response_positions`). Rows are ordered by group: rows g*G .. g*G+G-1 share a prompt.
+    (`Qwen2_5_VLForConditionalGeneration.response_hidden_states`). Rows are ordered by group:
+    rows g*G .. g*G+G-1 share a prompt, and runs of `prompt_group` rows of a micro-batch were
+    checked to share their first T - R tokens and images: the forward runs each run's prompt once.
     """
 
     inputs: ModelInputs  # (M, b, T) token arrays, images in the slot layout per micro-batch
@@ -44,18 +47,13 @@ class TrainBatch:
     dependency: jax.Array | None = None  # (M, b, R) from score_rollouts, or None (in-pass)
     old_entropy: jax.Array | None = None  # (M, b, R) for entropy-based TGF
     perturbed_patches: jax.Array | None = None  # (M, S, patch_dim) images I' made on the host ("blacken_pixels")
+    prompt_group: int = flax.struct.field(pytree_node=False, default=1)
 
     @property
     def scored(self) -> bool:
         """Whether pi_old's statistics came with the batch (`score_rollouts`) rather than
         from the update's own forward pass."""
         return self.old_logp is not None
-
-
-def response_positions(hidden: jax.Array, targets: jax.Array) -> jax.Array:
-    """The hidden states (B, T, D) at the positions that predict `targets` (B, R): T-R-1 .. T-2."""
-    length, window = hidden.shape[1], targets.shape[-1]
-    return hidden[:, length - window - 1 : length - 1]
 
 
 def scored_like(batch: TrainBatch) -> TrainBatch:
@@ -146,11 +144,16 @@ def build_train_batch(
     micro_batches: int = 1,
     perturbed_pixel_values: np.ndarray | None = None,
     response_start: int | None = None,
+    prompt_group: int = 1,
 ) -> TrainBatch:
     """Splits B rows into `micro_batches` consecutive micro-batches with equal shapes.
 
     `perturbed_pixel_values`, rows like `pixel_values`: the images I' blackened on the host
     (vppo_jax/vppo/pixel_blackening.py), laid out like the originals.
+
+    `prompt_group`: rows come in groups of that many samples of one prompt (a rollout's
+    layout); the batch records the runs of rows within a micro-batch that share their
+    prompt columns (checked here), so the forward runs each prompt once per run.
 
     `response_tokens` (B, T) marks the response tokens of each row; none may sit in columns
     1 .. response_start - 1 (default: the first column from 1 on holding one; rollouts pass
@@ -174,12 +177,14 @@ def build_train_batch(
     response_mask = predicted[:, response_start - 1 :]
 
     # Images of each micro-batch: a contiguous run of images and pixel rows.
-    parts = []
+    parts, row_pixels = [], None
     if pixel_values is not None:
         grids = np.asarray(image_grid_thw).reshape(-1, 3)
         per_row = np.asarray(_images_per_row(config, input_ids, grids))
         image_bounds = np.concatenate([[0], np.cumsum(per_row.reshape(micro_batches, rows).sum(1))])
         pixel_bounds = np.concatenate([[0], np.cumsum(np.prod(grids, axis=1))])
+        row_images = np.concatenate([[0], np.cumsum(per_row)])
+        row_pixels = [pixel_values[pixel_bounds[row_images[b]] : pixel_bounds[row_images[b + 1]]] for b in range(batch)]
         for m in range(micro_batches):
             first, last = image_bounds[m], image_bounds[m + 1]
             pixels = slice(pixel_bounds[first], pixel_bounds[last])
@@ -213,10 +218,30 @@ def build_train_batch(
             ]
         )
     split = lambda a: a.reshape(micro_batches, rows, *a.shape[1:])
+    shared = math.gcd(prompt_group, rows)
+    _check_shared_prompts(input_ids[:, :response_start], attention_mask[:, :response_start], row_pixels, shared)
     return TrainBatch(
         inputs=jax.tree.map(lambda *leaves: np.stack(leaves), *inputs),
         targets=split(targets.astype(np.int32)),
         response_mask=split(response_mask.astype(bool)),
         advantages=split(np.asarray(advantages, np.float32)),
         perturbed_patches=perturbed_patches,
+        prompt_group=shared,
     )
+
+
+def _check_shared_prompts(prompt_ids: np.ndarray, prompt_mask: np.ndarray, row_pixels: list | None, run: int):
+    """Raises unless each run of `run` consecutive rows has one prompt: the same tokens, mask and images."""
+    for first in range(0, len(prompt_ids), run):
+        for row in range(first + 1, first + run):
+            same = np.array_equal(prompt_ids[row], prompt_ids[first]) and np.array_equal(
+                prompt_mask[row], prompt_mask[first]
+            )
+            if same and row_pixels is not None:
+                same = np.array_equal(row_pixels[row], row_pixels[first])
+            if not same:
+                raise ValueError(
+                    f"rows {first} and {row} are in one group of {run} but their prompts (the columns "
+                    "before the responses, or their images) differ: pass rows grouped as a rollout "
+                    "lays them out (a prompt's samples next to each other), or prompt_group=1."
+                )

@@ -29,7 +29,7 @@ from flax import nnx
 
 from vppo_jax.vppo import dependency as dependency_lib
 from vppo_jax.vppo import perturbation, shaping
-from vppo_jax.vppo.batch import TrainBatch, TrainState, response_positions
+from vppo_jax.vppo.batch import TrainBatch, TrainState
 from vppo_jax.vppo.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs_and_entropy
 from vppo_jax.vppo.loss import LossConfig, LossCounts, loss_counts, loss_sums, total_loss
 from vppo_jax.vppo.metrics import step_metrics
@@ -99,7 +99,9 @@ def token_scores(config: StepConfig, model, inputs, perturbed_patches, targets, 
     """(log p(o_t), H_t, S_t) under the policy whose final hidden states (original images) at
     the response positions are `hidden`; S_t a divergence between its distributions with I and I'."""
     perturbed = perturbation.perturb_images(config.perturbation, inputs, key, config.blacken_prob, perturbed_patches)
-    hidden_perturbed = jax.lax.stop_gradient(response_positions(model.hidden_states(perturbed), targets))
+    # Each sample of a prompt gets its own perturbation (as in the reference), so the perturbed
+    # forward runs every row's prompt.
+    hidden_perturbed = jax.lax.stop_gradient(model.response_hidden_states(perturbed, targets.shape[-1]))
     return dependency_lib.scores_with_dependency(
         config.estimator,
         jax.lax.stop_gradient(hidden),
@@ -118,7 +120,7 @@ def score_rollouts(config: StepConfig, graphdef, params, batch: TrainBatch, key:
 
     def score(micro):
         inputs, perturbed_patches, targets, mask, micro_key = micro
-        hidden = response_positions(model.hidden_states(inputs), targets)
+        hidden = model.response_hidden_states(inputs, targets.shape[-1], batch.prompt_group)
         if config.vppo:  # one pass over the vocabulary gives the log-probs, entropy and dependency
             return token_scores(config, model, inputs, perturbed_patches, targets, mask, hidden, micro_key)
         logp, entropy = token_logprobs_and_entropy(
@@ -185,7 +187,7 @@ def train_step(
         """Loss of one micro-batch, its sums divided by the whole batch's counts (exact
         accumulation), with the per-token statistics the metrics need as auxiliaries."""
         model = nnx.merge(graphdef, params)
-        hidden = response_positions(model.hidden_states(micro.inputs), micro.targets)
+        hidden = model.response_hidden_states(micro.inputs, micro.targets.shape[-1], micro.prompt_group)
         logp, entropy = token_logprobs_and_entropy(
             hidden, model.unembedding(), micro.targets, config.temperature, config.vocab_chunk
         )

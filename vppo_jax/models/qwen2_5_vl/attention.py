@@ -38,29 +38,40 @@ TINY = jnp.finfo(jnp.float32).tiny
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, block_size: int) -> jax.Array:
-    """Causal grouped-query attention; returns (B, T, H * hd) in v's dtype. See the module docstring."""
-    length = q.shape[1]
+    """Causal grouped-query attention; returns (B, Tq, H * hd) in v's dtype. See the module docstring.
+
+    k, v and key_valid cover Tk >= Tq positions, and the queries are the last Tq of them: a
+    query at position Tk - Tq + i attends to the keys at or before it (Tq = Tk: plain
+    self-attention; Tq < Tk: a suffix attending to a prefix computed elsewhere as well).
+    """
+    queries, length = q.shape[1], k.shape[1]
     if length <= block_size:
-        causal = jnp.tril(jnp.ones((length, length), bool))
+        causal = jnp.tril(jnp.ones((queries, length), bool), k=length - queries)
         return attention(q, k, v, causal[None] & key_valid[:, None, :].astype(bool))
     return blockwise_causal_attention(q, k, v, key_valid, block_size)
 
 
 def blockwise_causal_attention(q, k, v, key_valid, block_size: int) -> jax.Array:
-    """`causal_attention` in blocks of `block_size` tokens, whatever the length."""
-    batch, length = q.shape[:2]
-    blocks = -(-length // block_size)
-    padded = blocks * block_size
+    """`causal_attention` in blocks of `block_size` tokens, whatever the lengths."""
+    batch, queries = q.shape[:2]
+    length = k.shape[1]
 
     def split(a):  # (B, T, ...) -> (blocks, B, block, ...), padded at the end (padding keys invalid)
-        a = jnp.pad(a, [(0, 0), (0, padded - length)] + [(0, 0)] * (a.ndim - 2))
+        blocks = -(-a.shape[1] // block_size)
+        a = jnp.pad(a, [(0, 0), (0, blocks * block_size - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
         return jnp.moveaxis(a.reshape(batch, blocks, block_size, *a.shape[2:]), 1, 0)
 
-    positions = jnp.broadcast_to(jnp.arange(padded).reshape(blocks, 1, block_size), (blocks, batch, block_size))
-    index = jnp.broadcast_to(jnp.arange(blocks), (blocks, blocks))  # every query block reads every key block
+    def block_positions(first: int, count: int):  # (blocks, B, block_size) positions from `first` on
+        blocks = -(-count // block_size)
+        positions = first + jnp.arange(blocks * block_size).reshape(blocks, 1, block_size)
+        return jnp.broadcast_to(positions, (blocks, batch, block_size))
+
+    query_positions, key_positions = block_positions(length - queries, queries), block_positions(0, length)
+    # Every query block reads every key block (causality masks the ones after it).
+    index = jnp.broadcast_to(jnp.arange(key_positions.shape[0]), (query_positions.shape[0], key_positions.shape[0]))
     keys = split(k), split(v), index, split(key_valid.astype(bool))
-    out = block_attention(split(q), *keys, positions=(positions, positions))  # (blocks, B, block, H * hd)
-    return jnp.moveaxis(out, 0, 1).reshape(batch, padded, -1)[:, :length]
+    out = block_attention(split(q), *keys, positions=(query_positions, key_positions))  # (blocks, B, block, H * hd)
+    return jnp.moveaxis(out, 0, 1).reshape(batch, -1, out.shape[-1])[:, :queries]
 
 
 def block_attention(q, k, v, index, key_valid, segments=None, positions=None) -> jax.Array:

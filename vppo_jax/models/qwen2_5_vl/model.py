@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, prepare_inputs
 from vppo_jax.models.qwen2_5_vl.layers import normal_init, param
 from vppo_jax.models.qwen2_5_vl.text import DecoderLayer, KVCache, TextModel
 from vppo_jax.models.qwen2_5_vl.vision import VisionTower
+from vppo_jax.parallel import sharding
 
 
 class Qwen2_5_VLForConditionalGeneration(nnx.Module):
@@ -46,6 +48,21 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
     def hidden_states(self, inputs: ModelInputs) -> jax.Array:
         """Final normalised hidden states (B, T, D): what losses project in chunks over time."""
         return self.language_model(self.input_embeddings(inputs), inputs.position_ids, inputs.attention_mask)
+
+    def response_hidden_states(self, inputs: ModelInputs, window: int, prompt_group: int = 1) -> jax.Array:
+        """Final hidden states (B, window, D) at the positions that predict the last `window`
+        tokens of each row: what the losses and scores project onto the vocabulary.
+
+        prompt_group: rows come in runs of that many sharing their first T - window tokens
+        (a prompt's samples, checked on the host by `build_train_batch`); each run's prompt
+        goes through the decoder once (`TextModel.response_window`), in runs that stay within
+        one device's rows.
+        """
+        rows_per_shard = inputs.input_ids.shape[0] // sharding.batch_shards(jax.sharding.get_abstract_mesh())
+        shared = math.gcd(prompt_group, rows_per_shard)
+        return self.language_model.response_window(
+            self.input_embeddings(inputs), inputs.position_ids, inputs.attention_mask, window, shared
+        )
 
     def logits(self, inputs: ModelInputs) -> jax.Array:
         hidden = self.hidden_states(inputs)

@@ -152,14 +152,18 @@ class TextAttention(nnx.Module):
         self.head_dim = t.head_dim
         self.attention_block = config.attention_block
 
-    def __call__(self, x, cos, sin, mask, cache=None, index=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Self-attention output and the keys and values attended to.
+    def __call__(
+        self, x, cos, sin, mask, cache=None, index=None, prefix=None
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Self-attention output and the keys and values of x's tokens.
 
         Without a cache the T tokens of x attend causally to each other's keys where `mask`
-        (B, T) is True (`attention.causal_attention`). While decoding (T = 1), cache is one
-        layer's (prompt (keys, values), response (keys, values)) and mask their (prompt
-        mask, response mask), as `attend_to_cache` takes them: the token's key and value are
-        written at response slot `index`, and the response cache comes back.
+        (B, T) is True (`attention.causal_attention`). With `prefix`, the keys and values
+        (B, P, Hkv, hd) of the P tokens before them (run elsewhere, rotary applied), they
+        attend to those too, and `mask` (B, P + T) covers both. While decoding (T = 1), cache
+        is one layer's (prompt (keys, values), response (keys, values)) and mask their
+        (prompt mask, response mask), as `attend_to_cache` takes them: the token's key and
+        value are written at response slot `index`, and the response cache comes back.
         """
         batch, length, _ = x.shape
         split = lambda y, heads: constrain(y.reshape(batch, length, -1, self.head_dim), "batch", None, heads, None)
@@ -167,7 +171,8 @@ class TextAttention(nnx.Module):
         k = apply_rotary(split(self.k_proj(x), "act_kv_heads"), cos, sin)
         v = split(self.v_proj(x), "act_kv_heads")
         if cache is None:
-            return self.o_proj(causal_attention(q, k, v, mask, self.attention_block)), (k, v)
+            keys, values = (k, v) if prefix is None else (jnp.concatenate([p, a], axis=1) for p, a in zip(prefix, (k, v)))
+            return self.o_proj(causal_attention(q, keys, values, mask, self.attention_block)), (k, v)
         prompt, (keys, values) = cache
         keys = jax.lax.dynamic_update_slice(keys, k.transpose(0, 2, 3, 1), (0, 0, 0, index))
         values = jax.lax.dynamic_update_slice(values, v.transpose(0, 2, 1, 3), (0, 0, index, 0))
@@ -191,9 +196,11 @@ class DecoderLayer(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x, cos, sin, mask, cache=None, index=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    def __call__(
+        self, x, cos, sin, mask, cache=None, index=None, prefix=None
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """The layer's output and its keys and values (see `TextAttention`)."""
-        attended, keys_values = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, index)
+        attended, keys_values = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, index, prefix)
         x = x + attended
         return residual(x + self.mlp(self.post_attention_layernorm(x))), keys_values
 
@@ -227,6 +234,44 @@ class TextModel(nnx.Module):
         run_layer = lambda layer, h, _: layer(h, cos, sin, attention_mask)[0]
         x = scan_layers(self.layers, embeddings, None, run_layer, self.config.remat, self.config.layer_loop)
         return self.norm(x)
+
+    def response_window(
+        self, embeddings: jax.Array, position_ids: jax.Array, attention_mask: jax.Array, window: int, shared: int
+    ) -> jax.Array:
+        """Final hidden states (B, window, D) at positions T - window - 1 .. T - 2, the ones that
+        predict the last `window` tokens; each run of `shared` consecutive rows has the same
+        first T - window tokens (a prompt and its samples), which run once for the run.
+
+        Those prompt columns of each run's first row go through every layer on their own; the
+        rest of every row attends to its run's prompt keys and values (repeated per row, and
+        their gradients summed back) and causally to its own. Causal attention makes this
+        the full forward's result: a prompt token never sees what follows it. With G samples
+        per prompt, the decoder runs a prompt once instead of G times, forward and backward.
+        """
+        batch, length, width = embeddings.shape
+        prompt_length = length - window
+        leaders = lambda a, axis: jax.lax.index_in_dim(
+            a.reshape(*a.shape[:axis], batch // shared, shared, *a.shape[axis + 1 :]), 0, axis + 1, keepdims=False
+        )
+        per_row = lambda a: jnp.repeat(a, shared, axis=0)
+        prompt = residual(leaders(embeddings[:, :prompt_length], 0))
+        prompt_rotary = mrope_cos_sin(self.config.text, leaders(position_ids[..., :prompt_length], 1), prompt.dtype)
+        prompt_mask = leaders(attention_mask[:, :prompt_length], 0)
+        # The last token predicts nothing: only the columns before it run.
+        rest = embeddings[:, prompt_length:-1]
+        rest_rotary = mrope_cos_sin(self.config.text, position_ids[..., prompt_length:-1], rest.dtype)
+        rest_mask = attention_mask[:, :-1]
+
+        def run_layer(layer, carry, _):
+            prompt, rest = carry
+            prompt, (keys, values) = layer(prompt, *prompt_rotary, prompt_mask)
+            rest, _ = layer(rest, *rest_rotary, rest_mask, prefix=(per_row(keys), per_row(values)))
+            return prompt, rest
+
+        prompt, rest = scan_layers(
+            self.layers, (prompt, rest), None, run_layer, self.config.remat, self.config.layer_loop
+        )
+        return self.norm(jnp.concatenate([per_row(prompt[:, -1:]), rest], axis=1))
 
     def prefill(self, embeddings, position_ids, attention_mask) -> tuple[jax.Array, KVCache]:
         """Final hidden states of the prompt (B, T, D), and its keys and values (T slots)."""

@@ -1,0 +1,123 @@
+"""The training forward that runs each prompt once for its samples, against transformers'
+full forward of every row: log-probs and the gradient of every parameter."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from vppo_jax.models import qwen2_5_vl
+from vppo_jax.models.qwen2_5_vl.inputs import prepare_inputs
+from vppo_jax.models.qwen2_5_vl.model import with_config
+from vppo_jax.models.qwen2_5_vl.weights import legacy_name, weight_table
+from vppo_jax.vppo.batch import build_train_batch
+
+from hf_reference import IMAGE_TOKEN, PAD, processor_batch, text_ids, tiny_hf_model
+
+GROUP, WINDOW = 3, 9
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Two prompts of different lengths with an image each (left-padded to one width), three
+    samples each with responses of 2..9 tokens (right-padded): a rollout's rows."""
+    hf_model = tiny_hf_model(seed=5)
+    path = tmp_path_factory.mktemp("shared") / "hf"
+    hf_model.save_pretrained(path)
+    model = qwen2_5_vl.from_pretrained(str(path))
+    prompts = processor_batch([(text_ids(6, 1), [(56, 56)]), (text_ids(11, 2), [(28, 56)])], seed=3)
+    rng = np.random.default_rng(0)
+    ids, mask, response = [], [], []
+    for p in range(2):
+        for _ in range(GROUP):
+            n = int(rng.integers(2, WINDOW + 1))
+            tokens = np.full(WINDOW, PAD)
+            tokens[:n] = rng.integers(3, 900, n)
+            ids.append(np.concatenate([prompts["input_ids"][p], tokens]))
+            mask.append(np.concatenate([prompts["attention_mask"][p], np.arange(WINDOW) < n]))
+            response.append(np.concatenate([np.zeros_like(prompts["input_ids"][p]), np.arange(WINDOW) < n]))
+    pixels_per_image = np.prod(prompts["image_grid_thw"], axis=1)
+    image_rows = np.split(prompts["pixel_values"], np.cumsum(pixels_per_image)[:-1])
+    arrays = dict(
+        input_ids=np.stack(ids),
+        attention_mask=np.stack(mask).astype(np.int64),
+        pixel_values=np.concatenate([image_rows[p] for p in range(2) for _ in range(GROUP)]),
+        image_grid_thw=np.repeat(prompts["image_grid_thw"], GROUP, axis=0),
+    )
+    arrays["mm_token_type_ids"] = (arrays["input_ids"] == IMAGE_TOKEN).astype(np.int64)
+    return hf_model, model, arrays, np.stack(response)
+
+
+def hf_loss_and_grads(hf_model, arrays, weights):
+    """sum(weights * log p(token)) over the last WINDOW positions' targets, and its gradients."""
+    hf_model.zero_grad()
+    logits = hf_model(**{k: torch.from_numpy(v) for k, v in arrays.items()}).logits
+    logp = torch.log_softmax(logits[:, -WINDOW - 1 : -1].double(), -1)
+    targets = torch.from_numpy(arrays["input_ids"][:, -WINDOW:])
+    loss = (torch.gather(logp, -1, targets[..., None])[..., 0] * torch.from_numpy(weights)).sum()
+    loss.backward()
+    return loss.item(), {name: p.grad.numpy() for name, p in hf_model.named_parameters()}
+
+
+@pytest.mark.parametrize("attention_block", [0, 8], ids=["dense", "blockwise"])
+def test_shared_prompt_log_probs_and_gradients_match_transformers(setup, attention_block):
+    hf_model, model, arrays, response = setup
+    if attention_block:  # prompts (26 tokens) and rows (35) longer than a block: the blockwise kernel
+        model = with_config(model, model.config.with_compute(attention_block=attention_block))
+    batch = build_train_batch(
+        model.config,
+        arrays["input_ids"],
+        arrays["attention_mask"],
+        response,
+        np.zeros(len(response), np.float32),
+        arrays["pixel_values"],
+        arrays["image_grid_thw"],
+        response_start=arrays["input_ids"].shape[1] - WINDOW,
+        prompt_group=GROUP,
+    )
+    assert batch.prompt_group == GROUP
+    inputs = jax.tree.map(lambda a: a[0], batch.inputs)
+    weights = np.random.default_rng(1).normal(size=response[:, -WINDOW:].shape) * response[:, -WINDOW:]
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params):
+        m = nnx.merge(graphdef, params)
+        hidden = m.response_hidden_states(inputs, WINDOW, batch.prompt_group)
+        logp = jax.nn.log_softmax(jnp.dot(hidden, m.unembedding()), -1)
+        return jnp.sum(jnp.take_along_axis(logp, batch.targets[0][..., None], -1)[..., 0] * weights)
+
+    ours, grads = jax.value_and_grad(loss)(params)
+    expected, hf_grads = hf_loss_and_grads(hf_model, arrays, weights)
+    assert float(ours) == pytest.approx(expected, rel=1e-5)
+    hf_grads = {legacy_name(name): g for name, g in hf_grads.items()}
+    flat = dict(nnx.to_flat_state(grads))
+    checked = 0
+    for entry in weight_table(model.config):
+        ours_grad = np.asarray(flat[entry.path][...])
+        for i, name in enumerate(entry.hf_names()):
+            got = entry.transform.to_hf(ours_grad[i] if entry.layers else ours_grad)
+            scale = np.abs(hf_grads[name]).max()
+            np.testing.assert_allclose(got, hf_grads[name], atol=1e-4 * max(scale, 1e-3), err_msg=name)
+            checked += scale > 0
+    assert checked > 40  # the vision tower's and every decoder layer's weights get gradient
+
+
+def test_rows_of_a_group_must_share_their_prompt(setup):
+    _, model, arrays, response = setup
+    ids = arrays["input_ids"].copy()
+    start = ids.shape[1] - WINDOW
+    ids[1, start - 1] += 1  # sample 1 of prompt 0 ends its prompt with another token
+    with pytest.raises(ValueError, match="rows 0 and 1 .* prompts"):
+        build_train_batch(
+            model.config,
+            ids,
+            arrays["attention_mask"],
+            response,
+            np.zeros(len(response), np.float32),
+            arrays["pixel_values"],
+            arrays["image_grid_thw"],
+            response_start=start,
+            prompt_group=GROUP,
+        )
