@@ -140,7 +140,8 @@ def step_flops(algo: str, prompt_tokens: float, response_tokens: float) -> float
         prompt_tokens=prompt_tokens,
         image_patches=patches,
         response_tokens=response_tokens,
-        scoring_forwards=2 if algo == "vppo" else 0,
+        scoring_forwards=int(algo == "vppo"),  # VPPO's pi_old: the micro-batched update cannot give it
+        perturbed_forwards=int(algo == "vppo"),
     )
     return sum(flops.step_flops(config, shape).values())
 

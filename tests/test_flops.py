@@ -100,17 +100,27 @@ def test_decoder_sequence_and_decode_step(config):
 
 def test_step_phases_add_up(config):
     shape = flops.StepShape(
-        prompts=4, group_size=2, prompt_tokens=100, image_patches=256, response_tokens=50, scoring_forwards=2
+        prompts=4,
+        group_size=2,
+        prompt_tokens=100,
+        image_patches=256,
+        response_tokens=50,
+        scoring_forwards=1,
+        perturbed_forwards=1,
     )
     phases = flops.step_flops(config, shape)
-    row = flops.row_forward_flops(config, shape)
-    assert phases["update"] == pytest.approx(3 * 8 * row)
-    assert phases["score rollouts"] == pytest.approx(2 * 8 * row)
+    vision = flops.vision_flops(config.vision, 256)
+    prompt = flops.decoder_sequence_flops(config.text, 100)
+    whole_row = vision + flops.decoder_sequence_flops(config.text, 150) + flops.vocabulary_flops(config.text, 50)
+    # A forward with the original images runs a prompt (its image too) once for its 2 samples;
+    # a perturbed forward runs every row whole (each sample has its own perturbed image).
+    original = 8 * whole_row - 4 * (vision + prompt)
+    assert phases["update"] == pytest.approx(3 * original)
+    assert phases["score rollouts"] == pytest.approx(original + 8 * whole_row)
     # Prefill and decode together run each sample's tokens once but the last (sampled, never
     # fed back); vision, prompt and the first token's distribution once per prompt.
     one_sample = flops.decoder_sequence_flops(config.text, 149) + flops.vocabulary_flops(config.text, 49)
-    per_prompt = flops.vision_flops(config.vision, 256) + flops.vocabulary_flops(config.text, 1)
-    prompt = flops.decoder_sequence_flops(config.text, 100)
+    per_prompt = vision + flops.vocabulary_flops(config.text, 1)
     assert phases["rollout prefill"] + phases["rollout decode"] == pytest.approx(
         4 * (per_prompt + prompt) + 8 * (one_sample - prompt)
     )

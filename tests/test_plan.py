@@ -77,8 +77,9 @@ def test_tiny_plan_on_four_devices(tmp_path):
     assert "verdict: does NOT fit in 0.1 GiB per device" in out.stdout and "to fit:" in out.stdout
     assert "fits per device on (v5p 95 GiB: yes, v4 32 GiB: yes, h100 80 GiB: yes)" in out.stdout
     assert "| update step |" in out.stdout
-    # One VPPO update per rollout in one micro-batch: the perturbed forward runs inside the update.
-    assert plan["scoring_forwards"] == 1
+    # One VPPO update per rollout in one micro-batch: no pi_old pass, the perturbed forward
+    # runs inside the update.
+    assert plan["extra_forwards"] == [0, 1]
     assert "| rollout decode |" in out.stdout and "| update |" in out.stdout and "step: " in out.stdout
 
 

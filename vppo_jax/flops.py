@@ -1,7 +1,7 @@
 """FLOPs of one RL step, counted from the model's shapes, and the step time they imply.
 
     shape = flops.StepShape(prompts=384, group_size=8, prompt_tokens=1325, image_patches=4900,
-                            response_tokens=2048, scoring_forwards=2)
+                            response_tokens=2048, scoring_forwards=1, perturbed_forwards=1)
     phases = flops.step_flops(model_config, shape)   # {"rollout prefill": ..., "update": ...}
 
 Only matrix multiplications count, 2 FLOPs per multiply-add (the MFU convention: the
@@ -14,10 +14,14 @@ What a step does, phase by phase (vppo_jax/trainer/trainer.py):
 - rollout prefill: the vision tower and the prompt once per prompt;
 - rollout decode: every sample's response, one token at a time over its growing context,
   the vocabulary at every token (it is sampled);
-- score rollouts (`scoring_forwards`): VPPO's scoring pass runs the policy with and without
-  the image information (2), GRPO with several updates per rollout once for pi_old (1), a
-  single VPPO update in one pass computes the perturbed forward inside the update (1);
-- update: forward and backward of every row, the vocabulary at the response positions.
+- score rollouts: forwards of the batch besides the update's own, with the original images
+  (`scoring_forwards`: pi_old before several updates per rollout, or before VPPO's shaping)
+  and with perturbed ones (`perturbed_forwards`: VPPO's dependency, 1);
+- update: forward and backward of the batch, the vocabulary at the response positions.
+
+A forward of the batch with the original images runs the vision tower and the prompt once per
+prompt (a prompt's samples share them) and every sample's response; a perturbed forward runs
+every row whole, as each sample gets its own perturbed image.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ class StepShape:
     prompt_tokens: float  # mean tokens per prompt, its image tokens included (no padding)
     image_patches: float  # mean 14 x 14 patches per prompt's image (4 per image token); 0: no image
     response_tokens: float  # mean tokens per response
-    scoring_forwards: int  # forwards of every row besides the update's own (see the module docstring)
+    scoring_forwards: int  # forwards of the batch with the original images besides the update's own
+    perturbed_forwards: int  # forwards of every row with its own perturbed image (see the module docstring)
 
 
 def decoder_sequence_flops(text: TextConfig, length: float, start: float = 0.0) -> float:
@@ -73,35 +78,34 @@ def vision_flops(vision: VisionConfig, patches: float) -> float:
     return 2 * patches * (embedding + vision.depth * per_block + attention + merger)
 
 
-def row_forward_flops(config: Qwen2_5_VLConfig, shape: StepShape) -> float:
-    """One rollout row (prompt and response) through the whole model, the vocabulary at the
-    response positions: the unit of the scoring and update phases."""
-    length = shape.prompt_tokens + shape.response_tokens
-    return (
-        vision_flops(config.vision, shape.image_patches)
-        + decoder_sequence_flops(config.text, length)
-        + vocabulary_flops(config.text, shape.response_tokens)
-    )
+def prompt_forward_flops(config: Qwen2_5_VLConfig, shape: StepShape) -> float:
+    """A prompt through the vision tower and the decoder."""
+    return vision_flops(config.vision, shape.image_patches) + decoder_sequence_flops(config.text, shape.prompt_tokens)
+
+
+def response_forward_flops(config: Qwen2_5_VLConfig, shape: StepShape) -> float:
+    """A response through the decoder after its prompt, the vocabulary at its positions."""
+    return decoder_sequence_flops(
+        config.text, shape.response_tokens, start=shape.prompt_tokens
+    ) + vocabulary_flops(config.text, shape.response_tokens)
 
 
 def step_flops(config: Qwen2_5_VLConfig, shape: StepShape) -> dict[str, float]:
     """Model FLOPs of each phase of one rollout step (all its updates together)."""
     rows = shape.prompts * shape.group_size
-    prefill = shape.prompts * (
-        vision_flops(config.vision, shape.image_patches)
-        + decoder_sequence_flops(config.text, shape.prompt_tokens)
-        + vocabulary_flops(config.text, 1)  # the first response token's distribution
-    )
+    prompt, response = prompt_forward_flops(config, shape), response_forward_flops(config, shape)
+    prefill = shape.prompts * (prompt + vocabulary_flops(config.text, 1))  # and the first token's distribution
     decode = rows * (
         decoder_sequence_flops(config.text, shape.response_tokens - 1, start=shape.prompt_tokens)
         + vocabulary_flops(config.text, shape.response_tokens - 1)
     )
-    row = row_forward_flops(config, shape)
+    batch_forward = shape.prompts * prompt + rows * response  # the original images: prompts once
+    perturbed_forward = rows * (prompt + response)
     return {
         "rollout prefill": prefill,
         "rollout decode": decode,
-        "score rollouts": rows * row * shape.scoring_forwards,
-        "update": rows * row * 3,  # forward, and a backward of twice its cost
+        "score rollouts": batch_forward * shape.scoring_forwards + perturbed_forward * shape.perturbed_forwards,
+        "update": batch_forward * 3,  # forward, and a backward of twice its cost
     }
 
 

@@ -298,7 +298,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
         length=prompt_length + r.max_new_tokens,
         grid=grid,
         remat=model_cfg.remat,
-        scoring_forwards=extra_forwards(step_config, t.updates_per_rollout, micro_batches),
+        extra_forwards=extra_forwards(step_config, t.updates_per_rollout, micro_batches),
     )
 
 
@@ -382,7 +382,8 @@ def throughput(config, model_cfg, result: dict, topology_name: str) -> str:
         prompt_tokens=FLAGS.text_tokens + patches // model_cfg.vision.merge_unit,
         image_patches=patches,
         response_tokens=FLAGS.response_tokens or r.max_new_tokens,
-        scoring_forwards=result["scoring_forwards"],
+        scoring_forwards=result["extra_forwards"][0],
+        perturbed_forwards=result["extra_forwards"][1],
     )
     kind, devices = TOPOLOGIES[topology_name]
     lines = [

@@ -86,13 +86,11 @@ def needs_scoring(config: StepConfig, updates_per_rollout: int, micro_batches: i
     return updates_per_rollout > 1 or (config.vppo and micro_batches > 1)
 
 
-def extra_forwards(config: StepConfig, updates_per_rollout: int, micro_batches: int) -> int:
-    """Forwards of every row a step runs besides its updates' own (vppo_jax/flops.py): the
-    scoring pass (pi_old, and VPPO's perturbed images too) where one is needed, else VPPO's
-    perturbed forward inside the update."""
-    if needs_scoring(config, updates_per_rollout, micro_batches):
-        return 1 + int(config.vppo)
-    return int(config.vppo)
+def extra_forwards(config: StepConfig, updates_per_rollout: int, micro_batches: int) -> tuple[int, int]:
+    """Forwards of the batch a step runs besides its updates' own (vppo_jax/flops.py), as
+    (with the original images, with perturbed images): the scoring pass's pi_old where one is
+    needed, and VPPO's perturbed forward (in the scoring pass or inside the update)."""
+    return int(needs_scoring(config, updates_per_rollout, micro_batches)), int(config.vppo)
 
 
 def token_scores(config: StepConfig, model, inputs, perturbed_patches, targets, response_mask, hidden, key):
