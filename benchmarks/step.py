@@ -38,7 +38,8 @@ def small_config() -> Qwen2_5_VLConfig:
 
 
 def rollout_batch(config: Qwen2_5_VLConfig, rows: int, response: int, group: int):
-    """Rows of [text, one 112 x 112 image (16 tokens), text, response], random content."""
+    """Rows of [text, one 112 x 112 image (16 tokens), text, response], random content; the
+    rows of a group share the prompt and the image."""
     rng = np.random.default_rng(0)
     image_tokens, patches = 16, 64  # 112 px = 8 x 8 patches = 4 x 4 merged tokens
     prompt = [*rng.integers(0, 3000, 20), 4002, *[IMAGE_TOKEN] * image_tokens, 4003, *rng.integers(0, 3000, 30)]
@@ -53,8 +54,11 @@ def rollout_batch(config: Qwen2_5_VLConfig, rows: int, response: int, group: int
         np.ones_like(input_ids),
         response_tokens,
         advantages.reshape(-1),
-        rng.standard_normal((rows * patches, config.vision.patch_dim)).astype(np.float32),
+        np.repeat(rng.standard_normal((rows // group, patches, config.vision.patch_dim)), group, 0)
+        .reshape(rows * patches, -1)
+        .astype(np.float32),
         np.array([[1, 8, 8]] * rows),
+        prompt_group=group,  # a group's rows share the prompt and its image, as a rollout's do
     )
 
 
