@@ -46,7 +46,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         return jnp.where(is_image[..., None], features[inputs.image_token_slot], embeddings)
 
     def hidden_states(self, inputs: ModelInputs) -> jax.Array:
-        """Final normalised hidden states (B, T, D): what losses project in chunks over time."""
+        """Final normalised hidden states (B, T, D) at every position."""
         return self.language_model(self.input_embeddings(inputs), inputs.position_ids, inputs.attention_mask)
 
     def response_hidden_states(self, inputs: ModelInputs, window: int, prompt_group: int = 1) -> jax.Array:

@@ -248,7 +248,7 @@ class TextModel(nnx.Module):
         the full forward's result: a prompt token never sees what follows it. With G samples
         per prompt, the decoder runs a prompt once instead of G times, forward and backward.
         """
-        batch, length, width = embeddings.shape
+        batch, length = embeddings.shape[:2]
         prompt_length = length - window
         leaders = lambda a, axis: jax.lax.index_in_dim(
             a.reshape(*a.shape[:axis], batch // shared, shared, *a.shape[axis + 1 :]), 0, axis + 1, keepdims=False
