@@ -9,7 +9,6 @@ import torch
 from flax import nnx
 
 from vppo_jax.models import qwen2_5_vl
-from vppo_jax.models.qwen2_5_vl.inputs import prepare_inputs
 from vppo_jax.models.qwen2_5_vl.model import with_config
 from vppo_jax.models.qwen2_5_vl.weights import legacy_name, weight_table
 from vppo_jax.vppo.batch import build_train_batch

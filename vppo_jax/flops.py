@@ -85,9 +85,9 @@ def prompt_forward_flops(config: Qwen2_5_VLConfig, shape: StepShape) -> float:
 
 def response_forward_flops(config: Qwen2_5_VLConfig, shape: StepShape) -> float:
     """A response through the decoder after its prompt, the vocabulary at its positions."""
-    return decoder_sequence_flops(
-        config.text, shape.response_tokens, start=shape.prompt_tokens
-    ) + vocabulary_flops(config.text, shape.response_tokens)
+    return decoder_sequence_flops(config.text, shape.response_tokens, start=shape.prompt_tokens) + vocabulary_flops(
+        config.text, shape.response_tokens
+    )
 
 
 def step_flops(config: Qwen2_5_VLConfig, shape: StepShape) -> dict[str, float]:

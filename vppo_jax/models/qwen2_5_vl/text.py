@@ -171,7 +171,9 @@ class TextAttention(nnx.Module):
         k = apply_rotary(split(self.k_proj(x), "act_kv_heads"), cos, sin)
         v = split(self.v_proj(x), "act_kv_heads")
         if cache is None:
-            keys, values = (k, v) if prefix is None else (jnp.concatenate([p, a], axis=1) for p, a in zip(prefix, (k, v)))
+            keys, values = (k, v)
+            if prefix is not None:
+                keys, values = (jnp.concatenate([before, own], axis=1) for before, own in zip(prefix, (k, v)))
             return self.o_proj(causal_attention(q, keys, values, mask, self.attention_block)), (k, v)
         prompt, (keys, values) = cache
         keys = jax.lax.dynamic_update_slice(keys, k.transpose(0, 2, 3, 1), (0, 0, 0, index))
