@@ -142,6 +142,7 @@ def step_flops(algo: str, prompt_tokens: float, response_tokens: float) -> float
         response_tokens=response_tokens,
         scoring_forwards=int(algo == "vppo"),  # VPPO's pi_old: the micro-batched update cannot give it
         perturbed_forwards=int(algo == "vppo"),
+        prompt_run=peer_runs.GROUP_SIZE,  # micro-batches of 8 rows per device: a group's, prompt run once
     )
     return sum(flops.step_flops(config, shape).values())
 

@@ -98,7 +98,8 @@ def test_decoder_sequence_and_decode_step(config):
     assert traced == pytest.approx(expected, rel=1e-9)
 
 
-def test_step_phases_add_up(config):
+@pytest.mark.parametrize("prompt_run", [1, 2])
+def test_step_phases_add_up(config, prompt_run):
     shape = flops.StepShape(
         prompts=4,
         group_size=2,
@@ -107,14 +108,16 @@ def test_step_phases_add_up(config):
         response_tokens=50,
         scoring_forwards=1,
         perturbed_forwards=1,
+        prompt_run=prompt_run,
     )
     phases = flops.step_flops(config, shape)
     vision = flops.vision_flops(config.vision, 256)
     prompt = flops.decoder_sequence_flops(config.text, 100)
     whole_row = vision + flops.decoder_sequence_flops(config.text, 150) + flops.vocabulary_flops(config.text, 50)
-    # A forward with the original images runs a prompt (its image too) once for its 2 samples;
-    # a perturbed forward runs every row whole (each sample has its own perturbed image).
-    original = 8 * whole_row - 4 * (vision + prompt)
+    # A forward with the original images runs a prompt's decoder part once for its 2 samples
+    # when they share a run (every row's image still goes through the vision tower); a
+    # perturbed forward runs every row whole (each sample has its own perturbed image).
+    original = 8 * whole_row - (4 * prompt if prompt_run == 2 else 0)
     assert phases["update"] == pytest.approx(3 * original)
     assert phases["score rollouts"] == pytest.approx(original + 8 * whole_row)
     # Prefill and decode together run each sample's tokens once but the last (sampled, never

@@ -1,7 +1,8 @@
 """FLOPs of one RL step, counted from the model's shapes, and the step time they imply.
 
     shape = flops.StepShape(prompts=384, group_size=8, prompt_tokens=1325, image_patches=4900,
-                            response_tokens=2048, scoring_forwards=1, perturbed_forwards=1)
+                            response_tokens=2048, scoring_forwards=1, perturbed_forwards=1,
+                            prompt_run=1)
     phases = flops.step_flops(model_config, shape)   # {"rollout prefill": ..., "update": ...}
 
 Only matrix multiplications count, 2 FLOPs per multiply-add (the MFU convention: the
@@ -19,9 +20,11 @@ What a step does, phase by phase (vppo_jax/trainer/trainer.py):
   and with perturbed ones (`perturbed_forwards`: VPPO's dependency, 1);
 - update: forward and backward of the batch, the vocabulary at the response positions.
 
-A forward of the batch with the original images runs the vision tower and the prompt once per
-prompt (a prompt's samples share them) and every sample's response; a perturbed forward runs
-every row whole, as each sample gets its own perturbed image.
+Counted as the step runs them: a forward of the batch with the original images runs each
+row's image through the vision tower, a prompt through the decoder once per run of
+`prompt_run` rows that share it (docs/algorithm.md, "A prompt runs once for its samples"; 1
+when a device's micro-batch holds one row of a group) and every response; a perturbed
+forward runs every row whole, as each sample gets its own perturbed image.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class StepShape:
     response_tokens: float  # mean tokens per response
     scoring_forwards: int  # forwards of the batch with the original images besides the update's own
     perturbed_forwards: int  # forwards of every row with its own perturbed image (see the module docstring)
+    prompt_run: int  # rows that run their shared prompt once in the original-image forwards (1: none share)
 
 
 def decoder_sequence_flops(text: TextConfig, length: float, start: float = 0.0) -> float:
@@ -78,29 +82,25 @@ def vision_flops(vision: VisionConfig, patches: float) -> float:
     return 2 * patches * (embedding + vision.depth * per_block + attention + merger)
 
 
-def prompt_forward_flops(config: Qwen2_5_VLConfig, shape: StepShape) -> float:
-    """A prompt through the vision tower and the decoder."""
-    return vision_flops(config.vision, shape.image_patches) + decoder_sequence_flops(config.text, shape.prompt_tokens)
-
-
 def response_forward_flops(config: Qwen2_5_VLConfig, shape: StepShape) -> float:
     """A response through the decoder after its prompt, the vocabulary at its positions."""
-    return decoder_sequence_flops(config.text, shape.response_tokens, start=shape.prompt_tokens) + vocabulary_flops(
-        config.text, shape.response_tokens
-    )
+    decoder = decoder_sequence_flops(config.text, shape.response_tokens, start=shape.prompt_tokens)
+    return decoder + vocabulary_flops(config.text, shape.response_tokens)
 
 
 def step_flops(config: Qwen2_5_VLConfig, shape: StepShape) -> dict[str, float]:
     """Model FLOPs of each phase of one rollout step (all its updates together)."""
     rows = shape.prompts * shape.group_size
-    prompt, response = prompt_forward_flops(config, shape), response_forward_flops(config, shape)
-    prefill = shape.prompts * (prompt + vocabulary_flops(config.text, 1))  # and the first token's distribution
+    vision = vision_flops(config.vision, shape.image_patches)
+    prompt = decoder_sequence_flops(config.text, shape.prompt_tokens)
+    response = response_forward_flops(config, shape)
+    prefill = shape.prompts * (vision + prompt + vocabulary_flops(config.text, 1))  # and the first token's distribution
     decode = rows * (
         decoder_sequence_flops(config.text, shape.response_tokens - 1, start=shape.prompt_tokens)
         + vocabulary_flops(config.text, shape.response_tokens - 1)
     )
-    batch_forward = shape.prompts * prompt + rows * response  # the original images: prompts once
-    perturbed_forward = rows * (prompt + response)
+    batch_forward = rows * (vision + prompt / shape.prompt_run + response)  # the original images
+    perturbed_forward = rows * (vision + prompt + response)
     return {
         "rollout prefill": prefill,
         "rollout decode": decode,

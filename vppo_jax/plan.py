@@ -299,6 +299,8 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
         grid=grid,
         remat=model_cfg.remat,
         extra_forwards=extra_forwards(step_config, t.updates_per_rollout, micro_batches),
+        # A device's rows of a micro-batch that run their shared prompt once (as the model does).
+        prompt_run=math.gcd(r.group_size, rows // sharding.batch_shards(mesh)),
     )
 
 
@@ -384,6 +386,7 @@ def throughput(config, model_cfg, result: dict, topology_name: str) -> str:
         response_tokens=FLAGS.response_tokens or r.max_new_tokens,
         scoring_forwards=result["extra_forwards"][0],
         perturbed_forwards=result["extra_forwards"][1],
+        prompt_run=result["prompt_run"],
     )
     kind, devices = TOPOLOGIES[topology_name]
     lines = [

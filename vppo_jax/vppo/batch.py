@@ -177,14 +177,17 @@ def build_train_batch(
     response_mask = predicted[:, response_start - 1 :]
 
     # Images of each micro-batch: a contiguous run of images and pixel rows.
-    parts, row_pixels = [], None
+    parts, row_images = [], None
     if pixel_values is not None:
         grids = np.asarray(image_grid_thw).reshape(-1, 3)
         per_row = np.asarray(_images_per_row(config, input_ids, grids))
         image_bounds = np.concatenate([[0], np.cumsum(per_row.reshape(micro_batches, rows).sum(1))])
         pixel_bounds = np.concatenate([[0], np.cumsum(np.prod(grids, axis=1))])
-        row_images = np.concatenate([[0], np.cumsum(per_row)])
-        row_pixels = [pixel_values[pixel_bounds[row_images[b]] : pixel_bounds[row_images[b + 1]]] for b in range(batch)]
+        first_image = np.concatenate([[0], np.cumsum(per_row)])  # of each row, and the end
+        row_images = [
+            (grids[start:end], pixel_values[pixel_bounds[start] : pixel_bounds[end]])
+            for start, end in zip(first_image[:-1], first_image[1:])
+        ]
         for m in range(micro_batches):
             first, last = image_bounds[m], image_bounds[m + 1]
             pixels = slice(pixel_bounds[first], pixel_bounds[last])
@@ -192,6 +195,9 @@ def build_train_batch(
             parts.append((pixel_values[pixels], grids[first:last], perturbed))
     else:
         parts = [(None, None, None)] * micro_batches
+
+    shared = math.gcd(prompt_group, rows)
+    _check_shared_prompts(input_ids[:, :response_start], attention_mask[:, :response_start], row_images, shared)
 
     # One window layout for all micro-batches, so their vision inputs stack.
     grids = [grid for _, grid, _ in parts if grid is not None]
@@ -218,8 +224,6 @@ def build_train_batch(
             ]
         )
     split = lambda a: a.reshape(micro_batches, rows, *a.shape[1:])
-    shared = math.gcd(prompt_group, rows)
-    _check_shared_prompts(input_ids[:, :response_start], attention_mask[:, :response_start], row_pixels, shared)
     return TrainBatch(
         inputs=jax.tree.map(lambda *leaves: np.stack(leaves), *inputs),
         targets=split(targets.astype(np.int32)),
@@ -230,15 +234,16 @@ def build_train_batch(
     )
 
 
-def _check_shared_prompts(prompt_ids: np.ndarray, prompt_mask: np.ndarray, row_pixels: list | None, run: int):
-    """Raises unless each run of `run` consecutive rows has one prompt: the same tokens, mask and images."""
+def _check_shared_prompts(prompt_ids: np.ndarray, prompt_mask: np.ndarray, row_images: list | None, run: int):
+    """Raises unless each run of `run` consecutive rows has one prompt: the same tokens, mask and
+    images (`row_images`: each row's (grids, pixel rows), or None without images)."""
     for first in range(0, len(prompt_ids), run):
         for row in range(first + 1, first + run):
             same = np.array_equal(prompt_ids[row], prompt_ids[first]) and np.array_equal(
                 prompt_mask[row], prompt_mask[first]
             )
-            if same and row_pixels is not None:
-                same = np.array_equal(row_pixels[row], row_pixels[first])
+            if same and row_images is not None:
+                same = all(map(np.array_equal, row_images[row], row_images[first]))
             if not same:
                 raise ValueError(
                     f"rows {first} and {row} are in one group of {run} but their prompts (the columns "
