@@ -14,7 +14,7 @@ def get_config(arg: str = ""):
         config.rollout.max_new_tokens = 4096
         # Weights split 4 ways over `tensor` as well: each device's decode loop then holds a
         # quarter of the gathered decoder, not all of it (v5p-64, `python -m vppo_jax.plan`:
-        # decode 141.8 -> 48.1 GiB per device; update step 43.4).
+        # decode 141.8 -> 48.1 GiB per device; update step 40.9).
         config.mesh.fsdp, config.mesh.tensor = -1, 4
         # One 8192-token row (4096 prompt + 4096 response) per batch shard per micro-batch.
         config.train.micro_batch_tokens = 8192
