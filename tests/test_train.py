@@ -220,6 +220,17 @@ def test_micro_batches_come_from_the_token_budget_unless_counted():
     assert micro_batches(config, rows=256, row_tokens=192) == 32  # 8 rows of 192 tokens (10 would fit)
     assert micro_batches(config, rows=1024, row_tokens=6144, row_shards=8) == 128  # one row per device
     assert micro_batches(config, rows=96, row_tokens=500, row_shards=2) == 12  # 4 fit; 48 rows split as 12 x 4
+    # Groups of 8 rows sharing a 64-token prompt, which a device's rows of a group run once:
+    # 8 rows of 64 + 128 tokens cost 64 + 8 x 128 = 1088, 16 rows (two groups) 2176: 8 fit.
+    # With 16-token responses 64 rows cost 8 x (64 + 8 x 16) = 1536, 128 rows 3072: 64 fit
+    # (16 counting every row's prompt).
+    assert micro_batches(config, rows=256, row_tokens=192, prompt_tokens=64, group_size=8) == 32
+    assert micro_batches(config, rows=256, row_tokens=80, prompt_tokens=64, group_size=8) == 4
+    assert micro_batches(config, rows=256, row_tokens=80) == 16
+    # Rows of 2048 + 2048 tokens fit 2 to a 6144 budget only with their shared prompt counted once.
+    config.train.micro_batch_tokens = 6144
+    assert micro_batches(config, rows=1024, row_tokens=4096, row_shards=16) == 64  # 1 of 4096 per device
+    assert micro_batches(config, rows=1024, row_tokens=4096, row_shards=16, prompt_tokens=2048, group_size=8) == 32
     config.train.micro_batch_tokens = 100
     assert micro_batches(config, rows=256, row_tokens=192) == 256  # never less than a row
     config.train.micro_batches = 4

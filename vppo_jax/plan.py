@@ -224,7 +224,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
     prompt_length = length_bucket(d.max_prompt_length, r.min_prompt_length)
     update_rows = r.prompts_per_step * r.group_size // t.updates_per_rollout
     micro_batches = config_lib.micro_batches(
-        config, update_rows, prompt_length + r.max_new_tokens, sharding.batch_shards(mesh)
+        config, update_rows, prompt_length + r.max_new_tokens, sharding.batch_shards(mesh), prompt_length, r.group_size
     )
     rows = update_rows // micro_batches
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))

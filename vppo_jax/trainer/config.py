@@ -8,6 +8,7 @@ changes; any field can be overridden on the command line (`--config.algo.tgf_k=0
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 
 import jax
@@ -123,11 +124,12 @@ def default_config() -> ml_collections.ConfigDict:
             # Gradient accumulation inside one optimizer step (exact: one token mean over the whole
             # update). micro_batches > 0: that many (the recipes choose theirs with the planner);
             # 0: as many as keep each device's share of a micro-batch within micro_batch_tokens
-            # tokens (verl's ppo_max_token_len_per_gpu), rows split evenly, at least one row per
-            # device. On an accelerator more rows per micro-batch run faster until memory runs
-            # out (`python -m vppo_jax.plan` prints it per device; the recipes set theirs); on a
-            # CPU, which is compute-bound at any size, 2048 tokens run as fast as 8192 with a
-            # third of the activations (README, "Training").
+            # tokens (verl's ppo_max_token_len_per_gpu; a prompt its rows of one group share counts
+            # once, as the forward runs it once), rows split evenly, at least one row per device.
+            # On an accelerator more rows per micro-batch run faster until memory runs out
+            # (`python -m vppo_jax.plan` prints it per device; the recipes set theirs); on a CPU,
+            # which is compute-bound at any size, 2048 tokens run as fast as 8192 with a third of
+            # the activations (README, "Training").
             micro_batches=0,
             micro_batch_tokens=2048,
             seed=0,
@@ -225,17 +227,30 @@ def check_micro_batching(t: ml_collections.ConfigDict):
         )
 
 
-def micro_batches(c: ml_collections.ConfigDict, rows: int, row_tokens: int, row_shards: int = 1) -> int:
+def micro_batches(
+    c: ml_collections.ConfigDict,
+    rows: int,
+    row_tokens: int,
+    row_shards: int = 1,
+    prompt_tokens: int = 0,
+    group_size: int = 1,
+) -> int:
     """Micro-batches of an update of `rows` rows of `row_tokens` tokens split over `row_shards`
     devices: train.micro_batches, or (when 0) the fewest whose per-device rows fit in
-    train.micro_batch_tokens."""
+    train.micro_batch_tokens, at least one row per device.
+
+    Rows come in groups of `group_size` sharing their first `prompt_tokens` tokens, and a
+    device's rows of one group run that prompt once (`response_hidden_states`): r rows cost
+    r x row_tokens less the prompts they do not run again.
+    """
     t = c.train
     check_micro_batching(t)
     if t.micro_batches:
         return t.micro_batches
     per_device = rows // row_shards
-    fitting_rows = max(1, t.micro_batch_tokens // row_tokens)
-    return next(m for m in range(1, per_device + 1) if per_device % m == 0 and per_device // m <= fitting_rows)
+    tokens = lambda r: r * row_tokens - (r - r // math.gcd(r, group_size)) * prompt_tokens
+    fits = lambda r: r == 1 or tokens(r) <= t.micro_batch_tokens
+    return next(m for m in range(1, per_device + 1) if per_device % m == 0 and fits(per_device // m))
 
 
 def layer_loop(name: str, backend: str | None = None) -> str:

@@ -257,8 +257,15 @@ class Trainer:
                     part.prompts, c.rollout.group_size, self.builder.image_processor, seed, c.algo.blacken_prob
                 )
             advantages = np.asarray(grpo_advantages(part.rewards, c.rollout.group_size))
-            row_tokens = part.prompt_arrays["input_ids"].shape[1] + part.tokens.shape[1]
-            micro = config_lib.micro_batches(c, len(part.texts), row_tokens, sharding.batch_shards(self.mesh))
+            prompt_tokens = part.prompt_arrays["input_ids"].shape[1]
+            micro = config_lib.micro_batches(
+                c,
+                len(part.texts),
+                prompt_tokens + part.tokens.shape[1],
+                sharding.batch_shards(self.mesh),
+                prompt_tokens,
+                c.rollout.group_size,
+            )
             batches.append(train_batch(self.model_config, part, advantages, micro, perturbed))
         return batches
 
