@@ -200,6 +200,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
 
     from vppo_jax.models.qwen2_5_vl import abstract_model
     from vppo_jax.models.qwen2_5_vl.inputs import length_bucket
+    from vppo_jax.models.qwen2_5_vl.model import prompt_run
     from vppo_jax.parallel import sharding
     from vppo_jax.rollout import sampling
     from vppo_jax.trainer import config as config_lib
@@ -299,8 +300,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
         grid=grid,
         remat=model_cfg.remat,
         extra_forwards=extra_forwards(step_config, t.updates_per_rollout, micro_batches),
-        # A device's rows of a micro-batch that run their shared prompt once (as the model does).
-        prompt_run=math.gcd(r.group_size, rows // sharding.batch_shards(mesh)),
+        prompt_run=prompt_run(batch.prompt_group, rows, mesh),  # as the model runs the update's rows
     )
 
 

@@ -58,8 +58,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         goes through the decoder once (`TextModel.response_window`), in runs that stay within
         one device's rows.
         """
-        rows_per_shard = inputs.input_ids.shape[0] // sharding.batch_shards(jax.sharding.get_abstract_mesh())
-        shared = math.gcd(prompt_group, rows_per_shard)
+        shared = prompt_run(prompt_group, inputs.input_ids.shape[0], jax.sharding.get_abstract_mesh())
         return self.language_model.response_window(
             self.input_embeddings(inputs), inputs.position_ids, inputs.attention_mask, window, shared
         )
@@ -111,6 +110,13 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         """Logits (B, T, V) from the arrays an HF processor returns, like transformers' forward."""
         inputs = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
         return _jitted_logits(self, inputs)
+
+
+def prompt_run(prompt_group: int, rows: int, mesh) -> int:
+    """How many consecutive rows of `rows` split over `mesh`'s batch shards run their shared
+    prompt once (`response_hidden_states`): runs of `prompt_group` cut to stay within one
+    device's rows."""
+    return math.gcd(prompt_group, rows // sharding.batch_shards(mesh))
 
 
 @nnx.jit
