@@ -69,8 +69,8 @@ def test_decoder_sequence_and_decode_step(config):
     masked = 2 * text.num_hidden_layers * 2 * query * masked_keys
     assert traced == pytest.approx(flops.decoder_sequence_flops(text, length) + masked, rel=1e-9)
 
-    # One decode step reads its prompt's cache (T slots) and its own response cache (S slots,
-    # at most one block: read whole): the token at position T + S - 1.
+    # One decode step reads its prompt's cache (T slots) and its own response cache (one block
+    # of S slots, read whole): the token at position T + S - 1.
     prompt_slots, response_slots = 200, 100
     layers = range(text.num_hidden_layers)
     per_layer = lambda shape: tuple(jax.ShapeDtypeStruct(shape, config.jnp_dtype) for _ in layers)
@@ -80,7 +80,7 @@ def test_decoder_sequence_and_decode_step(config):
     def decode(s, tokens, position, prompt, prompt_mask, response, response_mask):
         full = nnx.merge(graphdef, s)
         layers = full.language_model.decoding_layers()
-        args = (tokens, position, prompt, prompt_mask, response, response_mask, response_slots - 1)
+        args = (tokens, position, prompt, prompt_mask, (response,), response_mask, response_slots - 1)
         return full.decode_step(layers, *args)
 
     traced = traced_matmul_flops(

@@ -10,7 +10,6 @@ import torch
 from jax.sharding import Mesh
 from scipy import stats
 
-from vppo_jax.models.qwen2_5_vl import text
 from vppo_jax.models.qwen2_5_vl.inputs import left_pad_to_bucket, length_bucket
 from vppo_jax.models.qwen2_5_vl.text import attend_to_cache
 from vppo_jax.rollout import sampling
@@ -74,11 +73,13 @@ def test_greedy_matches_transformers_generate(port, hf_greedy, devices):
     assert len(rollout.tokens.sharding.device_set) == devices
 
 
-def test_greedy_reading_the_response_cache_in_blocks_matches_transformers(port, hf_greedy, monkeypatch):
-    """The decode loop reading the response cache in blocks of 8 slots, only those written so
-    far (5 blocks of the 40), gives transformers' greedy tokens too."""
-    monkeypatch.setattr(text, "RESPONSE_BLOCK", 8)
-    sampling._PROGRAMS.clear()  # not the programs compiled with whole-cache reads
+@pytest.mark.parametrize("segments", [1, 3], ids=["one_block", "three_blocks_of_14"])
+def test_greedy_with_other_response_cache_blocks_matches_transformers(port, hf_greedy, monkeypatch, segments):
+    """The decode loop with the response cache in one block of 40 slots (read whole at every
+    step), or in blocks of 14 (the last partly never written), gives transformers'
+    greedy tokens too (the default, 4 blocks of 10, is tested above)."""
+    monkeypatch.setattr(sampling, "DECODE_SEGMENTS", segments)
+    sampling._PROGRAMS.clear()  # not the programs compiled with the default blocks
     params = sampling.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, end_token_ids=(), pad_token_id=0)
     rollout = sampling.generate(port, processor_batch(PROMPTS), keys_for(len(PROMPTS)), params)
     sampling._PROGRAMS.clear()
@@ -166,40 +167,33 @@ def test_a_negative_wave_size_is_refused():
         sampling.SamplingParams(max_new_tokens=1, end_token_ids=(), pad_token_id=0, wave_prompts=-1)
 
 
-@pytest.mark.parametrize("block, filled", [(256, 8), (2, 5)], ids=["one_block", "blocks_of_2_up_to_slot_5"])
-def test_shared_prompt_cache_attention_equals_attention_over_the_repeated_cache(block, filled):
+@pytest.mark.parametrize("blocks, filled", [(1, 6), (3, 1)], ids=["one_block", "three_blocks_last_with_one_slot"])
+def test_shared_prompt_cache_attention_equals_attention_over_the_repeated_cache(blocks, filled):
     """attend_to_cache (the prompt's cache read by its G samples, merged with each sample's
-    response cache) against a dense float64 softmax over the prompt's slots repeated G times
-    and concatenated with each sample's; one sample with no response slot open, one prompt
-    with no prompt slot. In blocks, the blocks after slot `filled` - 1 hold NaN: they are never read."""
-    prompts, group, kv_heads, per_kv, head_dim, prompt_slots, response_slots = 3, 2, 2, 3, 8, 5, 8
+    response cache blocks) against a dense float64 softmax over the prompt's slots repeated G
+    times and concatenated with each sample's blocks; one sample with no slot of the last
+    block open, one prompt with no prompt slot. Every slot of the earlier blocks counts."""
+    prompts, group, kv_heads, per_kv, head_dim, prompt_slots, block = 3, 2, 2, 3, 8, 5, 8
     rng = np.random.default_rng(0)
     rows, heads = prompts * group, kv_heads * per_kv
     q = rng.normal(size=(rows, 1, heads, head_dim)).astype(np.float32)
     prompt_keys = rng.normal(size=(prompts, kv_heads, head_dim, prompt_slots)).astype(np.float32)
     prompt_values = rng.normal(size=(prompts, kv_heads, prompt_slots, head_dim)).astype(np.float32)
-    response_keys = rng.normal(size=(rows, kv_heads, head_dim, response_slots)).astype(np.float32)
-    response_values = rng.normal(size=(rows, kv_heads, response_slots, head_dim)).astype(np.float32)
-    unread = -(-filled // block) * block  # the blocks after the one holding slot filled - 1
-    response_keys[..., unread:], response_values[..., unread:, :] = np.nan, np.nan
+    response_keys = [rng.normal(size=(rows, kv_heads, head_dim, block)).astype(np.float32) for _ in range(blocks)]
+    response_values = [rng.normal(size=(rows, kv_heads, block, head_dim)).astype(np.float32) for _ in range(blocks)]
     prompt_mask = rng.random((prompts, prompt_slots)) < 0.7
-    response_mask = (rng.random((rows, response_slots)) < 0.6) & (np.arange(response_slots) < filled)
-    prompt_mask[0], response_mask[0] = True, False  # sample 0 reads its prompt alone
-    prompt_mask[2], response_mask[4:, :filled] = False, True  # prompt 2's samples read their responses alone
+    last_mask = (rng.random((rows, block)) < 0.6) & (np.arange(block) < filled)
+    prompt_mask[0], last_mask[0] = True, False  # sample 0 reads its prompt (and earlier blocks) alone
+    prompt_mask[2], last_mask[4:, :filled] = False, True  # prompt 2's samples read their responses alone
     out = attend_to_cache(
-        q,
-        (prompt_keys, prompt_values),
-        prompt_mask,
-        (response_keys, response_values),
-        response_mask,
-        jnp.int32(filled),
-        block,
+        q, (prompt_keys, prompt_values), prompt_mask, list(zip(response_keys, response_values)), last_mask
     )
 
     repeat = lambda a: np.repeat(a.astype(np.float64), group, axis=0)
-    keys = np.concatenate([repeat(prompt_keys), response_keys[..., :filled]], axis=-1)  # (B, Hkv, hd, T + filled)
-    values = np.concatenate([repeat(prompt_values), response_values[..., :filled, :]], axis=-2)
-    mask = np.concatenate([repeat(prompt_mask).astype(bool), response_mask[:, :filled]], axis=-1)
+    keys = np.concatenate([repeat(prompt_keys), *response_keys], axis=-1)  # (B, Hkv, hd, T + blocks x S)
+    values = np.concatenate([repeat(prompt_values), *response_values], axis=-2)
+    earlier = np.ones((rows, (blocks - 1) * block), bool)
+    mask = np.concatenate([repeat(prompt_mask).astype(bool), earlier, last_mask], axis=-1)
     grouped_q = q.reshape(rows, kv_heads, per_kv, head_dim).astype(np.float64)
     scores = np.einsum("bkhd,bkds->bkhs", grouped_q, keys) / np.sqrt(head_dim)
     scores = np.where(mask[:, None, None], scores, -np.inf)

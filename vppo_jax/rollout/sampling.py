@@ -9,9 +9,10 @@
 
 Row p * G + g holds sample g of prompt p. The prefill runs the vision tower and the prompt
 once per prompt; its KV cache stays one per prompt, which the prompt's G samples all read,
-beside a response cache of their own. Decoding is one `lax.while_loop` that feeds one token
-per sample per step and stops when every sample has produced an end token or
-`max_new_tokens` tokens.
+beside a response cache of their own. Decoding feeds one token per sample per step and stops
+when every sample has produced an end token or `max_new_tokens` tokens: DECODE_SEGMENTS
+`lax.while_loop`s one after the other, each writing one block of the response cache and
+reading only the blocks before it and its own.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, left_pad_to_bucket, p
 from vppo_jax.models.qwen2_5_vl.text import KVCache
 from vppo_jax.parallel import sharding
 from vppo_jax.parallel.compile import Program, ProgramCache
+
+# Blocks of the response cache, one decode loop each. A step reads the blocks written so far,
+# on average (DECODE_SEGMENTS + 1) / (2 * DECODE_SEGMENTS) of the cache (62% at 4; 100% for
+# one block), and each loop is compiled separately, so more blocks trade compile time for
+# reads. On a CPU, where reading the cache is most of a decode step, 4 blocks decode the
+# `small` model's 256 x 128-token rollout about 15% faster than 1 (8: no faster; 16: slower).
+DECODE_SEGMENTS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +196,7 @@ class Prefilled:
 @flax.struct.dataclass
 class _DecodeState:
     step: jax.Array  # index of the next response token to sample
-    cache: KVCache  # the responses', one row per sample
+    cache: tuple[KVCache, ...]  # the responses' blocks written so far, one row per sample
     tokens: jax.Array
     mask: jax.Array
     logprobs: jax.Array
@@ -266,26 +274,37 @@ def _decode_rows(
         )
 
     next_position = per_sample(prefilled.next_position)
+    # The response cache in blocks of `block` slots, decoded one block after another: while
+    # writing block b a step reads blocks 0..b only.
+    block = -(-params.max_new_tokens // DECODE_SEGMENTS)
+    blocks = -(-params.max_new_tokens // block)
 
-    def decode_one(state: _DecodeState) -> _DecodeState:
+    def decode_one(first_slot: int, state: _DecodeState) -> _DecodeState:
         previous = state.step - 1  # the last sampled token goes in at its slot, then predicts the next
         position = jnp.broadcast_to(next_position + previous, (3, rows))[..., None]
-        response_mask = jnp.broadcast_to(response_slots <= previous, (rows, params.max_new_tokens))
+        block_mask = jnp.broadcast_to(first_slot + jnp.arange(block) <= previous, (rows, block))
         token = jax.lax.dynamic_index_in_dim(state.tokens, previous, axis=1, keepdims=False)
         logits, cache = model.decode_step(
-            layers, token, position, prefilled.cache, prefilled.prompt_mask, state.cache, response_mask, previous
+            layers,
+            token,
+            position,
+            prefilled.cache,
+            prefilled.prompt_mask,
+            state.cache,
+            block_mask,
+            previous - first_slot,
         )
         return record(state.replace(cache=cache), logits)
 
-    def not_done(state: _DecodeState) -> jax.Array:
-        return (state.step < params.max_new_tokens) & ~jnp.all(state.finished)
+    def not_done(last_slot: int, state: _DecodeState) -> jax.Array:
+        return (state.step <= last_slot + 1) & (state.step < params.max_new_tokens) & ~jnp.all(state.finished)
 
     shape = (rows, params.max_new_tokens)
-    # The response cache: each sample's own keys and values, the prompt's cache shape with
-    # one row per sample and max_new_tokens slots; heads split over tensor like the prompt's.
+    # A response cache block: each sample's own keys and values, the prompt's cache shape with
+    # one row per sample and `block` slots; heads split over tensor like the prompt's.
     empty = lambda prompt_part, slot_axis: sharding.constrain(
         jnp.zeros(
-            (rows, *prompt_part.shape[1:slot_axis], params.max_new_tokens, *prompt_part.shape[slot_axis + 1 :]),
+            (rows, *prompt_part.shape[1:slot_axis], block, *prompt_part.shape[slot_axis + 1 :]),
             prompt_part.dtype,
         ),
         "batch",
@@ -293,18 +312,24 @@ def _decode_rows(
         None,
         None,
     )
-    cache = KVCache(
+    empty_block = lambda: KVCache(
         keys=tuple(empty(k, 3) for k in prefilled.cache.keys), values=tuple(empty(v, 2) for v in prefilled.cache.values)
     )
     start = _DecodeState(
         step=jnp.int32(0),
-        cache=cache,
+        cache=(),
         tokens=jnp.full(shape, params.pad_token_id, jnp.int32),
         mask=jnp.zeros(shape, bool),
         logprobs=jnp.zeros(shape, jnp.float32),
         finished=jnp.zeros((rows,), bool),
     )
-    end = jax.lax.while_loop(not_done, decode_one, record(start, per_sample(prefilled.logits)))
+    end = record(start, per_sample(prefilled.logits))
+    for b in range(blocks):  # a loop that ends early (every sample has ended) leaves the next ones no step
+        first_slot = b * block
+        end = end.replace(cache=(*end.cache, empty_block()))
+        end = jax.lax.while_loop(
+            functools.partial(not_done, first_slot + block - 1), functools.partial(decode_one, first_slot), end
+        )
     return Rollout(tokens=end.tokens, mask=end.mask, logprobs=end.logprobs, truncated=~end.finished)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,11 +84,12 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         position_ids: jax.Array,
         prompt: KVCache,
         prompt_mask: jax.Array,
-        response: KVCache,
+        response: Sequence[KVCache],
         response_mask: jax.Array,
         index: jax.Array,
-    ) -> tuple[jax.Array, KVCache]:
-        """Logits (B, V) after one text token per sample (B,) written at response cache slot `index`.
+    ) -> tuple[jax.Array, tuple[KVCache, ...]]:
+        """Logits (B, V) after one text token per sample (B,) written at slot `index` of the
+        response cache's last block; the response blocks come back, the last one updated.
 
         position_ids (3, B, 1): its M-RoPE position; the caches and masks as
         `TextModel.decode` takes them (the prompts' shared by each prompt's samples);

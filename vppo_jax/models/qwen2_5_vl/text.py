@@ -31,9 +31,10 @@ from vppo_jax.parallel.sharding import constrain
 class KVCache:
     """Keys and values of every decoder layer over a run of cache slots.
 
-    Decoding holds two: the prompts' (one row per prompt, written by the prefill) and the
-    responses' (one row per sample, a slot written per step). A prompt's G samples read its
-    one row: its keys and values are not repeated G times.
+    Decoding holds the prompts' (one row per prompt, written by the prefill) and the
+    responses' in blocks of slots (one row per sample, a slot written per step; the decode
+    loop reads the blocks written so far, vppo_jax/rollout/sampling.py). A prompt's G samples
+    read its one row: its keys and values are not repeated G times.
 
     One array per layer (not stacked) and keys stored transposed: the decode loop updates
     each in place and attends with plain batched matmuls. On CPU, slicing a stacked cache
@@ -44,33 +45,26 @@ class KVCache:
     values: tuple[jax.Array, ...]  # per layer (B, kv_heads, S, head_dim)
 
 
-# Response cache slots read per block while decoding: only the blocks written so far are read.
-RESPONSE_BLOCK = 256
-
-
 def attend_to_cache(
     q: jax.Array,
     prompt: tuple[jax.Array, jax.Array],
     prompt_mask: jax.Array,
-    response: tuple[jax.Array, jax.Array],
+    response: Sequence[tuple[jax.Array, jax.Array]],
     response_mask: jax.Array,
-    filled: jax.Array,
-    block: int | None = None,
 ) -> jax.Array:
     """Attention of one new token per sample over its prompt's cache and its own response cache.
 
     q: (B, 1, H, hd) for B = P x G samples, row p * G + g a sample of prompt p. prompt: one
-    layer's keys (P, Hkv, hd, T) and values (P, Hkv, T, hd), shared by a prompt's G samples;
-    response: the samples' own keys (B, Hkv, hd, S) and values (B, Hkv, S, hd), slots
-    [0, filled) written. The masks (P, T) and (B, S) say which slots are attended to (none at
-    or after `filled`). Returns (B, 1, H * hd).
+    layer's keys (P, Hkv, hd, T) and values (P, Hkv, T, hd), shared by a prompt's G samples,
+    with prompt_mask (P, T) saying which slots are attended to. response: the samples' own
+    keys (B, Hkv, hd, S) and values (B, Hkv, S, hd) in blocks of S slots, every slot of the
+    earlier blocks attended to and those of the last where response_mask (B, S) is True.
+    Returns (B, 1, H * hd).
 
     Each part is a softmax of its own in fp32, and the parts are merged by their maxima and
-    sums: the softmax over all slots, computed without the prompt's cache repeated. The
-    response cache is read in blocks of `block` slots (default RESPONSE_BLOCK) up to the one
-    holding slot filled - 1 (whole when S is at most one block or not a multiple of it).
+    sums: the softmax over all slots, computed without the prompt's cache repeated, and
+    without reading the response blocks that come after the last.
     """
-    block = block or RESPONSE_BLOCK
     batch, _, num_heads, head_dim = q.shape
     prompts, num_kv = prompt[0].shape[:2]
     group, per_kv = batch // prompts, num_heads // num_kv
@@ -83,17 +77,10 @@ def attend_to_cache(
         a.reshape(prompts, num_kv, group, per_kv, -1).transpose(0, 2, 1, 3, 4).reshape(batch, num_kv, per_kv, -1)
     )
     attended = tuple(map(to_samples, _partial_softmax(by_prompt, prompt[0], prompt[1], prompt_mask)))
-    keys, values = response
-    slots = keys.shape[-1]
-    if slots <= block or slots % block:
-        attended = _merge(attended, _partial_softmax(q, keys, values, response_mask))
-    else:
-
-        def add_block(i, attended):
-            part = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, i * block, block, axis)
-            return _merge(attended, _partial_softmax(q, part(keys, -1), part(values, -2), part(response_mask, -1)))
-
-        attended = jax.lax.fori_loop(0, (filled + block - 1) // block, add_block, attended)
+    every_slot = jnp.ones(response_mask.shape, bool)
+    masks = [every_slot] * (len(response) - 1) + [response_mask]
+    for (keys, values), mask in zip(response, masks):
+        attended = _merge(attended, _partial_softmax(q, keys, values, mask))
     out, _, total = attended
     return (out / total).astype(values.dtype).reshape(batch, 1, num_heads * head_dim)
 
@@ -161,9 +148,9 @@ class TextAttention(nnx.Module):
         (B, T) is True (`attention.causal_attention`). With `prefix`, the keys and values
         (B, P, Hkv, hd) of the P tokens before them (run elsewhere, rotary applied), they
         attend to those too, and `mask` (B, P + T) covers both. While decoding (T = 1), cache
-        is one layer's (prompt (keys, values), response (keys, values)) and mask their
-        (prompt mask, response mask), as `attend_to_cache` takes them: the token's key and
-        value are written at response slot `index`, and the response cache comes back.
+        is one layer's (prompt (keys, values), response blocks ((keys, values), ...)) and mask
+        their (prompt mask, last block's mask), as `attend_to_cache` takes them: the token's
+        key and value are written at slot `index` of the last block, which comes back.
         """
         batch, length, _ = x.shape
         split = lambda y, heads: constrain(y.reshape(batch, length, -1, self.head_dim), "batch", None, heads, None)
@@ -175,10 +162,11 @@ class TextAttention(nnx.Module):
             if prefix is not None:
                 keys, values = (jnp.concatenate([before, own], axis=1) for before, own in zip(prefix, (k, v)))
             return self.o_proj(causal_attention(q, keys, values, mask, self.attention_block)), (k, v)
-        prompt, (keys, values) = cache
+        prompt, response = cache
+        keys, values = response[-1]
         keys = jax.lax.dynamic_update_slice(keys, k.transpose(0, 2, 3, 1), (0, 0, 0, index))
         values = jax.lax.dynamic_update_slice(values, v.transpose(0, 2, 1, 3), (0, 0, index, 0))
-        attended = attend_to_cache(q, prompt, mask[0], (keys, values), mask[1], index + 1)
+        attended = attend_to_cache(q, prompt, mask[0], (*response[:-1], (keys, values)), mask[1])
         return self.o_proj(attended), (keys, values)
 
 
@@ -305,25 +293,24 @@ class TextModel(nnx.Module):
         position_ids: jax.Array,
         prompt: KVCache,
         prompt_mask: jax.Array,
-        response: KVCache,
+        response: Sequence[KVCache],
         response_mask: jax.Array,
         index: jax.Array,
-    ) -> tuple[jax.Array, KVCache]:
-        """One new token per sample (B, 1, D), written at response cache slot `index`.
+    ) -> tuple[jax.Array, tuple[KVCache, ...]]:
+        """One new token per sample (B, 1, D), written at slot `index` of the response cache's last block.
 
         It attends to its prompt's cache where prompt_mask (P, T) is True (B = P x G samples,
-        row p * G + g of prompt p) and to its own response cache where response_mask (B, S)
-        is True (its own slot included). Returns its final hidden state (B, 1, D) and the
-        updated response cache.
+        row p * G + g of prompt p), to every slot of its own response cache's earlier blocks,
+        and to the last block where response_mask (B, S) is True (its own slot included): the
+        blocks after the one being written are not passed, so not read. Returns its final
+        hidden state (B, 1, D) and the response blocks, the last one updated.
         """
         cos, sin = mrope_cos_sin(self.config.text, position_ids, self.config.jnp_dtype)
         x, keys, values = embeddings, [], []
         masks = (prompt_mask, response_mask)
-        for layer, prompt_keys, prompt_values, layer_keys, layer_values in zip(
-            layers, prompt.keys, prompt.values, response.keys, response.values
-        ):
-            layer_cache = ((prompt_keys, prompt_values), (layer_keys, layer_values))
-            x, (layer_keys, layer_values) = layer(x, cos, sin, masks, layer_cache, index)
+        for i, (layer, prompt_keys, prompt_values) in enumerate(zip(layers, prompt.keys, prompt.values)):
+            blocks = tuple((block.keys[i], block.values[i]) for block in response)
+            x, (layer_keys, layer_values) = layer(x, cos, sin, masks, ((prompt_keys, prompt_values), blocks), index)
             keys.append(layer_keys)
             values.append(layer_values)
-        return self.norm(x), KVCache(keys=tuple(keys), values=tuple(values))
+        return self.norm(x), (*response[:-1], KVCache(keys=tuple(keys), values=tuple(values)))
