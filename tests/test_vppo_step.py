@@ -161,6 +161,55 @@ def test_gradient_accumulation_over_4_micro_batches_equals_full_batch(setup):
     assert float(metrics_full["loss"]) == pytest.approx(float(metrics_micro["loss"]), abs=1e-5)
 
 
+def test_per_group_tas_accumulates_in_pass_over_whole_groups_exactly(setup):
+    """With TAS per group and one group per micro-batch, no micro-batch's shaping needs
+    another's: VPPO runs in-pass over 2 micro-batches (no scoring pass) and its update equals
+    the one-pass update (a deterministic perturbation, so both draw the same I')."""
+    _, model, arrays, response = setup
+    config = step_lib.StepConfig(group_size=GROUP, tas_scope="per_group", perturbation="gray")
+    assert not step_lib.needs_scoring(config, 1, 2, GROUP)
+    optimizer = optax.sgd(1.0)  # the parameter change is then exactly -gradient
+    graphdef, state = init(model, optimizer)
+    train_step = programs.make_train_step(config, optimizer, graphdef)
+    before = jax.tree.map(np.asarray, state.params)
+    copy = lambda s: jax.tree.map(jnp.array, s)
+    changes = []
+    for micro_batches in (1, 2):
+        batch = train_batch(model, arrays, response, micro_batches)
+        assert not batch.scored
+        new_state, metrics = train_step(copy(state), batch, jax.random.key(4))
+        changes.append((jax.tree.map(lambda a, b: np.asarray(a) - b, new_state.params, before), metrics))
+    (one, metrics_one), (two, metrics_two) = changes
+    assert max(np.abs(g).max() for g in jax.tree.leaves(one)) > 1e-3
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    for name in ("loss", "tas/alpha_max", "dependency/token_mean"):
+        assert float(metrics_one[name]) == pytest.approx(float(metrics_two[name]), abs=1e-5)
+
+
+def test_which_steps_need_a_scoring_pass(setup):
+    """pi_old from the update's own forward unless a later update reuses the rollouts, or the
+    shaping of one micro-batch needs the others' dependency (global TAS, or groups split)."""
+    vppo = step_lib.StepConfig(group_size=GROUP)
+    per_group = step_lib.StepConfig(group_size=GROUP, tas_scope="per_group")
+    assert not step_lib.needs_scoring(vppo, 1, 1, 8)
+    assert step_lib.needs_scoring(vppo, 1, 2, 4)  # global TAS over two micro-batches
+    assert not step_lib.needs_scoring(per_group, 1, 2, 4)
+    assert step_lib.needs_scoring(per_group, 1, 4, 2)  # half groups
+    assert not step_lib.needs_scoring(step_lib.StepConfig(group_size=GROUP, tas=False), 1, 4, 2)
+    assert not step_lib.needs_scoring(step_lib.StepConfig(vppo=False), 1, 4, 2)
+    assert step_lib.needs_scoring(per_group, 3, 1, 8)  # later updates are off-policy
+    assert step_lib.extra_forwards(per_group, 1, 2, 4) == (0, 1)
+    assert step_lib.extra_forwards(vppo, 1, 2, 4) == (1, 1)
+    _, model, arrays, response = setup
+    graphdef, state = init(model, optax.sgd(0.0))
+    batch = train_batch(model, arrays, response, micro_batches=2)
+    with pytest.raises(ValueError, match="global TAS needs precomputed scores"):
+        jax.eval_shape(
+            lambda s: step_lib.train_step(vppo, optax.sgd(0.0), graphdef, s, batch, jax.random.key(0)), state
+        )
+
+
 def test_grpo_baseline_traces_no_perturbed_forward(setup, monkeypatch):
     _, model, arrays, response = setup
     calls = []

@@ -241,7 +241,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
         advantages=jax.ShapeDtypeStruct((micro_batches, rows), np.float32),
         prompt_group=math.gcd(r.group_size, rows),  # as build_train_batch finds a rollout's rows
     )
-    if needs_scoring(step_config, t.updates_per_rollout, micro_batches):  # pi_old, dependency first
+    if needs_scoring(step_config, t.updates_per_rollout, micro_batches, rows):  # pi_old, dependency first
         if "score" in phases:
             program = programs.score_program(step_config, graphdef, mesh, state.params, batch, key)
             results.append(
@@ -299,7 +299,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
         length=prompt_length + r.max_new_tokens,
         grid=grid,
         remat=model_cfg.remat,
-        extra_forwards=extra_forwards(step_config, t.updates_per_rollout, micro_batches),
+        extra_forwards=extra_forwards(step_config, t.updates_per_rollout, micro_batches, rows),
         prompt_run=prompt_run(batch.prompt_group, rows, mesh),  # as the model runs the update's rows
     )
 

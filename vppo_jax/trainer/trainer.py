@@ -291,7 +291,7 @@ class Trainer:
         c = self.config
         batches = self.update_batches(groups, score_key)
         tokens = float(sum(np.asarray(b.response_mask).sum() for b in batches))  # while still on the host
-        if needs_scoring(self.step_config, c.train.updates_per_rollout, batches[0].targets.shape[0]):
+        if needs_scoring(self.step_config, c.train.updates_per_rollout, *batches[0].targets.shape[:2]):
             # pi_old statistics for every slice from the rollout policy, before any update.
             with timer("dependency"):
                 batches = jax.block_until_ready(

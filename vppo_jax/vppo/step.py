@@ -10,8 +10,9 @@ where they come from, for the trainer and the planner alike:
 * in-pass (`batch.scored` False; one update per rollout batch, so pi_theta = pi_old): each
   micro-batch's forward with gradient gives pi_old = stop_gradient(pi_theta), and VPPO
   adds ONE no-gradient forward on the perturbed images. The cheapest VPPO step: GRPO's
-  forward + backward plus one forward. VPPO needs one micro-batch here, since TAS and TGF
-  rank over the whole batch before the first gradient.
+  forward + backward plus one forward. With several micro-batches VPPO needs shaping that
+  stays within one (`shaping_is_local`: TGF ranks each response's own tokens; TAS off or
+  per group of whole groups), since global TAS ranks the whole batch before the first gradient.
 * precomputed (`batch.scored` True): `score_rollouts` ran once per rollout batch with the
   rollout policy; the step shapes the whole batch first, then accumulates gradients.
 
@@ -79,18 +80,26 @@ class StepConfig:
             )
 
 
-def needs_scoring(config: StepConfig, updates_per_rollout: int, micro_batches: int) -> bool:
-    """Whether pi_old's statistics need a scoring pass before the updates: a later update on
-    the same rollouts no longer has pi_theta = pi_old, and VPPO's shaping needs the whole
-    batch's dependency before the first micro-batch's gradient."""
-    return updates_per_rollout > 1 or (config.vppo and micro_batches > 1)
+def shaping_is_local(config: StepConfig, rows: int) -> bool:
+    """Whether VPPO's shaping of a micro-batch of `rows` consecutive rows (groups of
+    group_size in a row) needs no other micro-batch: TGF ranks each response's own tokens,
+    and TAS is off or scoped per group with whole groups in the micro-batch."""
+    return not config.tas or (config.tas_scope == "per_group" and rows % config.group_size == 0)
 
 
-def extra_forwards(config: StepConfig, updates_per_rollout: int, micro_batches: int) -> tuple[int, int]:
+def needs_scoring(config: StepConfig, updates_per_rollout: int, micro_batches: int, rows: int) -> bool:
+    """Whether pi_old's statistics need a scoring pass before the updates of micro-batches of
+    `rows` rows: a later update on the same rollouts no longer has pi_theta = pi_old, and
+    global TAS needs the whole batch's dependency before the first micro-batch's gradient."""
+    shaped_across = config.vppo and micro_batches > 1 and not shaping_is_local(config, rows)
+    return updates_per_rollout > 1 or shaped_across
+
+
+def extra_forwards(config: StepConfig, updates_per_rollout: int, micro_batches: int, rows: int) -> tuple[int, int]:
     """Forwards of the batch a step runs besides its updates' own (vppo_jax/flops.py), as
     (with the original images, with perturbed images): the scoring pass's pi_old where one is
     needed, and VPPO's perturbed forward (in the scoring pass or inside the update)."""
-    return int(needs_scoring(config, updates_per_rollout, micro_batches)), int(config.vppo)
+    return int(needs_scoring(config, updates_per_rollout, micro_batches, rows)), int(config.vppo)
 
 
 def token_scores(config: StepConfig, model, inputs, perturbed_patches, targets, response_mask, hidden, key):
@@ -166,8 +175,10 @@ def train_step(
 ) -> tuple[TrainState, dict]:
     """One optimizer update; see the module docstring."""
     micro_batches, rows, length = batch.targets.shape
-    if config.vppo and not batch.scored and micro_batches > 1:
-        raise ValueError("Gradient accumulation with VPPO needs precomputed scores: call score_rollouts first.")
+    if not batch.scored and needs_scoring(config, 1, micro_batches, rows):
+        raise ValueError(
+            "Gradient accumulation with VPPO's global TAS needs precomputed scores: call score_rollouts first."
+        )
     perturb_key, filter_key = jax.random.split(key)
 
     # Shaping of a scored batch ranks all its rows at once, before any gradient.
@@ -181,8 +192,8 @@ def train_step(
 
     counts = LossCounts(*loss_counts(batch.response_mask, config.loss.aggregation))
 
-    def micro_loss(params, micro: TrainBatch, shaped_micro):
-        """Loss of one micro-batch, its sums divided by the whole batch's counts (exact
+    def micro_loss(params, micro: TrainBatch, shaped_micro, index):
+        """Loss of micro-batch `index`, its sums divided by the whole batch's counts (exact
         accumulation), with the per-token statistics the metrics need as auxiliaries."""
         model = nnx.merge(graphdef, params)
         hidden = model.response_hidden_states(micro.inputs, micro.targets.shape[-1], micro.prompt_group)
@@ -194,6 +205,8 @@ def train_step(
             alpha, weights = shaped_micro
         else:  # this forward is pi_old's
             old_logp, dep = jax.lax.stop_gradient(logp), None
+            # Each micro-batch draws its own perturbations and random TGF (one: the step's keys).
+            own = lambda k: k if micro_batches == 1 else jax.random.fold_in(k, index)
             if config.vppo:
                 dep = token_scores(
                     config,
@@ -203,9 +216,10 @@ def train_step(
                     micro.targets,
                     micro.response_mask,
                     hidden,
-                    perturb_key,
+                    own(perturb_key),
                 )[2]  # the log-probs and entropy with gradient come from logp_and_entropy above
-            alpha, weights = shape_rows(config, dep, jax.lax.stop_gradient(entropy), micro.response_mask, filter_key)
+            entropy_old = jax.lax.stop_gradient(entropy)
+            alpha, weights = shape_rows(config, dep, entropy_old, micro.response_mask, own(filter_key))
         sums, metric_sums = loss_sums(
             logp, old_logp, micro.advantages, micro.response_mask, alpha, weights, None, config.loss
         )
@@ -220,7 +234,10 @@ def train_step(
 
     # Gradients add up in fp32 whatever the parameters' dtype.
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    grads, (losses, (sums, metric_sums, per_token)) = jax.lax.scan(accumulate, zeros, (batch, shaped))
+    micro_batch_index = jnp.arange(micro_batches)
+    grads, (losses, (sums, metric_sums, per_token)) = jax.lax.scan(
+        accumulate, zeros, (batch, shaped, micro_batch_index)
+    )
     loss = losses.sum()
     sums, metric_sums = jax.tree.map(lambda a: a.sum(0), (sums, metric_sums))
 
