@@ -4,6 +4,7 @@ per optimizer step, its seconds, rollout seconds (sampling and reward) and compl
 
     python benchmarks/peer_runs.py --framework=trl --task=/tmp/peer --out=trl.json [--gradient_checkpointing]
     python benchmarks/peer_runs.py --framework=ours --algo=vppo --micro_batches=8 --task=/tmp/peer --out=ours.json
+    python benchmarks/peer_runs.py --framework=ours --algo=vppo --tas_scope=per_group --task=/tmp/peer --out=ours.json
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def define_flags():
     flags.DEFINE_bool("gradient_checkpointing", True, "TRL: recompute activations in the backward (its default).")
     flags.DEFINE_integer("micro_batch", 32, "TRL: completions per forward/backward (gradient accumulation).")
     flags.DEFINE_enum("algo", "grpo", ["grpo", "vppo"], "Ours: the algorithm.")
+    flags.DEFINE_enum(
+        "tas_scope", "global", ["global", "per_group"], "Ours, VPPO: algo.tas_scope (per_group: no scoring pass)."
+    )
     flags.DEFINE_integer("micro_batches", 0, "Ours: train.micro_batches (0: the config's default).")
     flags.DEFINE_integer("micro_batch_tokens", 0, "Ours: train.micro_batch_tokens (0: the config's default).")
     flags.DEFINE_integer(
@@ -129,6 +133,7 @@ def run_ours(where: dict[str, str], steps: int) -> list[dict]:
     c.rollout.update(top_p=1.0, min_prompt_length=64, max_filter_rounds=1)
     c.reward.name = "peer_task:contains_answer"
     c.algo.vppo = FLAGS.algo == "vppo"
+    c.algo.tas_scope = FLAGS.tas_scope
     c.algo.online_filter = False  # no dynamic sampling: every sampled group trains, as in TRL
     c.optim.update(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM)
     c.train.update(steps=steps, updates_per_rollout=1)

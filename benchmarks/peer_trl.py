@@ -14,7 +14,10 @@ Targets: our GRPO step >= 2x faster than TRL's defaults, VPPO >= 1.5x, our peak 
 
 Ours runs twice per algorithm: as the config comes (one JAX device), and with one JAX CPU
 device per core and the rows split over them (`--per_core`; XLA:CPU runs many of a step's
-small operations on one thread per device, so one device leaves cores idle).
+small operations on one thread per device, so one device leaves cores idle). VPPO runs both
+ways again with TAS per group (`--per_group_tas`, `algo.tas_scope="per_group"`): each
+micro-batch of 8 rows is one group, so the update gives pi_old in-pass and there is no
+scoring pass (the default, global TAS, ranks the whole batch before the first gradient).
 
 It also prints the floor of each step on this machine: the step's model FLOPs
 (vppo_jax/flops.py on the task's mean prompt and response lengths) at the rate of one large
@@ -51,6 +54,7 @@ def define_flags():
     flags.DEFINE_integer("micro_batches", 0, "Our train.micro_batches (0: the config's default).")
     flags.DEFINE_bool("trl_without_checkpointing", True, "Also run TRL with gradient checkpointing off.")
     flags.DEFINE_bool("per_core", True, "Also run ours on one JAX CPU device per core (rows split over them).")
+    flags.DEFINE_bool("per_group_tas", True, "Also run our VPPO with TAS per group (no scoring pass).")
 
 
 @dataclasses.dataclass
@@ -59,6 +63,7 @@ class Run:
     setting: str
     args: tuple[str, ...]
     algo: str = ""  # ours: "grpo" or "vppo"
+    scoring_pass: bool = False  # ours: pi_old from a no-gradient forward before the update
     step: float = 0.0
     rollout: float = 0.0
     tokens_per_second: float = 0.0
@@ -99,12 +104,18 @@ def planned_runs() -> dict[str, Run]:
         )
     setting = f"micro_batches={FLAGS.micro_batches}" if FLAGS.micro_batches else "the config's defaults"
     per_core = (f"--cpu_devices={os.cpu_count()}",)
-    for algo in FLAGS.ours:
-        args = ("--framework=ours", f"--algo={algo}", f"--micro_batches={FLAGS.micro_batches}")
-        runs[algo] = Run(f"ours {algo.upper()}", setting, args, algo)
+    variants = [(algo, algo, ()) for algo in FLAGS.ours]
+    if "vppo" in FLAGS.ours and FLAGS.per_group_tas:
+        variants.append(("vppo_per_group", "vppo", ("--tas_scope=per_group",)))
+    for label, algo, extra in variants:
+        args = ("--framework=ours", f"--algo={algo}", f"--micro_batches={FLAGS.micro_batches}", *extra)
+        # VPPO's global TAS ranks the whole batch before the micro-batched update's first gradient.
+        scoring = label == "vppo" and FLAGS.micro_batches != 1
+        named = lambda where: f"{where}, TAS per group" if extra else where
+        runs[label] = Run(f"ours {algo.upper()}", named(setting), args, algo, scoring)
         if FLAGS.per_core:
-            setting_per_core = f"{os.cpu_count()} CPU devices (one per core)"
-            runs[f"{algo}_per_core"] = Run(f"ours {algo.upper()}", setting_per_core, args + per_core, algo)
+            setting_per_core = named(f"{os.cpu_count()} CPU devices (one per core)")
+            runs[f"{label}_per_core"] = Run(f"ours {algo.upper()}", setting_per_core, args + per_core, algo, scoring)
     return runs
 
 
@@ -125,10 +136,10 @@ def matmul_flops_per_second(rows: int = 8192, repeats: int = 20) -> float:
     return 2 * rows * 256 * 768 / best
 
 
-def step_flops(algo: str, prompt_tokens: float, response_tokens: float) -> float:
-    """Model FLOPs of one of our steps on the task (vppo_jax/flops.py): VPPO's scoring pass
-    runs the policy with and without the image before the update (our runs split the update
-    into several micro-batches), GRPO has none (one update per rollout)."""
+def step_flops(run: Run, prompt_tokens: float) -> float:
+    """Model FLOPs of one of our steps on the task (vppo_jax/flops.py): VPPO's perturbed
+    forward, and where the run has one its scoring pass's forward on the original images
+    (GRPO has none: one update per rollout)."""
     from vppo_jax import flops
     from vppo_jax.models.qwen2_5_vl import presets
 
@@ -139,9 +150,9 @@ def step_flops(algo: str, prompt_tokens: float, response_tokens: float) -> float
         group_size=peer_runs.GROUP_SIZE,
         prompt_tokens=prompt_tokens,
         image_patches=patches,
-        response_tokens=response_tokens,
-        scoring_forwards=int(algo == "vppo"),  # VPPO's pi_old: the micro-batched update cannot give it
-        perturbed_forwards=int(algo == "vppo"),
+        response_tokens=run.response_tokens,
+        scoring_forwards=int(run.scoring_pass),
+        perturbed_forwards=int(run.algo == "vppo"),
         prompt_run=peer_runs.GROUP_SIZE,  # micro-batches of 8 rows per device: a group's, prompt run once
     )
     return sum(flops.step_flops(config, shape).values())
@@ -174,7 +185,7 @@ def main(argv):
     rate = matmul_flops_per_second()
     print(f"\nfloor at the best fp32 matmul rate of this machine ({rate / 1e9:.0f} GFLOP/s):")
     for run in ours:
-        total = step_flops(run.algo, prompt_tokens, run.response_tokens)
+        total = step_flops(run, prompt_tokens)
         print(
             f"{run.algo.upper()} ({run.setting}): {total / 1e12:.2f} TFLOP per step -> floor {total / rate:.1f} s; "
             f"ours {run.step:.1f} s = {run.step * rate / total:.1f}x the floor; the target "
