@@ -1,6 +1,7 @@
 """One timed training run of benchmarks/peer_trl.py, in a process of its own: TRL's
 GRPOTrainer or our Trainer on the task of benchmarks/peer_task.py. Writes one JSON file:
-per optimizer step, its seconds, rollout seconds (sampling and reward) and completion tokens.
+per optimizer step, its seconds, rollout seconds (sampling and reward) and completion tokens
+(ours: also whether it ran a scoring pass).
 
     python benchmarks/peer_runs.py --framework=trl --task=/tmp/peer --out=trl.json [--gradient_checkpointing]
     python benchmarks/peer_runs.py --framework=ours --algo=vppo --micro_batches=8 --task=/tmp/peer --out=ours.json
@@ -159,6 +160,7 @@ def run_ours(where: dict[str, str], steps: int) -> list[dict]:
                     step=metrics["time/step"],
                     rollout=metrics["time/rollout"],
                     tokens=round(metrics["rollout/response_length"] * rows),
+                    scored="time/dependency" in metrics,  # the trainer times a scoring pass when it runs one
                 )
             )
     finally:

@@ -63,7 +63,7 @@ class Run:
     setting: str
     args: tuple[str, ...]
     algo: str = ""  # ours: "grpo" or "vppo"
-    scoring_pass: bool = False  # ours: pi_old from a no-gradient forward before the update
+    scoring_pass: bool = False  # ours: pi_old from a no-gradient forward before the update (as the run reports)
     step: float = 0.0
     rollout: float = 0.0
     tokens_per_second: float = 0.0
@@ -87,6 +87,7 @@ class Run:
         completions = peer_runs.PROMPTS_PER_STEP * peer_runs.GROUP_SIZE
         self.response_tokens = statistics.mean(r["tokens"] for r in records) / completions
         self.peak_rss_gib = usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+        self.scoring_pass = any(r.get("scored", False) for r in records)
 
     def row(self) -> str:
         update = self.step - self.rollout
@@ -109,13 +110,11 @@ def planned_runs() -> dict[str, Run]:
         variants.append(("vppo_per_group", "vppo", ("--tas_scope=per_group",)))
     for label, algo, extra in variants:
         args = ("--framework=ours", f"--algo={algo}", f"--micro_batches={FLAGS.micro_batches}", *extra)
-        # VPPO's global TAS ranks the whole batch before the micro-batched update's first gradient.
-        scoring = label == "vppo" and FLAGS.micro_batches != 1
         named = lambda where: f"{where}, TAS per group" if extra else where
-        runs[label] = Run(f"ours {algo.upper()}", named(setting), args, algo, scoring)
+        runs[label] = Run(f"ours {algo.upper()}", named(setting), args, algo)
         if FLAGS.per_core:
             setting_per_core = named(f"{os.cpu_count()} CPU devices (one per core)")
-            runs[f"{label}_per_core"] = Run(f"ours {algo.upper()}", setting_per_core, args + per_core, algo, scoring)
+            runs[f"{label}_per_core"] = Run(f"ours {algo.upper()}", setting_per_core, args + per_core, algo)
     return runs
 
 

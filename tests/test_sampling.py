@@ -73,17 +73,26 @@ def test_greedy_matches_transformers_generate(port, hf_greedy, devices):
     assert len(rollout.tokens.sharding.device_set) == devices
 
 
-@pytest.mark.parametrize("segments", [1, 3], ids=["one_block", "three_blocks_of_14"])
+@pytest.mark.parametrize("segments", [1, 3], ids=["one_block", "three_blocks_of_13"])
 def test_greedy_with_other_response_cache_blocks_matches_transformers(port, hf_greedy, monkeypatch, segments):
-    """The decode loop with the response cache in one block of 40 slots (read whole at every
-    step), or in blocks of 14 (the last partly never written), gives transformers'
-    greedy tokens too (the default, 4 blocks of 10, is tested above)."""
+    """The decode loop with the response cache in one block of 39 slots (read whole at every
+    step), or in three blocks of 13, gives transformers' greedy tokens too (the default, four
+    blocks of 10, the last with a slot never written, is tested above)."""
     monkeypatch.setattr(sampling, "DECODE_SEGMENTS", segments)
     sampling._PROGRAMS.clear()  # not the programs compiled with the default blocks
     params = sampling.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, end_token_ids=(), pad_token_id=0)
     rollout = sampling.generate(port, processor_batch(PROMPTS), keys_for(len(PROMPTS)), params)
     sampling._PROGRAMS.clear()
     np.testing.assert_array_equal(np.asarray(rollout.tokens), hf_greedy)
+
+
+@pytest.mark.parametrize("new_tokens", [1, 2, 3])
+def test_greedy_few_tokens_match_transformers(port, hf_greedy, new_tokens):
+    """1, 2 and 3 new tokens (no response slot to read, or blocks of one slot) give the first
+    tokens of transformers' greedy continuation."""
+    params = sampling.SamplingParams(max_new_tokens=new_tokens, temperature=0.0, end_token_ids=(), pad_token_id=0)
+    rollout = sampling.generate(port, processor_batch(PROMPTS), keys_for(len(PROMPTS)), params)
+    np.testing.assert_array_equal(np.asarray(rollout.tokens), hf_greedy[:, :new_tokens])
 
 
 def test_end_tokens_stop_each_sequence(port, hf_greedy):

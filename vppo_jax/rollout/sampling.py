@@ -10,9 +10,9 @@
 Row p * G + g holds sample g of prompt p. The prefill runs the vision tower and the prompt
 once per prompt; its KV cache stays one per prompt, which the prompt's G samples all read,
 beside a response cache of their own. Decoding feeds one token per sample per step and stops
-when every sample has produced an end token or `max_new_tokens` tokens: DECODE_SEGMENTS
-`lax.while_loop`s one after the other, each writing one block of the response cache and
-reading only the blocks before it and its own.
+when every sample has produced an end token or `max_new_tokens` tokens: up to
+DECODE_SEGMENTS `lax.while_loop`s one after the other, each writing one block of the
+response cache and reading only the blocks before it and its own.
 """
 
 from __future__ import annotations
@@ -276,8 +276,9 @@ def _decode_rows(
     next_position = per_sample(prefilled.next_position)
     # The response cache in blocks of `block` slots, decoded one block after another: while
     # writing block b a step reads blocks 0..b only.
-    block = -(-params.max_new_tokens // DECODE_SEGMENTS)
-    blocks = -(-params.max_new_tokens // block)
+    slots = max(params.max_new_tokens - 1, 1)  # the last token is sampled, never fed back
+    block = -(-slots // DECODE_SEGMENTS)
+    blocks = -(-slots // block)
 
     def decode_one(first_slot: int, state: _DecodeState) -> _DecodeState:
         previous = state.step - 1  # the last sampled token goes in at its slot, then predicts the next
