@@ -92,4 +92,6 @@ def test_two_processes_match_one(tmp_path, tiny_task):
 def test_bad_process_flags_are_refused(tmp_path):
     process = launch("configs/tiny.py", tmp_path / "run", 1, "--num_processes=2")
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode != 0 and "--num_processes > 1 needs --coordinator_address" in stderr
+    assert process.returncode == 2
+    message = "error: --num_processes > 1 needs --coordinator_address (host:port of process 0)."
+    assert stderr.strip().splitlines()[-1] == message

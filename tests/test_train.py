@@ -186,8 +186,9 @@ def test_a_collapsed_run_stops_with_an_error_that_names_the_cause(tmp_path, asse
         },
     )
     out = subprocess.run(train_command(config, tmp_path / "run"), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode != 0
-    assert "CollapseError: The policy has collapsed: for 3 consecutive steps (up to step 2)" in out.stderr
+    assert out.returncode == 3
+    assert "\nerror: The policy has collapsed: for 3 consecutive steps (up to step 2)" in out.stderr
+    assert "Traceback" not in out.stderr
     for knob in ("optim.learning_rate", "rollout.max_filter_rounds", "rollout.max_new_tokens"):
         assert knob in out.stderr
     lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -270,8 +271,14 @@ def test_every_name_in_the_config_is_checked(override, message):
 def test_a_name_that_does_not_resolve_fails_before_anything_loads(tmp_path, assets):
     config = write_config(tmp_path / "config.py", assets, **{"reward.name": "no_such_module:score"})
     out = subprocess.run(train_command(config, tmp_path / "run"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "cannot import no_such_module" in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()[-1:]
+    assert line.startswith("error: reward 'no_such_module:score': cannot import no_such_module")
     assert not (tmp_path / "run" / "config.json").exists()  # refused before the workdir was claimed
+    debug = subprocess.run(
+        [*train_command(config, tmp_path / "run"), "--debug"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
 
 
 def test_a_recipe_without_model_or_data_is_refused_without_touching_demo_fields(tmp_path):

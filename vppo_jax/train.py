@@ -6,6 +6,10 @@
 The loop itself is vppo_jax/trainer/trainer.py. A config with a `synthetic` section (the
 embedded default, configs/tiny.py) and no model or data gets them made first, in
 workdir/embedded (vppo_jax/demo/embedded.py); any other config must name its model and data.
+
+Exit statuses (vppo_jax/io/cli.py): 0 done, 1 unexpected error (traceback), 2 bad input at
+start-up (one line; --debug adds the traceback), 3 collapsed policy, 4 checkpoint write failed,
+75 preempted (SIGTERM or SIGINT: the last finished step is checkpointed; rerun to resume).
 """
 
 from __future__ import annotations
@@ -14,11 +18,11 @@ import os
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from vppo_jax.demo import embedded
-from vppo_jax.io.cli import parse_flags
+from vppo_jax.io.cli import run_program
 from vppo_jax.parallel import distributed
 from vppo_jax.trainer.trainer import Trainer
 
@@ -50,4 +54,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=parse_flags)
+    run_program(main)

@@ -20,6 +20,8 @@ import pickle
 import jax
 import numpy as np
 
+from vppo_jax.errors import InputError
+
 CHUNK_BYTES = 64 << 20  # host data crosses the devices in pieces of this size per process
 
 
@@ -31,13 +33,13 @@ def initialize(coordinator_address: str = "", num_processes: int = 1, process_id
     """
     if coordinator_address:
         if not 0 <= process_id < num_processes:
-            raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes}).")
+            raise InputError(f"--process_id={process_id} must be in [0, --num_processes={num_processes}).")
         # CPU processes reach each other's devices through gloo (jax's CPU default now; explicit
         # so that a changed default cannot leave a CPU run without cross-process collectives).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     elif num_processes > 1:
-        raise ValueError("--num_processes > 1 needs --coordinator_address (host:port of process 0).")
+        raise InputError("--num_processes > 1 needs --coordinator_address (host:port of process 0).")
     elif on_cloud_tpu():
         jax.distributed.initialize()  # workers, coordinator and ids from the TPU VM's metadata
 

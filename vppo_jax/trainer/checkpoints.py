@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vppo_jax.errors import InputError
 from vppo_jax.io import paths
 from vppo_jax.parallel import distributed
 
@@ -61,7 +62,7 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict):
         )
         if differing:
             details = ", ".join(f"{k}: {existing.get(k)!r} -> {current.get(k)!r}" for k in differing[:8])
-            raise ValueError(
+            raise InputError(
                 f"{workdir} holds a run of another config ({details}). Use a new --workdir, or remove "
                 "this one to start over."
             )

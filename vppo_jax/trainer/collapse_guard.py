@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 class CollapseError(RuntimeError):
     """Dynamic sampling kept too few groups for too many consecutive steps."""
 
+    exit_status = 3  # the programs' exit statuses: vppo_jax/io/cli.py
+
 
 @dataclasses.dataclass
 class CollapseGuard:

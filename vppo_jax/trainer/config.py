@@ -16,6 +16,7 @@ import ml_collections
 import optax
 
 from vppo_jax.data import prompts
+from vppo_jax.errors import InputError
 from vppo_jax.models.qwen2_5_vl.config import check_compute
 from vppo_jax.rollout import sampling
 from vppo_jax.rollout.rewards.registry import get_reward
@@ -165,7 +166,7 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
         elif not has_value and "name" in defaults and not parsed.name:
             parsed.name = token
         else:
-            raise ValueError(
+            raise InputError(
                 f"config argument {token!r} in {arg!r}: this config takes {sorted(defaults)} "
                 "(key=value, or a bare key for a flag)."
             )
@@ -174,14 +175,21 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
 
 def check_names(c: ml_collections.ConfigDict):
     """Resolves every name the config holds (reward, prompt template, the algorithm's choices,
-    precision, wandb when asked for), so that a typo fails in the first second, not after the model has loaded."""
-    get_reward(c.reward.name)
-    check_compute(c.model.remat, c.model.attention_block, layer_loop(c.model.layer_loop))
-    prompts.prompt_template(c.data.prompt_template)
-    step_config(c)  # StepConfig checks its choices
-    optimizer(c)  # and make_optimizer the parameter dtype
-    check_micro_batching(c.train)
-    wandb_run.check_available(c.logging)
+    precision, wandb when asked for), so that a typo fails in the first second, not after the model has loaded.
+
+    A name that does not resolve raises InputError, whatever the module that checks it raised."""
+    try:
+        get_reward(c.reward.name)
+        check_compute(c.model.remat, c.model.attention_block, layer_loop(c.model.layer_loop))
+        prompts.prompt_template(c.data.prompt_template)
+        step_config(c)  # StepConfig checks its choices
+        optimizer(c)  # and make_optimizer the parameter dtype
+        check_micro_batching(c.train)
+        wandb_run.check_available(c.logging)
+    except InputError:
+        raise
+    except (ValueError, ImportError) as error:  # ImportError: a reward module, wandb
+        raise InputError(str(error)) from error
 
 
 # StepConfig fields the config keeps elsewhere: the rollout's group size and temperature.
@@ -219,9 +227,9 @@ def step_config(c: ml_collections.ConfigDict) -> StepConfig:
 
 
 def check_micro_batching(t: ml_collections.ConfigDict):
-    """Raises ValueError for a train section that names neither a micro-batch count nor a budget."""
+    """Raises InputError for a train section that names neither a micro-batch count nor a budget."""
     if t.micro_batches < 0 or (not t.micro_batches and t.micro_batch_tokens <= 0):
-        raise ValueError(
+        raise InputError(
             f"train.micro_batches={t.micro_batches}, train.micro_batch_tokens={t.micro_batch_tokens}: give a "
             "positive micro-batch count, or 0 and a positive token budget per device."
         )
@@ -267,7 +275,7 @@ def training_steps(c: ml_collections.ConfigDict, train_rows: int) -> int:
         return c.train.steps
     per_epoch = train_rows // c.rollout.prompts_per_step
     if not per_epoch or c.train.epochs <= 0:
-        raise ValueError(
+        raise InputError(
             f"train.epochs={c.train.epochs} over {train_rows} training rows at rollout.prompts_per_step="
             f"{c.rollout.prompts_per_step} gives no step: set train.epochs >= 1, or train.steps."
         )
@@ -283,7 +291,7 @@ def learning_rate(c: ml_collections.ConfigDict) -> optax.Schedule:
     elif o.schedule == "cosine":
         main = optax.cosine_decay_schedule(o.learning_rate, max(total - o.warmup_steps, 1))
     else:
-        raise ValueError(f"optim.schedule={o.schedule!r}; choose 'constant' or 'cosine'.")
+        raise InputError(f"optim.schedule={o.schedule!r}; choose 'constant' or 'cosine'.")
     if not o.warmup_steps:
         return main
     warmup = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vppo_jax.errors import InputError
+
 PARAM_DTYPES = ("float32", "bfloat16")
 
 
@@ -38,7 +40,7 @@ def make_optimizer(
     elif param_dtype == "bfloat16":
         adamw = kahan_adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay)
     else:
-        raise ValueError(f"model.param_dtype={param_dtype!r}; choose one of {PARAM_DTYPES}.")
+        raise InputError(f"model.param_dtype={param_dtype!r}; choose one of {PARAM_DTYPES}.")
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
 
 

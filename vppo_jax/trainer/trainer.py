@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from vppo_jax import data as data_lib
 from vppo_jax.data.images import open_image
+from vppo_jax.errors import InputError
 from vppo_jax.eval.accuracy import evaluate_prompts
 from vppo_jax.models.qwen2_5_vl import with_config
 from vppo_jax.parallel import distributed, host_memory, sharding
@@ -66,7 +67,7 @@ class Trainer:
         against the mesh: everything that can fail before the model loads."""
         config_lib.check_names(config)
         if not config.model.path or not config.data.train_files[0]:
-            raise ValueError(
+            raise InputError(
                 "the config names no model (model.path) or no training data (data.train_files): "
                 "set both; configs/tiny.py without them is the embedded default, which "
                 "`python -m vppo_jax.train` and `python -m vppo_jax.demo` make first."
@@ -159,7 +160,7 @@ class Trainer:
             return 0
         self.state, self.rng, data_states, hosts = self.checkpoints.restore(latest, self.state)
         if len(data_states) != jax.process_count():
-            raise ValueError(
+            raise InputError(
                 f"checkpoint {latest} was written by {len(data_states)} processes and this run has "
                 f"{jax.process_count()}: each process resumes its own share of the data."
             )
@@ -373,14 +374,14 @@ def check_batch_shapes(config: ml_collections.ConfigDict, mesh):
     """Refuses, before anything is loaded, batches that the processes or the mesh cannot split."""
     r, t = config.rollout, config.train
     if r.prompts_per_step % (t.updates_per_rollout * jax.process_count()):
-        raise ValueError(
+        raise InputError(
             f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of "
             f"train.updates_per_rollout x processes = {t.updates_per_rollout} x {jax.process_count()}."
         )
     rows = r.prompts_per_step * r.group_size // t.updates_per_rollout
     micro = t.micro_batches or 1  # a token budget (micro_batches=0) always splits the rows evenly
     if rows % micro:
-        raise ValueError(f"{rows} rows per update do not split into train.micro_batches={t.micro_batches}.")
+        raise InputError(f"{rows} rows per update do not split into train.micro_batches={t.micro_batches}.")
     sharding.check_rows(
         rows // micro,
         mesh,
