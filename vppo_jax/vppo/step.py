@@ -4,7 +4,7 @@
 
 (compiled for a mesh by vppo_jax/vppo/programs.py). pi_old's statistics (old log-probs,
 entropy, token dependency) must come from the policy that sampled the rollouts (paper
-Definition 3.1; docs/algorithm.md#in-pass-or-precomputed-scores). `needs_scoring` decides
+Definition 3.1; docs/algorithm.md#in-pass-and-precomputed-scores). `needs_scoring` decides
 where they come from, for the trainer and the planner alike:
 
 * in-pass (`batch.scored` False; one update per rollout batch, so pi_theta = pi_old): each
