@@ -3,6 +3,11 @@
     out = causal_attention(q, k, v, key_valid, block_size)   # the decoder: q (B, T, H, hd), key_valid (B, T)
     out = block_attention(q, k, v, index, key_valid, segments=..., positions=...)   # the kernel
 
+On a TPU the decoder's `causal_attention` is splash attention instead, a Pallas kernel that
+skips the masked upper triangle (tpu_attention.py): the choice is made when the program is
+lowered, by the platform it is lowered for, so the same model code runs here on CPU and
+compiles for a TPU topology from a CPU host.
+
 `block_attention` takes queries in blocks and, for each query block, the key blocks it reads
 (`index`): a decoder query block reads every key block of its rows, a vision query window
 the windows of its frame (`vision.VisionAttention`). Which keys a query attends to comes from
@@ -28,9 +33,12 @@ the values in the dense attention; both are finite and no real token reads them.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from vppo_jax.models.qwen2_5_vl import tpu_attention
 from vppo_jax.models.qwen2_5_vl.layers import attention
 
 LOWEST = jnp.finfo(jnp.float32).min
@@ -43,7 +51,15 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
     k, v and key_valid cover Tk >= Tq positions, and the queries are the last Tq of them: a
     query at position Tk - Tq + i attends to the keys at or before it (Tq = Tk: plain
     self-attention; Tq < Tk: a suffix attending to a prefix computed elsewhere as well).
+    Lowered for a TPU: splash attention (tpu_attention.py); for anything else: the dense
+    attention up to `block_size` keys, the blockwise kernel beyond.
     """
+    portable = functools.partial(portable_causal_attention, block_size=block_size)
+    return jax.lax.platform_dependent(q, k, v, key_valid, tpu=tpu_attention.causal_attention, default=portable)
+
+
+def portable_causal_attention(q, k, v, key_valid, block_size: int) -> jax.Array:
+    """`causal_attention` in plain JAX, on any backend: dense or blockwise by the key count."""
     queries, length = q.shape[1], k.shape[1]
     if length <= block_size:
         causal = jnp.tril(jnp.ones((queries, length), bool), k=length - queries)
