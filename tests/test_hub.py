@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from vppo_jax.data import RowSource
+from vppo_jax.errors import InputError
 from vppo_jax.eval import benchmarks as evaluate
 from vppo_jax.io import hub
 from vppo_jax.models.qwen2_5_vl import from_pretrained
@@ -63,10 +64,34 @@ def test_a_name_that_resolves_nowhere_says_what_was_looked_for_and_where(offline
     assert "HF_HUB_OFFLINE is set" in message and "`hf download vppo-test/missing`" in message
     with pytest.raises(hub.HubLookupError, match="no complete copy of file 'data/test.parquet' of dataset"):
         hub.resolve_data_file(f"{DATASET}/data/test.parquet")
-    with pytest.raises(hub.HubLookupError, match="'missing.parquet' does not exist, and it is not ORG/NAME/FILE"):
-        hub.resolve_data_file("missing.parquet")
     with pytest.raises(hub.HubLookupError, match="is not a local path .* and not a Hub name"):
-        hub.resolve_model("/no/such/model")
+        hub.resolve_model("no such/model")
+
+
+def test_a_missing_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """Paths no Hub name can be stop at once with "no such file", naming the absolute path; an
+    attempt to download would fail the test (and without a network take half a minute)."""
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a local path was sent to the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()  # data/x/train.parquet is local: ./data exists
+    for path in ("./train.parquet", "train.parquet", "dir/train.parquet", "data/x/train.parquet", "/no/train.parquet"):
+        with pytest.raises(hub.HubLookupError) as error:
+            hub.resolve_data_file(path)
+        absolute = os.path.abspath(path)
+        assert str(error.value) == (
+            f"{path}: no such file ({absolute} does not exist); a file of a Hugging Face Hub dataset is named "
+            "ORG/NAME/FILE."
+        )
+        assert isinstance(error.value, InputError)  # the entry points print it as one line, exit status 2
+    for path in ("./model", "../model", "/no/such/model"):
+        with pytest.raises(hub.HubLookupError, match=r"no such directory \("):
+            hub.resolve_model(path)
 
 
 def test_every_command_takes_hub_names_for_its_model_and_data(offline, tiny_task, tmp_path):

@@ -11,6 +11,7 @@ from transformers import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 from vppo_jax.data import prompts
+from vppo_jax.errors import InputError
 from vppo_jax.models.qwen2_5_vl import image_processor
 
 from hf_reference import random_image
@@ -256,5 +257,5 @@ def test_load_tokenizer_from_a_model_directory(tmp_path):
     tiny_tokenizer().save(str(tmp_path / "tokenizer.json"))
     special = prompts.special_tokens(prompts.load_tokenizer(str(tmp_path)))
     assert (special.endoftext, special.im_start, special.im_end, special.image_pad) == (256, 257, 258, 261)
-    with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
+    with pytest.raises(InputError, match="tokenizer.json not found"):
         prompts.load_tokenizer(str(tmp_path / "absent"))

@@ -24,8 +24,9 @@ import numpy as np
 import tokenizers
 from PIL import Image
 
+from vppo_jax.errors import InputError
 from vppo_jax.io import paths
-from vppo_jax.models.qwen2_5_vl.image_processor import ImageProcessor, fit_pixel_budget
+from vppo_jax.models.qwen2_5_vl.image_processor import ImageProcessor, fit_pixel_budget, pixel_budget_size
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 INSTRUCTION = (
@@ -40,28 +41,28 @@ PROMPT_TEMPLATES = {"reference": "{problem}\n\n" + INSTRUCTION, "plain": "{probl
 # Why a record was skipped; the trainer counts them per kind (vppo_jax.data.SkipCounter).
 SKIP_REASONS = (
     "bad_row",  # the row could not be parsed (a malformed JSON line, a field of the wrong type)
-    "missing_field",  # problem, answer or images absent or null
+    "missing_field",  # problem, answer or images absent or null, or an empty answer
     "empty_problem",
     "bad_image",  # undecodable or missing image file, or an image no resize can fit (aspect ratio > 200)
     "image_mismatch",  # <image> placeholders do not match the images, or vision tokens inside the text
-    "too_long",  # more prompt tokens than max_prompt_length
+    "too_long",  # more prompt tokens than max_prompt_length (judged from the image sizes before decoding)
 )
 
 
 def prompt_template(name: str) -> str:
     """The template named `name` in PROMPT_TEMPLATES, or the text of the file at path `name`
-    (its final newline dropped). Raises ValueError naming the choices when it is neither, or
+    (its final newline dropped). Raises InputError naming the choices when it is neither, or
     when the template has no {problem}."""
     if name in PROMPT_TEMPLATES:
         return PROMPT_TEMPLATES[name]
     if not paths.is_file(name):
-        raise ValueError(
+        raise InputError(
             f"data.prompt_template={name!r} is neither one of {sorted(PROMPT_TEMPLATES)} nor a file "
             "(a text file holding the user turn, with {problem} where the problem goes)."
         )
     template = paths.read_text(name).removesuffix("\n")
     if "{problem}" not in template:
-        raise ValueError(f"data.prompt_template={name!r} has no {{problem}}: mark where the problem goes.")
+        raise InputError(f"data.prompt_template={name!r} has no {{problem}}: mark where the problem goes.")
     return template
 
 
@@ -106,7 +107,7 @@ def load_tokenizer(model_dir: str) -> tokenizers.Tokenizer:
     """The tokenizer.json of an HF model directory (a transformers fast tokenizer's `.backend_tokenizer` also works)."""
     path = os.path.join(model_dir, "tokenizer.json")
     if not paths.exists(path):
-        raise FileNotFoundError(
+        raise InputError(
             f"{path} not found: pass the HF model directory (or the hf/ folder of a converted checkpoint), "
             "which must hold the fast tokenizer's tokenizer.json."
         )
@@ -127,7 +128,7 @@ def special_tokens(tokenizer: tokenizers.Tokenizer) -> SpecialTokens:
     for field, text in names.items():
         encoded = tokenizer.encode(text, add_special_tokens=False).ids
         if len(encoded) != 1:
-            raise ValueError(
+            raise InputError(
                 f"The tokenizer does not know {text} as one special token (it encodes to {encoded}): "
                 "use the tokenizer.json of a Qwen2.5-VL checkpoint."
             )
@@ -166,7 +167,7 @@ class PromptBuilder:
             ("vision_end_token_id", vision_end_token_id, self.special.vision_end),
         ):
             if model_id != tokenizer_id:
-                raise ValueError(
+                raise InputError(
                     f"The model config's {name} is {model_id} but the tokenizer numbers that token {tokenizer_id}: "
                     "load the tokenizer and the model from the same checkpoint."
                 )
@@ -174,6 +175,15 @@ class PromptBuilder:
         self.template = template
         self.min_pixels = min_pixels or 0
         self.max_pixels = max_pixels or math.inf
+
+    def image_tokens(self, sizes: Sequence[tuple[int, int]]) -> int:
+        """The prompt tokens images of these (width, height) sizes expand to, known from their
+        headers alone. Raises ValueError for an image no resize can fit (aspect ratio > 200)."""
+        merge = self.image_processor.merge_size**2
+        grids = (
+            self.image_processor.grid(*pixel_budget_size(size, self.min_pixels, self.max_pixels)) for size in sizes
+        )
+        return sum(int(np.prod(grid)) // merge for grid in grids)
 
     def prompt_text(self, problem: str, num_images: int) -> str:
         """The chat prompt with one <|image_pad|> per image, ending with the assistant header.

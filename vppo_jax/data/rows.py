@@ -6,12 +6,19 @@ HF datasets writes image parquet in groups of 100 rows. A JSON-lines file is ind
 the byte offset of each line once, and a row is read by seeking to it. Files may be local,
 in a bucket (gs://...; vppo_jax/io/paths.py: reads become ranged downloads) or files of a
 Hugging Face Hub dataset, "ORG/NAME/FILE" (vppo_jax/io/hub.py).
+
+A file that cannot be opened at all (missing, empty, not parquet) stops the run at start-up
+with an InputError. A row that cannot be read later, whatever the reason (a damaged row
+group, a malformed line, a failed ranged read), becomes a `Row` with `error` set, naming the
+file and the row, which the pipeline skips and counts: a restart would meet the same row
+again, so raising there would only turn one bad row into a crash loop.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,6 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from vppo_jax.errors import InputError
 from vppo_jax.io import hub, paths
 
 log = logging.getLogger(__name__)
@@ -43,11 +51,12 @@ class ParquetRows:
     def __init__(self, path: str, columns: Sequence[str]):
         self.path = path
         self.columns = list(columns)
-        self._open()
-        names, metadata = self._file.schema_arrow.names, self._file.metadata
+        with unreadable_file_errors(path, "a parquet file"):
+            self._open()
+            names, metadata = self._file.schema_arrow.names, self._file.metadata
         missing = [c for c in self.columns if c not in names]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{path} has no column {missing}; its columns are {names}. "
                 "Set data.problem_key / answer_key / images_key to the names this file uses."
             )
@@ -71,14 +80,21 @@ class ParquetRows:
         return self.group_starts[-1]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """The row's columns; raises RowGroupError when its row group cannot be read."""
         group = bisect.bisect_right(self.group_starts, index) - 1
         with self._lock:
             table = self._cache.pop(group, None)
             if table is None:
-                table = self._file.read_row_group(group, columns=self.columns)
+                try:
+                    table = self._file.read_row_group(group, columns=self.columns)
+                except Exception as error:  # pyarrow raises OSError, ArrowInvalid, ... for damaged data
+                    # Cached as a failure: the group's other rows fail at once instead of re-reading it.
+                    table = RowGroupError(f"row group {group}: {one_line(error)}")
             self._cache[group] = table
             while len(self._cache) > ROW_GROUP_CACHE:
                 self._cache.popitem(last=False)
+        if isinstance(table, RowGroupError):
+            raise table
         return table.slice(index - self.group_starts[group], 1).to_pylist()[0]
 
     def __getstate__(self):  # grain pickles sources into worker processes: reopen there
@@ -89,21 +105,25 @@ class ParquetRows:
         self._open()
 
 
+class RowGroupError(Exception):
+    """A parquet row group that could not be read; every row in it is skipped."""
+
+
 class JsonLinesRows:
     def __init__(self, path: str):
         self.path = path
         offsets = []
-        with paths.open_file(path, "rb") as f:
+        with unreadable_file_errors(path, "a JSON Lines file"), paths.open_file(path, "rb") as f:
             offset = 0
             for line in f:
                 if line.strip():
                     offsets.append(offset)
                 offset += len(line)
-        if offsets:
-            with paths.open_file(path, "rb") as f:
+            if offsets:
                 f.seek(offsets[0])
-                if f.read(1) == b"[":
-                    raise ValueError(f"{path} is one JSON array; write one JSON object per line (JSON Lines).")
+                first = f.read(1)
+        if offsets and first == b"[":
+            raise InputError(f"{path} is one JSON array; write one JSON object per line (JSON Lines).")
         self.offsets = np.asarray(offsets, np.int64)
 
     def __len__(self) -> int:
@@ -119,10 +139,31 @@ class JsonLinesRows:
         return row
 
 
+def one_line(error: BaseException) -> str:
+    """ "Type: message" on one line (pyarrow's messages span several)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+@contextlib.contextmanager
+def unreadable_file_errors(path: str, kind: str):
+    """Failures to open `path` as `kind` -> one InputError naming the file (storage errors,
+    already InputError from vppo_jax/io/paths.py, pass unchanged)."""
+    try:
+        yield
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file.") from None
+    except Exception as error:
+        raise InputError(
+            f"{path} cannot be read as {kind} ({one_line(error)}): rewrite the file, or drop it from the data files."
+        ) from error
+
+
 def open_rows(path: str, columns: Sequence[str]) -> ParquetRows | JsonLinesRows:
     """The rows of a data file: a local path, a URL or a Hub dataset's ORG/NAME/FILE."""
     if not path.endswith((".parquet", ".jsonl", ".json")):
-        raise ValueError(
+        raise InputError(
             f"{path}: unknown data file type; use .parquet or .jsonl (JSON Lines, also accepted as .json)."
         )
     path = paths.absolute(hub.resolve_data_file(path))
@@ -134,12 +175,12 @@ class RowSource:
 
     def __init__(self, files: Sequence[str], columns: Sequence[str]):
         if isinstance(files, str) or not files or not all(files):
-            raise ValueError(f"Data files must be a non-empty list of paths, got {files!r}.")
+            raise InputError(f"Data files must be a non-empty list of paths, got {files!r}.")
         self.columns = tuple(columns)
         self.files = [open_rows(p, columns) for p in files]
         self.file_starts = np.cumsum([0] + [len(f) for f in self.files]).tolist()
         if len(self) == 0:
-            raise ValueError(f"The data files {list(files)} hold no rows.")
+            raise InputError(f"The data files {list(files)} hold no rows: check that they are the files you meant.")
 
     def __len__(self) -> int:
         return self.file_starts[-1]
@@ -150,10 +191,11 @@ class RowSource:
         k = bisect.bisect_right(self.file_starts, index) - 1
         file = self.files[k]
         base_dir = os.path.dirname(file.path)
+        row_in_file = index - self.file_starts[k]
         try:
-            row = file[index - self.file_starts[k]]
-        except ValueError as error:  # json.JSONDecodeError is a ValueError
-            return Row(index, {}, base_dir, error=f"{file.path}: {error}")
+            row = file[row_in_file]
+        except Exception as error:  # any failure to read one row skips that row (module docstring)
+            return Row(index, {}, base_dir, error=f"{file.path} row {row_in_file}: {one_line(error)}")
         return Row(index, {c: row[c] for c in self.columns if c in row}, base_dir)
 
     def __repr__(self) -> str:  # grain records the source's repr in its checkpoints

@@ -5,16 +5,19 @@
     resolve_dataset("TIGER-Lab/ViRL39K")               # -> the dataset's snapshot directory
 
 A local path that exists, and any URL (gs://...), is returned unchanged: a local path always
-wins over a Hub name. Anything else is looked up through huggingface_hub, as transformers
-does: its cache (HF_HOME, HF_HUB_CACHE) first, the Hub when it is reachable, only the cache
-with HF_HUB_OFFLINE=1. A name that resolves nowhere raises HubLookupError naming what was
-looked for, where, and what to do.
+wins over a Hub name. A path that no Hub name can be (absolute, ./ or ../ in front; for
+a data file also one without ORG/NAME/ in front, or under a directory that exists here) and
+that does not exist stops at once: "no such file", without asking the Hub. Anything else is
+looked up through huggingface_hub, as transformers does: its cache (HF_HOME, HF_HUB_CACHE)
+first, the Hub when it is reachable, only the cache with HF_HUB_OFFLINE=1. A name that
+resolves nowhere raises HubLookupError naming what was looked for, where, and what to do.
 """
 
 from __future__ import annotations
 
 import os
 
+from vppo_jax.errors import InputError
 from vppo_jax.io import paths
 
 # What a model directory needs (config, weights, tokenizer and processor files); the Hub
@@ -22,7 +25,7 @@ from vppo_jax.io import paths
 MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
 
 
-class HubLookupError(FileNotFoundError):
+class HubLookupError(InputError, FileNotFoundError):
     """A name is neither a local path nor something the Hugging Face cache or Hub holds."""
 
 
@@ -31,6 +34,7 @@ def resolve_model(name_or_path: str, allow_patterns: list[str] = MODEL_FILES) ->
     (the files matching `allow_patterns`: by default all a model directory needs)."""
     if _is_path(name_or_path):
         return name_or_path
+    _refuse_missing_local_path(name_or_path, "directory", _looks_local(name_or_path))
     return _lookup(
         "model", name_or_path, lambda hub: hub.snapshot_download(name_or_path, allow_patterns=allow_patterns)
     )
@@ -41,6 +45,7 @@ def resolve_dataset(name_or_path: str, allow_patterns: list[str] | None = None) 
     (only the files matching `allow_patterns`, e.g. ["*.parquet"], when given)."""
     if _is_path(name_or_path):
         return name_or_path
+    _refuse_missing_local_path(name_or_path, "directory", _looks_local(name_or_path))
     return _lookup(
         "dataset",
         name_or_path,
@@ -55,10 +60,9 @@ def resolve_data_file(path: str) -> str:
         return path
     org, _, rest = path.partition("/")
     name, _, filename = rest.partition("/")
-    if not (org and name and filename):
-        raise HubLookupError(
-            f"data file {path!r} does not exist, and it is not ORG/NAME/FILE (a file of a Hugging Face Hub dataset)."
-        )
+    # A Hub file has ORG/NAME/ in front; "data/train.parquet", or "data/x/train.parquet" where
+    # ./data exists, is a local file that is missing.
+    _refuse_missing_local_path(path, "file", _looks_local(path) or not filename or os.path.isdir(org))
     repo_id = f"{org}/{name}"
     return _lookup(
         "dataset",
@@ -70,6 +74,18 @@ def resolve_data_file(path: str) -> str:
 
 def _is_path(name_or_path: str) -> bool:
     return not paths.is_local(name_or_path) or os.path.exists(name_or_path)
+
+
+def _looks_local(path: str) -> bool:
+    """Whether `path` is written as no Hub name can be: absolute, or ./ or ../ in front."""
+    return os.path.isabs(path) or path.startswith(("./", "../"))
+
+
+def _refuse_missing_local_path(path: str, kind: str, local: bool):
+    """Raises HubLookupError "no such file" for a missing `path` that is `local`: the Hub is not asked."""
+    if local:
+        hint = "; a file of a Hugging Face Hub dataset is named ORG/NAME/FILE" if kind == "file" else ""
+        raise HubLookupError(f"{path}: no such {kind} ({os.path.abspath(path)} does not exist){hint}.")
 
 
 def _lookup(kind: str, repo_id: str, fetch, what: str | None = None) -> str:

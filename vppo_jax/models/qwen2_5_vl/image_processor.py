@@ -21,6 +21,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from vppo_jax.errors import InputError
 from vppo_jax.io import paths
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -51,15 +52,28 @@ def smart_resize(
     return h_bar, w_bar
 
 
+def _scaled_to(size: tuple[int, int], pixels: float) -> tuple[int, int]:
+    """(width, height) scaled to about `pixels` pixels, sides truncated as EasyR1 does."""
+    scale = math.sqrt(pixels / (size[0] * size[1]))
+    return int(size[0] * scale), int(size[1] * scale)
+
+
 def fit_pixel_budget(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
     """The image scaled into [min_pixels, max_pixels] pixels and converted to RGB (EasyR1's process_image)."""
     if image.width * image.height > max_pixels:
-        scale = math.sqrt(max_pixels / (image.width * image.height))
-        image = image.resize((int(image.width * scale), int(image.height * scale)))
+        image = image.resize(_scaled_to(image.size, max_pixels))
     if image.width * image.height < min_pixels:
-        scale = math.sqrt(min_pixels / (image.width * image.height))
-        image = image.resize((int(image.width * scale), int(image.height * scale)))
+        image = image.resize(_scaled_to(image.size, min_pixels))
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def pixel_budget_size(size: tuple[int, int], min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The (width, height) `fit_pixel_budget` gives an image of `size`, known without its pixels."""
+    if size[0] * size[1] > max_pixels:
+        size = _scaled_to(size, max_pixels)
+    if size[0] * size[1] < min_pixels:
+        size = _scaled_to(size, min_pixels)
+    return size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +99,7 @@ class ImageProcessor:
         saved = paths.read_json(path)
         for name, expected in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
             if name in saved and not np.allclose(saved[name], expected):
-                raise ValueError(
+                raise InputError(
                     f"{path}: {name}={saved[name]}; only the CLIP values {expected.tolist()} are supported."
                 )
         # As transformers: explicit min_pixels/max_pixels override `size`.
@@ -98,19 +112,26 @@ class ImageProcessor:
             merge_size=saved.get("merge_size", cls.merge_size),
         )
 
+    def grid(self, width: int, height: int) -> np.ndarray:
+        """image_grid_thw [1, gh, gw] (int64, like transformers) of an image of that size.
+
+        Raises ValueError for an aspect ratio above 200 (smart_resize).
+        """
+        height, width = smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+        return np.array([1, height // self.patch_size, width // self.patch_size], np.int64)
+
     def __call__(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
         """pixel_values (gh*gw, 3*T*p*p) float32 and image_grid_thw [1, gh, gw] (int64, like transformers).
 
         Raises ValueError for an aspect ratio above 200 (smart_resize).
         """
-        height, width = smart_resize(
-            image.height, image.width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels
-        )
+        grid = self.grid(image.width, image.height)
+        height, width = (int(g) * self.patch_size for g in grid[1:])
         resized = _to_rgb(image).resize((width, height), Image.Resampling.BICUBIC)
         # transformers rescales in float64 and casts to float32 before normalising in float32.
         pixels = (np.asarray(resized).astype(np.float64) * (1 / 255)).astype(np.float32)
         pixels = (pixels - CLIP_MEAN) / CLIP_STD  # (H, W, C)
-        return self._patchify(pixels), np.array([1, height // self.patch_size, width // self.patch_size], np.int64)
+        return self._patchify(pixels), grid
 
     def _patchify(self, pixels: np.ndarray) -> np.ndarray:
         """(H, W, C) -> (gh*gw, C*T*p*p): rows in block-major order over merge_size x merge_size units."""

@@ -12,6 +12,8 @@ in the directory of the config file.
 
 import importlib
 
+from vppo_jax.errors import InputError
+
 _REWARDS = {}
 
 
@@ -35,18 +37,22 @@ def register(name):
 
 
 def get_reward(name):
-    """The reward registered as `name`, or as "module.path:name" after importing the module."""
+    """The reward registered as `name`, or as "module.path:name" after importing the module.
+
+    Raises InputError (one line) when the module cannot be imported, whatever its code raises
+    on import, or when no reward has that name."""
     module, _, short_name = name.rpartition(":")
     if module:
         try:
             importlib.import_module(module)
-        except ImportError as error:
-            raise ValueError(
-                f"reward {name!r}: cannot import {module} ({error}). A reward module is found on "
+        except Exception as error:  # ImportError, or a SyntaxError, NameError, ... in the module's code
+            detail = " ".join(f"{type(error).__name__}: {error}".split())
+            raise InputError(
+                f"reward {name!r}: cannot import {module} ({detail}). A reward module is found on "
                 "PYTHONPATH, in the directory the command runs from, or next to the config file."
             ) from error
     if short_name not in _REWARDS:
-        raise ValueError(f"unknown reward {name!r}; registered: {', '.join(registered_rewards())}")
+        raise InputError(f"unknown reward {name!r}; registered: {', '.join(registered_rewards())}")
     return _REWARDS[short_name]
 
 
