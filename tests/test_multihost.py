@@ -13,7 +13,7 @@ from vppo_jax.trainer.metrics import read_metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def write_config(directory, files: dict) -> str:
+def write_config(directory, files: dict, steps: int = 2, every_steps: int = 1) -> str:
     model = files["model"]
     path = directory / "config.py"
     path.write_text(
@@ -24,7 +24,7 @@ def write_config(directory, files: dict) -> str:
                 "    c = tiny.get_config('test')",
                 f"    c.model.path = {model!r}",
                 f"    c.data.train_files, c.data.val_files = ({files['train']!r},), ({files['val']!r},)",
-                "    c.train.steps, c.checkpoint.every_steps, c.eval.every_steps = 2, 1, 2",
+                f"    c.train.steps, c.checkpoint.every_steps, c.eval.every_steps = {steps}, {every_steps}, 2",
                 "    c.algo.online_filter = False  # a random policy scores 0: keep every group (else no loss)",
                 "    c.mesh.data = -1  # all devices: 4 in both runs",
                 "    return c",

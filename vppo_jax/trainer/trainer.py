@@ -38,6 +38,8 @@ from vppo_jax.trainer import config as config_lib
 from vppo_jax.trainer.checkpoints import RunCheckpoints, claim_workdir
 from vppo_jax.trainer.collapse_guard import CollapseGuard
 from vppo_jax.trainer.metrics import MetricsWriter, Timer
+from vppo_jax.trainer.preemption import Preempted, PreemptionWatch
+from vppo_jax.trainer.workdir_lock import WorkdirLock
 from vppo_jax.vppo import programs
 from vppo_jax.vppo.advantages import grpo_advantages, online_group_filter
 from vppo_jax.vppo.batch import TrainBatch, init_sharded_state
@@ -56,11 +58,15 @@ class Trainer:
         self.workdir = workdir
         self._resolve_config(config)
         self._claim_workdir()
-        self._load_policy()
-        self._build_update()
-        self._build_data()
-        self._build_grader()
-        self._restore_run()
+        try:
+            self._load_policy()
+            self._build_update()
+            self._build_data()
+            self._restore_run()
+            self._build_grader()  # last: its worker processes are the one thing to stop on a failure
+        except BaseException:
+            self._release_workdir()
+            raise
 
     def _resolve_config(self, config: ml_collections.ConfigDict):
         """Names checked, train.steps resolved from the epochs (in a copy), batch shapes checked
@@ -82,8 +88,26 @@ class Trainer:
         check_batch_shapes(config, self.mesh)
 
     def _claim_workdir(self):
+        """Process 0 locks the workdir (vppo_jax/trainer/workdir_lock.py) and claims it for this
+        config; when it cannot, every process stops with its reason."""
+        self.workdir_lock, refusal = None, None
         if jax.process_index() == 0:
-            claim_workdir(self.workdir, self.config)
+            try:
+                self.workdir_lock = WorkdirLock(self.workdir)
+                self.workdir_lock.acquire()
+                claim_workdir(self.workdir, self.config)
+            except InputError as error:
+                self._release_workdir()
+                refusal = error
+        reasons = distributed.allgather(str(refusal) if refusal else None)
+        if refusal is not None:
+            raise refusal
+        if reasons[0] is not None:
+            raise InputError(reasons[0])
+
+    def _release_workdir(self):
+        if self.workdir_lock is not None:
+            self.workdir_lock.release()
 
     def _load_policy(self):
         """The weights into host memory (`_build_update` places each device's slices), the
@@ -155,10 +179,11 @@ class Trainer:
         )
 
     def _resume(self) -> int:
-        latest = self.checkpoints.latest_step()
-        if latest is None:
+        """The steps done: those of the newest checkpoint that restores (its state restored here), or 0."""
+        restored = self.checkpoints.restore_latest(self.state)
+        if restored is None:
             return 0
-        self.state, self.rng, data_states, hosts = self.checkpoints.restore(latest, self.state)
+        latest, self.state, self.rng, data_states, hosts = restored
         if len(data_states) != jax.process_count():
             raise InputError(
                 f"checkpoint {latest} was written by {len(data_states)} processes and this run has "
@@ -331,18 +356,26 @@ class Trainer:
         timings = timer.metrics()
         metrics |= timings | {"time/tokens_per_second": tokens / max(timings["time/step"], 1e-9)}
         self.metrics.write(step, metrics)
-        every = c.checkpoint.every_steps  # 0: no checkpoints at all (benchmarks, smoke runs)
+        every = c.checkpoint.every_steps
         if every and ((step + 1) % every == 0 or step + 1 == c.train.steps):
-            self.checkpoints.save(
-                step + 1,
-                self.state,
-                self.rng,
-                self.data.get_state(),
-                {"skips": dict(self.skips.counts), "collapse_guard": self.collapse_guard.state()},
-            )
+            self.save_checkpoint(step + 1)
         return metrics
 
+    def save_checkpoint(self, steps_done: int):
+        """Starts writing the checkpoint of the run after `steps_done` steps (unless written already)."""
+        if self.checkpoints.writing == steps_done:
+            return
+        self.checkpoints.save(
+            steps_done,
+            self.state,
+            self.rng,
+            self.data.get_state(),
+            {"skips": dict(self.skips.counts), "collapse_guard": self.collapse_guard.state()},
+        )
+
     def train(self):
+        """Runs the steps left; on SIGTERM or SIGINT stops after the step in flight with its
+        checkpoint written (vppo_jax/trainer/preemption.py) and raises Preempted."""
         steps = self.config.train.steps
         progress = tqdm(
             range(self.start_step, steps),
@@ -353,21 +386,44 @@ class Trainer:
             disable=jax.process_index() != 0,
         )
         try:
-            for step in progress:
-                metrics = self.train_one_step(step)
-                progress.set_postfix(
-                    acc=f"{metrics['rollout/accuracy']:.2f}",
-                    loss=f"{metrics.get('loss', 0):.3f}",
-                    live=f"{metrics['rollout/live_share']:.2f}",
-                )
-                self.collapse_guard.stop_if_collapsed(step)
-        finally:  # a run the collapse guard stops still finishes writing its checkpoints
+            with PreemptionWatch() as preemption:
+                for step in progress:
+                    self.checkpoints.check_written()  # a write that failed stops the run before the next step
+                    metrics = self.train_one_step(step)
+                    progress.set_postfix(
+                        acc=f"{metrics['rollout/accuracy']:.2f}",
+                        loss=f"{metrics.get('loss', 0):.3f}",
+                        live=f"{metrics['rollout/live_share']:.2f}",
+                    )
+                    self.collapse_guard.stop_if_collapsed(step)
+                    if (reason := preemption.stop_after(step + 1)) and step + 1 < steps:
+                        self._stop_for(reason, step + 1)
+        finally:  # a run stopped early still finishes writing its checkpoints
             self.close()
 
+    def _stop_for(self, reason: str, steps_done: int):
+        """Checkpoints the finished steps (unless checkpoint.every_steps=0 asks for none) and raises
+        Preempted; `train` then waits for the write."""
+        progress = f"{reason} after step {steps_done - 1} ({steps_done} of {self.config.train.steps} steps done)"
+        if not self.config.checkpoint.every_steps:
+            raise Preempted(f"{progress}; no checkpoint written (checkpoint.every_steps=0)")
+        self.save_checkpoint(steps_done)
+        raise Preempted(
+            f"{progress}; checkpoint {steps_done} written in {self.checkpoints.directory}: "
+            "rerun the same command to resume"
+        )
+
     def close(self):
-        self.checkpoints.close()
-        self.metrics.close()
-        self.reward_pool.close()
+        """Waits for the checkpoint writes, closes the metrics, stops the reward workers and releases
+        the workdir; each even when one before it failed."""
+        try:
+            self.checkpoints.close()
+        finally:
+            try:
+                self.metrics.close()
+            finally:
+                self.reward_pool.close()
+                self._release_workdir()
 
 
 def check_batch_shapes(config: ml_collections.ConfigDict, mesh):

@@ -241,7 +241,10 @@ class _Worker:
 
 def _serve(conn):
     """The worker's loop: load a reward, grade with it, until the pool closes the pipe."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's, which closes the pool
+    # Ctrl-C and a preemption's SIGTERM (sent to every process of the VM) are the parent's: it
+    # finishes grading the step in flight with us, then closes the pool, which stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     reward_fn = None
     reply = _READY
     while True:
