@@ -17,10 +17,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_plan(*flags: str) -> subprocess.CompletedProcess:
-    # The planner makes its own fake devices: the test process's XLA_FLAGS must not leak in.
+    # The planner makes its own fake devices: the test process's XLA_FLAGS must not leak in. The
+    # byte counts below are XLA:CPU's (no TPU tiling), whether or not libtpu is installed
+    # (tests/test_tpu_compile.py compiles for the TPU).
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return subprocess.run(
-        [sys.executable, "-m", "vppo_jax.plan", "--config=configs/tiny.py", *flags],
+        [sys.executable, "-m", "vppo_jax.plan", "--config=configs/tiny.py", "--compiler=xla_cpu", *flags],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -75,12 +77,16 @@ def test_tiny_plan_on_four_devices(tmp_path):
 
     assert not plan["fits"] and plan["peak"] > 0.1 * 2**30
     assert "verdict: does NOT fit in 0.1 GiB per device" in out.stdout and "to fit:" in out.stdout
-    assert "fits per device on (v5p 95 GiB: yes, v4 32 GiB: yes, h100 80 GiB: yes)" in out.stdout
+    assert out.stdout.startswith("planning tiny") and "\ncompiler: xla:cpu (jaxlib" in out.stdout
+    assert (
+        "fits per device on (v5p 95 GiB: yes, v4 32 GiB: yes, v6e 32 GiB: yes, v5e 16 GiB: yes, h100 80 GiB: yes)"
+        in out.stdout
+    )
     assert "| update step |" in out.stdout
     # One VPPO update per rollout in one micro-batch: no pi_old pass, the perturbed forward
     # runs inside the update.
     assert plan["extra_forwards"] == [0, 1]
-    assert "| rollout decode |" in out.stdout and "| update |" in out.stdout and "step: " in out.stdout
+    assert "| rollout decode |" in out.stdout and "| update |" in out.stdout and "step on paper: " in out.stdout
 
 
 def test_the_state_of_each_precision_mode_matches_its_hand_count():
@@ -125,7 +131,9 @@ def test_a_mesh_that_does_not_cover_the_topology_is_refused():
     assert out.returncode != 0
     assert "mesh {'data': 1, 'fsdp': 3, 'tensor': 1} uses 3 of the 4 devices of v5p-8" in out.stderr
     out = run_plan("--topology=v6e-9")
-    assert out.returncode != 0 and "--topology='v6e-9': choose one of" in out.stderr
+    assert out.returncode != 0 and "--topology='v6e-9': 9 v6e chips: a slice has a power of two" in out.stderr
+    out = run_plan("--topology=h200")
+    assert out.returncode != 0 and "--topology='h200': choose a TPU slice (v5p-N" in out.stderr
 
 
 def test_the_sampler_is_planned_for_one_wave():

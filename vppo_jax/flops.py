@@ -34,7 +34,7 @@ import dataclasses
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, VisionConfig
 
 # Dense bf16 peak per device (FLOP/s): one JAX device per chip (TPU v4/v5p megacore), one per GPU.
-PEAK_FLOPS = {"v5p": 459e12, "v4": 275e12, "h100": 989e12}
+PEAK_FLOPS = {"v5p": 459e12, "v4": 275e12, "v5e": 197e12, "v6e": 918e12, "h100": 989e12}
 
 
 @dataclasses.dataclass(frozen=True)

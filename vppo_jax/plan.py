@@ -27,6 +27,7 @@ so v5p-8 = 4 devices, v5p-32 = 16, v5p-64 = 32, v5p-128 = 64, v4-64 = 32; 8xh100
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -36,18 +37,25 @@ from ml_collections import config_flags
 
 from vppo_jax.io import hub, paths
 from vppo_jax.io.cli import parse_flags
+from vppo_jax.parallel import tpu
 
 GIB = 1 << 30
-# Memory per device (GiB) and devices per topology.
-DEVICE_MEMORY_GIB = {"v5p": 95, "v4": 32, "h100": 80}
-TOPOLOGIES = {
-    "v5p-8": ("v5p", 4),
-    "v5p-32": ("v5p", 16),
-    "v5p-64": ("v5p", 32),
-    "v5p-128": ("v5p", 64),
-    "v4-64": ("v4", 32),
-    "8xh100": ("h100", 8),
-}
+# Memory per device (GiB): one JAX device per TPU chip or GPU.
+DEVICE_MEMORY_GIB = {"v5p": 95, "v4": 32, "v6e": 32, "v5e": 16, "h100": 80}
+GPU_TOPOLOGIES = {"8xh100": ("h100", 8)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str
+    kind: str  # v5p, v4, v5e, v6e, h100 or cpu
+    devices: int
+    memory_gib: float  # per device; 0 for cpu-N (no limit checked)
+
+    @property
+    def is_tpu(self) -> bool:
+        return self.kind in tpu.GENERATIONS
+
 
 FLAGS = flags.FLAGS
 
@@ -61,10 +69,22 @@ def define_flags():
         "a preset of vppo_jax/models/qwen2_5_vl/presets.py (7b, 32b, tiny, ...), an HF/converted "
         "model directory or a Hub name. Default: the config's model.path, tiny when empty.",
     )
-    flags.DEFINE_string("topology", "v5p-8", f"One of {sorted(TOPOLOGIES)}, or cpu-N (N devices).")
+    flags.DEFINE_string(
+        "topology",
+        "v5p-8",
+        "A Cloud TPU slice (v5p-32, v4-64, v5e-16, v6e-16, ...: compiled by the TPU compiler when libtpu "
+        "is installed), 8xh100, or cpu-N (N devices).",
+    )
     flags.DEFINE_string("mesh", "", "data,fsdp,tensor sizes (one may be -1). Default: the config's mesh.")
     flags.DEFINE_float("device_memory_gib", 0.0, "Memory per device; default: the topology's.")
+    flags.DEFINE_enum(
+        "compiler",
+        "auto",
+        ["auto", "xla_cpu"],
+        "auto: the TPU compiler for a TPU slice when libtpu is installed, XLA:CPU otherwise; xla_cpu: always XLA:CPU.",
+    )
     flags.DEFINE_string("json", "", "Also write the figures (bytes per device) to this JSON file.")
+    flags.DEFINE_string("hlo_dir", "", "Also write each compiled program's optimized HLO text into this directory.")
     flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for prefill, scoring and updates.")
     flags.DEFINE_float("decode_mfu", 0.1, "Model FLOPs utilisation assumed for decoding (memory-bound).")
     flags.DEFINE_integer("text_tokens", 100, "Mean text tokens of a prompt besides its image, for the FLOPs.")
@@ -73,14 +93,25 @@ def define_flags():
     flags.mark_flags_as_required(["config"])
 
 
-def topology(name: str) -> tuple[int, float]:
-    """(devices, GiB per device) of a topology name."""
-    if name in TOPOLOGIES:
-        kind, devices = TOPOLOGIES[name]
-        return devices, DEVICE_MEMORY_GIB[kind]
-    if name.startswith("cpu-") and name[4:].isdigit():
-        return int(name[4:]), 0.0
-    raise ValueError(f"--topology={name!r}: choose one of {sorted(TOPOLOGIES)} or cpu-N.")
+def topology(name: str) -> Topology:
+    """A topology by name: a Cloud TPU slice (v5p-32, v6e-16, ...), 8xh100, or cpu-N."""
+    if name in GPU_TOPOLOGIES:
+        kind, devices = GPU_TOPOLOGIES[name]
+        return Topology(name, kind, devices, DEVICE_MEMORY_GIB[kind])
+    if name.startswith("cpu-") and name[4:].isdigit() and int(name[4:]) > 0:
+        return Topology(name, "cpu", int(name[4:]), 0.0)
+    parsed = tpu.parse_slice(name)
+    if parsed is not None:
+        generation, chips = parsed
+        try:
+            tpu.chip_grid(generation, chips)
+        except ValueError as e:
+            raise ValueError(f"--topology={name!r}: {e}") from None
+        return Topology(name, generation, chips, DEVICE_MEMORY_GIB[generation])
+    raise ValueError(
+        f"--topology={name!r}: choose a TPU slice (v5p-N, v4-N, v5e-N, v6e-N, e.g. v5p-32), "
+        f"{', '.join(GPU_TOPOLOGIES)} or cpu-N."
+    )
 
 
 def model_config(name: str, config_path: str, dtype: str, param_dtype: str | None = None):
@@ -153,6 +184,17 @@ class Phase:
     # argument; 0 while sampling when it waits in host memory), and the master weights while sampling.
     resident: int
     compile_s: float
+    runs: float = 1.0  # times the program runs in one step (waves x sampling rounds, updates per rollout)
+    # XLA's cost analysis as the compiler reports it, per device: every loop body counted once.
+    xla_flops: float = 0.0
+    xla_bytes: float = 0.0
+    xla_seconds: float = 0.0  # the TPU compiler's optimal_seconds (0 from XLA:CPU, which has none)
+    # The same program with each loop counted as often as it runs (vppo_jax/parallel/hlo_cost.py).
+    flops: float = 0.0  # matmul FLOPs per device per run
+    cycles: float = 0.0  # the TPU compiler's estimated cycles, loops counted (0: no estimates)
+    cycles_once: float = 0.0  # the same, every loop body once
+    loops: list = dataclasses.field(default_factory=list)  # [trips, known] of each while loop
+    seconds_per_cycle: float = 0.0  # the compiler's optimal_seconds over its cycles, when it gives both
 
     @property
     def program(self) -> int:
@@ -163,13 +205,34 @@ class Phase:
     def total(self) -> int:
         return self.program + self.resident
 
+    @property
+    def seconds(self) -> float:
+        """The compiler's time for one run with its loops counted: its estimated cycles at the
+        rate of its optimal_seconds (0 without both)."""
+        return self.cycles * self.seconds_per_cycle
 
-def compiled_phase(name: str, jitted, args, resident: int) -> Phase:
+
+def _compiled_phase(
+    name: str, jitted, args, resident: int, runs: float = 1.0, dynamic_trips: int = 1, hlo_dir: str = ""
+) -> Phase:
+    """`jitted` compiled for `args`: XLA's memory and cost analyses, and its cost with the loops
+    counted (`dynamic_trips`: the trip count of a loop whose bound is data); the optimized HLO
+    text is written to `hlo_dir`/<name>.hlo.txt when given."""
+    from vppo_jax.parallel import hlo_cost
+
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     seconds = time.perf_counter() - start
     # (XLA:CPU's peak_memory_in_bytes comes out below its own temp size: not used.)
     m = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    text = compiled.as_text()
+    if hlo_dir:
+        paths.makedirs(hlo_dir)
+        paths.write_text(os.path.join(hlo_dir, name.replace(" ", "_") + ".hlo.txt"), text)
+    counted = hlo_cost.loop_cost(text, dynamic_trips)
+    # The TPU compiler's optimal_seconds, or -1 where it has none (a program with loops bounded by data).
+    optimal = max(float(cost.get("optimal_seconds", 0.0)), 0.0)
     return Phase(
         name,
         m.argument_size_in_bytes,
@@ -178,6 +241,15 @@ def compiled_phase(name: str, jitted, args, resident: int) -> Phase:
         m.temp_size_in_bytes,
         resident,
         seconds,
+        runs=runs,
+        xla_flops=float(cost.get("flops", 0.0)),
+        xla_bytes=float(cost.get("bytes accessed", 0.0)),
+        xla_seconds=optimal,
+        flops=counted.flops,
+        cycles=counted.cycles,
+        cycles_once=counted.cycles_once,
+        loops=[list(loop) for loop in counted.loops],
+        seconds_per_cycle=optimal / counted.cycles_once if optimal and counted.cycles_once else 0.0,
     )
 
 
@@ -190,10 +262,28 @@ def bytes_per_device(tree, shardings) -> int:
     )
 
 
-def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"), host_memory: bool = False) -> dict:
-    """Per-device bytes of parameters, optimizer state and each compiled phase on `mesh`;
-    `host_memory`: the devices have host memory of their own (TPU, GPU) for the optimizer
-    state to wait in while sampling (rollout.offload_optimizer_state)."""
+def plan(
+    config,
+    model_cfg,
+    mesh,
+    phases=("update", "score", "prefill", "decode"),
+    host_memory: bool = False,
+    sampling_rounds: float = 1.0,
+    hlo_dir: str = "",
+) -> dict:
+    """Per-device bytes of parameters, optimizer state and each compiled phase on `mesh`, and
+    each phase's cost; `host_memory`: the devices have host memory of their own (TPU, GPU)
+    for the optimizer state to wait in while sampling (rollout.offload_optimizer_state);
+    `sampling_rounds`: mean rounds of sampling per step (dynamic sampling).
+
+    How often each program runs in a step (Phase.runs), as the trainer runs them: the scoring
+    pass and the update once per update of the rollout (train.updates_per_rollout), each over
+    all its micro-batches in one program (a scan: counted inside, by its loop); the prefill
+    and the decode loop once per wave of prompts, ceil(prompts_per_step / wave_prompts) waves
+    per round, `sampling_rounds` rounds. Inside the decode program, each of its
+    DECODE_SEGMENTS loops stops at end tokens: counted here as running its whole block of
+    ceil((max_new_tokens - 1) / DECODE_SEGMENTS) steps (no end token: the worst case).
+    `hlo_dir`: where to write each compiled program's HLO text."""
     import jax
     import numpy as np
     from flax import nnx
@@ -230,6 +320,7 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
     rows = update_rows // micro_batches
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
     results = []
+    compiled_phase = functools.partial(_compiled_phase, hlo_dir=hlo_dir)
 
     # The update on one micro-batched slice of the rollout batch, as the trainer runs it.
     inputs = abstract_batch(model_cfg, rows, prompt_length + r.max_new_tokens, grid, leading=(micro_batches,))
@@ -246,13 +337,18 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
             program = programs.score_program(step_config, graphdef, mesh, state.params, batch, key)
             results.append(
                 compiled_phase(
-                    "score rollouts", program, sharded((state.params, batch, key), program.in_shardings), opt_bytes
+                    "score rollouts",
+                    program,
+                    sharded((state.params, batch, key), program.in_shardings),
+                    opt_bytes,
+                    runs=t.updates_per_rollout,
                 )
             )
         batch = scored_like(batch)
     if "update" in phases:
         program = programs.train_step_program(step_config, optimizer, graphdef, mesh, state, batch, key)
-        results.append(compiled_phase("update step", program, sharded((state, batch, key), program.in_shardings), 0))
+        args = sharded((state, batch, key), program.in_shardings)
+        results.append(compiled_phase("update step", program, args, 0, runs=t.updates_per_rollout))
 
     # The sampler: one wave of prompts (all of a round when rollout.wave_prompts is 0), G samples
     # each, on the weights cast to the compute dtype (vppo_jax.rollout.policy.compute_model); the
@@ -267,13 +363,11 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
     sampling_resident = (0 if offloaded else opt_bytes) + (
         params_bytes if model_cfg.param_dtype != model_cfg.dtype else 0
     )
+    waves = -(-r.prompts_per_step // wave) * sampling_rounds
     prefill = sampling.compiled_prefill(graphdef, compute_params, inputs, mesh)
     if "prefill" in phases:
-        results.append(
-            compiled_phase(
-                "rollout prefill", prefill, sharded((compute_params, inputs), prefill.in_shardings), sampling_resident
-            )
-        )
+        args = sharded((compute_params, inputs), prefill.in_shardings)
+        results.append(compiled_phase("rollout prefill", prefill, args, sampling_resident, runs=waves))
     if "decode" in phases:
         prefilled = jax.eval_shape(prefill.jitted, compute_params, sharded(inputs, prefill.in_shardings[1]))
         # No end tokens: every row decodes all max_new_tokens, the worst case.
@@ -289,7 +383,20 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
         keys = jax.ShapeDtypeStruct((prompts * r.group_size,), key.dtype)
         args = (compute_params, prefilled, keys)
         decode = sampling.compiled_decode(graphdef, *args, params, mesh)
-        results.append(compiled_phase("rollout decode", decode, sharded(args, decode.in_shardings), sampling_resident))
+        # The steps of one decode loop, as vppo_jax.rollout.sampling._decode splits the response
+        # cache (the last token is sampled, never fed back).
+        block = -(-max(r.max_new_tokens - 1, 1) // sampling.DECODE_SEGMENTS)
+        args = sharded(args, decode.in_shardings)
+        results.append(
+            compiled_phase("rollout decode", decode, args, sampling_resident, runs=waves, dynamic_trips=block)
+        )
+    # The TPU compiler gives no optimal_seconds for a program with loops bounded by data (-1 for
+    # the decode loop): its estimated cycles are timed at the rate of the prefill's, the same
+    # chip's and the same layers' estimate.
+    rates = {p.name: p.seconds_per_cycle for p in results if p.seconds_per_cycle}
+    rate = rates.get("rollout prefill") or next(iter(rates.values()), 0.0)
+    for p in results:
+        p.seconds_per_cycle = p.seconds_per_cycle or rate
     return dict(
         params=params_bytes,
         opt_state=opt_bytes,
@@ -304,10 +411,11 @@ def plan(config, model_cfg, mesh, phases=("update", "score", "prefill", "decode"
     )
 
 
-def report(result: dict, mesh_shape: dict, devices: int, memory_gib: float) -> str:
+def report(result: dict, mesh_shape: dict, topo: Topology, compiler: str) -> str:
     gib = lambda b: f"{b / GIB:,.2f}"
     lines = [
-        f"mesh {mesh_shape} on {devices} devices; update: {result['rows']} rows x {result['length']} tokens per "
+        f"compiler: {compiler}",
+        f"mesh {mesh_shape} on {topo.devices} devices; update: {result['rows']} rows x {result['length']} tokens per "
         f"micro-batch, sampler: {result['prompts']} prompts per wave, image grid {result['grid']} per row",
         f"parameters {gib(result['params'])} GiB, optimizer state {gib(result['opt_state'])} GiB per device",
         "",
@@ -323,14 +431,14 @@ def report(result: dict, mesh_shape: dict, devices: int, memory_gib: float) -> s
     worst = max(result["phases"], key=lambda p: p.total)
     lines.append("")
     lines.append(f"peak per device: {gib(peak)} GiB ({worst.name})")
-    if memory_gib:
-        fits = peak <= memory_gib * GIB
+    if topo.memory_gib:
+        fits, used = peak <= topo.memory_gib * GIB, peak / (topo.memory_gib * GIB)
         lines.append(
-            f"verdict: {'fits' if fits else 'does NOT fit'} in {memory_gib:g} GiB per device "
-            f"({100 * peak / (memory_gib * GIB):.0f}% of it)"
+            f"verdict: {'fits' if fits else 'does NOT fit'} in {topo.memory_gib:g} GiB per device "
+            f"({100 * used:.0f}% of it{f', headroom {100 - 100 * used:.0f}%' if fits else ''})"
         )
         if not fits:
-            lines.append("to fit: " + advice(result, memory_gib * GIB, mesh_shape))
+            lines.append("to fit: " + advice(result, topo.memory_gib * GIB, mesh_shape))
     others = ", ".join(
         f"{kind} {size} GiB: {'yes' if peak <= size * GIB else 'no'}" for kind, size in DEVICE_MEMORY_GIB.items()
     )
@@ -371,9 +479,11 @@ def advice(result: dict, budget: float, mesh_shape: dict) -> str:
     return "; ".join(tips) or "no single term dominates: more devices"
 
 
-def throughput(config, model_cfg, result: dict, topology_name: str) -> str:
-    """Model FLOPs of one rollout step (vppo_jax/flops.py) at mean lengths given by the flags,
-    and its time on the topology at the assumed MFUs."""
+def throughput(config, model_cfg, result: dict, topo: Topology) -> str:
+    """One rollout step's time, two ways: from the compiler (each program's cost with its loops
+    counted, times its runs per step: the padded shapes the programs run at, every response
+    at max_new_tokens) and on paper (vppo_jax/flops.py's model FLOPs at mean lengths given by
+    the flags, at the assumed MFUs); with the FLOPs each implies."""
     from vppo_jax import flops
 
     r = config.rollout
@@ -388,42 +498,92 @@ def throughput(config, model_cfg, result: dict, topology_name: str) -> str:
         perturbed_forwards=result["extra_forwards"][1],
         prompt_run=result["prompt_run"],
     )
-    kind, devices = TOPOLOGIES[topology_name]
+    peak = flops.PEAK_FLOPS[topo.kind]
+    model = flops.step_flops(model_cfg, shape)
+    phase_of = {"rollout prefill": "rollout prefill", "rollout decode": "rollout decode"}
+    phase_of |= {"score rollouts": "score rollouts", "update step": "update"}
+    compiled = {phase_of[p.name]: p for p in result["phases"]}
+    timed = all(p.seconds for p in compiled.values())
     lines = [
-        f"throughput on paper: {shape.prompts} prompts x {shape.group_size} samples of {shape.prompt_tokens:.0f} "
+        f"step time: {shape.prompts} prompts x {shape.group_size} samples; on paper at {shape.prompt_tokens:.0f} "
         f"prompt tokens ({patches // model_cfg.vision.merge_unit} of them the image) and {shape.response_tokens:.0f} "
-        f"response tokens on average; {devices} devices at {flops.PEAK_FLOPS[kind] / 1e12:.0f} TFLOP/s bf16 peak each",
+        f"response tokens on average; {topo.devices} devices at {peak / 1e12:.0f} TFLOP/s bf16 peak each",
+        "compiler: the compiled programs' matmul FLOPs and the TPU compiler's optimal_seconds with each loop "
+        "counted as often as it runs (XLA's cost analysis counts a loop body once), times the runs per step",
         "",
-        "| phase | model PFLOP per step | MFU assumed | seconds |",
-        "|---|---|---|---|",
+        "| phase | runs per step | compiler PFLOP per step | compiler s per step | XLA cost analysis per run "
+        "(loops once): TFLOP, GB accessed, s | model PFLOP per step | MFU assumed | s at that MFU |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    total_seconds = 0.0
-    for phase, amount in flops.step_flops(model_cfg, shape).items():
+    totals = {"compiler": 0.0, "paper": 0.0}
+    for phase, amount in model.items():
         mfu = FLAGS.decode_mfu if phase == "rollout decode" else FLAGS.mfu
-        seconds = flops.step_seconds(amount, devices, flops.PEAK_FLOPS[kind], mfu)
-        total_seconds += seconds
-        lines.append(f"| {phase} | {amount / 1e15:,.1f} | {mfu:.0%} | {seconds:,.0f} |")
+        paper_s = flops.step_seconds(amount, topo.devices, peak, mfu)
+        totals["paper"] += paper_s
+        p = compiled.get(phase)
+        if p is None:
+            lines.append(f"| {phase} | - | - | - | - | {amount / 1e15:,.3g} | {mfu:.0%} | {paper_s:,.3g} |")
+            continue
+        compiler_s = p.seconds * p.runs
+        totals["compiler"] += compiler_s
+        seconds = f"{compiler_s:,.3g}" if p.seconds else "- (XLA:CPU has no time estimate)"
+        xla_s = f"{p.xla_seconds:.3g}" if p.xla_seconds else "-"
+        lines.append(
+            f"| {phase} | {p.runs:g} | {p.flops * p.runs * topo.devices / 1e15:,.3g} | {seconds} | "
+            f"{p.xla_flops / 1e12:,.3g}, {p.xla_bytes / 1e9:,.3g}, {xla_s} | {amount / 1e15:,.3g} | {mfu:.0%} | "
+            f"{paper_s:,.3g} |"
+        )
     reference = "the reference: about 5 min per step on 8 GPUs, 17 h for 202 steps"
-    lines.append(f"step: {total_seconds / 60:.1f} min ({reference})")
+    if timed and compiled:
+        model_flops = sum(model[phase] for phase in compiled)
+        implied = model_flops / (totals["compiler"] * topo.devices * peak)
+        lines.append(
+            f"step by the compiler: {totals['compiler'] / 60:.1f} min for its phases (model FLOPs over that time: "
+            f"{implied:.0%} MFU)"
+        )
+    lines.append(f"step on paper: {totals['paper'] / 60:.1f} min ({reference})")
+    dynamic = sum(not known for p in compiled.values() for _, known in p.loops)
+    if dynamic:
+        lines.append(f"({dynamic} loops bounded by data counted at their largest trip count: the decode blocks)")
     return "\n".join(lines)
 
 
-def main(argv):
-    del argv
-    devices, memory_gib = topology(FLAGS.topology)
-    memory_gib = FLAGS.device_memory_gib or memory_gib
+def devices_for(topo: Topology, compiler: str) -> tuple[list, str]:
+    """The devices to compile for and the compiler's name: the TPU's own devices (from libtpu,
+    no TPU needed) when the topology is a TPU slice, libtpu is installed and `compiler` allows;
+    else as many fake CPU devices as the topology has, for XLA:CPU."""
     import jax
 
+    jax.config.update("jax_platforms", "cpu")  # never probe for an accelerator: compiling only
+    why_cpu = "--compiler=xla_cpu"
+    if topo.is_tpu and compiler == "auto":
+        devices = tpu.topology_devices(topo.name)
+        if devices is not None:
+            return devices, f"tpu (libtpu {tpu.libtpu_version()}, jax {jax.__version__})"
+        why_cpu = "libtpu not installed: pip install -r requirements-tpu.txt for the TPU compiler"
+    elif not topo.is_tpu:
+        why_cpu = f"no deviceless compiler for {topo.kind}" if topo.kind != "cpu" else "a CPU topology"
     # Fake CPU devices, one per chip of the topology; possible only before JAX starts its backend.
     os.environ["XLA_FLAGS"] = " ".join(
         f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f
     )
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", devices)
-    if jax.device_count() != devices:
+    jax.config.update("jax_num_cpu_devices", topo.devices)
+    if jax.device_count() != topo.devices:
         raise RuntimeError(
-            f"wanted {devices} fake CPU devices, JAX has {jax.device_count()}: run the planner in a fresh process."
+            f"wanted {topo.devices} fake CPU devices, JAX has {jax.device_count()}: run the planner in a fresh process."
         )
+    return jax.devices(), (
+        f"xla:cpu (jaxlib {jax.__version__}) on {topo.devices} fake CPU devices ({why_cpu}): not the "
+        f"{topo.kind} compiler; its fusion, rematerialisation and buffer reuse differ, so the temporaries "
+        "are an estimate, and it gives no time"
+    )
+
+
+def main(argv):
+    del argv
+    topo = topology(FLAGS.topology)
+    topo = dataclasses.replace(topo, memory_gib=FLAGS.device_memory_gib or topo.memory_gib)
+    devices, compiler = devices_for(topo, FLAGS.compiler)
     from vppo_jax.parallel import sharding
 
     config = FLAGS.config
@@ -433,10 +593,10 @@ def main(argv):
         if len(sizes) != 3:
             raise ValueError(f"--mesh={FLAGS.mesh!r}: give data,fsdp,tensor, e.g. 1,-1,1.")
         mesh_shape = dict(zip(sharding.MESH_AXES, sizes))
-    mesh = sharding.make_mesh(mesh_shape)
-    if mesh.size != devices:
+    mesh = sharding.make_mesh(mesh_shape, devices=devices)
+    if mesh.size != topo.devices:
         raise ValueError(
-            f"mesh {mesh_shape} uses {mesh.size} of the {devices} devices of {FLAGS.topology}: give "
+            f"mesh {mesh_shape} uses {mesh.size} of the {topo.devices} devices of {FLAGS.topology}: give "
             "--mesh=data,fsdp,tensor with a product of the device count (one size may be -1)."
         )
     mesh_shape = dict(mesh.shape)
@@ -444,7 +604,7 @@ def main(argv):
     from vppo_jax.trainer import config as config_lib
 
     # "auto" resolves for the topology's chips (scanned on accelerators), not for this CPU.
-    backend = "cpu" if FLAGS.topology.startswith("cpu") else "accelerator"
+    backend = "cpu" if topo.kind == "cpu" else "accelerator"
     loop = config_lib.layer_loop(config.model.layer_loop, backend)
     model_cfg = model_cfg.with_compute(config.model.remat, config.model.attention_block, loop)
     print(
@@ -453,22 +613,26 @@ def main(argv):
         f"{FLAGS.topology}",
         flush=True,
     )
-    result = plan(config, model_cfg, mesh, host_memory=sharding.host_memory_is_separate(backend))
-    print(report(result, mesh_shape, devices, memory_gib))
-    if FLAGS.topology in TOPOLOGIES:
-        print("\n" + throughput(config, model_cfg, result, FLAGS.topology))
+    host_memory = sharding.host_memory_is_separate(backend)
+    result = plan(
+        config, model_cfg, mesh, host_memory=host_memory, sampling_rounds=FLAGS.sampling_rounds, hlo_dir=FLAGS.hlo_dir
+    )
+    print(report(result, mesh_shape, topo, compiler))
+    if topo.kind != "cpu":
+        print("\n" + throughput(config, model_cfg, result, topo))
     if FLAGS.json:
         peak = max(p.total for p in result["phases"])
         paths.write_json(
             FLAGS.json,
             dict(
                 result,
-                phases=[dataclasses.asdict(p) | {"total": p.total} for p in result["phases"]],
+                phases=[dataclasses.asdict(p) | {"total": p.total, "seconds": p.seconds} for p in result["phases"]],
+                compiler=compiler,
                 mesh=mesh_shape,
                 topology=FLAGS.topology,
-                device_memory_gib=memory_gib,
+                device_memory_gib=topo.memory_gib,
                 peak=peak,
-                fits=bool(memory_gib) and peak <= memory_gib * GIB,
+                fits=bool(topo.memory_gib) and peak <= topo.memory_gib * GIB,
             ),
             indent=1,
         )
