@@ -164,7 +164,7 @@ def test_bad_checkpoints_fail_clearly_and_leave_nothing(tmp_path, capsys, corrup
         qwen2_5_vl.from_pretrained(str(source))
     assert message in str(error.value)
     out = tmp_path / "jax"
-    assert convert_hf_to_jax.convert(str(source), str(out)) == 1
+    assert convert_hf_to_jax.convert(str(source), str(out)) == 2
     assert message in capsys.readouterr().err
     assert no_output_left(out)
 
@@ -181,7 +181,7 @@ def test_existing_output_is_never_overwritten(tmp_path):
     _, source = hf_directory(tmp_path)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    assert convert_hf_to_jax.convert(str(source), str(tmp_path / "taken")) == 1
+    assert convert_hf_to_jax.convert(str(source), str(tmp_path / "taken")) == 2
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
 
 

@@ -11,6 +11,7 @@ import pytest
 from scripts import convert_hf_to_jax
 from vppo_jax.demo import synthetic
 from vppo_jax.demo.tiny_model import write_tiny_model
+from vppo_jax.errors import InputError
 from vppo_jax.eval import benchmarks as evaluate
 from vppo_jax.eval.__main__ import benchmark_files
 from vppo_jax.rollout.policy import load_policy
@@ -139,20 +140,24 @@ def test_every_kind_of_checkpoint_gives_the_responses_of_its_weights(tmp_path, a
     assert responses(tmp_path / "converted_eval", benchmark[0]) == expected
     assert responses(tmp_path / "run" / evaluate.EVALUATION_DIR, benchmark[0]) == expected
     assert summary["step"] == 3
+    # A run's checkpoint directory is that step of the run; a step it has no checkpoint of is refused.
+    assert evaluate.load_checkpoint(str(tmp_path / "run" / "checkpoints" / "3"), None, "float32")[2] == 3
+    with pytest.raises(InputError, match=r"has no checkpoint 4; it holds steps \[3\]"):
+        evaluate.load_checkpoint(str(tmp_path / "run"), 4, "float32")
     assert responses(tmp_path / "base", benchmark[0]) != expected  # the weights matter
 
 
 def test_paths_that_are_not_checkpoints_are_refused_clearly(tmp_path, assets):
     benchmark = assets["benchmarks"][:1]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="neither a training run's workdir .* nor a checkpoint written by"):
+    with pytest.raises(InputError, match="neither a training run's workdir .* nor a checkpoint written by"):
         run_evaluate(str(tmp_path / "empty"), tmp_path / "out", benchmark)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_evaluate(str(tmp_path / "missing"), tmp_path / "out", benchmark)
     config = default_config()
     config.model.path = assets["base"]
     claim_workdir(str(tmp_path / "starting"), config)
-    with pytest.raises(FileNotFoundError, match="has no checkpoint yet"):
+    with pytest.raises(InputError, match="has no checkpoint yet"):
         run_evaluate(str(tmp_path / "starting"), tmp_path / "out", benchmark)
     with pytest.raises(ValueError, match="--out is needed"):
         run_evaluate(assets["base"], None, benchmark)

@@ -9,7 +9,8 @@
 
 --checkpoint is one of
 - a training run's workdir (config.json + checkpoints/): its latest checkpoint (or --step),
-  with the run's own prompt length, image budget, response length and reward;
+  with the run's own prompt length, image budget, response length and reward; or one of its
+  checkpoint directories (WORKDIR/checkpoints/STEP), the same as --step=STEP;
 - an HF directory (or Hugging Face Hub name) or a scripts/convert_hf_to_jax.py checkpoint:
   with the paper recipe's settings (vppo_jax/trainer/config.py).
 Any of these, the benchmark files and --out may be in a bucket (gs://...); a benchmark file
@@ -21,6 +22,9 @@ share of problems with at least one correct response. The average is the unweigh
 over benchmarks, as in the paper's Avg column. Examples the data pipeline cannot use (bad
 image, prompt too long, ...) are left out and counted in the summary.
 
+Bad input (a path that is no checkpoint, a step the run has no checkpoint of, a benchmark
+file without usable problems) is one error line and exit status 2 (--debug adds the traceback).
+
 Writes OUT/<benchmark>.jsonl (one line per problem: index, answer, responses, rewards) and
 OUT/summary.json (OUT defaults to WORKDIR/evaluation for a run, where the sweep aggregator
 finds it), and prints the results as a markdown table. The evaluation itself:
@@ -29,10 +33,10 @@ vppo_jax/eval/benchmarks.py.
 
 import functools
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from vppo_jax.eval.benchmarks import EVALUATION_DIR, EvalOptions, evaluate
-from vppo_jax.io.cli import parse_flags
+from vppo_jax.io.cli import parse_flags, run_program
 
 FLAGS = flags.FLAGS
 
@@ -101,6 +105,6 @@ def main(argv):
 
 if __name__ == "__main__":  # the reward workers are spawned: they re-import this module
     define_flags()
-    app.run(
+    run_program(
         main, flags_parser=functools.partial(parse_flags, arguments=lambda words: benchmark_files(FLAGS.data, words))
     )

@@ -20,17 +20,18 @@ import zlib
 
 import jax
 import ml_collections
-from flax import nnx
+from tokenizers import Tokenizer
 
 from vppo_jax import data as data_lib
 from vppo_jax.data.prompts import PromptBuilder
+from vppo_jax.errors import InputError
+from vppo_jax.eval import runs
 from vppo_jax.eval.accuracy import evaluate_prompts
 from vppo_jax.io import hub, paths
-from vppo_jax.rollout.policy import Policy, compute_model, load_policy, prompt_builder
+from vppo_jax.models.qwen2_5_vl.hf_io import model_from_params
+from vppo_jax.rollout.policy import TOKENIZER_FILE, Policy, load_policy, prompt_builder
 from vppo_jax.rollout.rewards import RewardPool
 from vppo_jax.trainer import config as config_lib
-from vppo_jax.trainer.checkpoints import CONFIG_FILE, RunCheckpoints, complete_steps
-from vppo_jax.vppo.batch import init_state
 
 # The paper samples its evaluation responses at temperature 1.0, top-p 1.0 (docs/algorithm.md#reward-and-evaluation).
 PAPER_SAMPLING = dict(temperature=1.0, top_p=1.0, top_k=0)
@@ -61,62 +62,36 @@ class EvalOptions:
         object.__setattr__(self, "data", (self.data,) if isinstance(self.data, str) else tuple(self.data))
 
 
-def is_run_workdir(path: str) -> bool:
-    """A training run's workdir holds the resolved experiment config (an HF config.json has no "train")."""
-    try:
-        return "train" in paths.read_json(os.path.join(path, CONFIG_FILE))
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-
-
 def load_run(workdir: str, step: int | None, dtype: str | None) -> tuple[Policy, ml_collections.ConfigDict, int]:
-    """The policy of a training run at checkpoint `step` (the latest if None), and the run's config."""
-    saved = paths.read_json(os.path.join(workdir, CONFIG_FILE))
-    # Runs from before the precision modes held their parameters in model.dtype.
-    saved["model"].setdefault("param_dtype", saved["model"]["dtype"])
-    config = config_lib.default_config()  # fields added since the run was started keep their defaults
-    config.update(saved)
+    """The policy of a training run at checkpoint `step` (the latest if None), and the run's config.
+    Only the parameters are read (vppo_jax/eval/runs.py), straight into the compute dtype."""
+    config = runs.run_config(workdir)
     config.model.dtype = dtype or config.model.dtype
-    try:
-        model_path = hub.resolve_model(config.model.path)
-    except hub.HubLookupError as error:
-        raise FileNotFoundError(
-            f"{workdir}/{CONFIG_FILE} names model.path={config.model.path!r}, which does not exist here ({error}) "
-            "Relative paths are relative to where the run was started: run this command from there."
-        ) from error
-    steps = complete_steps(workdir)
-    if not steps:
-        raise FileNotFoundError(f"{workdir} has no checkpoint yet; a run saves one every checkpoint.every_steps steps.")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise FileNotFoundError(f"{workdir}/checkpoints has no checkpoint {step}; it holds steps {steps}.")
-    checkpoints = RunCheckpoints(workdir, config.checkpoint.keep)
-    # The run's base model gives the architecture and tokenizer; the checkpoint, the parameters.
-    policy = load_policy(model_path, config.model.dtype, config.model.param_dtype)
-    optimizer = config_lib.optimizer(config)
-    # Orbax restores into the train state's structure; eval_shape gives it without allocating optimizer state.
-    abstract_state = jax.eval_shape(lambda: init_state(policy.model, optimizer)[1])
-    state = checkpoints.restore(step, abstract_state)[0]
-    checkpoints.close()
-    model = compute_model(nnx.graphdef(policy.model), state.params, policy.model.config)
-    return dataclasses.replace(policy, model=model), config, step
+    model_config, shapes, load, step = runs.open_run_params(workdir, step, config.model.dtype)
+    hf_dir = runs.base_model_dir(workdir, config)
+    tokenizer_path = os.path.join(hf_dir, TOKENIZER_FILE)
+    if not paths.is_file(tokenizer_path):
+        raise InputError(f"{hf_dir} has no {TOKENIZER_FILE}; copy the tokenizer files of the original model there.")
+    model = model_from_params(model_config, ((p, load(p)) for p in shapes))
+    return Policy(model, Tokenizer.from_str(paths.read_text(tokenizer_path)), hf_dir), config, step
 
 
 def load_checkpoint(path: str, step: int | None, dtype: str | None):
-    """(policy, settings config, step or None) for a run workdir, an HF directory (or Hub name) or a
-    converted checkpoint."""
-    if is_run_workdir(path):
-        return load_run(path, step, dtype)
+    """(policy, settings config, step or None) for a run (its workdir, or one of its checkpoint
+    directories), an HF directory (or Hub name) or a converted checkpoint."""
+    run = runs.run_and_step(path, step)
+    if run:
+        return load_run(*run, dtype)
     if step is not None:
-        raise ValueError(f"--step={step} needs a training run's workdir; {path} is not one.")
+        raise InputError(f"--step={step} needs a training run's workdir; {path} is not one.")
     path = hub.resolve_model(path)
     if not paths.is_dir(path):
-        raise FileNotFoundError(f"--checkpoint={path!r} does not exist.")
+        raise InputError(f"--checkpoint={path!r} does not exist.")
     config = config_lib.default_config()
     try:
         policy = load_policy(path, dtype or config.model.dtype)
     except FileNotFoundError as error:
-        raise FileNotFoundError(
+        raise InputError(
             f"--checkpoint={path!r} is neither a training run's workdir (config.json + checkpoints/), an HF model "
             "directory (config.json + *.safetensors) nor a checkpoint written by scripts/convert_hf_to_jax.py."
         ) from error
@@ -172,7 +147,7 @@ def evaluate_benchmark(
         results += chunk_results
     skipped = sum(skips.counts.values())
     if not results:
-        raise ValueError(
+        raise InputError(
             f"{path}: none of its {skipped} examples could be used ({dict(skips.counts)}); check the "
             "column names (--problem_key, --answer_key, --images_key) and the warnings above."
         )
@@ -198,11 +173,11 @@ def markdown_table(summary: dict) -> str:
 def evaluate(options: EvalOptions) -> dict:
     names = [benchmark_name(path) for path in options.data]
     if len(set(names)) < len(names):
-        raise ValueError(f"Benchmark files must have different names (results are written per name): {options.data}")
-    run = is_run_workdir(options.checkpoint)
-    out = options.out or (os.path.join(options.checkpoint, EVALUATION_DIR) if run else None)
+        raise InputError(f"Benchmark files must have different names (results are written per name): {options.data}")
+    run = runs.run_and_step(options.checkpoint, options.step)
+    out = options.out or (os.path.join(run[0], EVALUATION_DIR) if run else None)
     if out is None:
-        raise ValueError(
+        raise InputError(
             "--out is needed with an HF directory or a converted checkpoint (a run's workdir defaults to "
             f"WORKDIR/{EVALUATION_DIR})."
         )

@@ -21,10 +21,12 @@ from vppo_jax.io import hub, paths
 from vppo_jax.io.atomic_dir import atomic_directory
 from vppo_jax.io.safetensors_files import CheckpointError, SafetensorsDirectory, write_sharded
 from vppo_jax.models.qwen2_5_vl.config import DTYPES, Qwen2_5_VLConfig
+from vppo_jax.models.qwen2_5_vl.image_processor import CLIP_MEAN, CLIP_STD, ImageProcessor
 from vppo_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration, abstract_model
 from vppo_jax.models.qwen2_5_vl.weights import legacy_name, weight_table
 
 CONFIG_FILE = "config.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
 FLOAT_DTYPES = ("F32", "BF16", "F16")
 # Files of the tokenizer and processor that travel with the weights.
 ASSET_FILES = (
@@ -36,7 +38,7 @@ ASSET_FILES = (
     "added_tokens.json",
     "chat_template.json",
     "chat_template.jinja",
-    "preprocessor_config.json",
+    PREPROCESSOR_FILE,
     "video_preprocessor_config.json",
     "processor_config.json",
     "generation_config.json",
@@ -240,11 +242,30 @@ def save_params_as_hf(
 
 
 def copy_assets(source: str | None, directory: str):
-    if not source:
-        return
-    for name in ASSET_FILES:
+    """The tokenizer and processor files of `source`, and a preprocessor_config.json where it has
+    none: AutoProcessor needs one (it names the processor class) to load the directory."""
+    for name in ASSET_FILES if source else ():
         if paths.is_file(os.path.join(source, name)):
             paths.copy_file(os.path.join(source, name), os.path.join(directory, name))
+    if not (source and paths.is_file(os.path.join(source, PREPROCESSOR_FILE))):
+        # Without the file, the model was fed with ImageProcessor's defaults (the released model's).
+        paths.write_json(os.path.join(directory, PREPROCESSOR_FILE), preprocessor_config(ImageProcessor()))
+
+
+def preprocessor_config(processor: ImageProcessor) -> dict:
+    """The preprocessor_config.json of transformers' Qwen2.5-VL processor that processes images
+    as `processor` does (the released model's file, when `processor` has its defaults)."""
+    return {
+        "min_pixels": processor.min_pixels,
+        "max_pixels": processor.max_pixels,
+        "patch_size": processor.patch_size,
+        "temporal_patch_size": processor.temporal_patch_size,
+        "merge_size": processor.merge_size,
+        "image_mean": [float(str(v)) for v in CLIP_MEAN],  # the shortest decimals of the float32 values
+        "image_std": [float(str(v)) for v in CLIP_STD],
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+    }
 
 
 def write_hf_directory(
