@@ -296,7 +296,8 @@ def test_the_command_prints_the_counts_and_errors_in_one_line(tmp_path):
     assert "the published PAPO-Galaxy/PAPO_eval split has 447 rows" in done.stdout
 
     again = subprocess.run([*command, f"--src={tmp_path / 'snapshot'}"], cwd=REPO, capture_output=True, text=True)
-    assert again.returncode == 1 and again.stderr.startswith("error: ") and "already exists" in again.stderr
+    assert again.returncode == 2 and again.stderr.startswith("error: ") and "already exists" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1  # one line, no traceback
     unknown = subprocess.run([*command[:3], "mathvista", "--out=x"], cwd=REPO, capture_output=True, text=True)
     assert unknown.returncode == 2 and "one of virl39k, mathverse," in unknown.stderr
 

@@ -22,14 +22,13 @@ Sources, splits, row counts and what is converted how: docs/datasets.md.
 """
 
 import functools
-import sys
 
-from absl import app, flags
+from absl import flags
 
 from vppo_jax.data.prepare.convert import prepare, summary
-from vppo_jax.data.prepare.example import PrepareError
 from vppo_jax.data.prepare.registry import DATASETS
-from vppo_jax.io.cli import parse_flags
+from vppo_jax.errors import InputError
+from vppo_jax.io.cli import parse_flags, run_program
 
 FLAGS = flags.FLAGS
 
@@ -50,16 +49,16 @@ def dataset_name(words: list[str]) -> list[str]:
 
 
 def main(argv):
+    """Bad input (PrepareError, an existing output) ends the program with one line and exit status 2 (io/cli.py)."""
     dataset = DATASETS[argv[1]]
     try:
         report = prepare(dataset, FLAGS.src or [dataset.hub_id], FLAGS.out)
-    except (PrepareError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except FileExistsError as error:
+        raise InputError(str(error)) from None
     print(summary(report))
     return 0
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=functools.partial(parse_flags, arguments=dataset_name))
+    run_program(main, flags_parser=functools.partial(parse_flags, arguments=dataset_name))

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from vppo_jax.data.images import open_image
 from vppo_jax.data.prompts import IMAGE_PLACEHOLDER
+from vppo_jax.errors import InputError
 
 # Why a source row was left out; the report counts each.
 SKIP_REASONS = (
@@ -24,7 +25,7 @@ SKIP_REASONS = (
 )
 
 
-class PrepareError(Exception):
+class PrepareError(InputError):
     """Input that cannot be converted at all (no data file, missing columns, an unreadable
     archive, no usable row); the message says what is wrong and the fix."""
 
