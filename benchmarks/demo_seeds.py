@@ -1,4 +1,4 @@
-"""The README's demo table: the embedded default over seeds, as is and on one core.
+"""The demo over seeds (docs/results.md#the-demo-over-five-seeds): the embedded default, as is and on one core.
 
 RL trajectories on a CPU depend on float rounding, and another machine rounds differently.
 A stand-in for "another machine": the same demo pinned to one core (`taskset -c 0`), where

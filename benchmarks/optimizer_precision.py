@@ -1,10 +1,11 @@
 """How far each precision mode moves the weights at the paper's learning rate, against fp32 AdamW.
 
 Weights drawn N(0, 0.02), 60 AdamW steps at lr 1e-6 (weight decay 0.01) with the same
-gradients for every mode: one fixed direction (what the issue measured), or that direction
-plus as much fresh noise per step. Printed per mode: the share of weights that ever moved and
+gradients for every mode: one fixed direction, or that direction plus as much fresh noise per
+step. Printed per mode: the share of weights that ever moved and
 the total movement relative to AdamW on fp32 weights. "plain bf16" is optax.adamw added
-into bf16 weights, what this project did before the precision modes (no longer offered).
+into bf16 weights, the baseline the modes are measured against (not offered: its steps round
+away). Measured: docs/results.md#optimizer-precision.
 
     python -m benchmarks.optimizer_precision
 """

@@ -4,7 +4,7 @@
 
 Names (paper's 7B avg@8 in brackets): vppo_on_grpo [54.8], tas_only [56.3], tgf_only [57.1],
 entropy_k0.2 [56.0], entropy_k0.4 [55.7], random_k0.4 [54.8], soft_mask [56.2],
-static_0.8_1.2, static_0.9_1.1, noise, blur is not in-step (see README), gray, jsd [56.9],
+static_0.8_1.2, static_0.9_1.1, noise, gray (blur is not in-step: docs/algorithm.md#perturbed-image), jsd [56.9],
 top1_drop [50.3], group5 [56.5], group12 [57.4], group16 [57.7]. Append ",runlocal" to shrink.
 """
 

@@ -3,8 +3,8 @@
     python -m vppo_jax.sweeps.launch experiments/ablations_7b.py --root=gs://BUCKET/sweeps \
         --mode=tpu-pod --pod=NAME --zone=ZONE --python=.venv/bin/python
 
-Then evaluate and aggregate as experiments/table1_7b.py. The paper's avg@8 for each is in
-the README ("Experiments"); the full VPPO recipe (57.5) is the `vppo` trial of table1_7b.
+Set up the workers and evaluate and aggregate as for experiments/table1_7b.py. The paper's avg@8
+for each: docs/experiments.md#ablations; the full VPPO recipe (57.5) is the `vppo` trial of table1_7b.
 """
 
 CONFIG = "configs/vppo_7b.py"

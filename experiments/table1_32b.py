@@ -3,7 +3,8 @@
     python -m vppo_jax.sweeps.launch experiments/table1_32b.py --root=gs://BUCKET/sweeps \
         --mode=tpu-pod --pod=NAME --zone=ZONE --python=.venv/bin/python
 
-Then evaluate and aggregate as experiments/table1_7b.py.
+Set up the workers (the model converted to ckpt/qwen32b), then evaluate and aggregate as for
+experiments/table1_7b.py (docs/experiments.md#reproducing-table-1).
 """
 
 CONFIG = "configs/vppo_32b.py"

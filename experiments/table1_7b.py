@@ -5,9 +5,10 @@
     python -m vppo_jax.eval --checkpoint=gs://BUCKET/sweeps/table1_7b/vppo --data data/benchmarks/*.parquet
     python -m vppo_jax.sweeps.aggregate experiments/table1_7b.py --root=gs://BUCKET/sweeps
 
-Evaluate each trial on the eight benchmarks (README, "Experiments"); the aggregator then
-tabulates their avg@8 next to each other. Paths are relative to the repository root on the
-workers: edit them to where the model and data are.
+The model and data paths below are relative to the repository on each worker; the setup steps of
+docs/experiments.md#reproducing-table-1 write them there before the launch (tests/test_docs.py
+checks that block as written). Evaluate each trial on the eight benchmarks; the aggregator then
+tabulates their avg@8 next to each other.
 """
 
 CONFIG = "configs/vppo_7b.py"

@@ -1,4 +1,4 @@
-"""The issue's example sweep on the paper's 7B VPPO recipe: TGF keep ratio x TAS floor (6 trials).
+"""An example sweep on the paper's 7B VPPO recipe: TGF keep ratio x TAS floor (6 trials).
 
     python -m vppo_jax.sweeps.launch experiments/vppo_7b_tgf_beta.py --root=gs://BUCKET/sweeps \
         --mode=tpu-pod --pod=NAME --zone=ZONE --python=.venv/bin/python
