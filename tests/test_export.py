@@ -4,6 +4,7 @@ too, with the processor files transformers needs, and bad input refused in one l
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -15,7 +16,9 @@ from test_train import run, write_config
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 from benchmarks.peer_task import image_text_processor_class
-from scripts import convert_jax_to_hf
+from scripts import convert_hf_to_jax, convert_jax_to_hf
+from vppo_jax.errors import InputError
+from vppo_jax.eval import runs
 from vppo_jax.io import paths
 from vppo_jax.models import qwen2_5_vl
 from vppo_jax.models.qwen2_5_vl.image_processor import ImageProcessor
@@ -169,3 +172,19 @@ def test_bad_input_is_one_line_and_status_2(trained, exported, tmp_path, capsys)
     before = all_tensors(exported["step1"])
     assert "already exists" in refused(trained, out=exported["step1"])
     assert_bit_identical(all_tensors(exported["step1"]), before)  # not written over with the latest step
+
+
+def test_the_model_a_run_started_from_is_found(tmp_path, tiny_task):
+    # The embedded default's model lies in the run's workdir, named by the path the run was started with.
+    workdir = tmp_path / "moved_run"
+    shutil.copytree(tiny_task["model"], workdir / "embedded" / "warm_start")
+    config = config_lib.default_config()
+    config.model.path = "runs/tiny/embedded/warm_start"  # relative to a directory this test is not in
+    assert runs.base_model_dir(str(workdir), config) == str(workdir / "embedded" / "warm_start")
+    # A converted checkpoint keeps its config and tokenizer in hf/.
+    assert convert_hf_to_jax.convert(tiny_task["model"], str(tmp_path / "converted")) == 0
+    config.model.path = str(tmp_path / "converted")
+    assert runs.base_model_dir(str(workdir), config) == str(tmp_path / "converted" / "hf")
+    config.model.path = "runs/elsewhere/model"
+    with pytest.raises(InputError, match="names model.path='runs/elsewhere/model', which is not found here"):
+        runs.base_model_dir(str(workdir), config)
