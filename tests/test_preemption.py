@@ -60,7 +60,7 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_for_lines(path, count: int, process: subprocess.Popen, timeout_s: float = 300):
+def wait_for_lines(path, count: int, process: subprocess.Popen, timeout_s: float = 600):
     deadline = time.time() + timeout_s
     while not (path.exists() and len(read_metrics(path)) >= count):
         assert process.poll() is None and time.time() < deadline, "the run ended before it was signalled"

@@ -8,6 +8,7 @@ import itertools
 import json
 import shlex
 import shutil
+import sys
 
 import pytest
 from PIL import Image
@@ -141,3 +142,27 @@ def test_a_local_sweep_runs_skips_reports_failures_and_aggregates(sweep_file, tm
         evaluate.EvalOptions(checkpoint=workdirs[name], data=[sweep.trials[1].overrides["data.val_files"][0]], k=2)
     )
     assert summary["step"] == 1 and summary["benchmarks"]["val"]["problems"] == 4  # tiny_task's validation rows
+
+
+def test_a_preempted_trial_runs_again_from_its_checkpoint(sweep_file, tmp_path, monkeypatch, capsys):
+    # A stand-in for the trainer: preempted (exit status 75) on its first run, done on its second.
+    trial = (
+        "import pathlib, sys; runs = pathlib.Path(sys.argv[1], 'runs'); "
+        "runs.parent.mkdir(parents=True, exist_ok=True); "
+        "before = len(runs.read_text()) if runs.exists() else 0; runs.write_text('x' * (before + 1)); "
+        "sys.exit(75 if before == 0 else 0)"
+    )
+    monkeypatch.setattr(launch, "local_command", lambda _, workdir: [sys.executable, "-c", trial, workdir])
+    assert launch.launch(sweep_file, str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert out.count("preempted: running it again from its checkpoint") == 4
+    assert "FAILED" not in out
+    sweep = load_sweep(sweep_file)
+    assert [(tmp_path / sweep.name / t.name / "runs").read_text() for t in sweep.trials] == ["xx"] * 4
+
+    # Preempted every time: given up after MAX_PREEMPTED_RERUNS reruns, reported as failed.
+    monkeypatch.setattr(launch, "local_command", lambda *_: [sys.executable, "-c", "import sys; sys.exit(75)"])
+    assert launch.launch(sweep_file, str(tmp_path / "again")) == 1
+    out = capsys.readouterr().out
+    assert out.count("preempted: running it again") == 4 * launch.MAX_PREEMPTED_RERUNS
+    assert out.count("FAILED (exit status 75)") == 4

@@ -10,6 +10,11 @@ relaunch runs only what is left (an interrupted trial resumes from its last chec
 failed trial is reported and the next one starts; the exit status is 1 if any failed.
 --dry_run prints the command of each trial instead of running it.
 
+A preempted trial (exit status 75: it checkpointed its last finished step) is run again at once,
+up to MAX_PREEMPTED_RERUNS times, and resumes there. SIGTERM or SIGINT to the launcher itself
+(its machine is going away) goes on to the local trial, whose checkpoint the launcher waits
+for; then it stops without starting another trial, with exit status 75 (a relaunch goes on).
+
 local: each trial is a `python -m vppo_jax.train` subprocess writing to WORKDIR/train.log.
 tpu-pod: each trial is `gcloud compute tpus tpu-vm ssh NAME --worker=all --command="cd REPO &&
 python3 -m vppo_jax.train ..."`, so every worker runs the trainer (REPO is relative to the
@@ -26,6 +31,7 @@ from __future__ import annotations
 import functools
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,10 +42,12 @@ from absl import app, flags, logging
 from vppo_jax.io import paths
 from vppo_jax.io.cli import parse_flags
 from vppo_jax.sweeps.trials import Trial, finished, load_sweep
+from vppo_jax.trainer.preemption import Preempted
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOG_FILE = "train.log"
 LOG_LINES_SHOWN = 20
+MAX_PREEMPTED_RERUNS = 3
 
 
 def local_command(trial: Trial, workdir: str) -> list[str]:
@@ -51,7 +59,37 @@ def pod_command(trial: Trial, workdir: str, pod: str, zone: str, repo: str, pyth
     return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", pod, f"--zone={zone}", "--worker=all", f"--command={remote}"]
 
 
-def run_local(command: list[str], workdir: str) -> int:
+class Signals:
+    """Inside it, SIGTERM and SIGINT to the launcher are noted (`received`) and passed on to the
+    trial running (`child`) once. Trials run in a session of their own, so that a Ctrl-C in the
+    terminal reaches them only this way: a second one would stop a trial at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.child: subprocess.Popen | None = None
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._note) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _note(self, signum, frame):
+        if self.received is None and self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)
+        self.received = self.received or signum
+
+    def run(self, command: list[str], **kwargs) -> int:
+        self.child = subprocess.Popen(command, start_new_session=True, **kwargs)
+        try:
+            return self.child.wait()
+        finally:
+            self.child = None
+
+
+def run_local(command: list[str], workdir: str, signals: Signals) -> int:
     """Runs the trial with its output appended to WORKDIR/train.log; returns its exit status.
 
     A subprocess writes to a file descriptor, which only a local file has: for a workdir in a
@@ -61,9 +99,9 @@ def run_local(command: list[str], workdir: str) -> int:
     if paths.is_local(workdir):
         os.makedirs(workdir, exist_ok=True)
         with open(log_path, "a") as log:
-            return subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+            return signals.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     with tempfile.TemporaryFile("w+", errors="replace") as log:
-        status = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        status = signals.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
         log.seek(0)
         paths.append_text(log_path, log.read())
     return status
@@ -97,28 +135,52 @@ def launch(
     # Local trials run from the repository root: the root must not depend on where we are.
     root = paths.absolute(root) if local else root
     failed = []
-    for number, trial in enumerate(sweep.trials, 1):
-        workdir = sweep.workdir(root, trial)
-        command = local_command(trial, workdir) if local else pod_command(trial, workdir, pod, zone, repo, python)
-        prefix = f"[{number}/{len(sweep.trials)}] {trial.name}:"
-        if finished(workdir):
-            print(f"{prefix} finished before, skipped", flush=True)
-        elif dry_run:
-            print(f"cd {shlex.quote(REPO_ROOT)} && {shlex.join(command)}" if local else shlex.join(command), flush=True)
-        else:
-            print(f"{prefix} running in {workdir}", flush=True)
-            start = time.time()
-            status = run_local(command, workdir) if local else subprocess.run(command).returncode
-            if status:
-                failed.append(trial.name)
-                print(f"{prefix} FAILED (exit status {status})", flush=True)
-                if local:  # on a pod the output went to this terminal
-                    print(log_tail(workdir), flush=True)
+    with Signals() as signals:
+        for number, trial in enumerate(sweep.trials, 1):
+            if signals.received:
+                break
+            workdir = sweep.workdir(root, trial)
+            command = local_command(trial, workdir) if local else pod_command(trial, workdir, pod, zone, repo, python)
+            prefix = f"[{number}/{len(sweep.trials)}] {trial.name}:"
+            if finished(workdir):
+                print(f"{prefix} finished before, skipped", flush=True)
+            elif dry_run:
+                print(f"cd {shlex.quote(REPO_ROOT)} && {shlex.join(command)}" if local else shlex.join(command))
             else:
-                print(f"{prefix} done in {time.time() - start:.0f} s", flush=True)
+                print(f"{prefix} running in {workdir}", flush=True)
+                start = time.time()
+                status = run_trial(command, workdir, local, signals, prefix)
+                report(status, trial.name, prefix, workdir, local, start, failed, signals)
+    if signals.received:
+        print(f"stopped by {signal.Signals(signals.received).name}: relaunch to go on", flush=True)
+        return Preempted.exit_status
     if failed:
         print(f"{len(failed)} of {len(sweep.trials)} trials failed: {', '.join(failed)}")
     return 1 if failed else 0
+
+
+def run_trial(command: list[str], workdir: str, local: bool, signals: Signals, prefix: str) -> int:
+    """Runs a trial, again after each preemption (up to MAX_PREEMPTED_RERUNS times) unless the
+    launcher itself was told to stop; its last exit status."""
+    for rerun in range(MAX_PREEMPTED_RERUNS + 1):
+        status = run_local(command, workdir, signals) if local else signals.run(command)
+        if status != Preempted.exit_status or signals.received or rerun == MAX_PREEMPTED_RERUNS:
+            return status
+        print(f"{prefix} preempted: running it again from its checkpoint", flush=True)
+    return status
+
+
+def report(status: int, name: str, prefix: str, workdir: str, local: bool, start: float, failed: list, signals):
+    """One line on how a trial ended; a failed one is added to `failed` and, local, its log's tail shown."""
+    if status == Preempted.exit_status and signals.received:
+        print(f"{prefix} stopped after checkpointing its last finished step", flush=True)
+    elif status:
+        failed.append(name)
+        print(f"{prefix} FAILED (exit status {status})", flush=True)
+        if local:  # on a pod the output went to this terminal
+            print(log_tail(workdir), flush=True)
+    else:
+        print(f"{prefix} done in {time.time() - start:.0f} s", flush=True)
 
 
 FLAGS = flags.FLAGS
