@@ -37,7 +37,7 @@ from ml_collections import config_flags
 
 from vppo_jax.io import hub, paths
 from vppo_jax.io.cli import parse_flags
-from vppo_jax.parallel import tpu
+from vppo_jax.parallel import gpu, tpu
 
 GIB = 1 << 30
 # Memory per device (GiB): one JAX device per TPU chip or GPU.
@@ -549,20 +549,24 @@ def throughput(config, model_cfg, result: dict, topo: Topology) -> str:
 
 
 def devices_for(topo: Topology, compiler: str) -> tuple[list, str]:
-    """The devices to compile for and the compiler's name: the TPU's own devices (from libtpu,
-    no TPU needed) when the topology is a TPU slice, libtpu is installed and `compiler` allows;
-    else as many fake CPU devices as the topology has, for XLA:CPU."""
+    """The devices to compile for and the compiler's name, when `compiler` is auto: the TPU's
+    own devices (from libtpu, no TPU needed) for a TPU slice when libtpu is installed; the
+    GPU's (from JAX's CUDA plugin and a target description, no GPU needed) for 8xh100 when
+    the plugin is installed; else as many fake CPU devices as the topology has, for XLA:CPU."""
     import jax
 
     jax.config.update("jax_platforms", "cpu")  # never probe for an accelerator: compiling only
-    why_cpu = "--compiler=xla_cpu"
+    why_cpu = "--compiler=xla_cpu" if compiler != "auto" else "a CPU topology"
     if topo.is_tpu and compiler == "auto":
         devices = tpu.topology_devices(topo.name)
         if devices is not None:
             return devices, f"tpu (libtpu {tpu.libtpu_version()}, jax {jax.__version__})"
         why_cpu = "libtpu not installed: pip install -r requirements-tpu.txt for the TPU compiler"
-    elif not topo.is_tpu:
-        why_cpu = f"no deviceless compiler for {topo.kind}" if topo.kind != "cpu" else "a CPU topology"
+    elif topo.kind in gpu.TARGETS and compiler == "auto":
+        devices = gpu.topology_devices(topo.kind, topo.devices)
+        if devices is not None:
+            return devices, f"gpu (XLA's GPU compiler, JAX's CUDA plugin, jax {jax.__version__}; gives no time)"
+        why_cpu = "JAX's CUDA plugin not installed: pip install -r requirements-gpu.txt for the GPU compiler"
     # Fake CPU devices, one per chip of the topology; possible only before JAX starts its backend.
     os.environ["XLA_FLAGS"] = " ".join(
         f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f
