@@ -399,6 +399,7 @@ class Trainer:
                     if (reason := preemption.stop_after(step + 1)) and step + 1 < steps:
                         self._stop_for(reason, step + 1)
         finally:  # a run stopped early still finishes writing its checkpoints
+            progress.close()  # its line ended before the one an error or a preemption prints
             self.close()
 
     def _stop_for(self, reason: str, steps_done: int):
