@@ -1,13 +1,23 @@
-"""Will a recipe fit? Per-device memory of the compiled train step and sampler, before launch.
+"""Will a recipe fit, and how long is a step? Per-device memory and time of the compiled programs.
 
     python -m vppo_jax.plan --config=configs/vppo_7b.py --model=7b --topology=v5p-32 [--mesh=1,-1,1]
 
 Nothing is allocated: the real train step (and the rollout scoring, when the recipe uses it),
 the sampler's prefill and decode loop are lowered and compiled for the recipe's shapes with
-abstract arrays on as many fake CPU devices as the topology has chips, on the recipe's mesh
-(or --mesh=data,fsdp,tensor). Printed per device: parameters and optimizer state (from
-their shardings) and each program's arguments, outputs and temporaries (XLA's memory
-analysis), then the peak against the device's memory and a verdict.
+abstract arrays, on the recipe's mesh (or --mesh=data,fsdp,tensor), by the compiler the
+report's first line names:
+- a TPU slice (v5p-32, v4-64, v5e-16, v6e-64, ...): the TPU compiler, on the slice's own
+  devices made by libtpu without a TPU (requirements-tpu.txt; vppo_jax/parallel/tpu.py);
+- 8xh100: XLA's GPU compiler on an H100 target description, without a GPU (JAX's CUDA
+  plugin, requirements-gpu.txt; vppo_jax/parallel/gpu.py);
+- otherwise (neither installed, --compiler=xla_cpu, cpu-N): XLA:CPU on as many fake CPU
+  devices as the topology has chips. Its fusion, rematerialisation and buffer reuse are not
+  the accelerator's, so its temporaries are an estimate (same order, not the byte).
+Printed per device: parameters and optimizer state (from their shardings) and each program's
+arguments, outputs and temporaries (the compiler's memory analysis), the peak against the
+device's memory and a verdict; then the step's time, from the compiler (each program's cost
+with its loops counted, vppo_jax/parallel/hlo_cost.py, times its runs per step; the TPU
+compiler's alone gives seconds) beside the MFU-based figure, with the FLOPs of each.
 
 What is assumed (state of the code, not of the hardware):
 - the optimizer state stays on the devices while updating, and while sampling too unless
@@ -17,11 +27,10 @@ What is assumed (state of the code, not of the hardware):
   cast to the compute dtype);
 - the sampler runs one wave of rollout.wave_prompts prompts (the round when 0) at a time;
 - one image per prompt at the recipe's largest image (data.max_pixels, as a square), the
-  longest prompt bucket and max_new_tokens for every row: the worst case of a step;
-- XLA:CPU compiles the program, not the TPU/GPU compiler: fusion, rematerialisation and
-  buffer reuse differ there, so temporaries are an estimate (same order, not the byte).
-Topologies: a TPU name counts TensorCores, JAX sees one device per chip (v4, v5p megacore),
-so v5p-8 = 4 devices, v5p-32 = 16, v5p-64 = 32, v5p-128 = 64, v4-64 = 32; 8xh100 = 8 GPUs.
+  longest prompt bucket and max_new_tokens for every row: the worst case of a step.
+Topologies: a TPU name counts TensorCores where a chip has two, JAX sees one device per chip
+(v4, v5p megacore), so v5p-8 = 4 devices, v5p-32 = 16, v5p-64 = 32, v4-64 = 32; v5e and v6e
+count chips (v6e-64 = 64 devices); 8xh100 = 8 GPUs.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ chips are laid out as the smallest slices of Cloud TPU are (`chip_grid`).
 
 libtpu probes the machine before it makes a topology: without a TPU, and without
 TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES, it logs an error per process (the probe
-reads the unset values as host names). `topology_devices` sets placeholder values first,
+reads the unset values as host names), and a second process that loads it fails on its
+lock file. `topology_devices` sets placeholder values and ALLOW_MULTIPLE_LIBTPU_LOAD first,
 only on a machine with no TPU chip and only where they are unset: they describe no real
 slice, and the compile-only topology is the one named. On a TPU VM nothing is set.
 """
@@ -74,6 +75,9 @@ def _quiet_host_probe():
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server to ask
+    # libtpu holds a lock file (/tmp/libtpu_lockfile) so that one process owns the chips; with
+    # no chip to own, other compiling processes (a test beside a planner) need not wait.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def topology_devices(name: str) -> list | None:
