@@ -91,3 +91,27 @@ def test_micro_batches_are_counted(mesh):
         (updates[micro_batches],) = result["phases"]
     assert updates[4].flops == pytest.approx(updates[2].flops, rel=0.02)
     assert updates[4].xla_flops < 0.6 * updates[2].xla_flops
+
+
+def test_an_instruction_over_several_lines_stays_in_its_computation():
+    """A kernel's metadata spans lines, the last starting with "}}": the instructions after it
+    (here the fusion holding the matmul) are still the entry's."""
+    text = """HloModule m
+
+%fused (p0: f32[4,8], p1: f32[8,2]) -> f32[4,2] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,2]{1,0} parameter(1)
+  ROOT %d = f32[4,2]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: f32[4,8], b: f32[8,2]) -> f32[4,2] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %b = f32[8,2]{1,0} parameter(1)
+  %k = f32[4,8]{1,0} custom-call(%a), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+"block_q": 256
+}}, metadata={op_name="pallas_call"}
+  ROOT %f = f32[4,2]{1,0} fusion(%k, %b), kind=kOutput, calls=%fused
+}
+"""
+    counted = hlo_cost.loop_cost(text)
+    assert counted.flops == 2 * 4 * 2 * 8 and counted.uncounted_kernels == 1

@@ -94,7 +94,7 @@ def _joined_lines(text: str):
     metadata) joined into one."""
     pending = ""
     for line in text.splitlines():
-        starts = _HEADER.match(line) or _INSTRUCTION.match(line) or line.startswith("}") or not line.strip()
+        starts = _HEADER.match(line) or _INSTRUCTION.match(line) or line == "}" or not line.strip()
         if starts or not pending:
             if pending:
                 yield pending
@@ -116,7 +116,7 @@ def parse(text: str) -> tuple[dict[str, dict[str, Instruction]], str]:
             if header.group(1):
                 entry = header["name"]
             continue
-        if line.startswith("}"):
+        if line == "}":  # the computation's end (a continued attribute may start with "}}")
             current = None
             continue
         match = _INSTRUCTION.match(line) if current is not None else None
