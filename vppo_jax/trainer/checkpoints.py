@@ -122,6 +122,9 @@ class RunCheckpoints:
         """Starts writing checkpoint `step` (asynchronously). Called by every process with its own
         data_state and host dict. Raises CheckpointWriteError when this or the previous write failed."""
         data_states, hosts = zip(*distributed.allgather((data_state, host)))
+        with self._write_errors(self.writing):  # orbax waits for it anyway: a failure is named as its own
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
         with self._write_errors(step):
             self.manager.save(
                 step,
@@ -136,7 +139,9 @@ class RunCheckpoints:
         self.writing = step
 
     def check_written(self):
-        """Raises CheckpointWriteError if a write in the background has failed so far."""
+        """Raises CheckpointWriteError if a write in the background has failed so far (one still in
+        flight is not waited for: the trainer calls this between steps, and stops at the first
+        boundary after a failure, or at the next save)."""
         with self._write_errors(self.writing):
             self.manager.check_for_errors()
 
