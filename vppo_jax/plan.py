@@ -535,7 +535,7 @@ def throughput(config, model_cfg, result: dict, topo: Topology) -> str:
             continue
         compiler_s = p.seconds * p.runs
         totals["compiler"] += compiler_s
-        seconds = f"{compiler_s:,.3g}" if p.seconds else "- (XLA:CPU has no time estimate)"
+        seconds = f"{compiler_s:,.3g}" if p.seconds else "- (no time from this compiler)"
         xla_s = f"{p.xla_seconds:.3g}" if p.xla_seconds else "-"
         lines.append(
             f"| {phase} | {p.runs:g} | {p.flops * p.runs * topo.devices / 1e15:,.3g} | {seconds} | "

@@ -7,7 +7,8 @@ JAX's CUDA plugin (jax-cuda12-plugin, in requirements-gpu.txt) makes a compile-o
 from a target description (XLA's GpuTargetConfigProto: the chip's limits, memory and compute
 capability) instead of probing a device; XLA then optimizes, fuses and assigns buffers as
 for the real GPU. The plugin checks the CUDA libraries' versions when it loads, which
-needs them installed: `topology_devices` skips that check (nothing runs on a GPU here).
+needs them installed: `topology_devices` skips that check (nothing runs on a GPU here). It
+gives no cost analysis (no time); hlo_cost counts the program's cuBLAS matmuls.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ def topology_devices(kind: str, count: int) -> list | None:
     if not cuda_plugin_installed():
         return None
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # before JAX loads its plugins
+    # Without a GPU nothing is autotuned, and some of the update's Triton matmul fusions then
+    # find no tiling ("Couldn't find output tile sizes"): matmuls are compiled as cuBLAS calls
+    # instead (a GPU run may pick Triton for some after autotuning; the buffers are the same).
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_enable_triton_gemm" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_triton_gemm=false".strip()
     from jax.experimental import topologies
 
     devices = topologies.get_topology_desc(kind, "cuda", target_config=TARGETS[kind], topology=f"1x1x{count}").devices

@@ -13,8 +13,9 @@ a decode loop one token. Here the optimized HLO text is read instead:
   `known_trip_count`, else its condition `counter < N` with the counter starting at a
   constant (what lax.scan and fori_loop lower to); a loop whose bound is data (a
   lax.while_loop that stops at end tokens) gets `dynamic_trips`;
-- matmul FLOPs from each dot's and convolution's shapes: 2 per multiply-add, times the
-  product of the trip counts of the loops around it;
+- matmul FLOPs from the shapes of each dot, convolution (how the TPU compiler writes
+  matmuls) and cuBLAS call (the GPU compiler's): 2 per multiply-add, times the product of
+  the trip counts of the loops around it;
 - the TPU compiler's `estimated_cycles` of each scheduled instruction (its own per-operation
   estimate, written in the program's backend configs), summed once per loop trip and once
   per computation: their ratio scales the compiler's optimal_seconds to a whole run.
@@ -35,6 +36,7 @@ _BRANCHES = re.compile(r"branch_computations=\{(?P<list>[^}]*)\}")
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _KERNEL_FLOPS = re.compile(r'"cost_estimate":\{[^}]*"flops":"?(\d+)')
+_GEMM_CONTRACTING = re.compile(r'"lhs_contracting_dimensions":\[([^\]]*)\]')
 _SHAPE = re.compile(r"^[a-z]\w*\[(?P<dims>[\d,]*)\]")
 
 
@@ -157,6 +159,11 @@ def matmul_flops(instruction: Instruction, computation: dict[str, Instruction]) 
         positions = math.prod(-(-w // d) for w, d in zip(sizes, dilations))
         return 2.0 * out * kernel[labels.index("i")] * positions
     if instruction.op == "custom-call":
+        gemm = _GEMM_CONTRACTING.search(instruction.text)
+        if gemm:  # a cuBLAS matmul (XLA's GPU compiler): its result is the first of (result, workspace)
+            result = math.prod(_dims(instruction.shape.lstrip("(")))
+            lhs = _dims(computation[instruction.operands[0]].shape)
+            return 2.0 * result * math.prod(lhs[int(d)] for d in re.findall(r"\d+", gemm.group(1)))
         estimate = _KERNEL_FLOPS.search(instruction.text)
         return float(estimate.group(1)) if estimate else 0.0
     return 0.0
