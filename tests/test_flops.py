@@ -19,7 +19,8 @@ from vppo_jax.plan import abstract_batch
 
 
 def traced_matmul_flops(function, *args) -> float:
-    """2 x multiply-adds of every dot_general `function` traces, scan bodies times their length."""
+    """2 x multiply-adds of every dot_general `function` traces, scan bodies times their length,
+    the costliest branch of a cond."""
 
     def count(jaxpr) -> float:
         total = 0.0
@@ -29,6 +30,9 @@ def traced_matmul_flops(function, *args) -> float:
                 lhs = eqn.invars[0].aval.shape
                 # Every output element is one dot product over the contracted dimensions.
                 total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+            if eqn.primitive.name == "cond":  # one branch runs (the attention kernel per platform): the costliest
+                total += max(count(branch.jaxpr) for branch in eqn.params["branches"])
+                continue
             repeat = eqn.params["length"] if eqn.primitive.name == "scan" else 1
             for param in eqn.params.values():  # the bodies of pjit, scan, remat, custom_vjp, ...
                 for inner in param if isinstance(param, (tuple, list)) else (param,):
