@@ -115,3 +115,17 @@ ENTRY %main (a: f32[4,8], b: f32[8,2]) -> f32[4,2] {
 """
     counted = hlo_cost.loop_cost(text)
     assert counted.flops == 2 * 4 * 2 * 8 and counted.uncounted_kernels == 1
+
+
+def test_a_matmul_written_as_a_padded_convolution():
+    """How the TPU compiler writes some matmuls: a window of 4 over an input of 1 element padded
+    by 3 on each side, so each output element reads one input position: 2 x 8 x 4 x 2 x 16."""
+    text = """HloModule m
+
+ENTRY %main (a: bf16[8,16,1], k: bf16[4,2,16]) -> bf16[8,4,2] {
+  %a = bf16[8,16,1]{2,1,0} parameter(0)
+  %k = bf16[4,2,16]{2,1,0} parameter(1)
+  ROOT %c = bf16[8,4,2]{2,1,0} convolution(%a, %k), window={size=4 pad=3_3 rhs_reversal=1}, dim_labels=bf0_0oi->b0f
+}
+"""
+    assert hlo_cost.loop_cost(text).flops == 2 * 8 * 4 * 2 * 16

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from configs import tiny
-from vppo_jax.parallel import sharding, tpu
+from vppo_jax.parallel import hlo_cost, sharding, tpu
 from vppo_jax.plan import model_config, plan
 
 pytestmark = pytest.mark.skipif(
@@ -42,6 +42,21 @@ def test_the_four_programs_compile_for_tpu():
     assert phases["update step"].xla_seconds > 0 and phases["rollout decode"].xla_seconds == 0
     assert all(phase.seconds > 0 for phase in phases.values())
     assert sum(not known for _, known in phases["rollout decode"].loops) == 4  # the decode blocks
+
+
+def test_matmuls_the_tpu_compiler_writes_are_counted():
+    """The TPU compiler writes matmuls as convolutions (batched ones with dilated windows, their
+    gradients with padded ones): hlo_cost's count of the compiled program against hand counts."""
+    devices = tpu.topology_devices("v5p-8")
+    mesh = jax.sharding.Mesh(devices[:1], ("x",))
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, "bfloat16", sharding=jax.NamedSharding(mesh, jax.P()))
+    count = lambda f, *args: hlo_cost.loop_cost(jax.jit(f).lower(*args).compile().as_text()).flops
+    q, k, w = spec(16, 256, 128), spec(16, 512, 128), spec(4, 128, 512)
+    attention = lambda q, k: jax.numpy.einsum("bqd,bkd->bqk", q, k)
+    assert count(attention, q, k) == 2 * 16 * 256 * 512 * 128
+    # A projection to 4 heads and its gradients for the input and the weights: 3 matmuls.
+    loss = lambda x, w: jax.numpy.tanh(jax.numpy.einsum("bsd,hdk->bshk", x, w)).astype("float32").sum()
+    assert count(jax.grad(loss, argnums=(0, 1)), q, w) == 3 * 2 * 16 * 256 * 128 * 4 * 512
 
 
 def test_slice_names_and_layouts():

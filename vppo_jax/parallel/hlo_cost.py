@@ -148,16 +148,20 @@ def matmul_flops(instruction: Instruction, computation: dict[str, Instruction]) 
         return 2.0 * out * math.prod(lhs[d] for d in dims)
     if instruction.op == "convolution":
         # Each output element reads the kernel's input features at each window position that
-        # falls on an input element: a window of w positions over an input dilated by d (holes
-        # of d - 1 zeros; how the TPU compiler writes a batched matmul) hits ceil(w / d).
+        # falls on an input element. The TPU compiler writes matmuls as convolutions whose
+        # windows mostly fall on padding or dilation holes: a window of w positions over an
+        # input of n elements dilated by d (holes of d - 1 zeros) hits at most ceil(w / d) and
+        # at most n of them.
+        lhs = _dims(computation[instruction.operands[0]].shape)
         kernel = _dims(computation[instruction.operands[1]].shape)
-        labels = re.search(r"dim_labels=[^_]*_(\w+)->", instruction.text).group(1)
+        lhs_labels, kernel_labels = re.search(r"dim_labels=(\w+)_(\w+)->", instruction.text).groups()
         window = re.search(r"window=\{size=([\dx]+)", instruction.text)
         dilation = re.search(r"lhs_dilate=([\dx]+)", instruction.text)
         sizes = [int(n) for n in window.group(1).split("x")] if window else []
         dilations = [int(n) for n in dilation.group(1).split("x")] if dilation else [1] * len(sizes)
-        positions = math.prod(-(-w // d) for w, d in zip(sizes, dilations))
-        return 2.0 * out * kernel[labels.index("i")] * positions
+        inputs = [lhs[lhs_labels.index(str(k))] for k in range(len(sizes))]
+        positions = math.prod(min(-(-w // d), n) for w, d, n in zip(sizes, dilations, inputs))
+        return 2.0 * out * kernel[kernel_labels.index("i")] * positions
     if instruction.op == "custom-call":
         gemm = _GEMM_CONTRACTING.search(instruction.text)
         if gemm:  # a cuBLAS matmul (XLA's GPU compiler): its result is the first of (result, workspace)
