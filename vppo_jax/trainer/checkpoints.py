@@ -101,11 +101,13 @@ class CheckpointRestoreError(InputError):
 UNRESTORABLE_DIR = "unrestorable_checkpoints"
 
 
-def one_line(error: BaseException, limit: int = 300) -> str:
-    """`Type: first line of the message`, cut to `limit` characters (TensorStore's run to pages)."""
+def one_line(error: BaseException, limit: int = 400) -> str:
+    """`Type: first line of the message`, within `limit` characters: TensorStore's run long, with
+    what failed first and the operating system's reason last ("File too large"), so both ends stay."""
     first = (str(error).strip().splitlines() or [""])[0]
     text = f"{type(error).__name__}: {first}" if first else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    half = (limit - 5) // 2
+    return text if len(text) <= limit else f"{text[:half]} ... {text[-half:]}"
 
 
 class RunCheckpoints:
