@@ -3,8 +3,6 @@ checkpoint set aside for the one before it, and a failed checkpoint write that s
 
 import json
 import os
-import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -112,15 +110,16 @@ def test_the_trainer_refuses_a_workdir_in_use_with_one_line(tmp_path, tiny_task)
     assert not (workdir / "config.json").exists()
 
 
-def limited_file_size(limit: int):
-    """For subprocess.Popen's preexec_fn: no file of the process may grow past `limit` bytes
-    (a write that would fails with EFBIG, as one on a full disk fails with ENOSPC)."""
-
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
+def with_file_size_limit(limit: int, command: list[str]) -> list[str]:
+    """`command` in a Python that no file may grow past `limit` bytes in (a write that would fails
+    with EFBIG, as one on a full disk fails with ENOSPC); set there, then exec'd into the command."""
+    setup = (
+        "import os, resource, signal, sys; "
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "  # the write fails instead of killing the process
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    return [sys.executable, "-c", setup, *command]
 
 
 def test_an_unrestorable_checkpoint_is_set_aside_and_a_failed_write_stops_the_run(tmp_path, tiny_task):
@@ -135,14 +134,8 @@ def test_an_unrestorable_checkpoint_is_set_aside_and_a_failed_write_stops_the_ru
 
     # Three steps now, and no file may grow past 1 MB: the 5 MB checkpoint cannot be written.
     config = write_config(tmp_path / "config.py", tiny_task, **(overrides | {"train.steps": 3}))
-    out = subprocess.run(
-        train_command(config, workdir),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        preexec_fn=limited_file_size(1 << 20),
-    )
+    command = with_file_size_limit(1 << 20, train_command(config, workdir))
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     # orbax and TensorStore log the failure of their writer threads with tracebacks; ours is the last line.
     assert out.returncode == 4, out.stderr[-3000:]
     aside = workdir / "unrestorable_checkpoints" / "2"
