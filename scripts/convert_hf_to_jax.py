@@ -8,9 +8,9 @@ in bf16) converts on a 24 GiB machine. The output appears only when complete
 (vppo_jax/io/atomic_dir.py: what that means in a bucket).
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from vppo_jax.io.cli import parse_flags, run_conversion
+from vppo_jax.io.cli import run_conversion, run_program
 from vppo_jax.models.qwen2_5_vl.checkpoint import save_params
 from vppo_jax.models.qwen2_5_vl.hf_io import open_hf_params
 
@@ -42,4 +42,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    run_program(main)

@@ -17,12 +17,12 @@ exit status 2.
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from vppo_jax.errors import InputError
 from vppo_jax.eval import runs
 from vppo_jax.io import paths
-from vppo_jax.io.cli import parse_flags, run_conversion
+from vppo_jax.io.cli import run_conversion, run_program
 from vppo_jax.models.qwen2_5_vl.checkpoint import PARAMS_DIR, open_params
 from vppo_jax.models.qwen2_5_vl.config import DTYPES
 from vppo_jax.models.qwen2_5_vl.hf_io import write_hf_directory
@@ -81,4 +81,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    run_program(main)

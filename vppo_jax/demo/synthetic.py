@@ -23,12 +23,12 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from absl import app, flags, logging
+from absl import flags, logging
 from PIL import Image, ImageDraw
 
 from vppo_jax.data.prompts import INSTRUCTION, SYSTEM_PROMPT
 from vppo_jax.io import paths
-from vppo_jax.io.cli import parse_flags
+from vppo_jax.io.cli import run_program
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -161,4 +161,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    run_program(main)

@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pyarrow.parquet as pq
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 from tqdm.auto import tqdm
 
 from vppo_jax.data.images import open_image
 from vppo_jax.data.prompts import PromptBuilder
 from vppo_jax.io import paths
-from vppo_jax.io.cli import parse_flags
+from vppo_jax.io.cli import run_program
 from vppo_jax.models.qwen2_5_vl import save_pretrained
 from vppo_jax.rollout.policy import load_policy, prompt_builder
 from vppo_jax.vppo.batch import build_train_batch
@@ -132,4 +132,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    run_program(main)

@@ -23,12 +23,12 @@ import functools
 import os
 import re
 
-from absl import app, flags, logging
+from absl import flags, logging
 from matplotlib.figure import Figure
 
 from vppo_jax.eval.benchmarks import EVALUATION_DIR, SUMMARY_FILE
 from vppo_jax.io import paths
-from vppo_jax.io.cli import parse_flags
+from vppo_jax.io.cli import parse_flags, run_program
 from vppo_jax.sweeps.trials import Sweep, finished, load_sweep
 from vppo_jax.trainer.metrics import METRICS_FILE, read_metrics
 
@@ -165,4 +165,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=functools.partial(parse_flags, arguments=one_sweep_file))
+    run_program(main, flags_parser=functools.partial(parse_flags, arguments=one_sweep_file))

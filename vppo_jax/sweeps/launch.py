@@ -37,10 +37,10 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from vppo_jax.io import paths
-from vppo_jax.io.cli import parse_flags
+from vppo_jax.io.cli import parse_flags, run_program
 from vppo_jax.sweeps.trials import Trial, finished, load_sweep
 from vppo_jax.trainer.preemption import Preempted
 
@@ -216,4 +216,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=functools.partial(parse_flags, arguments=one_sweep_file))
+    run_program(main, flags_parser=functools.partial(parse_flags, arguments=one_sweep_file))
