@@ -66,8 +66,10 @@ def chip_grid(generation: str, chips: int) -> tuple[int, ...]:
     return tuple(grid)
 
 
-def _quiet_host_probe():
-    """Placeholders for the values libtpu's host probe reads, on a machine with no TPU chip."""
+def quiet_host_probe():
+    """Placeholders for the values libtpu's host probe reads, on a machine with no TPU chip
+    (nothing on a TPU VM). Any entry point may call it before JAX starts its backends: JAX
+    then loads libtpu without its error lines and runs on the CPU."""
     from jax._src import hardware_utils
 
     if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
@@ -90,7 +92,7 @@ def topology_devices(name: str) -> list | None:
         return None
     generation, chips = parsed
     grid = "x".join(str(n) for n in chip_grid(generation, chips))
-    _quiet_host_probe()
+    quiet_host_probe()
     from jax.experimental import topologies
 
     devices = topologies.get_topology_desc(topology_name=f"{LIBTPU_NAMES[generation]}:{grid}", platform="tpu").devices
