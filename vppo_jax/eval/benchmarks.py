@@ -26,9 +26,9 @@ from vppo_jax import data as data_lib
 from vppo_jax.data.prompts import PromptBuilder
 from vppo_jax.errors import InputError
 from vppo_jax.eval import runs
-from vppo_jax.eval.accuracy import evaluate_prompts
 from vppo_jax.io import hub, paths
 from vppo_jax.models.qwen2_5_vl.hf_io import model_from_params
+from vppo_jax.rollout.evaluation import evaluate_prompts
 from vppo_jax.rollout.policy import TOKENIZER_FILE, Policy, load_policy, prompt_builder
 from vppo_jax.rollout.rewards import RewardPool
 from vppo_jax.trainer import config as config_lib

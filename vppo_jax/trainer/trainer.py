@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from vppo_jax import data as data_lib
 from vppo_jax.data.images import open_image
 from vppo_jax.errors import InputError
-from vppo_jax.eval.accuracy import evaluate_prompts
 from vppo_jax.models.qwen2_5_vl import with_config
 from vppo_jax.parallel import distributed, host_memory, sharding
+from vppo_jax.rollout.evaluation import evaluate_prompts
 from vppo_jax.rollout.groups import GradedGroups, concatenate, sample_and_grade, train_batch
 from vppo_jax.rollout.policy import compute_model, load_policy, prompt_builder
 from vppo_jax.rollout.rewards import RewardPool
