@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from vppo_jax.data import prompts
-from vppo_jax.demo import synthetic, tiny_model
+from vppo_jax.embedded import synthetic, tiny_model
 from vppo_jax.models.qwen2_5_vl import image_processor, presets
 from vppo_jax.models.qwen2_5_vl.hf_io import config_to_hf_dict
 from vppo_jax.rollout.rewards.registry import register

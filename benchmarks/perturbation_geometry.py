@@ -26,8 +26,8 @@ from flax import nnx
 from PIL import Image
 
 from vppo_jax.data.images import open_image
-from vppo_jax.demo import synthetic
 from vppo_jax.demo.report import top_share
+from vppo_jax.embedded import synthetic
 from vppo_jax.eval.benchmarks import load_run
 from vppo_jax.io.cli import parse_flags
 from vppo_jax.models.qwen2_5_vl.image_processor import CLIP_MEAN, CLIP_STD, ImageProcessor, fit_pixel_budget

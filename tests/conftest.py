@@ -13,8 +13,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
 
-from vppo_jax.demo import synthetic  # noqa: E402
-from vppo_jax.demo.tiny_model import write_tiny_model  # noqa: E402
+from vppo_jax.embedded import synthetic  # noqa: E402
+from vppo_jax.embedded.tiny_model import write_tiny_model  # noqa: E402
 
 from hf_reference import load_port, tiny_hf_model  # noqa: E402
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from scripts import convert_hf_to_jax
-from vppo_jax.demo import synthetic
-from vppo_jax.demo.tiny_model import write_tiny_model
+from vppo_jax.embedded import synthetic
+from vppo_jax.embedded.tiny_model import write_tiny_model
 from vppo_jax.errors import InputError
 from vppo_jax.eval import benchmarks as evaluate
 from vppo_jax.eval.__main__ import benchmark_files

@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from vppo_jax.demo.tiny_model import tiny_config, train_tokenizer
+from vppo_jax.embedded.tiny_model import tiny_config, train_tokenizer
 from vppo_jax.models.qwen2_5_vl import init_model
 from vppo_jax.models.qwen2_5_vl.inputs import prepare_inputs
 from vppo_jax.trainer.optimizer import make_optimizer

@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 
 from vppo_jax.data.prompts import PromptBuilder
-from vppo_jax.demo.tiny_model import tiny_config, train_tokenizer
+from vppo_jax.embedded.tiny_model import tiny_config, train_tokenizer
 from vppo_jax.models.qwen2_5_vl.image_processor import ImageProcessor
 from vppo_jax.vppo.pixel_blackening import blacken_tiles, perturbed_pixel_values
 

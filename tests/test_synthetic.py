@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from vppo_jax.demo import synthetic
+from vppo_jax.embedded import synthetic
 
 # Reference colours, written out here rather than imported so a change to the generator's
 # palette cannot silently change what this test expects.

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from vppo_jax.demo import synthetic
+from vppo_jax.embedded import synthetic
 from vppo_jax.trainer.checkpoints import claim_workdir
 from vppo_jax.trainer.metrics import read_metrics
 
@@ -289,7 +289,7 @@ def test_a_recipe_without_model_or_data_is_refused_without_touching_demo_fields(
     """Only a config with a `synthetic` section is the embedded default; the 7B recipe with
     no model.path must say what to set, not reach for demo-only fields."""
     from configs import vppo_7b
-    from vppo_jax.demo.embedded import is_embedded_default
+    from vppo_jax.embedded.assets import is_embedded_default
     from vppo_jax.trainer.trainer import Trainer
 
     config = vppo_7b.get_config("runlocal")
@@ -320,7 +320,7 @@ def test_loading_a_model_config_without_torch_says_nothing_about_pytorch():
         [
             sys.executable,
             "-c",
-            hide_torch + "from vppo_jax.demo.tiny_model import write_tiny_model; import transformers",
+            hide_torch + "from vppo_jax.embedded.tiny_model import write_tiny_model; import transformers",
         ],
         cwd=ROOT,
         capture_output=True,

@@ -131,7 +131,7 @@ def model_config(name: str, config_path: str, dtype: str, param_dtype: str | Non
 
     name = name or config_path or "tiny"
     if name.lower() == "tiny":  # its vocabulary and special-token ids as the tiny tokenizer has them
-        from vppo_jax.demo.tiny_model import tiny_config
+        from vppo_jax.embedded.tiny_model import tiny_config
 
         return tiny_config().with_precision(dtype, param_dtype)
     if name.lower() in PRESETS:

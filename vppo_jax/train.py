@@ -5,7 +5,7 @@
 
 The loop itself is vppo_jax/trainer/trainer.py. A config with a `synthetic` section (the
 embedded default, configs/tiny.py) and no model or data gets them made first, in
-workdir/embedded (vppo_jax/demo/embedded.py); any other config must name its model and data.
+workdir/embedded (vppo_jax/embedded/assets.py); any other config must name its model and data.
 
 Exit statuses (vppo_jax/io/cli.py): 0 done, 1 unexpected error (traceback), 2 bad input at
 start-up (one line; --debug adds the traceback), 3 collapsed policy, 4 checkpoint write failed,
@@ -21,7 +21,7 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from vppo_jax.demo import embedded
+from vppo_jax.embedded.assets import is_embedded_default, prepare_embedded_default
 from vppo_jax.io.cli import run_program
 from vppo_jax.parallel import distributed
 from vppo_jax.trainer.trainer import Trainer
@@ -43,12 +43,12 @@ def main(argv):
     sys.path.append(os.path.dirname(os.path.abspath(config_flags.get_config_filename(flags.FLAGS["config"]))))
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
-    if embedded.is_embedded_default(config):
+    if is_embedded_default(config):
         # Made once, by process 0, before the others look for them.
         if jax.process_index() == 0:
-            config = embedded.prepare_embedded_default(config, _WORKDIR.value)
+            config = prepare_embedded_default(config, _WORKDIR.value)
         distributed.barrier("embedded default ready")
-        config = embedded.prepare_embedded_default(config, _WORKDIR.value)
+        config = prepare_embedded_default(config, _WORKDIR.value)
     Trainer(config, _WORKDIR.value).train()
 
 

@@ -2,7 +2,7 @@
 
     python -m vppo_jax.demo --config=configs/tiny.py --workdir=runs/tiny
 
-1. the synthetic task, the tiny model and its supervised warm start (vppo_jax/demo/embedded.py),
+1. the synthetic task, the tiny model and its supervised warm start (vppo_jax/embedded/assets.py),
    made once in workdir/embedded;
 2. the warm start's validation accuracy (cached in workdir/embedded/warm_start_eval.json);
 3. one training run per method in `config.demo.methods`, each in workdir/<method>: "vppo"
@@ -24,8 +24,8 @@ import ml_collections
 import numpy as np
 import pyarrow.parquet as pq
 
-from vppo_jax.demo.embedded import prepare_embedded_default
 from vppo_jax.demo.report import DependencySample, write_report
+from vppo_jax.embedded.assets import prepare_embedded_default
 from vppo_jax.io import paths
 from vppo_jax.rollout.groups import sample_and_grade, train_batch
 from vppo_jax.rollout.rewards import RewardPool

@@ -24,7 +24,7 @@ from vppo_jax.trainer import config as config_lib
 from vppo_jax.trainer.checkpoints import CONFIG_FILE, checkpoints_dir, complete_steps
 
 STATE_ITEM = "state"
-# The embedded default's assets (vppo_jax/demo/embedded.py) live in the run's own workdir.
+# The embedded default's assets (vppo_jax/embedded/assets.py) live in the run's own workdir.
 EMBEDDED_DIR = "embedded"
 
 

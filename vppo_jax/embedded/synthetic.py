@@ -12,7 +12,7 @@ wrong, while `answer` stays right. A policy fitted to those demonstrations sprea
 probability over near-miss answers, as a VLM warm-started on imperfect traces does; RL
 with the verifiable reward is what moves that mass onto the right answer.
 
-    python -m vppo_jax.demo.synthetic --out=data/synthetic --train=2000 --val=200 --seed=0
+    python -m vppo_jax.embedded.synthetic --out=data/synthetic --train=2000 --val=200 --seed=0
 """
 
 from __future__ import annotations

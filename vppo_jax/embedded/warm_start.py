@@ -4,7 +4,7 @@ RL from a random policy learns nothing (every response scores 0, every group is 
 out), so the embedded default first fits the synthetic task's worked answers
 ("<think> ... </think> \\boxed{answer}") with cross-entropy on the response tokens.
 
-    python -m vppo_jax.demo.warm_start --model=runs/tiny/embedded/tiny_model --data=train.parquet --out=warm
+    python -m vppo_jax.embedded.warm_start --model=runs/tiny/embedded/tiny_model --data=train.parquet --out=warm
 """
 
 from __future__ import annotations

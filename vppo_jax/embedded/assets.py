@@ -11,9 +11,9 @@ import os
 
 import ml_collections
 
-from vppo_jax.demo import synthetic
-from vppo_jax.demo.tiny_model import write_tiny_model
-from vppo_jax.demo.warm_start import warm_start
+from vppo_jax.embedded import synthetic
+from vppo_jax.embedded.tiny_model import write_tiny_model
+from vppo_jax.embedded.warm_start import warm_start
 from vppo_jax.io import paths
 
 
