@@ -45,6 +45,21 @@ class KVCache:
     values: tuple[jax.Array, ...]  # per layer (B, kv_heads, S, head_dim)
 
 
+# One layer's keys and values: (B, T, Hkv, hd) each as the layer computes them; in the decode
+# cache, keys (B, Hkv, hd, S) and values (B, Hkv, S, hd) (see `KVCache`).
+KeysValues = tuple[jax.Array, jax.Array]
+
+
+@flax.struct.dataclass
+class LayerDecodeCache:
+    """What one decoder layer attends to while decoding, as `attend_to_cache` takes it."""
+
+    prompt: KeysValues  # the prompts' keys (P, Hkv, hd, T) and values (P, Hkv, T, hd)
+    prompt_mask: jax.Array  # (P, T): the prompt slots attended to
+    response: tuple[KeysValues, ...]  # the samples' response blocks, the last one being written
+    response_mask: jax.Array  # (B, S): the last block's slots attended to
+
+
 def attend_to_cache(
     q: jax.Array,
     prompt: tuple[jax.Array, jax.Array],
@@ -139,35 +154,40 @@ class TextAttention(nnx.Module):
         self.head_dim = t.head_dim
         self.attention_block = config.attention_block
 
-    def __call__(
-        self, x, cos, sin, mask, cache=None, index=None, prefix=None
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Self-attention output and the keys and values of x's tokens.
+    def __call__(self, x, cos, sin, mask) -> tuple[jax.Array, KeysValues]:
+        """Self-attention output and the keys and values of x's tokens: the T tokens of x
+        attend causally to each other's keys where `mask` (B, T) is True
+        (`attention.causal_attention`)."""
+        q, k, v = self._project(x, cos, sin)
+        return self.o_proj(causal_attention(q, k, v, mask, self.attention_block)), (k, v)
 
-        Without a cache the T tokens of x attend causally to each other's keys where `mask`
-        (B, T) is True (`attention.causal_attention`). With `prefix`, the keys and values
-        (B, P, Hkv, hd) of the P tokens before them (run elsewhere, rotary applied), they
-        attend to those too, and `mask` (B, P + T) covers both. While decoding (T = 1), cache
-        is one layer's (prompt (keys, values), response blocks ((keys, values), ...)) and mask
-        their (prompt mask, last block's mask), as `attend_to_cache` takes them: the token's
-        key and value are written at slot `index` of the last block, which comes back.
-        """
+    def after_prefix(self, x, cos, sin, mask, prefix: KeysValues) -> tuple[jax.Array, KeysValues]:
+        """As `__call__`, x's tokens also attending to `prefix`: the keys and values
+        (B, P, Hkv, hd) of the P tokens before them (run elsewhere, rotary applied); `mask`
+        (B, P + T) covers both. The keys and values returned are x's own."""
+        q, k, v = self._project(x, cos, sin)
+        keys, values = (jnp.concatenate([before, own], axis=1) for before, own in zip(prefix, (k, v)))
+        return self.o_proj(causal_attention(q, keys, values, mask, self.attention_block)), (k, v)
+
+    def decode_step(self, x, cos, sin, cache: LayerDecodeCache, index: jax.Array) -> tuple[jax.Array, KeysValues]:
+        """One new token per sample (T = 1) attending to its layer's decode cache
+        (`attend_to_cache`): its key and value are written at slot `index` of the last
+        response block, which comes back."""
+        q, k, v = self._project(x, cos, sin)
+        keys, values = cache.response[-1]
+        keys = jax.lax.dynamic_update_slice(keys, k.transpose(0, 2, 3, 1), (0, 0, 0, index))
+        values = jax.lax.dynamic_update_slice(values, v.transpose(0, 2, 1, 3), (0, 0, index, 0))
+        response = (*cache.response[:-1], (keys, values))
+        attended = attend_to_cache(q, cache.prompt, cache.prompt_mask, response, cache.response_mask)
+        return self.o_proj(attended), (keys, values)
+
+    def _project(self, x, cos, sin) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys (rotary applied) and values of x (B, T, D), each (B, T, heads, hd)."""
         batch, length, _ = x.shape
         split = lambda y, heads: constrain(y.reshape(batch, length, -1, self.head_dim), "batch", None, heads, None)
         q = apply_rotary(split(self.q_proj(x), "act_heads"), cos, sin)
         k = apply_rotary(split(self.k_proj(x), "act_kv_heads"), cos, sin)
-        v = split(self.v_proj(x), "act_kv_heads")
-        if cache is None:
-            keys, values = (k, v)
-            if prefix is not None:
-                keys, values = (jnp.concatenate([before, own], axis=1) for before, own in zip(prefix, (k, v)))
-            return self.o_proj(causal_attention(q, keys, values, mask, self.attention_block)), (k, v)
-        prompt, response = cache
-        keys, values = response[-1]
-        keys = jax.lax.dynamic_update_slice(keys, k.transpose(0, 2, 3, 1), (0, 0, 0, index))
-        values = jax.lax.dynamic_update_slice(values, v.transpose(0, 2, 1, 3), (0, 0, index, 0))
-        attended = attend_to_cache(q, prompt, mask[0], (*response[:-1], (keys, values)), mask[1])
-        return self.o_proj(attended), (keys, values)
+        return q, k, split(self.v_proj(x), "act_kv_heads")
 
 
 class DecoderLayer(nnx.Module):
@@ -186,11 +206,20 @@ class DecoderLayer(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(
-        self, x, cos, sin, mask, cache=None, index=None, prefix=None
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """The layer's output and its keys and values (see `TextAttention`)."""
-        attended, keys_values = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, index, prefix)
+    def __call__(self, x, cos, sin, mask) -> tuple[jax.Array, KeysValues]:
+        """The layer's output and its keys and values (see `TextAttention.__call__`)."""
+        return self._around_attention(x, lambda h: self.self_attn(h, cos, sin, mask))
+
+    def after_prefix(self, x, cos, sin, mask, prefix: KeysValues) -> tuple[jax.Array, KeysValues]:
+        """The layer's output and x's keys and values (see `TextAttention.after_prefix`)."""
+        return self._around_attention(x, lambda h: self.self_attn.after_prefix(h, cos, sin, mask, prefix))
+
+    def decode_step(self, x, cos, sin, cache: LayerDecodeCache, index: jax.Array) -> tuple[jax.Array, KeysValues]:
+        """The layer's output and its last response block (see `TextAttention.decode_step`)."""
+        return self._around_attention(x, lambda h: self.self_attn.decode_step(h, cos, sin, cache, index))
+
+    def _around_attention(self, x, attend) -> tuple[jax.Array, KeysValues]:
+        attended, keys_values = attend(self.input_layernorm(x))
         x = x + attended
         return residual(x + self.mlp(self.post_attention_layernorm(x))), keys_values
 
@@ -255,7 +284,7 @@ class TextModel(nnx.Module):
         def run_layer(layer, carry, _):
             prompt, rest = carry
             prompt, (keys, values) = layer(prompt, *prompt_rotary, prompt_mask)
-            rest, _ = layer(rest, *rest_rotary, rest_mask, prefix=(per_row(keys), per_row(values)))
+            rest, _ = layer.after_prefix(rest, *rest_rotary, rest_mask, (per_row(keys), per_row(values)))
             return prompt, rest
 
         prompt, rest = scan_layers(
@@ -307,10 +336,10 @@ class TextModel(nnx.Module):
         """
         cos, sin = mrope_cos_sin(self.config.text, position_ids, self.config.jnp_dtype)
         x, keys, values = embeddings, [], []
-        masks = (prompt_mask, response_mask)
         for i, (layer, prompt_keys, prompt_values) in enumerate(zip(layers, prompt.keys, prompt.values)):
             blocks = tuple((block.keys[i], block.values[i]) for block in response)
-            x, (layer_keys, layer_values) = layer(x, cos, sin, masks, ((prompt_keys, prompt_values), blocks), index)
+            cache = LayerDecodeCache((prompt_keys, prompt_values), prompt_mask, blocks, response_mask)
+            x, (layer_keys, layer_values) = layer.decode_step(x, cos, sin, cache, index)
             keys.append(layer_keys)
             values.append(layer_values)
         return self.norm(x), (*response[:-1], KVCache(keys=tuple(keys), values=tuple(values)))
