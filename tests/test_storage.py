@@ -102,7 +102,13 @@ def test_checkpoints_convert_into_and_out_of_a_bucket(bucket, tiny_task):
     assert convert_hf_to_jax.convert(local_model, converted) == 0
     assert convert_jax_to_hf.convert(converted, exported) == 0
     assert is_complete(converted) and is_complete(exported)
-    assert paths.listdir(exported) == [COMPLETE_MARKER, "config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json"]
+    assert paths.listdir(exported) == [
+        COMPLETE_MARKER,
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "tokenizer.json",
+    ]
 
     # HF -> JAX -> HF is exact (the export read every parameter of the converted checkpoint from the bucket).
     expected = nnx.to_flat_state(nnx.state(from_pretrained(local_model), nnx.Param))
