@@ -129,3 +129,37 @@ ENTRY %main (a: bf16[8,16,1], k: bf16[4,2,16]) -> bf16[8,4,2] {
 }
 """
     assert hlo_cost.loop_cost(text).flops == 2 * 8 * 4 * 2 * 16
+
+
+def test_a_loop_that_counts_in_twos():
+    """The SPMD partitioner's windowed matmuls take two shards per trip: counter 0, 2, 4, 6 < 8
+    is 4 trips of one matmul each."""
+    text = """HloModule m
+
+%cond (p: (u32[], f32[4,4])) -> pred[] {
+  %p = (u32[], f32[4,4]{1,0}) parameter(0)
+  %i = u32[] get-tuple-element(%p), index=0
+  %n = u32[] constant(8)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p: (u32[], f32[4,4])) -> (u32[], f32[4,4]) {
+  %p = (u32[], f32[4,4]{1,0}) parameter(0)
+  %i = u32[] get-tuple-element(%p), index=0
+  %x = f32[4,4]{1,0} get-tuple-element(%p), index=1
+  %d = f32[4,4]{1,0} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %two = u32[] constant(2)
+  %next = u32[] add(%i, %two)
+  ROOT %t = (u32[], f32[4,4]{1,0}) tuple(%next, %d)
+}
+
+ENTRY %main (a: f32[4,4]) -> f32[4,4] {
+  %a = f32[4,4]{1,0} parameter(0)
+  %zero = u32[] constant(0)
+  %init = (u32[], f32[4,4]{1,0}) tuple(%zero, %a)
+  %w = (u32[], f32[4,4]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[4,4]{1,0} get-tuple-element(%w), index=1
+}
+"""
+    counted = hlo_cost.loop_cost(text)
+    assert counted.loops == [(4, True)] and counted.flops == 4 * 2 * 4**3

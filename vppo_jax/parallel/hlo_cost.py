@@ -11,7 +11,8 @@ body counts as one iteration, at any depth: a scan over 28 decoder layers counts
 a decode loop one token. Here the optimized HLO text is read instead:
 - which computation runs inside which loop, and each loop's trip count: from the loop's
   `known_trip_count`, else its condition `counter < N` with the counter starting at a
-  constant (what lax.scan and fori_loop lower to); a loop whose bound is data (a
+  constant and growing by the constant its body adds (what lax.scan and fori_loop lower
+  to, and the SPMD partitioner's windowed matmuls); a loop whose bound is data (a
   lax.while_loop that stops at end tokens) gets `dynamic_trips`;
 - matmul FLOPs from the shapes of each dot, convolution (how the TPU compiler writes
   matmuls) and cuBLAS call (the GPU compiler's): 2 per multiply-add, times the product of
@@ -192,7 +193,24 @@ def trip_count(loop: Instruction, caller: dict[str, Instruction], computations) 
     if init is None or init.op != "tuple":
         return None
     start = _constant(caller.get(init.operands[index]), caller)
-    return None if start is None else max(bound_value - start, 0)
+    if start is None:
+        return None
+    body = computations[re.search(r"body=%([^\s,]+)", loop.text).group(1)]
+    step = _counter_step(body, index)
+    return max(-(-(bound_value - start) // step), 0)
+
+
+def _counter_step(body: dict[str, Instruction], index: int) -> int:
+    """What a loop body adds to its counter (tuple element `index`): 1 for lax.scan, 2 where
+    the SPMD partitioner's windowed matmuls take two shards per trip; 1 when not stated."""
+    root = next((i for i in body.values() if i.text.lstrip().startswith("ROOT")), None)
+    if root is None or root.op != "tuple" or index >= len(root.operands):
+        return 1
+    update = body.get(root.operands[index])
+    if update is None or update.op != "add":
+        return 1
+    steps = [_constant(body.get(name), body) for name in update.operands]
+    return next((step for step in steps if step and step > 0), 1)
 
 
 def _constant(instruction: Instruction | None, computation: dict[str, Instruction]) -> int | None:
