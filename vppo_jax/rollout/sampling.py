@@ -247,23 +247,116 @@ def _decode(graphdef, params: SamplingParams, mesh: Mesh, state, prefilled: Pref
 def _decode_rows(
     graphdef, layers_graphdef, params: SamplingParams, stacks, rest, layers, prefilled: Prefilled, keys: jax.Array
 ) -> Rollout:
-    model = nnx.merge(graphdef, stacks, rest)
-    layers = nnx.merge(layers_graphdef, layers)
-    banned = vision_token_ids(model.config)
-    end_ids = np.asarray(params.end_token_ids, np.int32).reshape(-1)
-    rows = keys.shape[0]  # the samples of this device's prompts, row p * G + g
+    """One device's rows, the samples of its prompts (row p * G + g), decoded one block of the
+    response cache after another: a `lax.while_loop` per block, which stops once every sample
+    has ended; while writing block b a step reads blocks 0..b only."""
     per_sample = lambda a: jnp.repeat(a, params.group_size, axis=0)
-    response_slots = jnp.arange(params.max_new_tokens)
-    # Row i's uniform at step t comes from its key folded with t; all are drawn before the loop.
-    step_uniform = lambda key, t: jax.random.uniform(jax.random.fold_in(key, t))
-    uniforms = jax.vmap(jax.vmap(step_uniform, (None, 0)), (0, None))(keys, response_slots)  # (N, max_new)
+    decoder = _RowDecoder(
+        model=nnx.merge(graphdef, stacks, rest),
+        layers=nnx.merge(layers_graphdef, layers),
+        params=params,
+        prefilled=prefilled,
+        next_position=per_sample(prefilled.next_position),
+        uniforms=_step_uniforms(keys, params.max_new_tokens),
+    )
+    rows = keys.shape[0]
+    state = decoder.record(_start_state(rows, params), per_sample(prefilled.logits))
+    block, blocks = _response_blocks(params.max_new_tokens)
+    for b in range(blocks):  # a loop that ends early (every sample has ended) leaves the next ones no step
+        first_slot = b * block
+        state = state.replace(cache=(*state.cache, _empty_block(prefilled.cache, rows, block)))
+        state = jax.lax.while_loop(
+            functools.partial(_block_not_done, params, first_slot + block - 1),
+            functools.partial(decoder.decode_one, first_slot, block),
+            state,
+        )
+    return Rollout(tokens=state.tokens, mask=state.mask, logprobs=state.logprobs, truncated=~state.finished)
 
-    def record(state: _DecodeState, logits: jax.Array) -> _DecodeState:
-        step_uniforms = jax.lax.dynamic_index_in_dim(uniforms, state.step, axis=1, keepdims=False)
-        tokens, logprobs = sample_tokens(logits, step_uniforms, params, banned)
+
+def _step_uniforms(keys: jax.Array, max_new_tokens: int) -> jax.Array:
+    """(N, max_new_tokens): row i's uniform at step t, from its key folded with t; all drawn before the loop."""
+    step_uniform = lambda key, t: jax.random.uniform(jax.random.fold_in(key, t))
+    return jax.vmap(jax.vmap(step_uniform, (None, 0)), (0, None))(keys, jnp.arange(max_new_tokens))
+
+
+def _start_state(rows: int, params: SamplingParams) -> _DecodeState:
+    """Nothing sampled yet, no response cache block."""
+    shape = (rows, params.max_new_tokens)
+    return _DecodeState(
+        step=jnp.int32(0),
+        cache=(),
+        tokens=jnp.full(shape, params.pad_token_id, jnp.int32),
+        mask=jnp.zeros(shape, bool),
+        logprobs=jnp.zeros(shape, jnp.float32),
+        finished=jnp.zeros((rows,), bool),
+    )
+
+
+def _response_blocks(max_new_tokens: int) -> tuple[int, int]:
+    """(slots per block, blocks) of the response cache: at most DECODE_SEGMENTS blocks."""
+    slots = max(max_new_tokens - 1, 1)  # the last token is sampled, never fed back
+    block = -(-slots // DECODE_SEGMENTS)
+    return block, -(-slots // block)
+
+
+def _empty_block(prompt_cache: KVCache, rows: int, block: int) -> KVCache:
+    """A response cache block: each sample's own keys and values, the prompt's cache shape with
+    one row per sample and `block` slots; heads split over tensor like the prompt's."""
+
+    def empty(prompt_part: jax.Array, slot_axis: int) -> jax.Array:
+        shape = (rows, *prompt_part.shape[1:slot_axis], block, *prompt_part.shape[slot_axis + 1 :])
+        return sharding.constrain(jnp.zeros(shape, prompt_part.dtype), "batch", "act_kv_heads", None, None)
+
+    return KVCache(
+        keys=tuple(empty(k, 3) for k in prompt_cache.keys), values=tuple(empty(v, 2) for v in prompt_cache.values)
+    )
+
+
+def _block_not_done(params: SamplingParams, last_slot: int, state: _DecodeState) -> jax.Array:
+    """Whether the loop writing the block that ends at `last_slot` takes another step."""
+    return (state.step <= last_slot + 1) & (state.step < params.max_new_tokens) & ~jnp.all(state.finished)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowDecoder:
+    """What every decode step of one device's rows reads: the model, the prompts' prefill and the uniforms."""
+
+    model: Qwen2_5_VLForConditionalGeneration
+    layers: list  # the decoder layers, taken once outside the loop (`TextModel.decoding_layers`)
+    params: SamplingParams
+    prefilled: Prefilled
+    next_position: jax.Array  # (N,) each sample's first response position
+    uniforms: jax.Array  # (N, max_new_tokens)
+
+    def decode_one(self, first_slot: int, block: int, state: _DecodeState) -> _DecodeState:
+        """Feeds the last sampled token (written at its slot of the block that starts at
+        `first_slot`) and records the token it predicts."""
+        rows = self.uniforms.shape[0]
+        previous = state.step - 1  # the last sampled token goes in at its slot, then predicts the next
+        position = jnp.broadcast_to(self.next_position + previous, (3, rows))[..., None]
+        block_mask = jnp.broadcast_to(first_slot + jnp.arange(block) <= previous, (rows, block))
+        token = jax.lax.dynamic_index_in_dim(state.tokens, previous, axis=1, keepdims=False)
+        logits, cache = self.model.decode_step(
+            self.layers,
+            token,
+            position,
+            self.prefilled.cache,
+            self.prefilled.prompt_mask,
+            state.cache,
+            block_mask,
+            previous - first_slot,
+        )
+        return self.record(state.replace(cache=cache), logits)
+
+    def record(self, state: _DecodeState, logits: jax.Array) -> _DecodeState:
+        """Samples a token per row from `logits` and writes it (pad after a row's end) at column `state.step`."""
+        params = self.params
+        step_uniforms = jax.lax.dynamic_index_in_dim(self.uniforms, state.step, axis=1, keepdims=False)
+        tokens, logprobs = sample_tokens(logits, step_uniforms, params, vision_token_ids(self.model.config))
         live = ~state.finished
         tokens = jnp.where(live, tokens, params.pad_token_id)
         column = lambda buffer, values: jax.lax.dynamic_update_slice(buffer, values[:, None], (0, state.step))
+        end_ids = np.asarray(params.end_token_ids, np.int32).reshape(-1)
         return _DecodeState(
             step=state.step + 1,
             cache=state.cache,
@@ -272,66 +365,6 @@ def _decode_rows(
             logprobs=column(state.logprobs, jnp.where(live, logprobs, 0.0)),
             finished=state.finished | (live & jnp.isin(tokens, end_ids)),
         )
-
-    next_position = per_sample(prefilled.next_position)
-    # The response cache in blocks of `block` slots, decoded one block after another: while
-    # writing block b a step reads blocks 0..b only.
-    slots = max(params.max_new_tokens - 1, 1)  # the last token is sampled, never fed back
-    block = -(-slots // DECODE_SEGMENTS)
-    blocks = -(-slots // block)
-
-    def decode_one(first_slot: int, state: _DecodeState) -> _DecodeState:
-        previous = state.step - 1  # the last sampled token goes in at its slot, then predicts the next
-        position = jnp.broadcast_to(next_position + previous, (3, rows))[..., None]
-        block_mask = jnp.broadcast_to(first_slot + jnp.arange(block) <= previous, (rows, block))
-        token = jax.lax.dynamic_index_in_dim(state.tokens, previous, axis=1, keepdims=False)
-        logits, cache = model.decode_step(
-            layers,
-            token,
-            position,
-            prefilled.cache,
-            prefilled.prompt_mask,
-            state.cache,
-            block_mask,
-            previous - first_slot,
-        )
-        return record(state.replace(cache=cache), logits)
-
-    def not_done(last_slot: int, state: _DecodeState) -> jax.Array:
-        return (state.step <= last_slot + 1) & (state.step < params.max_new_tokens) & ~jnp.all(state.finished)
-
-    shape = (rows, params.max_new_tokens)
-    # A response cache block: each sample's own keys and values, the prompt's cache shape with
-    # one row per sample and `block` slots; heads split over tensor like the prompt's.
-    empty = lambda prompt_part, slot_axis: sharding.constrain(
-        jnp.zeros(
-            (rows, *prompt_part.shape[1:slot_axis], block, *prompt_part.shape[slot_axis + 1 :]),
-            prompt_part.dtype,
-        ),
-        "batch",
-        "act_kv_heads",
-        None,
-        None,
-    )
-    empty_block = lambda: KVCache(
-        keys=tuple(empty(k, 3) for k in prefilled.cache.keys), values=tuple(empty(v, 2) for v in prefilled.cache.values)
-    )
-    start = _DecodeState(
-        step=jnp.int32(0),
-        cache=(),
-        tokens=jnp.full(shape, params.pad_token_id, jnp.int32),
-        mask=jnp.zeros(shape, bool),
-        logprobs=jnp.zeros(shape, jnp.float32),
-        finished=jnp.zeros((rows,), bool),
-    )
-    end = record(start, per_sample(prefilled.logits))
-    for b in range(blocks):  # a loop that ends early (every sample has ended) leaves the next ones no step
-        first_slot = b * block
-        end = end.replace(cache=(*end.cache, empty_block()))
-        end = jax.lax.while_loop(
-            functools.partial(not_done, first_slot + block - 1), functools.partial(decode_one, first_slot), end
-        )
-    return Rollout(tokens=end.tokens, mask=end.mask, logprobs=end.logprobs, truncated=~end.finished)
 
 
 def prefill(
