@@ -1,11 +1,14 @@
 """The compiled VPPO step on a tiny Qwen2.5-VL, checked against transformers and NumPy."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import torch
+from flax import nnx
 
 from vppo_jax.models import qwen2_5_vl
 from vppo_jax.trainer.optimizer import make_optimizer
@@ -248,3 +251,33 @@ def test_static_tas_needs_beta_max():
         step_lib.StepConfig(estimator="l2")
     with pytest.raises(ValueError, match="kl_coef"):  # a silently zero KL term would mislead
         step_lib.StepConfig(loss=step_lib.LossConfig(kl_coef=0.1))
+
+
+def scope_names(lowered: jax.stages.Lowered) -> set[str]:
+    """The scopes in the operations' names of a lowered program: its text names each operation
+    as loc("jit(f)/jvp(outer)/inner/op"), beside file and function locations."""
+    names = re.findall(r'loc\("([^"]+)"', lowered.as_text(debug_info=True))
+    parts = {part for name in names if "/" in name and not name.startswith("/") for part in name.split("/")[:-1]}
+    return {re.sub(r"^(\w+\()+|\)+$", "", part) for part in parts}  # jvp(loss) -> loss
+
+
+def test_a_profile_names_the_step_phases_and_the_model_blocks(setup):
+    """The compiled step's operations carry the names of its phases and of the model's blocks
+    (jax.named_scope), which a profile shows: an in-pass VPPO step, a scoring pass, a prefill."""
+    _, model, arrays, response = setup
+    config = step_lib.StepConfig(group_size=GROUP)
+    graphdef, state = init(model, optax.sgd(0.0))
+    batch = train_batch(model, arrays, response)
+    step = jax.jit(lambda s, b, k: step_lib.train_step(config, optax.sgd(0.0), graphdef, s, b, k))
+    scopes = scope_names(step.lower(state, batch, jax.random.key(0)))
+    phases = {"policy_forward", "perturbed_forward", "dependency", "shaping", "loss", "update"}
+    blocks = {"vision_tower", "vision_block", "merger", "decoder_layer", "attention", "mlp"}
+    assert phases | blocks <= scopes, sorted(phases | blocks - scopes)
+    scoring = jax.jit(lambda p, b, k: step_lib.score_rollouts(config, graphdef, p, b, k))
+    scopes = scope_names(scoring.lower(state.params, batch, jax.random.key(0)))
+    assert {"scoring", "perturbed_forward", "dependency"} <= scopes and "update" not in scopes
+    inputs = qwen2_5_vl.prepare_inputs(
+        model.config, arrays["input_ids"], arrays["attention_mask"], arrays["pixel_values"], arrays["image_grid_thw"]
+    )
+    prefill = jax.jit(lambda params, i: nnx.merge(graphdef, params).prefill(i)[0])
+    assert {"vision_tower", "decoder_layer", "lm_head"} <= scope_names(prefill.lower(state.params, inputs))

@@ -105,22 +105,27 @@ def extra_forwards(config: StepConfig, updates_per_rollout: int, micro_batches: 
 def token_scores(config: StepConfig, model, inputs, perturbed_patches, targets, response_mask, hidden, key):
     """(log p(o_t), H_t, S_t) under the policy whose final hidden states (original images) at
     the response positions are `hidden`; S_t a divergence between its distributions with I and I'."""
-    perturbed = perturbation.perturb_images(config.perturbation, inputs, key, config.blacken_prob, perturbed_patches)
-    # Each sample of a prompt gets its own perturbation (as in the reference), so the perturbed
-    # forward runs every row's prompt.
-    hidden_perturbed = jax.lax.stop_gradient(model.response_hidden_states(perturbed, targets.shape[-1]))
-    return dependency_lib.scores_with_dependency(
-        config.estimator,
-        jax.lax.stop_gradient(hidden),
-        hidden_perturbed,
-        model.unembedding(),
-        targets,
-        response_mask,
-        config.temperature,
-        config.vocab_chunk,
-    )
+    with jax.named_scope("perturbed_forward"):
+        perturbed = perturbation.perturb_images(
+            config.perturbation, inputs, key, config.blacken_prob, perturbed_patches
+        )
+        # Each sample of a prompt gets its own perturbation (as in the reference), so the perturbed
+        # forward runs every row's prompt.
+        hidden_perturbed = jax.lax.stop_gradient(model.response_hidden_states(perturbed, targets.shape[-1]))
+    with jax.named_scope("dependency"):
+        return dependency_lib.scores_with_dependency(
+            config.estimator,
+            jax.lax.stop_gradient(hidden),
+            hidden_perturbed,
+            model.unembedding(),
+            targets,
+            response_mask,
+            config.temperature,
+            config.vocab_chunk,
+        )
 
 
+@jax.named_scope("scoring")
 def score_rollouts(config: StepConfig, graphdef, params, batch: TrainBatch, key: jax.Array) -> TrainBatch:
     """Fills old_logp, old_entropy and dependency with the given (rollout) policy, no gradient."""
     model = nnx.merge(graphdef, params)
@@ -142,6 +147,7 @@ def score_rollouts(config: StepConfig, graphdef, params, batch: TrainBatch, key:
     return batch.replace(old_logp=logp, old_entropy=entropy, dependency=dep)
 
 
+@jax.named_scope("shaping")
 def shape_rows(config: StepConfig, dependency, entropy, response_mask, key) -> tuple[jax.Array, jax.Array]:
     """TAS's advantage scale alpha (N,) and TGF's token weights (N, T) over N rows ranked
     together; ones and the response mask when VPPO (or that part of it) is off."""
@@ -196,10 +202,11 @@ def train_step(
         """Loss of micro-batch `index`, its sums divided by the whole batch's counts (exact
         accumulation), with the per-token statistics the metrics need as auxiliaries."""
         model = nnx.merge(graphdef, params)
-        hidden = model.response_hidden_states(micro.inputs, micro.targets.shape[-1], micro.prompt_group)
-        logp, entropy = token_logprobs_and_entropy(
-            hidden, model.unembedding(), micro.targets, config.temperature, config.vocab_chunk
-        )
+        with jax.named_scope("policy_forward"):
+            hidden = model.response_hidden_states(micro.inputs, micro.targets.shape[-1], micro.prompt_group)
+            logp, entropy = token_logprobs_and_entropy(
+                hidden, model.unembedding(), micro.targets, config.temperature, config.vocab_chunk
+            )
         if batch.scored:
             old_logp, dep = micro.old_logp, micro.dependency
             alpha, weights = shaped_micro
@@ -220,11 +227,13 @@ def train_step(
                 )[2]  # the log-probs and entropy with gradient come from logp_and_entropy above
             entropy_old = jax.lax.stop_gradient(entropy)
             alpha, weights = shape_rows(config, dep, entropy_old, micro.response_mask, own(filter_key))
-        sums, metric_sums = loss_sums(
-            logp, old_logp, micro.advantages, micro.response_mask, alpha, weights, None, config.loss
-        )
+        with jax.named_scope("loss"):
+            sums, metric_sums = loss_sums(
+                logp, old_logp, micro.advantages, micro.response_mask, alpha, weights, None, config.loss
+            )
+            loss = total_loss(sums, counts, config.loss)
         per_token = {"entropy": entropy, "alpha": alpha, "weights": weights, "dependency": dep}
-        return total_loss(sums, counts, config.loss), (sums, metric_sums, jax.lax.stop_gradient(per_token))
+        return loss, (sums, metric_sums, jax.lax.stop_gradient(per_token))
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -248,6 +257,7 @@ def train_step(
     return new_state, metrics
 
 
+@jax.named_scope("update")
 def apply_update(optimizer: optax.GradientTransformation, state: TrainState, grads, loss):
     """The optimizer's update, unless the loss or the gradient is not finite: then parameters
     and optimizer state stay and the skip is counted. Returns (state, grad norm, finite)."""

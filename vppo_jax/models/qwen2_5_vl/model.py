@@ -65,7 +65,11 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         )
 
     def logits(self, inputs: ModelInputs) -> jax.Array:
-        hidden = self.hidden_states(inputs)
+        return self.lm_head_logits(self.hidden_states(inputs))
+
+    @jax.named_scope("lm_head")
+    def lm_head_logits(self, hidden: jax.Array) -> jax.Array:
+        """Logits (..., V) of final hidden states (..., D), in their dtype."""
         return jnp.dot(hidden, self.unembedding().astype(hidden.dtype))
 
     def prefill(self, inputs: ModelInputs) -> tuple[jax.Array, KVCache]:
@@ -75,7 +79,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         """
         embeddings = self.input_embeddings(inputs)
         hidden, cache = self.language_model.prefill(embeddings, inputs.position_ids, inputs.attention_mask)
-        return jnp.dot(hidden[:, -1], self.unembedding().astype(hidden.dtype)), cache
+        return self.lm_head_logits(hidden[:, -1]), cache
 
     def decode_step(
         self,
@@ -99,7 +103,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         hidden, response = self.language_model.decode(
             layers, embeddings, position_ids, prompt, prompt_mask, response, response_mask, index
         )
-        return jnp.dot(hidden[:, 0], self.unembedding().astype(hidden.dtype)), response
+        return self.lm_head_logits(hidden[:, 0]), response
 
     def __call__(
         self,

@@ -218,10 +218,14 @@ class DecoderLayer(nnx.Module):
         """The layer's output and its last response block (see `TextAttention.decode_step`)."""
         return self._around_attention(x, lambda h: self.self_attn.decode_step(h, cos, sin, cache, index))
 
+    @jax.named_scope("decoder_layer")
     def _around_attention(self, x, attend) -> tuple[jax.Array, KeysValues]:
-        attended, keys_values = attend(self.input_layernorm(x))
-        x = x + attended
-        return residual(x + self.mlp(self.post_attention_layernorm(x))), keys_values
+        with jax.named_scope("attention"):
+            attended, keys_values = attend(self.input_layernorm(x))
+            x = x + attended
+        with jax.named_scope("mlp"):
+            x = residual(x + self.mlp(self.post_attention_layernorm(x)))
+        return x, keys_values
 
 
 def residual(x: jax.Array) -> jax.Array:

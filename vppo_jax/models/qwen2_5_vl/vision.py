@@ -96,6 +96,7 @@ class VisionBlock(nnx.Module):
             rngs=rngs,
         )
 
+    @jax.named_scope("vision_block")
     def __call__(self, x, cos, sin, vision: VisionInputs, full: bool) -> jax.Array:
         x = x + self.attn(self.norm1(x), cos, sin, vision, full)
         # Patch slots split like rows, the model dim whole.
@@ -113,6 +114,7 @@ class PatchMerger(nnx.Module):
         self.fc1 = Linear(merged, merged, axes=("embed", "mlp"), **linear)
         self.fc2 = Linear(merged, vcfg.out_hidden_size, axes=("mlp", "embed"), bias_axes=(None,), **linear)
 
+    @jax.named_scope("merger")
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.ln_q(x).reshape(x.shape[0] // 4, -1)
         return self.fc2(activate(ACTIVATIONS["gelu"], self.fc1(x)))
@@ -145,6 +147,7 @@ class VisionTower(nnx.Module):
         angles = jnp.concatenate([angles, angles], axis=-1)[:, None, :]  # broadcast over heads
         return jnp.cos(angles), jnp.sin(angles)
 
+    @jax.named_scope("vision_tower")
     def __call__(self, vision: VisionInputs) -> jax.Array:
         """Merged features, one row per unit slot: (S / 4, out_hidden_size)."""
         vcfg = self.config.vision
