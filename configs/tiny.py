@@ -3,9 +3,9 @@
     python -m vppo_jax.demo --config=configs/tiny.py --workdir=runs/tiny    # warm start, VPPO vs GRPO, report
     python -m vppo_jax.train --config=configs/tiny.py --workdir=runs/tiny_vppo  # the VPPO run alone
 
-With model.path and data.train_files empty, the synthetic task (vppo_jax/demo/synthetic.py),
-a tiny model with its tokenizer (vppo_jax/demo/tiny_model.py) and its supervised warm start
-(vppo_jax/demo/warm_start.py) are written into workdir/embedded once; RL starts from the warm
+With model.path and data.train_files empty, the synthetic task (vppo_jax/embedded/synthetic.py),
+a tiny model with its tokenizer (vppo_jax/embedded/tiny_model.py) and its supervised warm start
+(vppo_jax/embedded/warm_start.py) are written into workdir/embedded once; RL starts from the warm
 start, on the same code path as the 7B recipe.
 
 Hardware: 2 CPU cores. Time: about 6 minutes for the demo command from a fresh clone, install

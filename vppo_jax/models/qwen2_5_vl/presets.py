@@ -62,7 +62,7 @@ PRESETS: dict[str, Preset] = {
     "7b": _qwen(3584, 28, 28, 4, 18944, "Qwen2.5-VL-7B(-Instruct)"),
     "32b": _qwen(5120, 64, 40, 8, 27648, "Qwen2.5-VL-32B(-Instruct)"),
     "tiny": Preset(
-        about="the embedded default policy (vppo_jax.demo.tiny_model): vocabulary and special-token ids "
+        about="the embedded default policy (vppo_jax.embedded.tiny_model): vocabulary and special-token ids "
         "from its tokenizer",
         vision=_vision(2, 64, 128, 2, 128, (1,)), text=_text(None, 128, 384, 2, 4, 2, (4, 6, 6)),
         fields=dict(tie_word_embeddings=True), ids_from_tokenizer=True,
