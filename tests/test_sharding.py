@@ -14,6 +14,7 @@ import optax
 import pytest
 from flax import nnx
 
+from vppo_jax.errors import InputError
 from vppo_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, abstract_model, init_model, preset
 from vppo_jax.models.qwen2_5_vl.inputs import prepare_inputs
 from vppo_jax.parallel import sharding
@@ -347,3 +348,32 @@ def test_optimizer_state_leaves_the_devices_only_where_host_memory_is_separate()
     back = jax.device_put(there, state.sharding)
     assert there.sharding.memory_kind == "pinned_host" and back.sharding == state.sharding
     np.testing.assert_array_equal(back, np.arange(16.0).reshape(8, 2))
+
+
+@pytest.fixture
+def default_rules():
+    """Puts the default table back after a test that overrides it."""
+    yield
+    sharding.use_rules(())
+
+
+def test_config_sharding_rules_override_the_default_table(default_rules):
+    mesh = mesh_of((1, 4, 2))
+    weight = {"w": abstract_param((64, 1024), ("embed", "vocab"))}
+    assert sharding.param_shardings(mesh, weight)["w"].spec == P("fsdp", "tensor")
+    sharding.use_rules((("embed", ("fsdp", "tensor")), ("vocab", None)))
+    assert sharding.param_shardings(mesh, weight)["w"].spec == P(("fsdp", "tensor"), None)
+    sharding.use_rules([["embed", None]])  # as read back from a run's config.json
+    assert sharding.param_shardings(mesh, weight)["w"].spec == P(None, "tensor")  # vocab's default again
+    sharding.use_rules(())
+    assert sharding.RULES == sharding.DEFAULT_RULES
+
+
+def test_bad_sharding_rules_are_one_line_input_errors(default_rules):
+    with pytest.raises(InputError, match=r"no logical axis 'embedding'; the axes are \["):
+        sharding.use_rules((("embedding", "fsdp"),))
+    with pytest.raises(InputError, match=r"'embed' -> \['model'\]: not mesh axes"):
+        sharding.use_rules((("embed", ("fsdp", "model")),))
+    with pytest.raises(InputError, match=r"'embed' is not a \(logical axis, mesh axes\) pair"):
+        sharding.use_rules(("embed",))
+    assert sharding.RULES == sharding.DEFAULT_RULES  # a refused table changes nothing

@@ -13,7 +13,8 @@ Mesh axes:
 
 Every array names its logical axes where it is built: a parameter where the model creates
 it (NNX `out_sharding` metadata on the nnx.Param), activations, the KV cache and batches in
-the code that makes them. RULES maps each logical name to mesh axes.
+the code that makes them. RULES maps each logical name to mesh axes: DEFAULT_RULES, with the
+run's `config.sharding_rules` in their place where it names an axis (`use_rules`).
 A dimension that its mesh axes do not divide is left whole (replicated): the vision MLP's
 3420 units over tensor=8, say. A spec that would use one mesh axis twice is refused.
 """
@@ -28,10 +29,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from vppo_jax.errors import InputError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes (None: replicated). The one table.
-RULES: dict[str, tuple[str, ...] | str | None] = {
+DEFAULT_RULES: dict[str, tuple[str, ...] | str | None] = {
     # Activations, batches and the KV cache.
     "batch": ("data", "fsdp"),  # rows (sequences, prompts) and image patch slots
     "length": None,  # tokens of a sequence, KV cache slots
@@ -48,6 +51,31 @@ RULES: dict[str, tuple[str, ...] | str | None] = {
     "mlp": "tensor",
     "vocab": "tensor",
 }
+# The table in force: the defaults, with the run's overrides (`use_rules`). Process-wide, like
+# the mesh: a process runs one config.
+RULES = dict(DEFAULT_RULES)
+
+
+def use_rules(overrides) -> None:
+    """Puts a config's `sharding_rules` in force: (logical axis, mesh axes) pairs replace the
+    default rule of that axis; mesh axes are a name, a tuple of names, or None (replicated).
+    E.g. (("embed", ("fsdp", "tensor")),) splits the model dimension over both axes."""
+    table = dict(DEFAULT_RULES)
+    for pair in overrides:
+        if isinstance(pair, str) or len(pair) != 2:
+            raise InputError(
+                f"sharding_rules: {pair!r} is not a (logical axis, mesh axes) pair, "
+                "e.g. --config.sharding_rules=\"(('embed', ('fsdp', 'tensor')),)\"."
+            )
+        axis, mesh_axes = pair
+        if axis not in DEFAULT_RULES:
+            raise InputError(f"sharding_rules: no logical axis {axis!r}; the axes are {sorted(DEFAULT_RULES)}.")
+        unknown = [name for name in _as_tuple(mesh_axes) if name not in MESH_AXES]
+        if unknown:
+            raise InputError(f"sharding_rules: {axis!r} -> {unknown}: not mesh axes; the mesh axes are {MESH_AXES}.")
+        table[axis] = mesh_axes if mesh_axes is None or isinstance(mesh_axes, str) else tuple(mesh_axes)
+    RULES.clear()
+    RULES.update(table)
 
 
 # --- the mesh -------------------------------------------------------------------------
@@ -147,7 +175,8 @@ def logical_spec(logical, mesh, shape=None, name: str = "") -> PartitionSpec:
             if mesh_axis in used:
                 raise ValueError(
                     f"{name or 'array'}: logical axes {tuple(logical)} map mesh axis {mesh_axis!r} "
-                    f"twice (from {used[mesh_axis]!r} and {axis!r}); change sharding.RULES."
+                    f"twice (from {used[mesh_axis]!r} and {axis!r}); give one of them other mesh axes in "
+                    "config.sharding_rules."
                 )
             used[mesh_axis] = axis
         mesh_axes = tuple(a for a in mesh_axes if a in sizes and a not in manual)

@@ -32,9 +32,10 @@ from vppo_jax.io import paths
 from vppo_jax.parallel import distributed
 
 CONFIG_FILE = "config.json"
-# Fields a restarted run may change without becoming another run. The mesh among them: a
-# checkpoint restores onto any layout of the parameters (elastic resume, on more or fewer devices).
-RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "eval.every_steps", "logging.", "mesh.")
+# Fields a restarted run may change without becoming another run. The mesh and the sharding rules
+# among them: a checkpoint restores onto any layout of the parameters (elastic resume, on more or
+# fewer devices).
+RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "eval.every_steps", "logging.", "mesh.", "sharding_rules")
 
 
 def _flatten(config: dict, prefix: str = "") -> dict[str, object]:

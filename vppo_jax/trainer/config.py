@@ -144,6 +144,9 @@ def default_config() -> ml_collections.ConfigDict:
     # state over fsdp (model dim) and tensor (heads, MLP, vocab). One size may be -1 (the rest
     # of the devices). The default is one device, as a run on a CPU wants; recipes set theirs.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    # Overrides of the logical-axis -> mesh-axes table (vppo_jax/parallel/sharding.py DEFAULT_RULES):
+    # (logical axis, mesh axes) pairs, mesh axes a name, a tuple of names or None (replicated).
+    c.sharding_rules = ()
     # Weights & Biases beside TensorBoard (vppo_jax/trainer/wandb_run.py): off while wandb_project is "".
     # The same scalars per step; entity and name default to wandb's (your default entity, a random name).
     c.logging = ml_collections.ConfigDict(dict(wandb_project="", wandb_entity="", wandb_name=""))

@@ -84,6 +84,7 @@ class Trainer:
         config = ml_collections.ConfigDict(config.to_dict())
         config.train.steps = config_lib.training_steps(config, len(self.train_rows))
         self.config = config
+        sharding.use_rules(config.sharding_rules)
         self.mesh = sharding.make_mesh(config.mesh)
         check_batch_shapes(config, self.mesh)
 
