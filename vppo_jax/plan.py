@@ -41,11 +41,12 @@ import math
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from vppo_jax.errors import InputError
 from vppo_jax.io import hub, paths
-from vppo_jax.io.cli import parse_flags
+from vppo_jax.io.cli import run_program
 from vppo_jax.parallel import gpu, tpu
 
 GIB = 1 << 30
@@ -115,9 +116,9 @@ def topology(name: str) -> Topology:
         try:
             tpu.chip_grid(generation, chips)
         except ValueError as e:
-            raise ValueError(f"--topology={name!r}: {e}") from None
+            raise InputError(f"--topology={name!r}: {e}") from None
         return Topology(name, generation, chips, DEVICE_MEMORY_GIB[generation])
-    raise ValueError(
+    raise InputError(
         f"--topology={name!r}: choose a TPU slice (v5p-N, v4-N, v5e-N, v6e-N, e.g. v5p-32), "
         f"{', '.join(GPU_TOPOLOGIES)} or cpu-N."
     )
@@ -604,11 +605,12 @@ def main(argv):
     if FLAGS.mesh:
         sizes = [int(s) for s in FLAGS.mesh.split(",")]
         if len(sizes) != 3:
-            raise ValueError(f"--mesh={FLAGS.mesh!r}: give data,fsdp,tensor, e.g. 1,-1,1.")
+            raise InputError(f"--mesh={FLAGS.mesh!r}: give data,fsdp,tensor, e.g. 1,-1,1.")
         mesh_shape = dict(zip(sharding.MESH_AXES, sizes))
+    sharding.use_rules(config.sharding_rules)
     mesh = sharding.make_mesh(mesh_shape, devices=devices)
     if mesh.size != topo.devices:
-        raise ValueError(
+        raise InputError(
             f"mesh {mesh_shape} uses {mesh.size} of the {topo.devices} devices of {FLAGS.topology}: give "
             "--mesh=data,fsdp,tensor with a product of the device count (one size may be -1)."
         )
@@ -653,4 +655,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    run_program(main)
