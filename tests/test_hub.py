@@ -118,6 +118,6 @@ def test_every_command_takes_hub_names_for_its_model_and_data(offline, tiny_task
     refused = subprocess.run(
         [*convert, "--hf_dir=vppo-test/missing"], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
-    assert refused.returncode == 1
+    assert refused.returncode == 2
     error = refused.stderr.strip().splitlines()[-1]  # one line, no traceback
     assert error.startswith("error: 'vppo-test/missing' is not a local path") and "HF_HUB_OFFLINE is set" in error
