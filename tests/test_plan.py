@@ -128,12 +128,12 @@ def test_the_state_of_each_precision_mode_matches_its_hand_count():
 
 def test_a_mesh_that_does_not_cover_the_topology_is_refused():
     out = run_plan("--topology=v5p-8", "--mesh=1,3,1")
-    assert out.returncode != 0
+    assert out.returncode == 2 and "Traceback" not in out.stderr  # bad input: one line
     assert "mesh {'data': 1, 'fsdp': 3, 'tensor': 1} uses 3 of the 4 devices of v5p-8" in out.stderr
     out = run_plan("--topology=v6e-9")
-    assert out.returncode != 0 and "--topology='v6e-9': 9 v6e chips: a slice has a power of two" in out.stderr
+    assert out.returncode == 2 and "--topology='v6e-9': 9 v6e chips: a slice has a power of two" in out.stderr
     out = run_plan("--topology=h200")
-    assert out.returncode != 0 and "--topology='h200': choose a TPU slice (v5p-N" in out.stderr
+    assert out.returncode == 2 and "--topology='h200': choose a TPU slice (v5p-N" in out.stderr
 
 
 def test_the_sampler_is_planned_for_one_wave():
