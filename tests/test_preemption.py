@@ -81,7 +81,9 @@ def test_a_signal_mid_step_loses_no_finished_step(tmp_path, config, uninterrupte
     assert process.returncode == PREEMPTED, stderr[-3000:]
     assert "Traceback" not in stderr
     done = len(read_metrics(workdir / "metrics.jsonl"))
-    assert 2 <= done < 4  # the step in flight finished
+    # Step 1 was in flight (then it finished), or the signal came between steps 0 and 1 (then
+    # nothing was in flight): either way every finished step is kept and the run stopped early.
+    assert 1 <= done < 4
     assert stderr.strip().splitlines()[-1] == (
         f"preempted: {signal.Signals(signum).name} after step {done - 1} ({done} of 4 steps done); checkpoint "
         f"{done} written in {workdir / 'checkpoints'}: rerun the same command to resume"
@@ -110,7 +112,7 @@ def test_a_notice_to_one_of_two_processes_stops_both_after_the_same_step(tmp_pat
     outputs = [process.communicate(timeout=400)[1] for process in workers]
     assert [process.returncode for process in workers] == [PREEMPTED] * 2, outputs[0][-2000:] + outputs[1][-2000:]
     done = len(read_metrics(workdir / "metrics.jsonl"))
-    assert 2 <= done < 4
+    assert 1 <= done < 4  # as in the test above
     for stderr in outputs:  # both name the same step
         assert stderr.strip().splitlines()[-1].startswith(f"preempted: SIGTERM after step {done - 1} ({done} of 4")
     assert os.listdir(workdir / "checkpoints") == [str(done)]

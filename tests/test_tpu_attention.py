@@ -1,8 +1,6 @@
 """Splash attention, the decoder's attention on TPU (tpu_attention.py): its numerics in Pallas
 interpret mode against the blockwise kernel, and the TPU compiler's program using it."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +12,7 @@ from vppo_jax.models.qwen2_5_vl import tpu_attention
 from vppo_jax.models.qwen2_5_vl.attention import blockwise_causal_attention
 from vppo_jax.models.qwen2_5_vl.text import TextModel
 from vppo_jax.parallel import sharding
+from vppo_jax.parallel.tpu import topology_devices
 
 
 def random_attention_inputs(batch, queries, keys, padding, seed=0):
@@ -72,17 +71,12 @@ def test_splash_under_a_mesh_splits_rows_and_heads():
 # --- the TPU compiler (libtpu): compiling for a TPU topology needs no TPU ---------------
 
 
-def tpu_devices(topology: str = "v5p:2x2x1", accelerator: str = "v5p-8"):
-    """The devices of a TPU topology, for compiling only; skips where libtpu is not installed."""
-    pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -r requirements-tpu.txt)")
-    from jax.experimental import topologies
-
-    # libtpu probes the host for a TPU VM's description before it describes a topology, and
-    # refuses to load in a second process at once (another test process) unless told it may.
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator)
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+def tpu_devices():
+    """The devices of a v5p-8 slice, for compiling only; skips where libtpu is not installed."""
+    devices = topology_devices("v5p-8")
+    if devices is None:
+        pytest.skip("libtpu is not installed (pip install -r requirements-tpu.txt)")
+    return devices
 
 
 def decoder_gradient_hlo(devices, shared_prompt: bool) -> str:

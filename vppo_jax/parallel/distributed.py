@@ -14,7 +14,6 @@ program: tests/test_multihost.py does that.
 from __future__ import annotations
 
 import glob
-import os
 import pickle
 
 import jax
@@ -45,8 +44,10 @@ def initialize(coordinator_address: str = "", num_processes: int = 1, process_id
 
 
 def on_cloud_tpu() -> bool:
-    """A TPU VM: its chips show up as /dev/accel* (v2-v4) or /dev/vfio/* (v5 and later)."""
-    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")) or "TPU_WORKER_HOSTNAMES" in os.environ
+    """A TPU VM: its chips show up as /dev/accel* (v2-v4) or /dev/vfio/* (v5 and later). Not
+    libtpu's environment variables: the planner sets them on machines without a TPU
+    (parallel/tpu.quiet_host_probe), and its child processes inherit them."""
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def allgather(value) -> list:
