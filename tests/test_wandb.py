@@ -12,6 +12,7 @@ import sys
 import ml_collections
 import pytest
 
+from vppo_jax.errors import InputError
 from vppo_jax.trainer import config as config_lib
 from vppo_jax.trainer import wandb_run
 from vppo_jax.trainer.config import default_config
@@ -67,5 +68,5 @@ def test_a_project_without_wandb_installed_fails_before_anything_loads(monkeypat
     config = default_config()
     config_lib.check_names(config)  # no project: nothing asked of wandb
     config.logging = settings()
-    with pytest.raises(ImportError, match="needs wandb, which is not installed: pip install -r requirements-wandb.txt"):
+    with pytest.raises(InputError, match="needs wandb, which is not installed: pip install -r requirements-wandb.txt"):
         config_lib.check_names(config)  # what the trainer runs first, before the model loads
