@@ -216,10 +216,13 @@ STORAGE_CHECK = textwrap.dedent(
     class Refuse(http.server.BaseHTTPRequestHandler):  # Cloud Storage refusing a caller without credentials
         def do_GET(self):
             body = json.dumps({"error": {"code": status, "message": "Anonymous caller does not have access"}})
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body.encode())
+            try:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+            except ConnectionError:  # the client may hang up before reading the body: not our stderr's business
+                pass
 
         do_POST = do_PUT = do_GET
 

@@ -3,6 +3,7 @@ checkpoint set aside for the one before it, and a failed checkpoint write that s
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -136,21 +137,16 @@ def test_an_unrestorable_checkpoint_is_set_aside_and_a_failed_write_stops_the_ru
     config = write_config(tmp_path / "config.py", tiny_task, **(overrides | {"train.steps": 3}))
     command = with_file_size_limit(1 << 20, train_command(config, workdir))
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    # orbax and TensorStore log the failure of their writer threads with tracebacks; ours is the last line.
+    # orbax and TensorStore log the failure of their threads with tracebacks (a task whose error
+    # nobody retrieved may be logged as late as the interpreter's exit); ours is the one error line.
     assert out.returncode == 4, out.stderr[-3000:]
     aside = workdir / "unrestorable_checkpoints" / "2"
     assert "checkpoint 2 cannot be restored (" in out.stderr
     assert f"): resuming from checkpoint 1; it is kept in {aside}" in out.stderr
     assert os.path.getsize(aside / os.path.relpath(largest, checkpoints / "2")) == cut  # kept as it was
-    assert (
-        out.stderr.strip()
-        .splitlines()[-1]
-        .startswith(
-            f"error: checkpoint 2 could not be written to {checkpoints} (",
-        )
-    )
-    assert "File too large" in out.stderr.strip().splitlines()[-1]
-    assert "Checkpoints [1] are kept" in out.stderr.strip().splitlines()[-1]
+    (ours,) = re.findall(r"error: checkpoint \d+ could not be written .*", out.stderr)  # once, whole
+    assert ours.startswith(f"error: checkpoint 2 could not be written to {checkpoints} (")
+    assert "File too large" in ours and "Checkpoints [1] are kept" in ours
     # It stopped at the first step boundary after the failure: step 1 (done again from checkpoint 1)
     # and at most step 2, in flight while checkpoint 2 was being written in the background.
     assert [line["step"] for line in read_metrics(workdir / "metrics.jsonl")] in ([0, 1], [0, 1, 2])
