@@ -28,8 +28,10 @@ from flax import nnx
 
 from vppo_jax.models.qwen2_5_vl.layers import stacked
 
-# The decoder's linear layers by their names in every layer (and in PEFT's target_modules).
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The decoder's linear layers by their names in every layer (and in PEFT's target_modules):
+# the attention's, then the MLP's.
+ATTENTION, MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
+TARGETS = ATTENTION + MLP
 # PEFT's kaiming_uniform(a=sqrt(5)) for A: uniform within 1/sqrt(fan_in).
 A_INIT = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
@@ -81,7 +83,7 @@ class Adapter(nnx.LoRA):
 def decoder_linears(model) -> dict[str, nnx.Module]:
     """The decoder's linear layers by name (each one stacked Linear for all layers)."""
     layers = model.language_model.layers
-    return {name: getattr(layers.self_attn if name in TARGETS[:4] else layers.mlp, name) for name in TARGETS}
+    return {name: getattr(layers.self_attn if name in ATTENTION else layers.mlp, name) for name in TARGETS}
 
 
 def add_adapters(model, config: LoRAConfig, seed: int = 0):
