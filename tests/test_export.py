@@ -21,6 +21,7 @@ from vppo_jax.errors import InputError
 from vppo_jax.eval import runs
 from vppo_jax.io import paths
 from vppo_jax.models import qwen2_5_vl
+from vppo_jax.models.qwen2_5_vl import lora
 from vppo_jax.models.qwen2_5_vl.image_processor import ImageProcessor
 from vppo_jax.rollout.policy import compute_model, load_policy
 from vppo_jax.trainer import config as config_lib
@@ -70,11 +71,13 @@ def trainer_restore(workdir: str, step: int):
     config = config_lib.default_config()
     config.update(json.loads(open(os.path.join(workdir, "config.json")).read()))
     policy = load_policy(config.model.path, config.model.dtype, config.model.param_dtype)
-    abstract_state = jax.eval_shape(lambda: init_state(policy.model, config_lib.optimizer(config))[1])
+    model = lora.add_adapters(policy.model, config_lib.lora_config(config))  # the run's adapters, unmerged
+    optimizer, trainable = config_lib.optimizer(config), config_lib.trainable(config)
+    abstract_state = jax.eval_shape(lambda: init_state(model, optimizer, trainable)[1])
     checkpoints = RunCheckpoints(workdir, config.checkpoint.keep)
     state = checkpoints.restore(step, abstract_state)[0]
     checkpoints.close()
-    return compute_model(nnx.graphdef(policy.model), state.params, policy.model.config)
+    return compute_model(nnx.graphdef(model), state.model_params, model.config)
 
 
 def processor_inputs(export: str) -> dict:

@@ -155,3 +155,36 @@ def test_the_sampler_is_planned_for_one_wave():
     slot = 2 * 2 * 2 * 32 * 4
     one_prompt = slot * 256 + model_cfg.text.vocab_size * 4 + 256 + 4 + 8 * 8
     assert decodes[0].arguments - decodes[3].arguments == one_prompt
+
+
+def test_the_update_holds_what_the_config_trains():
+    """bf16 compute, fp32 master weights. model.freeze_vision: the vision tower in bf16 with no
+    Adam moments; LoRA: the adapters and their moments in fp32, the whole base model in bf16.
+    Counted here from the parameter shapes, on one device."""
+    from configs import tiny
+    from vppo_jax.models.qwen2_5_vl import init_model, lora
+    from vppo_jax.plan import plan
+
+    model_cfg = model_config("tiny", "", "bfloat16", "float32")
+    count = lambda tree: sum(math.prod(p.shape) for p in jax.tree.leaves(tree))
+    state = nnx.split(abstract_model(model_cfg), nnx.Param)[1]
+    elements, vision = count(state), count(state["visual"])
+    adapted_model = nnx.eval_shape(lambda: lora.add_adapters(init_model(model_cfg), lora.LoRAConfig(rank=4)))
+    adapters = count(nnx.state(adapted_model, nnx.LoRAParam))
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    plans = []
+    for freeze_vision, rank in ((False, 0), (True, 0), (False, 4)):
+        config = tiny.get_config()
+        config.model.dtype, config.model.freeze_vision, config.model.lora.rank = "bfloat16", freeze_vision, rank
+        plans.append(plan(config, model_cfg, mesh, phases=("update",)))
+    full, frozen, adapted = plans
+    assert (full["params"], full["frozen"]) == (4 * elements, 0)
+    assert (frozen["params"], frozen["frozen"]) == (4 * (elements - vision), 2 * vision)
+    assert (adapted["params"], adapted["frozen"]) == (4 * adapters, 2 * elements)
+    for p in plans:
+        assert p["opt_state"] == 2 * p["params"] + 8  # Adam's moments of the trained parameters alone
+    # The update takes 10 bytes less per vision parameter (fp32 weight and moments -> a bf16
+    # weight), and makes no fp32 gradient for them.
+    (full_update,), (frozen_update,) = full["phases"], frozen["phases"]
+    assert full_update.arguments - frozen_update.arguments == 10 * vision
+    assert frozen_update.temporaries < full_update.temporaries

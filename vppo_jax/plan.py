@@ -298,7 +298,7 @@ def plan(
     import numpy as np
     from flax import nnx
 
-    from vppo_jax.models.qwen2_5_vl import abstract_model
+    from vppo_jax.models.qwen2_5_vl import init_model, lora
     from vppo_jax.models.qwen2_5_vl.inputs import length_bucket
     from vppo_jax.models.qwen2_5_vl.model import prompt_run
     from vppo_jax.parallel import sharding
@@ -310,15 +310,17 @@ def plan(
 
     r, t, d = config.rollout, config.train, config.data
     optimizer, step_config = config_lib.optimizer(config), config_lib.step_config(config)
-    model = abstract_model(model_cfg)
+    model = nnx.eval_shape(lambda: lora.add_adapters(init_model(model_cfg), config_lib.lora_config(config)))
     graphdef, params = nnx.split(model, nnx.Param)
-    state = jax.eval_shape(lambda p: init_state(nnx.merge(graphdef, p), optimizer)[1], params)
+    trainable = config_lib.trainable(config)
+    state = jax.eval_shape(lambda p: init_state(nnx.merge(graphdef, p), optimizer, trainable)[1], params)
     state_shardings = train_state_shardings(mesh, optimizer, state)
     sharded = lambda tree, shardings: jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
     )
     state = sharded(state, state_shardings)
     params_bytes = bytes_per_device(state.params, state_shardings.params)
+    frozen_bytes = bytes_per_device(state.frozen, state_shardings.frozen)
     opt_bytes = bytes_per_device(state.opt_state, state_shardings.opt_state)
 
     grid = image_grid(model_cfg, d.max_pixels)
@@ -344,12 +346,12 @@ def plan(
     )
     if needs_scoring(step_config, t.updates_per_rollout, micro_batches, rows):  # pi_old, dependency first
         if "score" in phases:
-            program = programs.score_program(step_config, graphdef, mesh, state.params, batch, key)
+            program = programs.score_program(step_config, graphdef, mesh, state.model_params, batch, key)
             results.append(
                 compiled_phase(
                     "score rollouts",
                     program,
-                    sharded((state.params, batch, key), program.in_shardings),
+                    sharded((state.model_params, batch, key), program.in_shardings),
                     opt_bytes,
                     runs=t.updates_per_rollout,
                 )
@@ -362,12 +364,13 @@ def plan(
 
     # The sampler: one wave of prompts (all of a round when rollout.wave_prompts is 0), G samples
     # each, on the weights cast to the compute dtype (vppo_jax.rollout.policy.compute_model); the
-    # master weights stay resident beside them.
+    # master weights of the trained parameters stay resident beside them (the frozen ones are in
+    # the compute dtype already: the sampler takes them as they are).
     wave = min(r.wave_prompts or r.prompts_per_step, r.prompts_per_step)
     prompts = -(-wave // sharding.batch_shards(mesh)) * sharding.batch_shards(mesh)
     inputs = abstract_batch(model_cfg, prompts, prompt_length, grid)
     compute_params = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, model_cfg.jnp_dtype, sharding=a.sharding), state.params
+        lambda a: jax.ShapeDtypeStruct(a.shape, model_cfg.jnp_dtype, sharding=a.sharding), state.model_params
     )
     offloaded = r.offload_optimizer_state and host_memory
     sampling_resident = (0 if offloaded else opt_bytes) + (
@@ -409,6 +412,7 @@ def plan(
         p.seconds_per_cycle = p.seconds_per_cycle or rate
     return dict(
         params=params_bytes,
+        frozen=frozen_bytes,
         opt_state=opt_bytes,
         phases=results,
         rows=rows,
@@ -427,7 +431,8 @@ def report(result: dict, mesh_shape: dict, topo: Topology, compiler: str) -> str
         f"compiler: {compiler}",
         f"mesh {mesh_shape} on {topo.devices} devices; update: {result['rows']} rows x {result['length']} tokens per "
         f"micro-batch, sampler: {result['prompts']} prompts per wave, image grid {result['grid']} per row",
-        f"parameters {gib(result['params'])} GiB, optimizer state {gib(result['opt_state'])} GiB per device",
+        f"parameters {gib(result['params'])} GiB trained + {gib(result['frozen'])} GiB frozen, optimizer state "
+        f"{gib(result['opt_state'])} GiB per device",
         "",
         "| phase | arguments | outputs | aliased | temporaries | program | + resident state | total GiB | compile s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -459,7 +464,7 @@ def report(result: dict, mesh_shape: dict, topo: Topology, compiler: str) -> str
 def advice(result: dict, budget: float, mesh_shape: dict) -> str:
     """What to change, from which term is too large."""
     tips = []
-    state = result["params"] + result["opt_state"]
+    state = result["params"] + result["frozen"] + result["opt_state"]
     if state > budget / 2:
         tips.append(
             f"parameters + optimizer state alone take {state / GIB:.1f} GiB: more devices on fsdp "

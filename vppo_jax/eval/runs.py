@@ -4,21 +4,24 @@ take a run this way.
 
 The trainer (vppo_jax/trainer/checkpoints.py) writes WORKDIR/config.json, the resolved
 experiment config, and one orbax checkpoint per saved step in WORKDIR/checkpoints/STEP, whose
-item "state" holds the train state: the parameters under "params" (each array under the "value"
-key of its nnx.Param), the optimizer state beside them. Only the parameters are read here, one
-at a time (orbax's partial load), so reading a run holds one parameter, never the optimizer
-state. The architecture, tokenizer and processor files come from the model the run started
-from (model.path): the run changes its weights only.
+item "state" holds the train state: the trained parameters under "params" and the frozen ones
+(model.freeze_vision, LoRA's base) under "frozen" (each array under the "value" key of its
+nnx.Param), the optimizer state beside them. Only the parameters are read here, one at a time
+(orbax's partial load), so reading a run holds one parameter (a LoRA kernel: it and its
+adapter, merged), never the optimizer state. The architecture, tokenizer and processor files
+come from the model the run started from (model.path): the run changes its weights only.
 """
 
 from __future__ import annotations
 
 import os
 
+import jax
 import ml_collections
 
 from vppo_jax.errors import InputError
 from vppo_jax.io import hub, paths
+from vppo_jax.models.qwen2_5_vl import lora
 from vppo_jax.models.qwen2_5_vl.checkpoint import HF_DIR, PARAMS_DIR, StoredParams, open_stored_params
 from vppo_jax.trainer import config as config_lib
 from vppo_jax.trainer.checkpoints import CONFIG_FILE, checkpoints_dir, complete_steps
@@ -95,9 +98,42 @@ def base_model_dir(workdir: str, config: ml_collections.ConfigDict) -> str:
     return os.path.join(path, HF_DIR) if paths.is_dir(os.path.join(path, PARAMS_DIR)) else path
 
 
-def stored_params(workdir: str, step: int) -> StoredParams:
+class RunParams:
+    """The model's parameters in a run's checkpoint, as a `StoredParams` gives them (`leaves`,
+    `key`, `load`): the trained and the frozen ones, each LoRA adapter merged into its base
+    kernel (W + alpha / rank * A @ B, `lora.merged_kernel`) with the run's `lora_scale`."""
+
+    def __init__(self, directory: str, lora_scale: float = 0.0):
+        self.directory, self.lora_scale = directory, lora_scale
+        self.parts = [StoredParams(directory, STATE_ITEM, (part,), ("value",)) for part in ("params", "frozen")]
+        # {parameter path: (the part holding it, (shape, dtype))}; keys are (part, *path, "value").
+        self.where = {key[1:-1]: (part, leaf) for part in self.parts for key, leaf in part.leaves().items()}
+
+    def key(self, param_path: tuple) -> tuple:
+        return param_path
+
+    def leaves(self) -> dict[tuple, tuple]:
+        return {p: shape_dtype for p, (_, shape_dtype) in self.where.items() if "lora" not in p}
+
+    def load(self, param_path: tuple, abstract):
+        value = self._read(param_path, abstract)
+        adapter = param_path[:-1] + ("lora",)
+        if param_path[-1] != "kernel" or adapter + ("lora_a",) not in self.where:
+            return value
+        a, b = (self._read(adapter + (name,)) for name in ("lora_a", "lora_b"))
+        return lora.merged_kernel(value, a, b, self.lora_scale)
+
+    def _read(self, param_path: tuple, abstract=None):
+        part, (shape, dtype) = self.where[param_path]
+        on_host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        return part.load(param_path, abstract or jax.ShapeDtypeStruct(shape, dtype, sharding=on_host))
+
+
+def stored_params(workdir: str, step: int) -> RunParams:
     """Where checkpoint `step` of the run holds the parameters."""
-    return StoredParams(os.path.join(checkpoints_dir(workdir), str(step)), STATE_ITEM, ("params",), ("value",))
+    config = run_config(workdir)
+    scale = config_lib.lora_config(config).scale if config.model.lora.rank else 0.0
+    return RunParams(os.path.join(checkpoints_dir(workdir), str(step)), scale)
 
 
 def open_run_params(workdir: str, step: int | None, dtype: str | None = None, param_dtype: str | None = None):

@@ -14,9 +14,11 @@ import typing
 import jax
 import ml_collections
 import optax
+from flax import nnx
 
 from vppo_jax.data import prompts
 from vppo_jax.errors import InputError
+from vppo_jax.models.qwen2_5_vl import lora
 from vppo_jax.models.qwen2_5_vl.config import check_compute
 from vppo_jax.rollout import sampling
 from vppo_jax.rollout.rewards.registry import get_reward
@@ -44,6 +46,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(
         dict(path="", dtype="bfloat16", param_dtype="float32", remat="none", attention_block=512, layer_loop="auto")
     )
+    # What trains (docs/training.md#what-trains): `freeze_vision` holds the vision tower and merger
+    # fixed (no gradient, no optimizer state, kept in `dtype`; the perturbed forward still runs
+    # through them). `lora.rank` > 0 trains LoRA adapters (scaled by alpha / rank) on the decoder's
+    # linear layers named in `lora.targets`, every other weight fixed (vppo_jax/models/qwen2_5_vl/lora.py).
+    c.model.freeze_vision = False
+    c.model.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=lora.TARGETS))
 
     c.data = ml_collections.ConfigDict(
         dict(
@@ -186,6 +194,7 @@ def check_names(c: ml_collections.ConfigDict):
         check_compute(c.model.remat, c.model.attention_block, layer_loop(c.model.layer_loop))
         prompts.prompt_template(c.data.prompt_template)
         step_config(c)  # StepConfig checks its choices
+        lora_config(c)  # and LoRAConfig its rank and targets
         optimizer(c)  # and make_optimizer the parameter dtype
         check_micro_batching(c.train)
         wandb_run.check_available(c.logging)
@@ -227,6 +236,21 @@ def step_config(c: ml_collections.ConfigDict) -> StepConfig:
         temperature=c.rollout.temperature,
         loss=LossConfig(**pick(LossConfig)),
     )
+
+
+def lora_config(c: ml_collections.ConfigDict) -> lora.LoRAConfig:
+    m = c.model.lora
+    return lora.LoRAConfig(rank=m.rank, alpha=m.alpha, targets=tuple(m.targets))
+
+
+def trainable(c: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
+    """The parameters the update trains (the rest frozen, vppo_jax/vppo/batch.py TrainState):
+    LoRA's adapters alone, every parameter but the vision tower's and merger's (`visual`), or all."""
+    if c.model.lora.rank:
+        return nnx.LoRAParam
+    if c.model.freeze_vision:
+        return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("visual")))
+    return nnx.Param
 
 
 def check_micro_batching(t: ml_collections.ConfigDict):

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from vppo_jax import data as data_lib
 from vppo_jax.data.images import open_image
 from vppo_jax.errors import InputError
-from vppo_jax.models.qwen2_5_vl import with_config
+from vppo_jax.models.qwen2_5_vl import lora, with_config
 from vppo_jax.parallel import distributed, host_memory, sharding
 from vppo_jax.rollout.evaluation import evaluate_prompts
 from vppo_jax.rollout.groups import GradedGroups, concatenate, sample_and_grade, train_batch
@@ -119,7 +119,8 @@ class Trainer:
         self.model_config = policy.model.config.with_compute(
             c.model.remat, c.model.attention_block, config_lib.layer_loop(c.model.layer_loop)
         )
-        self.policy = dataclasses.replace(policy, model=with_config(policy.model, self.model_config))
+        model = lora.add_adapters(with_config(policy.model, self.model_config), config_lib.lora_config(c))
+        self.policy = dataclasses.replace(policy, model=model)
         self.builder = prompt_builder(
             self.policy, d.max_prompt_length, d.min_pixels or None, d.max_pixels or None, d.prompt_template
         )
@@ -132,7 +133,9 @@ class Trainer:
         arrays move into the state: the policy keeps only its tokenizer."""
         self.step_config = config_lib.step_config(self.config)
         self.optimizer = config_lib.optimizer(self.config)
-        self.graphdef, self.state = init_sharded_state(self.policy.model, self.optimizer, self.mesh)
+        self.graphdef, self.state = init_sharded_state(
+            self.policy.model, self.optimizer, self.mesh, config_lib.trainable(self.config)
+        )
         self.policy = dataclasses.replace(self.policy, model=None)
         self.train_step = programs.make_train_step(self.step_config, self.optimizer, self.graphdef, self.mesh)
         self.score_rollouts = programs.make_score_rollouts(self.step_config, self.graphdef, self.mesh)
@@ -198,7 +201,7 @@ class Trainer:
     def current_policy(self):
         """The policy with the state's current parameters in the compute dtype, for sampling."""
         return dataclasses.replace(
-            self.policy, model=compute_model(self.graphdef, self.state.params, self.model_config)
+            self.policy, model=compute_model(self.graphdef, self.state.model_params, self.model_config)
         )
 
     @contextlib.contextmanager
@@ -308,7 +311,7 @@ class Trainer:
         """Each response token's visual dependency under the current policy and the config's
         estimator, whether or not this run trains with VPPO: (M, b, T)."""
         score = programs.make_score_rollouts(dataclasses.replace(self.step_config, vppo=True), self.graphdef, self.mesh)
-        return score(self.state.params, batch, key).dependency
+        return score(self.state.model_params, batch, key).dependency
 
     def update(
         self, groups: GradedGroups, score_key: jax.Array, update_key: jax.Array, timer: Timer
@@ -323,7 +326,7 @@ class Trainer:
             with timer("dependency"):
                 batches = jax.block_until_ready(
                     [  # timed here, not under the update
-                        self.score_rollouts(self.state.params, b, jax.random.fold_in(score_key, i))
+                        self.score_rollouts(self.state.model_params, b, jax.random.fold_in(score_key, i))
                         for i, b in enumerate(batches)
                     ]
                 )

@@ -72,20 +72,35 @@ def batch_shardings(mesh, batch: TrainBatch):
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    params: Any  # nnx.State of the model's parameters
+    params: Any  # nnx.State of the parameters the update trains (differentiated, in the optimizer state)
     opt_state: Any
     skipped_steps: jax.Array
+    # nnx.State of the parameters held fixed (model.freeze_vision's vision tower, LoRA's base
+    # weights; empty when all train), in the compute dtype: every parameter is cast to it where
+    # it is used, so they compute exactly what the master weights would, in less memory.
+    frozen: Any
+
+    @property
+    def model_params(self):
+        """Every parameter of the model, for nnx.merge with the graphdef."""
+        return nnx.merge_state(self.params, self.frozen)
 
 
-def init_state(model: nnx.Module, optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
-    """The state takes the model's parameter arrays as they are (no copy): once a step has
-    consumed (donated) the state, the model object must not be used again."""
-    graphdef, params = nnx.split(model, nnx.Param)
+def init_state(
+    model: nnx.Module, optimizer: optax.GradientTransformation, trainable: nnx.filterlib.Filter = nnx.Param
+) -> tuple[nnx.GraphDef, TrainState]:
+    """The state of `model` training its `trainable` parameters (trainer.config.trainable), the
+    other parameters frozen. It takes the model's arrays as they are (no copy, but frozen ones
+    in another dtype than the compute dtype): once a step has consumed (donated) the state, the
+    model object must not be used again."""
+    graphdef, params, frozen = nnx.split(model, trainable, nnx.Param)
+    compute_dtype = model.config.jnp_dtype
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=optimizer.init(params),
         skipped_steps=jnp.zeros((), jnp.int32),
+        frozen=jax.tree.map(lambda p: p.astype(compute_dtype), frozen),
     )
     return graphdef, state
 
@@ -99,11 +114,12 @@ def train_state_shardings(mesh, optimizer: optax.GradientTransformation, state: 
         skipped_steps=sharding.replicated(mesh),
         params=params,
         opt_state=sharding.opt_state_shardings(mesh, optimizer, state.opt_state, params),
+        frozen=sharding.param_shardings(mesh, state.frozen),
     )
 
 
 def init_sharded_state(
-    model: nnx.Module, optimizer: optax.GradientTransformation, mesh
+    model: nnx.Module, optimizer: optax.GradientTransformation, mesh, trainable: nnx.filterlib.Filter = nnx.Param
 ) -> tuple[nnx.GraphDef, TrainState]:
     """`init_state` on `mesh`: the parameters placed by the sharding rules (from wherever the
     model holds them, e.g. host memory), the optimizer state created already sharded on the
@@ -111,7 +127,7 @@ def init_sharded_state(
     graphdef, params = nnx.split(model, nnx.Param)
     params_shardings = sharding.param_shardings(mesh, params)
     params = sharding.put(params, params_shardings)
-    make = lambda p: init_state(nnx.merge(graphdef, p), optimizer)[1]
+    make = lambda p: init_state(nnx.merge(graphdef, p), optimizer, trainable)[1]
     state_shardings = train_state_shardings(mesh, optimizer, jax.eval_shape(make, params))
     return graphdef, jax.jit(make, in_shardings=(params_shardings,), out_shardings=state_shardings, donate_argnums=0)(
         params

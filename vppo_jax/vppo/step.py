@@ -201,7 +201,7 @@ def train_step(
     def micro_loss(params, micro: TrainBatch, shaped_micro, index):
         """Loss of micro-batch `index`, its sums divided by the whole batch's counts (exact
         accumulation), with the per-token statistics the metrics need as auxiliaries."""
-        model = nnx.merge(graphdef, params)
+        model = nnx.merge(graphdef, params, state.frozen)  # only `params` are differentiated
         with jax.named_scope("policy_forward"):
             hidden = model.response_hidden_states(micro.inputs, micro.targets.shape[-1], micro.prompt_group)
             logp, entropy = token_logprobs_and_entropy(
@@ -271,5 +271,6 @@ def apply_update(optimizer: optax.GradientTransformation, state: TrainState, gra
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+        frozen=state.frozen,
     )
     return new_state, grad_norm, finite

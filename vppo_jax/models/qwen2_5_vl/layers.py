@@ -69,9 +69,13 @@ class Linear(nnx.Module):
         bias_axes = (axes[-1],) if bias_axes is None else bias_axes
         self.bias = param(jnp.zeros((out_features,), param_dtype), bias_axes) if use_bias else None
         self.dtype = dtype
+        self.lora = None  # a LoRA adapter added to the output, when fine-tuned that way (lora.py)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = matmul(x, self.kernel[...].astype(self.dtype))
+        if self.lora is not None:
+            y = y + self.lora(x)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
