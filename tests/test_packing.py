@@ -13,6 +13,7 @@ from vppo_jax.models.qwen2_5_vl.layers import attention
 from vppo_jax.models.qwen2_5_vl.model import with_config
 from vppo_jax.models.qwen2_5_vl.packed import token_tree, tree_attention, tree_mask
 from vppo_jax.models.qwen2_5_vl.weights import legacy_name, weight_table
+from vppo_jax.parallel import sharding
 from vppo_jax.vppo import packing
 
 from hf_reference import IMAGE_TOKEN, load_port, processor_batch, text_ids, tiny_hf_model
@@ -146,10 +147,13 @@ def hf_logp_and_grads(hf_model, groups, weights):
     return logps, {legacy_name(name): p.grad.numpy() for name, p in hf_model.named_parameters()}
 
 
-@pytest.mark.parametrize("attention_block", [512, 16], ids=["dense", "blockwise"])
-def test_packed_log_probs_and_gradients_match_transformers_row_by_row(models, attention_block):
+@pytest.mark.parametrize(
+    "attention_block, devices", [(512, 1), (16, 1), (16, 2)], ids=["dense", "blockwise", "blockwise-2-devices"]
+)
+def test_packed_log_probs_and_gradients_match_transformers_row_by_row(models, attention_block, devices):
     """Three groups of three samples (responses of 1..40 tokens), four images of three sizes,
-    one group split over two bins, two groups sharing a bin; blockwise: 6 blocks per bin."""
+    one group split over two bins, two groups sharing a bin; blockwise: 6 blocks per bin; on
+    2 devices, 2 bins each (the kernel per device, `per_device_attention`)."""
     hf_model, model = models
     model = with_config(model, model.config.with_compute(attention_block=attention_block))
     groups = make_groups()
@@ -157,8 +161,9 @@ def test_packed_log_probs_and_gradients_match_transformers_row_by_row(models, at
     rows, width = len(rows_of(groups)), max(length for *_, length in rows_of(groups))
     weights = np.random.default_rng(2).normal(size=(rows, width))
     graphdef, params = nnx.split(model, nnx.Param)
+    mesh = sharding.make_mesh({"data": devices}, jax.devices()[:devices])
 
-    def loss(params):
+    def loss(params, packed):
         m = nnx.merge(graphdef, params)
         hidden = packing.predicting_hidden(m.packed_hidden_states(packed.inputs, packed.tree), packed.predicted_by)
         logp = jax.nn.log_softmax(jnp.dot(hidden, m.unembedding()), -1)
@@ -166,7 +171,11 @@ def test_packed_log_probs_and_gradients_match_transformers_row_by_row(models, at
         per_row = packing.unpack(logp, packed, rows, width)
         return (per_row * weights).sum(), per_row
 
-    (total, ours), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    run = jax.jit(
+        sharding.under_mesh(mesh, jax.value_and_grad(loss, has_aux=True)),
+        in_shardings=(sharding.replicated(mesh), sharding.inputs_shardings(mesh, packed)),
+    )
+    (_, ours), grads = run(params, packed)
     expected, hf_grads = hf_logp_and_grads(hf_model, groups, weights)
     for row, reference in enumerate(expected):
         np.testing.assert_allclose(np.asarray(ours)[row, : len(reference)], reference, atol=2e-5, err_msg=f"row {row}")

@@ -21,6 +21,8 @@ attention costs, not N^2.
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,7 @@ import numpy as np
 
 from vppo_jax.models.qwen2_5_vl.attention import block_attention
 from vppo_jax.models.qwen2_5_vl.layers import attention
+from vppo_jax.parallel.sharding import per_device_attention
 
 
 @flax.struct.dataclass
@@ -82,23 +85,30 @@ def tree_mask(tree: TokenTree) -> jax.Array:
 
 def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, tree: TokenTree, block_size: int) -> jax.Array:
     """Attention of K bins' packed tokens over `tree`; q (K, N, H, hd), k and v (K, N, Hkv, hd);
-    returns (K, N, H * hd) in v's dtype. Queries of the unused tail come out finite, unread."""
-    bins, length = q.shape[:2]
+    returns (K, N, H * hd) in v's dtype. Queries of the unused tail come out finite, unread.
+    Under a mesh the blockwise kernel runs on each device's bins (`per_device_attention`)."""
+    bins, length, heads, head_dim = q.shape
     if length <= block_size:
         return attention(q, k, v, tree_mask(tree))
-    order = jnp.broadcast_to(jnp.arange(length), (bins, length))  # causal order: packed position
+    if tree.counts.shape[1] != -(-length // block_size):
+        raise ValueError(f"the token tree has {tree.counts.shape[1]} blocks per bin, not those of {block_size}.")
+    run = functools.partial(_blockwise_tree_attention, block_size=block_size)
+    return per_device_attention(run, q, k, v, tree).reshape(bins, length, heads * head_dim)
+
+
+def _blockwise_tree_attention(q, k, v, tree: TokenTree, block_size: int) -> jax.Array:
+    """`tree_attention` with block_attention, (K, N, H, hd): one query block per (bin, block),
+    each its own row (B = 1), so that each reads its own key blocks, as many as it may see."""
+    bins, length = q.shape[:2]
     blocks = tree.counts.shape[1]
-    if blocks != -(-length // block_size):
-        raise ValueError(f"the token tree has {blocks} blocks per bin, not those of {block_size}-token blocks.")
 
     def split(a):  # (K, N, ...) -> (K * nb, block, ...), the tail padded (invalid, never a query's key)
         a = jnp.pad(a, [(0, 0), (0, blocks * block_size - length)] + [(0, 0)] * (a.ndim - 2))
         return a.reshape(bins * blocks, block_size, *a.shape[2:])
 
-    # One query block per (bin, block), each its own row (B = 1), so that each reads its own
-    # key blocks, as many as it may see, out of all bins' blocks.
     per_token = lambda a: (split(a)[:, None], split(a))
-    index = tree.key_blocks + blocks * jnp.arange(bins)[:, None, None]
+    order = jnp.broadcast_to(jnp.arange(length), (bins, length))  # causal order: packed position
+    index = tree.key_blocks + blocks * jnp.arange(bins)[:, None, None]  # into this device's bins' blocks
     out = block_attention(
         split(q)[:, None],
         split(k),
@@ -110,4 +120,4 @@ def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, tree: TokenTree, bl
         branches=per_token(tree.branch_ids),
         counts=tree.counts.reshape(-1),
     )
-    return out.reshape(bins, blocks * block_size, -1)[:, :length]
+    return out.reshape(bins, blocks * block_size, *q.shape[2:])[:, :length]
