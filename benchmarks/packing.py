@@ -6,8 +6,8 @@ limit), as at the paper's lengths. The padded forward is today's update's
 longest response, each prompt run once for its G samples, every row's images through the
 vision tower); the packed one is `packed_hidden_states` on bins of `--budget` tokens
 (vppo_jax/vppo/packing.py), then the hidden states that predict each token. Both compiled,
-no gradient; the model is the speed benchmarks' "small" preset, the decoder attention in
-blocks of `--block` tokens.
+without and with a backward; the model is the speed benchmarks' "small" preset, the decoder
+attention in blocks of `--block` tokens.
 
     python benchmarks/packing.py [--groups=4] [--group=8] [--limit=1024] [--budget=4096] [--repeats=3]
 """
@@ -97,13 +97,20 @@ def main(_):
     inputs = jax.tree.map(lambda a: a[0], padded.inputs)
     window = padded.targets.shape[-1]
 
-    padded_forward = jax.jit(
-        lambda params, inputs: nnx.merge(graphdef, params).response_hidden_states(inputs, window, padded.prompt_group)
-    )
-    packed_forward = jax.jit(
-        lambda params, packed: packing.predicting_hidden(
-            nnx.merge(graphdef, params).packed_hidden_states(packed.inputs, packed.tree), packed.predicted_by
-        )
+    def padded_hidden(params, inputs):
+        return nnx.merge(graphdef, params).response_hidden_states(inputs, window, padded.prompt_group)
+
+    def packed_hidden(params, packed):
+        hidden = nnx.merge(graphdef, params).packed_hidden_states(packed.inputs, packed.tree)
+        return packing.predicting_hidden(hidden, packed.predicted_by)
+
+    # The backward of a sum over the response tokens' hidden states: the decoder's and vision
+    # tower's whole backward, without the vocabulary projection (the same work on both sides).
+    gradient = lambda hidden, mask: jax.grad(lambda p, x: (hidden(p, x).sum(-1) * mask).sum())
+    forwards = jax.jit(padded_hidden), jax.jit(packed_hidden)
+    backwards = (
+        jax.jit(gradient(padded_hidden, padded.response_mask[0])),
+        jax.jit(gradient(packed_hidden, packed.response_mask)),
     )
     response_tokens = int(padded.response_mask.sum())
     print(
@@ -112,9 +119,11 @@ def main(_):
     )
     print(f"padded: {inputs.input_ids.shape} tokens, {inputs.vision.slot_valid.shape[0]} patch slots")
     print(f"packed: {packed.inputs.input_ids.shape} tokens, {packed.inputs.vision.slot_valid.shape[0]} patch slots")
-    padded_time = timed(padded_forward, params, inputs)
-    packed_time = timed(packed_forward, params, packed)
-    print(f"forward: padded {padded_time:.3f} s, packed {packed_time:.3f} s, speedup {padded_time / packed_time:.2f}x")
+    for name, (padded_run, packed_run) in (("forward", forwards), ("forward + backward", backwards)):
+        padded_time, packed_time = timed(padded_run, params, inputs), timed(packed_run, params, packed)
+        print(
+            f"{name}: padded {padded_time:.2f} s, packed {packed_time:.2f} s, speedup {padded_time / packed_time:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ def pack_groups(
                 arrays["segment"][b, span] = segment
                 arrays["branch"][b, span] = branch
                 positions[:, b, span] = part_positions
-                if branch:
+                if branch and len(tokens):
                     # The first response token is predicted by the prompt's last position.
                     arrays["predicted_by"][b, span] = np.arange(start - 1, start + len(tokens) - 1)
                     arrays["predicted_by"][b, start] = prompt_end

@@ -118,11 +118,11 @@ def block_attention(q, k, v, index, key_valid, segments=None, positions=None, br
     """
     num_kv = k.shape[-2]
     grouped = q.reshape(*q.shape[:3], num_kv, q.shape[3] // num_kv, q.shape[4])  # (nq, B, bq, Hkv, g, hd)
-    out = _block_attention(grouped, k, v, Where(index, key_valid, segments, positions, branches, counts))
+    out = _block_attention(grouped, k, v, _Where(index, key_valid, segments, positions, branches, counts))
     return out.reshape(*q.shape[:3], -1)
 
 
-class Where(NamedTuple):
+class _Where(NamedTuple):
     """Which key blocks each query block reads and which of their keys each query may see
     (`block_attention`'s arguments of the same names)."""
 
@@ -134,7 +134,7 @@ class Where(NamedTuple):
     counts: jax.Array | None
 
 
-def _block_scores(q_block, k, key_index, query_ids, where: Where):
+def _block_scores(q_block, k, key_index, query_ids, where: _Where):
     """Scaled fp32 scores of one query block (B, bq, Hkv, g, hd) against the keys `k[key_index]`,
     (B, Hkv, g, bq, bk), and which of them a query may attend to."""
     q_segments, q_positions, q_branches = query_ids
@@ -152,7 +152,7 @@ def _block_scores(q_block, k, key_index, query_ids, where: Where):
     return jnp.where(allowed, scores, LOWEST), allowed
 
 
-def _query_blocks(q, where: Where):
+def _query_blocks(q, where: _Where):
     """What `lax.map` / `lax.scan` over the query blocks takes per block: the block, its key
     block indexes, its step count (or None) and its queries' segment ids, positions and
     branches (or None)."""

@@ -57,8 +57,9 @@ def token_tree(valid: np.ndarray, segment_ids: np.ndarray, branch_ids: np.ndarra
     for b in range(bins):
         real = np.flatnonzero(valid[b])
         tags = [set() for _ in range(blocks)]  # (segment, branch) pairs in each block
-        for position, segment, branch in zip(real, segment_ids[b, real], branch_ids[b, real]):
-            tags[position // block_size].add((int(segment), int(branch)))
+        present = np.stack([real // block_size, segment_ids[b, real], branch_ids[b, real]], axis=1)
+        for block, segment, branch in np.unique(present, axis=0).tolist():
+            tags[block].add((segment, branch))
         for i, queries in enumerate(tags):
             seen = queries | {(segment, 0) for segment, _ in queries}
             visible = [j for j in range(i) if tags[j] & seen] + ([i] if queries else [])
