@@ -205,6 +205,32 @@ def gathered(shardings, mesh_axis: str):
     return jax.tree.map(lambda s: NamedSharding(s.mesh, PartitionSpec(*map(without, s.spec))), shardings)
 
 
+def per_device_attention(function, q: jax.Array, k: jax.Array, v: jax.Array, rows) -> jax.Array:
+    """function(q, k, v, rows) -> an array like q, run on each device's part under the mesh
+    being traced for (`jax.shard_map`), whole without one: for attention kernels the compiler
+    cannot split (a custom call; keys found by a data-dependent index, which it would answer
+    by gathering every device's keys). q (B, T, H, ...), k and v (B, Tk, Hkv, ...), `rows` a
+    pytree of (B, ...) arrays: rows over the batch axes, heads over tensor only where it
+    divides both q's and k's heads (a kv head's query heads stay on its device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    auto = tuple(name for name in mesh.axis_names if name not in _manual_axes(mesh)) if not mesh.empty else ()
+    if not any(mesh.shape[a] > 1 for a in auto):
+        return function(q, k, v, rows)
+    q_spec = logical_spec(("batch", None, "act_heads") + (None,) * (q.ndim - 3), mesh, q.shape)
+    kv_spec = logical_spec(("batch", None, "act_kv_heads") + (None,) * (k.ndim - 3), mesh, k.shape)
+    if q_spec[2] != kv_spec[2]:
+        q_spec, kv_spec = PartitionSpec(q_spec[0]), PartitionSpec(kv_spec[0])
+    row_spec = lambda a: PartitionSpec(q_spec[0], *[None] * (a.ndim - 1))
+    return jax.shard_map(
+        function,
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, jax.tree.map(row_spec, rows)),
+        out_specs=q_spec,
+        axis_names=set(auto),
+        check_vma=False,
+    )(q, k, v, rows)
+
+
 def constrain(x: jax.Array, *logical) -> jax.Array:
     """x with its sharding pinned to the logical axes, under the mesh being traced for (a
     no-op without one): guides the compiler to split rows and gather weights, not the reverse."""

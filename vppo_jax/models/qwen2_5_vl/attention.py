@@ -10,12 +10,14 @@ compiles for a TPU topology from a CPU host.
 
 `block_attention` takes queries in blocks and, for each query block, the key blocks it reads
 (`index`): a decoder query block reads every key block of its rows, a vision query window
-the windows of its frame (`vision.VisionAttention`). Which keys a query attends to comes from
-per-token flags, never from a dense mask: the key exists (`key_valid`), has the query's
-segment id (vision: one segment per frame) and, for causal attention, a position at or before
-the query's. Over its key blocks a query block runs an online softmax in fp32 (the running
-max, the running sum and the weighted values, rescaled as the max grows), so no array larger
-than (query block, key block) per head and row exists.
+the windows of its frame (`vision.VisionAttention`), a block of packed sequences the blocks
+it can see (packed.py). Which keys a query attends to comes from per-token flags, never from
+a dense mask: the key exists (`key_valid`), has the query's segment id (vision: one segment
+per frame; packed: one per sequence), for causal attention a position at or before the
+query's and, for a prompt packed with its samples, the prompt's branch or the query's. Over
+its key blocks a query block runs an online softmax in fp32 (the running max, the running
+sum and the weighted values, rescaled as the max grows), so no array larger than (query
+block, key block) per head and row exists.
 
 The backward pass is flash attention's, written by hand (`jax.custom_vjp`): it keeps the
 output and each query's log-sum-exp, and recomputes each block's probabilities from them key
@@ -34,6 +36,7 @@ the values in the dense attention; both are finite and no real token reads them.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +93,7 @@ def blockwise_causal_attention(q, k, v, key_valid, block_size: int) -> jax.Array
     return jnp.moveaxis(out, 0, 1).reshape(batch, -1, out.shape[-1])[:, :queries]
 
 
-def block_attention(q, k, v, index, key_valid, segments=None, positions=None) -> jax.Array:
+def block_attention(q, k, v, index, key_valid, segments=None, positions=None, branches=None, counts=None) -> jax.Array:
     """Grouped-query attention over key blocks chosen per query block; (nq, B, bq, H * hd) in v's dtype.
 
     q: (nq, B, bq, H, hd), nq query blocks of B rows each: the blocks run one after the
@@ -105,34 +108,65 @@ def block_attention(q, k, v, index, key_valid, segments=None, positions=None) ->
         the keys of its own segment only.
     positions: None, or (query (nq, B, bq), key: k's leading axes) int: causal, a query
         attends to the keys at or before its position.
+    branches: None, or (query (nq, B, bq), key: k's leading axes) int: sequences that share
+        a prefix inside one segment (a prompt and its samples, packed.py): a key of branch 0
+        (the prefix) is seen by every query of its segment, a key of any other branch by the
+        queries of that branch only.
+    counts: None, or (nq,) int: query block i reads only the first counts[i] key blocks of
+        its index; the steps after are not run (packed sequences list the blocks a query block
+        can see first, and each query block reads a different number of them).
     """
     num_kv = k.shape[-2]
     grouped = q.reshape(*q.shape[:3], num_kv, q.shape[3] // num_kv, q.shape[4])  # (nq, B, bq, Hkv, g, hd)
-    out = _block_attention(grouped, k, v, (index, key_valid, segments, positions))
+    out = _block_attention(grouped, k, v, _Where(index, key_valid, segments, positions, branches, counts))
     return out.reshape(*q.shape[:3], -1)
 
 
-def _block_scores(q_block, k, key_index, query_ids, where):
+class _Where(NamedTuple):
+    """Which key blocks each query block reads and which of their keys each query may see
+    (`block_attention`'s arguments of the same names)."""
+
+    index: jax.Array
+    key_valid: jax.Array
+    segments: tuple[jax.Array, jax.Array] | None
+    positions: tuple[jax.Array, jax.Array] | None
+    branches: tuple[jax.Array, jax.Array] | None
+    counts: jax.Array | None
+
+
+def _block_scores(q_block, k, key_index, query_ids, where: _Where):
     """Scaled fp32 scores of one query block (B, bq, Hkv, g, hd) against the keys `k[key_index]`,
     (B, Hkv, g, bq, bk), and which of them a query may attend to."""
-    _, key_valid, segments, positions = where
-    q_segments, q_positions = query_ids
+    q_segments, q_positions, q_branches = query_ids
+    key_side = lambda ids: ids[1][key_index][:, None, :]  # (B, 1, bk)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q_block, k[key_index]).astype(jnp.float32) * q_block.shape[-1] ** -0.5
-    allowed = key_valid[key_index][:, None, :]  # (B, 1, bk)
-    if segments is not None:
-        allowed = allowed & (q_segments[:, :, None] == segments[1][key_index][:, None, :])
-    if positions is not None:
-        allowed = allowed & (positions[1][key_index][:, None, :] <= q_positions[:, :, None])
+    allowed = where.key_valid[key_index][:, None, :]
+    if where.segments is not None:
+        allowed = allowed & (q_segments[:, :, None] == key_side(where.segments))
+    if where.positions is not None:
+        allowed = allowed & (key_side(where.positions) <= q_positions[:, :, None])
+    if where.branches is not None:
+        key_branch = key_side(where.branches)
+        allowed = allowed & ((key_branch == 0) | (key_branch == q_branches[:, :, None]))
     allowed = allowed[:, None, None]  # over the heads
     return jnp.where(allowed, scores, LOWEST), allowed
 
 
-def _query_blocks(q, where):
+def _query_blocks(q, where: _Where):
     """What `lax.map` / `lax.scan` over the query blocks takes per block: the block, its key
-    block indexes and its queries' segment ids and positions (or None)."""
-    index, _, segments, positions = where
+    block indexes, its step count (or None) and its queries' segment ids, positions and
+    branches (or None)."""
     query_side = lambda ids: None if ids is None else ids[0]
-    return q, index, (query_side(segments), query_side(positions))
+    query_ids = tuple(query_side(ids) for ids in (where.segments, where.positions, where.branches))
+    return q, where.index, where.counts, query_ids
+
+
+def _over_key_blocks(step, init, block_index, count):
+    """`init` carried through `step(carry, key_index)` over a query block's key blocks: all of
+    `block_index`, or its first `count` (a loop of that many steps: the rest cost nothing)."""
+    if count is None:
+        return jax.lax.scan(lambda carry, key_index: (step(carry, key_index), None), init, block_index)[0]
+    return jax.lax.fori_loop(0, count, lambda i, carry: step(carry, block_index[i]), init)
 
 
 def _tied(q, where):
@@ -156,7 +190,7 @@ def _forward(q, k, v, where):
     stats_shape = (q.shape[1], *q.shape[3:5], q.shape[2])  # (B, Hkv, g, bq)
 
     def query_block(inputs):
-        q_block, block_index, query_ids = inputs
+        q_block, block_index, count, query_ids = inputs
 
         def key_step(carry, key_index):
             running_max, running_sum, weighted = carry
@@ -165,14 +199,14 @@ def _forward(q, k, v, where):
             weights = jnp.where(allowed, jnp.exp(scores - new_max[..., None]), 0.0)
             rescale = jnp.exp(running_max - new_max)
             values = jnp.einsum("bkgqs,bskd->bkgqd", weights, v[key_index].astype(jnp.float32))
-            return (new_max, running_sum * rescale + weights.sum(-1), weighted * rescale[..., None] + values), None
+            return new_max, running_sum * rescale + weights.sum(-1), weighted * rescale[..., None] + values
 
         init = (
             jnp.full(stats_shape, LOWEST, jnp.float32),
             jnp.zeros(stats_shape, jnp.float32),
             jnp.zeros((*stats_shape, q.shape[-1]), jnp.float32),
         )
-        (running_max, total, weighted), _ = jax.lax.scan(key_step, init, block_index)
+        running_max, total, weighted = _over_key_blocks(key_step, init, block_index, count)
         total = jnp.maximum(total, TINY)  # no allowed key: zeros out, probabilities zero in the backward
         out = jnp.moveaxis(weighted / total[..., None], 3, 1).astype(v.dtype)  # (B, bq, Hkv, g, hd)
         return out, running_max + jnp.log(total)
@@ -192,7 +226,7 @@ def _backward(residuals, d_out):
     scale = q.shape[-1] ** -0.5
 
     def query_block(d_keys, inputs):
-        (q_block, block_index, query_ids), d_out_block, log_sum_block, d_sum_block = inputs
+        (q_block, block_index, count, query_ids), d_out_block, log_sum_block, d_sum_block = inputs
 
         def key_step(carry, key_index):
             d_q, d_k, d_v = carry
@@ -203,10 +237,10 @@ def _backward(residuals, d_out):
             d_scores = probs * (d_probs - d_sum_block[..., None]) * scale
             d_q = d_q + jnp.einsum("bkgqs,bskd->bqkgd", d_scores, k[key_index].astype(jnp.float32))
             d_k = d_k.at[key_index].add(jnp.einsum("bkgqs,bqkgd->bskd", d_scores, q_block.astype(jnp.float32)))
-            return (d_q, d_k, d_v), None
+            return d_q, d_k, d_v
 
         init = (jnp.zeros(q_block.shape, jnp.float32), *d_keys)
-        (d_q, *d_keys), _ = jax.lax.scan(key_step, init, block_index)
+        d_q, *d_keys = _over_key_blocks(key_step, init, block_index, count)
         return tuple(d_keys), d_q
 
     d_keys = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))

@@ -223,6 +223,36 @@ def rope_index(
     return positions, deltas
 
 
+def image_inputs(
+    config: Qwen2_5_VLConfig,
+    input_ids: np.ndarray,
+    pixel_values=None,
+    image_grid_thw=None,
+    min_windows: int = 1,
+    min_frame_windows: int = 1,
+) -> tuple[VisionInputs | None, np.ndarray]:
+    """The slot layout of the images (None without any) and, per token of `input_ids`, the unit
+    slot whose feature it receives (0 at text tokens): the i-th image token in row-major order
+    gets the i-th merged feature, the images taken in their order in `pixel_values`."""
+    is_image = input_ids == config.image_token_id
+    n_image_tokens = int(is_image.sum())
+    image_token_slot = np.zeros(input_ids.shape, np.int32)
+    if pixel_values is None:
+        if n_image_tokens:
+            raise ValueError(f"The text holds {n_image_tokens} image tokens but no pixel_values were given.")
+        return None, image_token_slot
+    vision, unit_slot = vision_inputs(
+        config.vision, np.asarray(pixel_values), np.asarray(image_grid_thw), min_windows, min_frame_windows
+    )
+    if n_image_tokens != len(unit_slot):
+        raise ValueError(
+            f"The text holds {n_image_tokens} image tokens but the images give {len(unit_slot)} "
+            "features: expand each <|image_pad|> to t*h*w/4 tokens."
+        )
+    image_token_slot[is_image] = unit_slot
+    return vision, image_token_slot
+
+
 def prepare_inputs(
     config: Qwen2_5_VLConfig,
     input_ids,
@@ -244,21 +274,9 @@ def prepare_inputs(
         # types from the token ids instead, which is what the processor would have returned.
         mm_token_type_ids = is_image.astype(np.int64)
     mm_token_type_ids = np.asarray(mm_token_type_ids)
-    n_image_tokens = int(is_image.sum())
-    vision, image_token_slot = None, np.zeros(input_ids.shape, np.int32)
-    if pixel_values is not None:
-        vcfg = config.vision
-        vision, unit_slot = vision_inputs(
-            vcfg, np.asarray(pixel_values), np.asarray(image_grid_thw), min_windows, min_frame_windows
-        )
-        if n_image_tokens != len(unit_slot):
-            raise ValueError(
-                f"The text holds {n_image_tokens} image tokens but the images give {len(unit_slot)} "
-                "features: expand each <|image_pad|> to t*h*w/4 tokens."
-            )
-        image_token_slot[is_image] = unit_slot
-    elif n_image_tokens:
-        raise ValueError(f"The text holds {n_image_tokens} image tokens but no pixel_values were given.")
+    vision, image_token_slot = image_inputs(
+        config, input_ids, pixel_values, image_grid_thw, min_windows, min_frame_windows
+    )
     positions, _ = rope_index(
         input_ids, mm_token_type_ids, attention_mask, image_grid_thw, config.vision.spatial_merge_size
     )

@@ -13,6 +13,7 @@ from flax import nnx
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, prepare_inputs
 from vppo_jax.models.qwen2_5_vl.layers import normal_init, param
+from vppo_jax.models.qwen2_5_vl.packed import TokenTree
 from vppo_jax.models.qwen2_5_vl.text import DecoderLayer, KVCache, TextModel
 from vppo_jax.models.qwen2_5_vl.vision import VisionTower
 from vppo_jax.parallel import sharding
@@ -49,6 +50,13 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
     def hidden_states(self, inputs: ModelInputs) -> jax.Array:
         """Final normalised hidden states (B, T, D) at every position."""
         return self.language_model(self.input_embeddings(inputs), inputs.position_ids, inputs.attention_mask)
+
+    def packed_hidden_states(self, inputs: ModelInputs, tree: TokenTree) -> jax.Array:
+        """Final hidden states (K, N, D) at every position of K bins of packed sequences
+        (packed.py; built on the host by vppo_jax/vppo/packing.py): `inputs` hold the bins as
+        rows, each token with its own sequence's M-RoPE positions, the bins' images in one
+        slot layout."""
+        return self.language_model(self.input_embeddings(inputs), inputs.position_ids, tree)
 
     def response_hidden_states(self, inputs: ModelInputs, window: int, prompt_group: int = 1) -> jax.Array:
         """Final hidden states (B, window, D) at the positions that predict the last `window`

@@ -24,6 +24,7 @@ from vppo_jax.models.qwen2_5_vl.layers import (
     stacked,
     unstacked,
 )
+from vppo_jax.models.qwen2_5_vl.packed import TokenTree, tree_attention
 from vppo_jax.parallel.sharding import constrain
 
 
@@ -157,9 +158,11 @@ class TextAttention(nnx.Module):
     def __call__(self, x, cos, sin, mask) -> tuple[jax.Array, KeysValues]:
         """Self-attention output and the keys and values of x's tokens: the T tokens of x
         attend causally to each other's keys where `mask` (B, T) is True
-        (`attention.causal_attention`)."""
+        (`attention.causal_attention`), or, `mask` a `packed.TokenTree`, each row being
+        packed sequences, to the keys of their own sequence and branch (`packed.tree_attention`)."""
         q, k, v = self._project(x, cos, sin)
-        return self.o_proj(causal_attention(q, k, v, mask, self.attention_block)), (k, v)
+        attend = tree_attention if isinstance(mask, TokenTree) else causal_attention
+        return self.o_proj(attend(q, k, v, mask, self.attention_block)), (k, v)
 
     def after_prefix(self, x, cos, sin, mask, prefix: KeysValues) -> tuple[jax.Array, KeysValues]:
         """As `__call__`, x's tokens also attending to `prefix`: the keys and values
@@ -251,8 +254,9 @@ class TextModel(nnx.Module):
         table = constrain(self.embed_tokens[...], "vocab", None)
         return residual(jnp.take(table, input_ids, axis=0).astype(self.config.jnp_dtype))
 
-    def __call__(self, embeddings: jax.Array, position_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """Final hidden states (B, T, D). Causal attention over unmasked keys."""
+    def __call__(self, embeddings: jax.Array, position_ids: jax.Array, attention_mask) -> jax.Array:
+        """Final hidden states (B, T, D). Causal attention over unmasked keys (attention_mask
+        (B, T)), or over a `packed.TokenTree` (packed sequences)."""
         cos, sin = mrope_cos_sin(self.config.text, position_ids, self.config.jnp_dtype)
         run_layer = lambda layer, h, _: layer(h, cos, sin, attention_mask)[0]
         x = scan_layers(self.layers, embeddings, None, run_layer, self.config.remat, self.config.layer_loop)

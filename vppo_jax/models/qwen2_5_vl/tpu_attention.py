@@ -32,9 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
-from jax.sharding import PartitionSpec
 
-from vppo_jax.parallel.sharding import logical_spec
+from vppo_jax.parallel.sharding import per_device_attention
 
 LANES = 128  # the kernel's blocks are multiples of the TPU's 128 lanes
 LARGEST_BLOCK = 512  # tokens per query and key block at most: 512 x 512 fp32 scores fill VMEM well
@@ -51,18 +50,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
     # Scaled once here: the kernel takes q as it is (the blockwise kernel scales fp32 scores).
     q = (q.astype(jnp.float32) * head_dim**-0.5).astype(q.dtype)
     run = functools.partial(_causal_rows, interpret=interpret)
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and any(mesh.shape[a] > 1 for a in _auto_axes(mesh)):
-        q_spec, kv_spec, valid_spec = _row_and_head_specs(mesh, q.shape, k.shape)
-        run = jax.shard_map(
-            run,
-            mesh=mesh,
-            in_specs=(q_spec, kv_spec, kv_spec, valid_spec),
-            out_specs=q_spec,
-            axis_names=set(_auto_axes(mesh)),
-            check_vma=False,
-        )
-    return run(q, k, v, valid).reshape(batch, queries, heads * head_dim)
+    return per_device_attention(run, q, k, v, valid).reshape(batch, queries, heads * head_dim)
 
 
 def _causal_rows(q, k, v, valid, interpret: bool):
@@ -104,18 +92,3 @@ def _pad_axis(a: jax.Array, axis: int, length: int) -> jax.Array:
     widths = [(0, 0)] * a.ndim
     widths[axis] = (0, length - a.shape[axis])
     return jnp.pad(a, widths)
-
-
-def _auto_axes(mesh) -> tuple[str, ...]:
-    """The mesh axes the compiler splits here (not those of an enclosing shard_map)."""
-    manual = {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == jax.sharding.AxisType.Manual}
-    return tuple(name for name in mesh.axis_names if name not in manual)
-
-
-def _row_and_head_specs(mesh, q_shape, kv_shape) -> tuple[PartitionSpec, PartitionSpec, PartitionSpec]:
-    """Rows over the batch axes; heads over tensor only where it divides both q's and k's heads."""
-    q_spec = logical_spec(("batch", None, "act_heads", None), mesh, q_shape)
-    kv_spec = logical_spec(("batch", None, "act_kv_heads", None), mesh, kv_shape)
-    if q_spec[2] != kv_spec[2]:
-        q_spec, kv_spec = PartitionSpec(q_spec[0], None, None, None), PartitionSpec(kv_spec[0], None, None, None)
-    return q_spec, kv_spec, PartitionSpec(q_spec[0], None)

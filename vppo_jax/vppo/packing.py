@@ -1,0 +1,207 @@
+"""A rollout packed into bins of a fixed token budget, built on the host (NumPy).
+
+    packed = pack_groups(config, groups, budget, shards=data_parallel_shards)
+    hidden = model.packed_hidden_states(packed.inputs, packed.tree)        # (K, N, D)
+    logp = ...(predicting_hidden(hidden, packed.predicted_by), targets=packed.inputs.input_ids)
+    per_row = unpack(logp, packed, rows, width)                            # (rows, width)
+
+A padded batch lays each sample out as its own row, the prompt left-padded to the longest
+prompt and the response right-padded to the longest response: at the paper's lengths most
+of it is padding. Here a bin of `budget` tokens holds whole *sequences* one after another,
+and nothing else but its unused tail. A sequence is a group's prompt followed by its G
+responses, each response attending to the prompt and to itself only (the token tree of
+vppo_jax/models/qwen2_5_vl/packed.py), so the prompt runs once; where the whole group exceeds
+the budget, the prompt followed by as many of its next responses as fit, the group split over
+several sequences, each with a copy of the prompt and its images. Sequences fill the bins
+first-fit-decreasing (longest first, ties in rollout order: deterministic), and the bin count
+is padded to a multiple of the data-parallel shards with empty bins (no valid token).
+
+Every token keeps its M-RoPE positions of the unpadded row prompt + response (`rope_index`,
+as transformers numbers them), so the decoder's hidden states are those of each row alone.
+
+Predictions are indexed by the token predicted: the prompt's last position predicts the first
+token of each of its G responses, so per token `predicted_by` is the position whose hidden
+state predicts it (its response's previous token, or its prompt's last), and the token itself
+is the target. `row` and `column` place each response token in the (rows, response window)
+layout of the padded update (row p * G + g for sample g of group p, column = its index in its
+response): per-row reductions (loss, TAS, TGF, metrics) run as they do on padded rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, image_inputs, rope_index
+from vppo_jax.models.qwen2_5_vl.packed import TokenTree, token_tree
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """A prompt and its samples, unpadded: token ids with every <|image_pad|> expanded."""
+
+    prompt: np.ndarray  # (P,) int
+    responses: tuple[np.ndarray, ...]  # G arrays of response token ids, each (L_g,)
+    pixel_values: np.ndarray | None = None  # the prompt's images' patch rows, as the HF processor gives them
+    image_grid_thw: np.ndarray | None = None  # (images, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sequence:
+    """A group's prompt and some of its responses, one after another in a bin."""
+
+    group: int
+    responses: tuple[int, ...]  # indexes into the group's responses, ascending
+    length: int  # tokens: the prompt's and those responses'
+
+
+@flax.struct.dataclass
+class PackedBatch:
+    """K bins of N = budget tokens (see the module docstring)."""
+
+    inputs: ModelInputs  # the bins as rows (K, N): ids, valid tokens, M-RoPE positions, images
+    tree: TokenTree
+    predicted_by: jax.Array  # (K, N) int32: the position whose hidden state predicts the token
+    response_mask: jax.Array  # (K, N) bool: a response token (what the loss covers)
+    row: jax.Array  # (K, N) int32: a response token's rollout row, -1 elsewhere
+    column: jax.Array  # (K, N) int32: its index within its response, -1 elsewhere
+
+
+def sequences(groups: list[Group], budget: int) -> list[Sequence]:
+    """Each group as one sequence, or, where it exceeds `budget`, split into runs of consecutive
+    responses, each after a copy of the prompt and as long as fits."""
+    out = []
+    for index, group in enumerate(groups):
+        prompt = len(group.prompt)
+        run, length = [], prompt
+        for g, response in enumerate(group.responses):
+            if prompt + len(response) > budget:
+                raise ValueError(
+                    f"group {index}: its prompt ({prompt} tokens) and response {g} ({len(response)} tokens) "
+                    f"do not fit in a bin of {budget} tokens: raise the token budget to at least "
+                    f"{prompt + len(response)}."
+                )
+            if length + len(response) > budget:
+                out.append(Sequence(index, tuple(run), length))
+                run, length = [], prompt
+            run.append(g)
+            length += len(response)
+        out.append(Sequence(index, tuple(run), length))
+    return out
+
+
+def first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
+    """Items (their indexes) in bins of `budget`: longest first (ties in order), each into the
+    first bin with room, a new bin when none has."""
+    bins, free = [], []
+    for item in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fits = next((b for b, room in enumerate(free) if lengths[item] <= room), None)
+        if fits is None:
+            bins.append([])
+            free.append(budget)
+            fits = len(bins) - 1
+        bins[fits].append(item)
+        free[fits] -= lengths[item]
+    return bins
+
+
+def _sequence_positions(config: Qwen2_5_VLConfig, group: Group, responses: list[np.ndarray]) -> list[np.ndarray]:
+    """M-RoPE positions (3, length) of the prompt, then of each response: those of the unpadded
+    rows prompt + response, numbered by `rope_index` (one row per response, right-padded)."""
+    prompt = np.asarray(group.prompt)
+    width = max(map(len, responses))
+    rows = np.zeros((len(responses), len(prompt) + width), np.int64)
+    mask = np.zeros(rows.shape, bool)
+    for r, response in enumerate(responses):
+        rows[r, : len(prompt) + len(response)] = np.concatenate([prompt, response])
+        mask[r, : len(prompt) + len(response)] = True
+    grids = None if group.image_grid_thw is None else np.tile(group.image_grid_thw, (len(responses), 1))
+    types = (rows == config.image_token_id).astype(np.int64)
+    positions, _ = rope_index(rows, types, mask, grids, config.vision.spatial_merge_size)
+    return [positions[:, 0, : len(prompt)]] + [
+        positions[:, r, len(prompt) : len(prompt) + len(response)] for r, response in enumerate(responses)
+    ]
+
+
+def pack_groups(
+    config: Qwen2_5_VLConfig, groups: list[Group], budget: int, shards: int = 1, min_bins: int = 1
+) -> PackedBatch:
+    """The groups' sequences in bins of `budget` tokens, at least `min_bins` of them (one compiled
+    shape for several batches) and a multiple of `shards`. Rows are numbered group by group.
+    The attention tree is built for `config.attention_block`."""
+    all_sequences = sequences(groups, budget)
+    bins = first_fit_decreasing([s.length for s in all_sequences], budget)
+    count = -(-max(len(bins), min_bins) // shards) * shards
+    bins += [[] for _ in range(count - len(bins))]
+    first_row = np.cumsum([0] + [len(g.responses) for g in groups])
+
+    arrays = {
+        name: np.full((count, budget), fill, np.int64)
+        for name, fill in [("ids", 0), ("segment", -1), ("branch", 0), ("predicted_by", 0), ("row", -1), ("column", -1)]
+    }
+    positions = np.zeros((3, count, budget), np.int64)
+    pixel_values, grids = [], []
+    for b, members in enumerate(bins):
+        start = 0
+        for segment, item in enumerate(members):
+            sequence = all_sequences[item]
+            group = groups[sequence.group]
+            responses = [np.asarray(group.responses[g]) for g in sequence.responses]
+            parts = [(np.asarray(group.prompt), 0)] + [(r, g + 1) for r, g in zip(responses, sequence.responses)]
+            prompt_end = start + len(group.prompt) - 1
+            for (tokens, branch), part_positions in zip(parts, _sequence_positions(config, group, responses)):
+                span = slice(start, start + len(tokens))
+                arrays["ids"][b, span] = tokens
+                arrays["segment"][b, span] = segment
+                arrays["branch"][b, span] = branch
+                positions[:, b, span] = part_positions
+                if branch and len(tokens):
+                    # The first response token is predicted by the prompt's last position.
+                    arrays["predicted_by"][b, span] = np.arange(start - 1, start + len(tokens) - 1)
+                    arrays["predicted_by"][b, start] = prompt_end
+                    arrays["row"][b, span] = first_row[sequence.group] + branch - 1
+                    arrays["column"][b, span] = np.arange(len(tokens))
+                start += len(tokens)
+            if group.pixel_values is not None:
+                pixel_values.append(group.pixel_values)
+                grids.append(group.image_grid_thw)
+
+    valid = arrays["segment"] >= 0
+    vision, image_token_slot = image_inputs(
+        config,
+        arrays["ids"],
+        np.concatenate(pixel_values) if pixel_values else None,
+        np.concatenate(grids) if grids else None,
+    )
+    inputs = ModelInputs(
+        input_ids=arrays["ids"].astype(np.int32),
+        attention_mask=valid,
+        position_ids=positions.astype(np.int32),
+        image_token_slot=image_token_slot,
+        vision=vision,
+    )
+    return PackedBatch(
+        inputs=inputs,
+        tree=token_tree(valid, arrays["segment"], arrays["branch"], config.attention_block),
+        predicted_by=arrays["predicted_by"].astype(np.int32),
+        response_mask=arrays["row"] >= 0,
+        row=arrays["row"].astype(np.int32),
+        column=arrays["column"].astype(np.int32),
+    )
+
+
+def predicting_hidden(hidden: jax.Array, predicted_by: jax.Array) -> jax.Array:
+    """(K, N, D) hidden states of K bins -> at each token, the one that predicts it (K, N, D)."""
+    return jnp.take_along_axis(hidden, predicted_by[..., None], axis=1)
+
+
+def unpack(values: jax.Array, packed: PackedBatch, rows: int, width: int, fill=0) -> jax.Array:
+    """Per-token values (K, N) of the response tokens in the padded layout (rows, width):
+    `fill` where a row has no token."""
+    row = jnp.where(packed.response_mask, packed.row, rows)  # out of range: dropped
+    return jnp.full((rows, width), fill, values.dtype).at[row, packed.column].set(values, mode="drop")
