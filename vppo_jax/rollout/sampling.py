@@ -57,6 +57,9 @@ class SamplingParams:
     # `generate` runs this many prompts at a time (0: all at once): the sampler's memory
     # follows the wave, not the whole batch, and the same keys give the same rollout.
     wave_prompts: int = 0
+    # Continuous batching (vppo_jax/rollout/continuous.py) with this many decode slots per
+    # device: a slot whose row ends takes the next row at once. 0: waves, as above.
+    continuous_slots: int = 0
 
     def __post_init__(self):
         if self.wave_prompts < 0:
@@ -64,6 +67,8 @@ class SamplingParams:
                 f"wave_prompts={self.wave_prompts} (rollout.wave_prompts in a config): give 0 (all prompts in "
                 "one wave) or a positive number of prompts."
             )
+        if self.continuous_slots < 0:
+            raise ValueError(f"continuous_slots={self.continuous_slots}: give 0 (waves) or a positive number of slots.")
 
 
 @flax.struct.dataclass
@@ -215,7 +220,12 @@ def _prefill(graphdef, state, inputs: ModelInputs) -> Prefilled:
 _STACKS = nnx.Any(nnx.PathContains("layers"), nnx.PathContains("visual"))
 
 
-def _decode(graphdef, params: SamplingParams, mesh: Mesh, state, prefilled: Prefilled, keys: jax.Array) -> Rollout:
+def _decode(
+    decode_rows, graphdef, params: SamplingParams, mesh: Mesh, state, prefilled: Prefilled, keys: jax.Array, *rows_args
+):
+    """`decode_rows(graphdef, layers_graphdef, params, stacks, rest, layers, prefilled, keys, *rows_args)`
+    on each device's rows (its prompts' samples; `rows_args` split by rows too), the weights
+    gathered once for it: `_decode_rows` decodes them in waves, `continuous._decode_rows` in slots."""
     # Every step reads every weight: gather the fsdp slices once, before the loop, instead of
     # at every step; each device keeps its tensor slice. The decoder layers are sliced out of
     # the split stack first and gathered one by one: slicing them out of a gathered stack
@@ -234,14 +244,14 @@ def _decode(graphdef, params: SamplingParams, mesh: Mesh, state, prefilled: Pref
     # The stacks enter the loop as they are split (unread there, so never gathered).
     stack_specs = jax.tree.map(lambda s: s.spec, sharding.gathered(sharding.param_shardings(mesh, stacks), "tensor"))
     decode_rows = jax.shard_map(
-        functools.partial(_decode_rows, graphdef, layers_graphdef, params),
+        functools.partial(decode_rows, graphdef, layers_graphdef, params),
         mesh=mesh,
-        in_specs=(stack_specs, PartitionSpec(), PartitionSpec(), rows, rows),
+        in_specs=(stack_specs, PartitionSpec(), PartitionSpec(), rows, rows, *[rows] * len(rows_args)),
         out_specs=rows,
         axis_names=set(manual),
         check_vma=False,
     )
-    return decode_rows(stacks, gather(rest), gather(layers), prefilled, keys)
+    return decode_rows(stacks, gather(rest), gather(layers), prefilled, keys, *rows_args)
 
 
 def _decode_rows(
@@ -404,16 +414,21 @@ def decode(
     back whole on every device (replicated).
     """
     mesh = sharding.mesh_or_default(mesh)
+    real, keys = padded_keys(prefilled, keys, params)
+    graphdef, state = nnx.split(model)
+    args = (state, prefilled.replace(real_rows=None), keys)
+    rollout = compiled_decode(graphdef, *args, params, mesh)(*args)
+    return rollout if real == keys.shape[0] else jax.tree.map(lambda a: a[:real], rollout)
+
+
+def padded_keys(prefilled: Prefilled, keys: jax.Array, params: SamplingParams) -> tuple[int, jax.Array]:
+    """(real samples, one key per row of `prefilled`'s samples): the padding prompts' rows
+    sample with copies of the last real key, and are dropped after."""
     rows = prefilled.prompt_mask.shape[0] * params.group_size
     real = prefilled.real_rows or rows
     if keys.shape != (real,):
         raise ValueError(f"keys has shape {keys.shape}; expected ({real},): one key per sample, prompts x group_size.")
-    if real < rows:  # padding prompts sample with copies of a real key; their rows are dropped below
-        keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], rows - real)])
-    graphdef, state = nnx.split(model)
-    args = (state, prefilled.replace(real_rows=None), keys)
-    rollout = compiled_decode(graphdef, *args, params, mesh)(*args)
-    return rollout if real == rows else jax.tree.map(lambda a: a[:real], rollout)
+    return real, jnp.concatenate([keys, jnp.repeat(keys[-1:], rows - real)]) if real < rows else keys
 
 
 def generate(
@@ -437,6 +452,10 @@ def generate(
             f"keys has shape {keys.shape}; expected ({prompts * params.group_size},): one key per sample, "
             "prompts x group_size."
         )
+    if params.continuous_slots:
+        from vppo_jax.rollout import continuous  # it builds on this module
+
+        return continuous.decode(model, prefill(model, batch, params, mesh), keys, params, mesh)[0]
     wave = min(params.wave_prompts or prompts, prompts)
     if wave == prompts:
         return decode(model, prefill(model, batch, params, mesh), keys, params, mesh)
@@ -534,7 +553,7 @@ def compiled_decode(graphdef, state, prefilled: Prefilled, keys, params: Samplin
         mesh,
         (state, prefilled, keys),
         lambda: (
-            functools.partial(_decode, graphdef, params, mesh),
+            functools.partial(_decode, _decode_rows, graphdef, params, mesh),
             (
                 sharding.param_shardings(mesh, state),
                 _prefilled_shardings(mesh, prefilled),
