@@ -67,3 +67,19 @@ def test_one_slot_spends_one_step_per_token(port, end_ids):
 def test_a_negative_slot_count_is_refused():
     with pytest.raises(ValueError, match="continuous_slots=-1"):
         sampling.SamplingParams(max_new_tokens=1, end_token_ids=(), pad_token_id=0, continuous_slots=-1)
+
+
+def test_stop_lengths_force_the_same_lengths_in_waves_and_slots(port):
+    """Rows given stop lengths (the benchmark's forced lengths) end there, as at an end token,
+    in waves and in slots alike, with the same tokens."""
+    params = sampling.SamplingParams(max_new_tokens=NEW_TOKENS, group_size=GROUP, end_token_ids=(), pad_token_id=0)
+    keys = keys_for(len(PROMPTS) * GROUP, seed=3)
+    stops = np.array([1, 12, 5, 3, 12, 7, 2, 9], np.int32)
+    waves = sampling.generate(port, processor_batch(PROMPTS), keys, params, stop_lengths=stops)
+    slotted = sampling.generate(
+        port, processor_batch(PROMPTS), keys, dataclasses.replace(params, continuous_slots=3), stop_lengths=stops
+    )
+    np.testing.assert_array_equal(np.asarray(waves.mask).sum(axis=1), stops)
+    assert not np.asarray(waves.truncated).any()  # the stop length counts as an end
+    np.testing.assert_array_equal(np.asarray(slotted.tokens), np.asarray(waves.tokens))
+    np.testing.assert_array_equal(np.asarray(slotted.truncated), np.asarray(waves.truncated))

@@ -22,7 +22,6 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -39,7 +38,8 @@ from vppo_jax.rollout.sampling import (
     _prefilled_shardings,
     _start_state,
     _step_uniforms,
-    padded_keys,
+    ends,
+    padded_rows,
     sample_tokens,
     vision_token_ids,
 )
@@ -64,32 +64,35 @@ def decode(
     keys: jax.Array,
     params: SamplingParams,
     mesh: Mesh | None = None,
+    stop_lengths: jax.Array | None = None,
 ) -> tuple[Rollout, jax.Array]:
     """`sampling.decode`'s rollout, decoded in `params.continuous_slots` slots per device, and
     the decode loop's steps on each device (shards,): slots x steps is the slot-steps spent."""
     mesh = sharding.mesh_or_default(mesh)
-    real, keys = padded_keys(prefilled, keys, params)
+    real, keys, *stops = padded_rows(prefilled, params, keys, *([] if stop_lengths is None else [stop_lengths]))
     # The padding prompts' rows are never queued (each device's real rows come first: padding
     # prompts go after every real one).
     is_real = jnp.arange(keys.shape[0]) < real
     graphdef, state = nnx.split(model)
-    args = (state, prefilled.replace(real_rows=None), keys, is_real)
-    rollout, steps = _compiled(graphdef, *args, params, mesh)(*args)
+    args = (state, prefilled.replace(real_rows=None), keys, is_real, *stops)
+    rollout, steps = _compiled(graphdef, args, params, mesh)(*args)
     return jax.tree.map(lambda a: a[:real], rollout), steps
 
 
-def _compiled(graphdef, state, prefilled: Prefilled, keys, is_real, params: SamplingParams, mesh: Mesh):
+def _compiled(graphdef, args: tuple, params: SamplingParams, mesh: Mesh):
+    """The slots' decode loop compiled for the shapes of its arguments: state, prefilled, keys,
+    is_real and, if given, stop_lengths."""
+    state, prefilled, *per_row = args
     return _PROGRAMS.get(
         ("continuous", graphdef, params),
         mesh,
-        (state, prefilled, keys, is_real),
+        args,
         lambda: (
             functools.partial(_decode, _decode_rows, graphdef, params, mesh),
             (
                 sharding.param_shardings(mesh, state),
                 _prefilled_shardings(mesh, prefilled),
-                sharding.rows_shardings(mesh, keys),
-                sharding.rows_shardings(mesh, is_real),
+                *sharding.rows_shardings(mesh, per_row),
             ),
             lambda out: sharding.replicated(mesh),
             (),
@@ -98,7 +101,16 @@ def _compiled(graphdef, state, prefilled: Prefilled, keys, is_real, params: Samp
 
 
 def _decode_rows(
-    graphdef, layers_graphdef, params: SamplingParams, stacks, rest, layers, prefilled: Prefilled, keys, is_real
+    graphdef,
+    layers_graphdef,
+    params: SamplingParams,
+    stacks,
+    rest,
+    layers,
+    prefilled: Prefilled,
+    keys,
+    is_real,
+    stop_lengths=None,
 ) -> tuple[Rollout, jax.Array]:
     """One device's rows through its slots, in one `lax.while_loop` that runs until every real row has ended."""
     model = nnx.merge(graphdef, stacks, rest)
@@ -120,13 +132,15 @@ def _decode_rows(
         finished=empty.finished,
     )
     busy = lambda state: jnp.any(state.row < rows) | (state.queued < queue)
-    step = functools.partial(_step, model, layers, params, prefilled, uniforms, queue, ring_length)
+    step = functools.partial(_step, model, layers, params, prefilled, uniforms, stop_lengths, queue, ring_length)
     state = jax.lax.while_loop(busy, step, start)
     rollout = Rollout(tokens=state.tokens, mask=state.mask, logprobs=state.logprobs, truncated=~state.finished)
     return rollout, state.loop_step[None]
 
 
-def _step(model, layers, params: SamplingParams, prefilled: Prefilled, uniforms, queue, ring_length, state):
+def _step(
+    model, layers, params: SamplingParams, prefilled: Prefilled, uniforms, stop_lengths, queue, ring_length, state
+):
     """Free slots take the next rows; then every slot samples its row's next token: a new row
     its first from its prompt's prefill logits, the others from a decode step that feeds their
     last token (computed for every slot, one program of fixed shapes)."""
@@ -157,7 +171,8 @@ def _step(model, layers, params: SamplingParams, prefilled: Prefilled, uniforms,
     tokens, logprobs = sample_tokens(
         logits, uniforms[jnp.minimum(row, rows - 1), step], params, vision_token_ids(model.config)
     )
-    ended = live & jnp.isin(tokens, np.asarray(params.end_token_ids, np.int32).reshape(-1))
+    stops = None if stop_lengths is None else stop_lengths[jnp.minimum(row, rows - 1)]
+    ended = live & ends(tokens, step, params, stops)
     write = lambda buffer, values: buffer.at[row, step].set(values, mode="drop")  # a free slot's row is out of range
     return _SlotState(
         loop_step=state.loop_step + 1,
