@@ -58,7 +58,8 @@ class SamplingParams:
     # follows the wave, not the whole batch, and the same keys give the same rollout.
     wave_prompts: int = 0
     # Continuous batching (vppo_jax/rollout/continuous.py) with this many decode slots per
-    # device: a slot whose row ends takes the next row at once. 0: waves, as above.
+    # device: a slot whose row ends takes the next row at once (wave_prompts is then unused).
+    # 0: waves, as above.
     continuous_slots: int = 0
 
     def __post_init__(self):
