@@ -7,8 +7,8 @@ the rollout as soon as its row ends, so no step is spent on a finished row while
 The prompts are prefilled once, all of them (`sampling.prefill`), and the prompt cache stays
 one row per prompt: a slot reads its prompt's row by index (the slot's block table is that
 one entry), so the G samples of a prompt share it, whichever slots they land in. The read
-is a gather, which XLA materialises per step and layer (slots x prompt length): a ragged
-paged-attention kernel would read the row in place. A slot's
+is a gather, a copy of slots x prompt length per layer and step unless XLA fuses it into
+the attention (not checked): a ragged paged-attention kernel would read the row in place. A slot's
 response cache is its own: one ring of max_new_tokens - 1 columns, written at column
 (loop step mod length), so that every slot writes the same column at a step and the model's
 `decode_step` serves unchanged; a row attends to the columns written since it took the slot.
