@@ -57,6 +57,10 @@ class SamplingParams:
     # `generate` runs this many prompts at a time (0: all at once): the sampler's memory
     # follows the wave, not the whole batch, and the same keys give the same rollout.
     wave_prompts: int = 0
+    # Continuous batching (vppo_jax/rollout/continuous.py) with this many decode slots per
+    # device: a slot whose row ends takes the next row at once (wave_prompts is then unused).
+    # 0: waves, as above.
+    continuous_slots: int = 0
 
     def __post_init__(self):
         if self.wave_prompts < 0:
@@ -64,6 +68,8 @@ class SamplingParams:
                 f"wave_prompts={self.wave_prompts} (rollout.wave_prompts in a config): give 0 (all prompts in "
                 "one wave) or a positive number of prompts."
             )
+        if self.continuous_slots < 0:
+            raise ValueError(f"continuous_slots={self.continuous_slots}: give 0 (waves) or a positive number of slots.")
 
 
 @flax.struct.dataclass
@@ -215,7 +221,12 @@ def _prefill(graphdef, state, inputs: ModelInputs) -> Prefilled:
 _STACKS = nnx.Any(nnx.PathContains("layers"), nnx.PathContains("visual"))
 
 
-def _decode(graphdef, params: SamplingParams, mesh: Mesh, state, prefilled: Prefilled, keys: jax.Array) -> Rollout:
+def _decode(
+    decode_rows, graphdef, params: SamplingParams, mesh: Mesh, state, prefilled: Prefilled, keys: jax.Array, *rows_args
+):
+    """`decode_rows(graphdef, layers_graphdef, params, stacks, rest, layers, prefilled, keys, *rows_args)`
+    on each device's rows (its prompts' samples; `rows_args` split by rows too), the weights
+    gathered once for it: `_decode_rows` decodes them in waves, `continuous._decode_rows` in slots."""
     # Every step reads every weight: gather the fsdp slices once, before the loop, instead of
     # at every step; each device keeps its tensor slice. The decoder layers are sliced out of
     # the split stack first and gathered one by one: slicing them out of a gathered stack
@@ -234,22 +245,30 @@ def _decode(graphdef, params: SamplingParams, mesh: Mesh, state, prefilled: Pref
     # The stacks enter the loop as they are split (unread there, so never gathered).
     stack_specs = jax.tree.map(lambda s: s.spec, sharding.gathered(sharding.param_shardings(mesh, stacks), "tensor"))
     decode_rows = jax.shard_map(
-        functools.partial(_decode_rows, graphdef, layers_graphdef, params),
+        functools.partial(decode_rows, graphdef, layers_graphdef, params),
         mesh=mesh,
-        in_specs=(stack_specs, PartitionSpec(), PartitionSpec(), rows, rows),
+        in_specs=(stack_specs, PartitionSpec(), PartitionSpec(), rows, rows, *[rows] * len(rows_args)),
         out_specs=rows,
         axis_names=set(manual),
         check_vma=False,
     )
-    return decode_rows(stacks, gather(rest), gather(layers), prefilled, keys)
+    return decode_rows(stacks, gather(rest), gather(layers), prefilled, keys, *rows_args)
 
 
 def _decode_rows(
-    graphdef, layers_graphdef, params: SamplingParams, stacks, rest, layers, prefilled: Prefilled, keys: jax.Array
+    graphdef,
+    layers_graphdef,
+    params: SamplingParams,
+    stacks,
+    rest,
+    layers,
+    prefilled: Prefilled,
+    keys: jax.Array,
+    stop_lengths: jax.Array | None = None,
 ) -> Rollout:
     """One device's rows, the samples of its prompts (row p * G + g), decoded one block of the
     response cache after another: a `lax.while_loop` per block, which stops once every sample
-    has ended; while writing block b a step reads blocks 0..b only."""
+    has ended; while writing block b a step reads blocks 0..b only. stop_lengths: see `ends`."""
     per_sample = lambda a: jnp.repeat(a, params.group_size, axis=0)
     decoder = _RowDecoder(
         model=nnx.merge(graphdef, stacks, rest),
@@ -258,6 +277,7 @@ def _decode_rows(
         prefilled=prefilled,
         next_position=per_sample(prefilled.next_position),
         uniforms=_step_uniforms(keys, params.max_new_tokens),
+        stop_lengths=stop_lengths,
     )
     rows = keys.shape[0]
     state = decoder.record(_start_state(rows, params), per_sample(prefilled.logits))
@@ -327,6 +347,7 @@ class _RowDecoder:
     prefilled: Prefilled
     next_position: jax.Array  # (N,) each sample's first response position
     uniforms: jax.Array  # (N, max_new_tokens)
+    stop_lengths: jax.Array | None  # (N,) or None: see `ends`
 
     def decode_one(self, first_slot: int, block: int, state: _DecodeState) -> _DecodeState:
         """Feeds the last sampled token (written at its slot of the block that starts at
@@ -356,15 +377,22 @@ class _RowDecoder:
         live = ~state.finished
         tokens = jnp.where(live, tokens, params.pad_token_id)
         column = lambda buffer, values: jax.lax.dynamic_update_slice(buffer, values[:, None], (0, state.step))
-        end_ids = np.asarray(params.end_token_ids, np.int32).reshape(-1)
         return _DecodeState(
             step=state.step + 1,
             cache=state.cache,
             tokens=column(state.tokens, tokens),
             mask=column(state.mask, live),
             logprobs=column(state.logprobs, jnp.where(live, logprobs, 0.0)),
-            finished=state.finished | (live & jnp.isin(tokens, end_ids)),
+            finished=state.finished | (live & ends(tokens, state.step, params, self.stop_lengths)),
         )
+
+
+def ends(tokens: jax.Array, step: jax.Array, params: SamplingParams, stop_lengths: jax.Array | None) -> jax.Array:
+    """Whether rows end with `tokens` (N,), sampled at `step` (scalar or (N,)): an end token,
+    or, given stop_lengths (N,), their stop_lengths-th token, as if it were an end token: the
+    forced lengths of benchmarks/rollout_lengths.py."""
+    ended = jnp.isin(tokens, np.asarray(params.end_token_ids, np.int32).reshape(-1))
+    return ended if stop_lengths is None else ended | (step + 1 >= stop_lengths)
 
 
 def prefill(
@@ -397,23 +425,30 @@ def decode(
     keys: jax.Array,
     params: SamplingParams,
     mesh: Mesh | None = None,
+    stop_lengths: jax.Array | None = None,
 ) -> Rollout:
     """Samples G responses for every prompt of `prefilled`, one PRNG key per sample (N,).
 
     The same keys reproduce the same rollout. Use the mesh of `prefill`; the rollout comes
-    back whole on every device (replicated).
+    back whole on every device (replicated). stop_lengths (N,): see `ends`.
     """
     mesh = sharding.mesh_or_default(mesh)
+    real, keys, *stops = padded_rows(prefilled, params, keys, *([] if stop_lengths is None else [stop_lengths]))
+    graphdef, state = nnx.split(model)
+    args = (state, prefilled.replace(real_rows=None), keys, *stops)
+    rollout = compiled_decode(graphdef, *args[:3], params, mesh, *stops)(*args)
+    return rollout if real == keys.shape[0] else jax.tree.map(lambda a: a[:real], rollout)
+
+
+def padded_rows(prefilled: Prefilled, params: SamplingParams, keys: jax.Array, *per_row: jax.Array) -> tuple:
+    """(real samples, keys, *per_row) with one row per row of `prefilled`'s samples: the
+    padding prompts' rows sample with copies of the last real row's, and are dropped after."""
     rows = prefilled.prompt_mask.shape[0] * params.group_size
     real = prefilled.real_rows or rows
     if keys.shape != (real,):
         raise ValueError(f"keys has shape {keys.shape}; expected ({real},): one key per sample, prompts x group_size.")
-    if real < rows:  # padding prompts sample with copies of a real key; their rows are dropped below
-        keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], rows - real)])
-    graphdef, state = nnx.split(model)
-    args = (state, prefilled.replace(real_rows=None), keys)
-    rollout = compiled_decode(graphdef, *args, params, mesh)(*args)
-    return rollout if real == rows else jax.tree.map(lambda a: a[:real], rollout)
+    pad = lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], rows - real)]) if real < rows else jnp.asarray(a)
+    return real, *map(pad, (keys, *per_row))
 
 
 def generate(
@@ -422,9 +457,11 @@ def generate(
     keys: jax.Array,
     params: SamplingParams,
     mesh: Mesh | None = None,
+    stop_lengths: jax.Array | None = None,
 ) -> Rollout:
     """G samples for each prompt of an HF-processor batch: `prefill`, then `decode` with one key per
-    sample (N,), in waves of `params.wave_prompts` prompts.
+    sample (N,), in waves of `params.wave_prompts` prompts, or in `params.continuous_slots`
+    slots per device (`continuous.decode`). stop_lengths (N,): see `ends`.
 
     Every wave is left-padded to the whole batch's prompt length and the last one is padded
     to a full wave with empty prompts: one compiled prefill and decode serve all waves, and
@@ -437,9 +474,13 @@ def generate(
             f"keys has shape {keys.shape}; expected ({prompts * params.group_size},): one key per sample, "
             "prompts x group_size."
         )
+    if params.continuous_slots:
+        from vppo_jax.rollout import continuous  # it builds on this module
+
+        return continuous.decode(model, prefill(model, batch, params, mesh), keys, params, mesh, stop_lengths)[0]
     wave = min(params.wave_prompts or prompts, prompts)
     if wave == prompts:
-        return decode(model, prefill(model, batch, params, mesh), keys, params, mesh)
+        return decode(model, prefill(model, batch, params, mesh), keys, params, mesh, stop_lengths)
     group, merge_unit = params.group_size, model.config.vision.merge_unit
     rollouts = [
         decode(
@@ -454,6 +495,7 @@ def generate(
             keys[start * group : (start + wave) * group],
             params,
             mesh,
+            None if stop_lengths is None else stop_lengths[start * group : (start + wave) * group],
         )
         for start in range(0, prompts, wave)
     ]
@@ -527,18 +569,21 @@ def compiled_prefill(graphdef, state, inputs: ModelInputs, mesh: Mesh) -> Progra
     )
 
 
-def compiled_decode(graphdef, state, prefilled: Prefilled, keys, params: SamplingParams, mesh: Mesh) -> Program:
-    """The decode loop compiled for these argument shapes."""
+def compiled_decode(
+    graphdef, state, prefilled: Prefilled, keys, params: SamplingParams, mesh: Mesh, *stop_lengths
+) -> Program:
+    """The decode loop compiled for these argument shapes, and stop lengths if given (see `ends`)."""
     return _PROGRAMS.get(
         ("decode", graphdef, params),
         mesh,
-        (state, prefilled, keys),
+        (state, prefilled, keys, *stop_lengths),
         lambda: (
-            functools.partial(_decode, graphdef, params, mesh),
+            functools.partial(_decode, _decode_rows, graphdef, params, mesh),
             (
                 sharding.param_shardings(mesh, state),
                 _prefilled_shardings(mesh, prefilled),
                 sharding.rows_shardings(mesh, keys),
+                *sharding.rows_shardings(mesh, stop_lengths),
             ),
             lambda out: sharding.replicated(mesh),
             (),
