@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import ml_collections
 import pytest
@@ -48,10 +49,18 @@ def test_the_scalars_go_to_an_offline_wandb_run_that_a_resumed_run_continues(tmp
     writer.close()
     run_id = (tmp_path / wandb_run.RUN_ID_FILE).read_text()
     (log,) = glob.glob(f"{workdir}/wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
-    with open(log, "rb") as f:
-        records = f.read()
-    for text in ("loss", "0.125", "eval/avg@8", "0.5", "tgf_k", "vppo-test"):
-        assert text.encode() in records, text
+    expected = [text.encode() for text in ("loss", "0.125", "eval/avg@8", "0.5", "tgf_k", "vppo-test")]
+    # wandb's service process writes the log; on a loaded machine finish() has returned before
+    # its last write (seen once: the 7-byte header alone). It has a minute to finish.
+    deadline = time.monotonic() + 60
+    while True:
+        with open(log, "rb") as f:
+            records = f.read()
+        if all(text in records for text in expected) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for text in expected:
+        assert text in records, text
     assert b"entropy" not in records
 
     resumed = MetricsWriter(workdir, resume_step=2, logging=settings(), run_config={})
