@@ -249,8 +249,10 @@ def test_static_tas_needs_beta_max():
         step_lib.StepConfig(tas_mode="static")
     with pytest.raises(ValueError, match="estimator"):
         step_lib.StepConfig(estimator="l2")
-    with pytest.raises(ValueError, match="kl_coef"):  # a silently zero KL term would mislead
-        step_lib.StepConfig(loss=step_lib.LossConfig(kl_coef=0.1))
+    with pytest.raises(ValueError, match="policy_loss='gspo' has no per-token term for TGF"):
+        step_lib.StepConfig(loss=step_lib.LossConfig(policy_loss="gspo"))
+    step_lib.StepConfig(tgf=False, loss=step_lib.LossConfig(policy_loss="gspo"))  # GSPO without TGF
+    step_lib.StepConfig(loss=step_lib.LossConfig(policy_loss="gspo_token"))  # or token by token
 
 
 def scope_names(lowered: jax.stages.Lowered) -> set[str]:
