@@ -102,8 +102,12 @@ def needs_scoring(config: StepConfig, updates_per_rollout: int, micro_batches: i
     `rows` rows: a later update on the same rollouts no longer has pi_theta = pi_old, and
     global TAS needs the whole batch's dependency before the first micro-batch's gradient;
     a KL to the reference needs the reference's log-probs, which the scoring pass gives."""
-    shaped_across = config.vppo and micro_batches > 1 and not shaping_is_local(config, rows)
-    return updates_per_rollout > 1 or shaped_across or config.uses_reference
+    return updates_per_rollout > 1 or shaped_across(config, micro_batches, rows) or config.uses_reference
+
+
+def shaped_across(config: StepConfig, micro_batches: int, rows: int) -> bool:
+    """Whether VPPO's shaping of one micro-batch needs the dependency of the others."""
+    return config.vppo and micro_batches > 1 and not shaping_is_local(config, rows)
 
 
 def extra_forwards(config: StepConfig, updates_per_rollout: int, micro_batches: int, rows: int) -> tuple[int, int]:
@@ -207,13 +211,14 @@ def train_step(
 ) -> tuple[TrainState, dict]:
     """One optimizer update; see the module docstring."""
     micro_batches, rows, length = batch.targets.shape
-    if not batch.scored and needs_scoring(config, 1, micro_batches, rows):
+    if not batch.scored and shaped_across(config, micro_batches, rows):
         raise ValueError(
-            "Gradient accumulation with VPPO's global TAS, or a KL to the reference, needs precomputed "
-            "scores: call score_rollouts first (with the reference's parameters for a KL)."
+            "Gradient accumulation with VPPO's global TAS needs precomputed scores: call score_rollouts first."
         )
     if config.loss.kl_coef and batch.ref_logp is None:
-        raise ValueError("loss.kl_coef is set but the batch has no ref_logp: score it with the reference's parameters.")
+        raise ValueError(
+            "loss.kl_coef needs the reference's log-probs: call score_rollouts with the reference's parameters first."
+        )
     perturb_key, filter_key = jax.random.split(key)
 
     # Shaping of a scored batch ranks all its rows at once, before any gradient.
