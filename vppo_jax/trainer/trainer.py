@@ -497,8 +497,10 @@ def describe_image_budget(row: data_lib.Row, builder, d: ml_collections.ConfigDi
 def reference_params(model: nnx.Module, dtype, mesh):
     """The model's parameters as the reference policy of a KL: cast to the compute dtype (it is
     only ever run forward) and placed like the policy's parameters. A copy with buffers of its
-    own: the train state that takes the model's arrays is donated at every update."""
-    params = jax.tree.map(lambda p: jnp.array(p, dtype, copy=True), nnx.state(model, nnx.Param))
+    own: the train state that takes the model's arrays is donated at every update. The copy is
+    made where the loaded model is, in host memory, never whole on one accelerator."""
+    with jax.default_device(_host_device()):
+        params = jax.tree.map(lambda p: jnp.array(p, dtype, copy=True), nnx.state(model, nnx.Param))
     return sharding.put(params, sharding.param_shardings(mesh, params))
 
 

@@ -153,22 +153,23 @@ def token_loss(logp, old_logp, shaped_advantages, mask, config):
     """
     ratio = importance_ratio(logp, old_logp, mask, config.policy_loss)
     low, high = 1.0 - config.clip_low, 1.0 + config.clip_high
+    indicators = {"clipfrac_dual": jnp.zeros_like(ratio, bool)}  # only the PPO loss has a dual clip
     if config.policy_loss == "cispo":
         # The clipped IS weight is a constant: every token keeps its gradient, scaled by it.
         weight = jax.lax.stop_gradient(jnp.clip(ratio, low, high))
-        indicators = {"clipfrac_high": ratio > high, "clipfrac_low": ratio < low}
-        return -weight * shaped_advantages * logp, ratio, indicators | {"clipfrac_dual": jnp.zeros_like(ratio, bool)}
+        indicators |= {"clipfrac_high": ratio > high, "clipfrac_low": ratio < low}
+        return -weight * shaped_advantages * logp, ratio, indicators
     unclipped = -shaped_advantages * ratio
     clipped = -shaped_advantages * jnp.clip(ratio, low, high)
     pessimistic = jnp.maximum(unclipped, clipped)
     negative = shaped_advantages < 0
     clip_active = unclipped < clipped  # the trust-region bound took over (zero gradient)
-    indicators = {
+    indicators |= {
         "clipfrac_high": clip_active & ~negative,  # A' > 0 and ratio > 1 + eps_high
         "clipfrac_low": clip_active & negative,  # A' < 0 and ratio < 1 - eps_low
     }
     if config.policy_loss != "ppo_clip":  # GSPO defines no dual clip
-        return pessimistic, ratio, indicators | {"clipfrac_dual": jnp.zeros_like(ratio, bool)}
+        return pessimistic, ratio, indicators
     dual_bound = -shaped_advantages * config.dual_clip
     loss = jnp.where(negative, jnp.minimum(pessimistic, dual_bound), pessimistic)
     indicators["clipfrac_dual"] = (pessimistic > dual_bound) & negative  # A' < 0 and rho > c
