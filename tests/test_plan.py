@@ -89,6 +89,21 @@ def test_tiny_plan_on_four_devices(tmp_path):
     assert "| rollout decode |" in out.stdout and "| update |" in out.stdout and "step on paper: " in out.stdout
 
 
+def test_a_kl_plans_the_scoring_pass_with_the_reference_resident(tmp_path):
+    """A KL to the reference: the scoring pass runs (pi_old's and the reference's forwards) and
+    takes the reference's parameters, which stay resident through the other phases (the tiny
+    model computes in float32, so they weigh what the parameters weigh)."""
+    out = run_plan("--mesh=1,4,1", "--config.algo.kl_coef=0.1", f"--json={tmp_path / 'plan.json'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    phases = {p["name"]: p for p in plan["phases"]}
+    assert set(phases) == {"score rollouts", "update step", "rollout prefill", "rollout decode"}
+    assert phases["score rollouts"]["arguments"] >= 2 * plan["params"]
+    assert phases["update step"]["resident"] == plan["params"]
+    assert phases["rollout decode"]["resident"] >= plan["params"]
+    assert plan["extra_forwards"] == [2, 1]
+
+
 def test_the_state_of_each_precision_mode_matches_its_hand_count():
     """bf16 compute; fp32 master weights with fp32 Adam moments, or bf16 weights with bf16
     moments and a bf16 Kahan buffer. Counted here from the parameter shapes, on one device."""

@@ -164,6 +164,42 @@ def test_gradient_accumulation_over_4_micro_batches_equals_full_batch(setup):
     assert float(metrics_full["loss"]) == pytest.approx(float(metrics_micro["loss"]), abs=1e-5)
 
 
+def test_another_loss_and_a_kl_accumulate_over_micro_batches_exactly(setup):
+    """VPPO with GSPO-token, Dr.GRPO's constant normaliser and a k3 KL term: 4 micro-batches
+    give the update of one (sums over the whole batch's counts; every loss and aggregation is
+    checked so against NumPy in tests/test_policy_losses.py). The reference's log-probs come
+    from the scoring pass, here on weights other than the policy's so that the KL is not 0."""
+    _, model, arrays, response = setup
+    loss = step_lib.LossConfig(policy_loss="gspo_token", aggregation="constant", kl_coef=0.1)
+    config = step_lib.StepConfig(group_size=GROUP, loss=loss)
+    optimizer = optax.sgd(1.0)  # the parameter change is then exactly -gradient
+    graphdef, state = init(model, optimizer)
+    reference = jax.tree.map(lambda p: p * 0.9, state.params)
+    full = programs.make_score_rollouts(config, graphdef)(
+        state.params, train_batch(model, arrays, response), jax.random.key(3), reference
+    )
+    mask = np.asarray(full.response_mask)
+    assert np.abs(np.asarray(full.ref_logp - full.old_logp))[mask].min() > 0
+    regroup = lambda a: a.reshape(4, -1, *a.shape[2:])
+    micro = train_batch(model, arrays, response, micro_batches=4).replace(
+        **{name: regroup(getattr(full, name)) for name in ("old_logp", "dependency", "old_entropy", "ref_logp")}
+    )
+    train_step = programs.make_train_step(config, optimizer, graphdef)
+    before = jax.tree.map(np.asarray, state.params)
+    copy = lambda s: jax.tree.map(jnp.array, s)
+    changes = []
+    for batch in (full, micro):
+        new_state, metrics = train_step(copy(state), batch, jax.random.key(4))
+        changes.append((jax.tree.map(lambda a, b: np.asarray(a) - b, new_state.params, before), metrics))
+    (one, metrics_one), (four, metrics_four) = changes
+    assert max(np.abs(g).max() for g in jax.tree.leaves(one)) > 1e-3
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert float(metrics_one["kl_loss"]) > 1e-4
+    for name in ("loss", "kl_loss", "pg_loss"):
+        assert float(metrics_one[name]) == pytest.approx(float(metrics_four[name]), abs=1e-5)
+
+
 def test_per_group_tas_accumulates_in_pass_over_whole_groups_exactly(setup):
     """With TAS per group and one group per micro-batch, no micro-batch's shaping needs
     another's: VPPO runs in-pass over 2 micro-batches (no scoring pass) and its update equals
@@ -211,6 +247,13 @@ def test_which_steps_need_a_scoring_pass(setup):
         jax.eval_shape(
             lambda s: step_lib.train_step(vppo, optax.sgd(0.0), graphdef, s, batch, jax.random.key(0)), state
         )
+    # A KL to the reference: its log-probs come from the scoring pass, whatever the micro-batching.
+    kl = step_lib.StepConfig(group_size=GROUP, tas_scope="per_group", loss=step_lib.LossConfig(kl_coef=0.1))
+    reward_kl = step_lib.StepConfig(vppo=False, kl_penalty_coef=0.1)
+    assert step_lib.needs_scoring(kl, 1, 1, 8) and step_lib.needs_scoring(reward_kl, 1, 1, 8)
+    assert step_lib.extra_forwards(kl, 1, 1, 8) == (2, 1)  # pi_old's and the reference's
+    with pytest.raises(ValueError, match="loss.kl_coef needs the reference's log-probs"):
+        jax.eval_shape(lambda s: step_lib.train_step(kl, optax.sgd(0.0), graphdef, s, batch, jax.random.key(0)), state)
 
 
 def test_grpo_baseline_traces_no_perturbed_forward(setup, monkeypatch):
@@ -249,8 +292,10 @@ def test_static_tas_needs_beta_max():
         step_lib.StepConfig(tas_mode="static")
     with pytest.raises(ValueError, match="estimator"):
         step_lib.StepConfig(estimator="l2")
-    with pytest.raises(ValueError, match="kl_coef"):  # a silently zero KL term would mislead
-        step_lib.StepConfig(loss=step_lib.LossConfig(kl_coef=0.1))
+    with pytest.raises(ValueError, match="policy_loss='gspo' has no per-token term for TGF"):
+        step_lib.StepConfig(loss=step_lib.LossConfig(policy_loss="gspo"))
+    step_lib.StepConfig(tgf=False, loss=step_lib.LossConfig(policy_loss="gspo"))  # GSPO without TGF
+    step_lib.StepConfig(loss=step_lib.LossConfig(policy_loss="gspo_token"))  # or token by token
 
 
 def scope_names(lowered: jax.stages.Lowered) -> set[str]:

@@ -344,23 +344,31 @@ def plan(
         advantages=jax.ShapeDtypeStruct((micro_batches, rows), np.float32),
         prompt_group=math.gcd(r.group_size, rows),  # as build_train_batch finds a rollout's rows
     )
+    # A KL's reference policy: the initial weights in the compute dtype, sharded like the
+    # parameters, resident through every phase (an argument of the scoring pass).
+    ref_params, ref_bytes = None, 0
+    if step_config.uses_reference:
+        ref_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, model_cfg.jnp_dtype), state.model_params)
+        ref_shardings = sharding.param_shardings(mesh, ref_params)
+        ref_params = sharded(ref_params, ref_shardings)
+        ref_bytes = bytes_per_device(ref_params, ref_shardings)
     if needs_scoring(step_config, t.updates_per_rollout, micro_batches, rows):  # pi_old, dependency first
         if "score" in phases:
-            program = programs.score_program(step_config, graphdef, mesh, state.model_params, batch, key)
+            program = programs.score_program(step_config, graphdef, mesh, state.model_params, batch, key, ref_params)
             results.append(
                 compiled_phase(
                     "score rollouts",
                     program,
-                    sharded((state.model_params, batch, key), program.in_shardings),
+                    sharded((state.model_params, batch, key, ref_params), program.in_shardings),
                     opt_bytes,
                     runs=t.updates_per_rollout,
                 )
             )
-        batch = scored_like(batch)
+        batch = scored_like(batch, step_config.uses_reference)
     if "update" in phases:
         program = programs.train_step_program(step_config, optimizer, graphdef, mesh, state, batch, key)
         args = sharded((state, batch, key), program.in_shardings)
-        results.append(compiled_phase("update step", program, args, 0, runs=t.updates_per_rollout))
+        results.append(compiled_phase("update step", program, args, ref_bytes, runs=t.updates_per_rollout))
 
     # The sampler: one wave of prompts (all of a round when rollout.wave_prompts is 0), G samples
     # each, on the weights cast to the compute dtype (vppo_jax.rollout.policy.compute_model); the
@@ -373,8 +381,8 @@ def plan(
         lambda a: jax.ShapeDtypeStruct(a.shape, model_cfg.jnp_dtype, sharding=a.sharding), state.model_params
     )
     offloaded = r.offload_optimizer_state and host_memory
-    sampling_resident = (0 if offloaded else opt_bytes) + (
-        params_bytes if model_cfg.param_dtype != model_cfg.dtype else 0
+    sampling_resident = (
+        (0 if offloaded else opt_bytes) + (params_bytes if model_cfg.param_dtype != model_cfg.dtype else 0) + ref_bytes
     )
     waves = -(-r.prompts_per_step // wave) * sampling_rounds
     prefill = sampling.compiled_prefill(graphdef, compute_params, inputs, mesh)

@@ -24,6 +24,7 @@ from vppo_jax.rollout import sampling
 from vppo_jax.rollout.rewards.registry import get_reward
 from vppo_jax.trainer import wandb_run
 from vppo_jax.trainer.optimizer import make_optimizer
+from vppo_jax.vppo import advantages
 from vppo_jax.vppo.loss import LossConfig
 from vppo_jax.vppo.step import StepConfig
 
@@ -107,9 +108,12 @@ def default_config() -> ml_collections.ConfigDict:
 
     # The algorithm (docs/algorithm.md): every field and default of StepConfig and LossConfig
     # (vppo_jax/vppo/step.py, loss.py), written there once, plus the trainer's online filter.
-    # vppo=False gives the GRPO/DAPO baseline.
+    # vppo=False gives the GRPO/DAPO baseline. `advantage` (vppo_jax/vppo/advantages.py): "grpo",
+    # "dr_grpo" (no std normalisation), "rloo" (leave-one-out baseline) or "reinforce_pp_baseline"
+    # (group baseline, then whitened over the batch's tokens).
     c.algo = algo_defaults()
     c.algo.online_filter, c.algo.accuracy_bounds = True, (0.01, 0.99)
+    c.algo.advantage = "grpo"
 
     c.optim = ml_collections.ConfigDict(
         dict(
@@ -195,6 +199,8 @@ def check_names(c: ml_collections.ConfigDict):
         prompts.prompt_template(c.data.prompt_template)
         step_config(c)  # StepConfig checks its choices
         lora_config(c)  # and LoRAConfig its rank and targets
+        if c.algo.advantage not in advantages.ADVANTAGES:
+            raise InputError(f"algo.advantage={c.algo.advantage!r}; choose one of {advantages.ADVANTAGES}.")
         optimizer(c)  # and make_optimizer the parameter dtype
         check_micro_batching(c.train)
         wandb_run.check_available(c.logging)

@@ -21,8 +21,10 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
 from vppo_jax import data as data_lib
@@ -40,9 +42,11 @@ from vppo_jax.trainer.collapse_guard import CollapseGuard
 from vppo_jax.trainer.metrics import MetricsWriter, Timer
 from vppo_jax.trainer.preemption import Preempted, PreemptionWatch
 from vppo_jax.trainer.workdir_lock import WorkdirLock
+from vppo_jax.vppo import advantages as advantages_lib
 from vppo_jax.vppo import programs
-from vppo_jax.vppo.advantages import grpo_advantages, online_group_filter
+from vppo_jax.vppo.advantages import online_group_filter
 from vppo_jax.vppo.batch import TrainBatch, init_sharded_state
+from vppo_jax.vppo.loss import sequence_kl
 from vppo_jax.vppo.pixel_blackening import perturbed_pixel_values
 from vppo_jax.vppo.step import needs_scoring
 
@@ -129,10 +133,21 @@ class Trainer:
         self.sampling = config_lib.sampling_params(c, self.builder.special)
 
     def _build_update(self):
-        """The sharded train state and the compiled update and scoring programs. The model's
-        arrays move into the state: the policy keeps only its tokenizer."""
+        """The sharded train state, the reference policy when a KL is on, and the compiled update
+        and scoring programs. The model's arrays move into the state: the policy keeps only its
+        tokenizer."""
         self.step_config = config_lib.step_config(self.config)
         self.optimizer = config_lib.optimizer(self.config)
+        # The reference is the weights model.path names, read again at every start (a resumed
+        # run included), so that no checkpoint has to hold a second copy of the model.
+        self.reference = None
+        if self.step_config.uses_reference:
+            self.reference = reference_params(self.policy.model, self.model_config.jnp_dtype, self.mesh)
+            estimator = self.step_config.loss.kl_estimator
+            self.sequence_kl = jax.jit(
+                lambda b: sequence_kl(b.old_logp, b.ref_logp, b.response_mask, estimator),
+                out_shardings=sharding.replicated(self.mesh),  # every process reads every row's
+            )
         self.graphdef, self.state = init_sharded_state(
             self.policy.model, self.optimizer, self.mesh, config_lib.trainable(self.config)
         )
@@ -271,11 +286,21 @@ class Trainer:
         stats["rollout/truncated"] /= len(rewards)
         return batch, stats
 
+    def advantages(self, groups: GradedGroups, kl: np.ndarray | None = None) -> np.ndarray:
+        """algo.advantage's estimator over the whole rollout batch (REINFORCE++ whitens across
+        it); with `kl`, each response's summed KL to the reference, its reward first loses
+        algo.kl_penalty_coef times that (PPO-style KL penalty)."""
+        c = self.config
+        rewards = groups.rewards if kl is None else groups.rewards - self.step_config.kl_penalty_coef * kl
+        lengths = groups.mask.sum(1) * np.repeat(groups.live, c.rollout.group_size)  # filler rows weigh nothing
+        return np.asarray(advantages_lib.advantages(c.algo.advantage, rewards, c.rollout.group_size, lengths))
+
     def update_batches(self, groups: GradedGroups, key: jax.Array) -> list[TrainBatch]:
         """`updates_per_rollout` TrainBatches over consecutive slices of the groups; `key` seeds
         the host-side blackening of the "blacken_pixels" perturbation."""
         c = self.config
         per_update = len(groups.prompts) // c.train.updates_per_rollout
+        advantages = self.advantages(groups).reshape(c.train.updates_per_rollout, -1)
         batches = []
         for u in range(c.train.updates_per_rollout):
             part = groups.select(np.arange(u * per_update, (u + 1) * per_update))
@@ -286,7 +311,6 @@ class Trainer:
                 perturbed = perturbed_pixel_values(
                     part.prompts, c.rollout.group_size, self.builder.image_processor, seed, c.algo.blacken_prob
                 )
-            advantages = np.asarray(grpo_advantages(part.rewards, c.rollout.group_size))
             prompt_tokens = part.prompt_arrays["input_ids"].shape[1]
             micro = config_lib.micro_batches(
                 c,
@@ -296,7 +320,7 @@ class Trainer:
                 prompt_tokens,
                 c.rollout.group_size,
             )
-            batches.append(train_batch(self.model_config, part, advantages, micro, perturbed))
+            batches.append(train_batch(self.model_config, part, advantages[u], micro, perturbed))
         return batches
 
     def evaluate(self, key: jax.Array) -> dict[str, float]:
@@ -321,21 +345,30 @@ class Trainer:
         c = self.config
         batches = self.update_batches(groups, score_key)
         tokens = float(sum(np.asarray(b.response_mask).sum() for b in batches))  # while still on the host
+        metrics = {}
         if needs_scoring(self.step_config, c.train.updates_per_rollout, *batches[0].targets.shape[:2]):
             # pi_old statistics for every slice from the rollout policy, before any update.
             with timer("dependency"):
                 batches = jax.block_until_ready(
                     [  # timed here, not under the update
-                        self.score_rollouts(self.state.model_params, b, jax.random.fold_in(score_key, i))
+                        self.score_rollouts(
+                            self.state.model_params, b, jax.random.fold_in(score_key, i), self.reference
+                        )
                         for i, b in enumerate(batches)
                     ]
                 )
+            if self.step_config.kl_penalty_coef:  # the rewards lose their KL before the advantages
+                kl = np.concatenate([np.asarray(self.sequence_kl(b)).reshape(-1) for b in batches])
+                advantages = self.advantages(groups, kl).reshape(len(batches), *batches[0].advantages.shape)
+                batches = [b.replace(advantages=a) for b, a in zip(batches, advantages)]
+                valid = groups.mask.any(1) & np.repeat(groups.live, c.rollout.group_size)
+                metrics["rollout/kl_penalty"] = float(self.step_config.kl_penalty_coef * kl[valid].mean())
         with timer("update"):
             updates = []
             for i, batch in enumerate(batches):
                 self.state, update_metrics = self.train_step(self.state, batch, jax.random.fold_in(update_key, i))
                 updates.append(jax.device_get(update_metrics))
-        return {name: float(np.mean([u[name] for u in updates])) for name in updates[0]}, tokens
+        return metrics | {name: float(np.mean([u[name] for u in updates])) for name in updates[0]}, tokens
 
     def train_one_step(self, step: int) -> dict:
         """Rollout, update, evaluation (every eval.every_steps), metrics and checkpoint of one step."""
@@ -464,6 +497,16 @@ def describe_image_budget(row: data_lib.Row, builder, d: ml_collections.ConfigDi
         f"image tokens (data.min_pixels={d.min_pixels}, data.max_pixels={d.max_pixels}, then sides "
         f"rounded to multiples of {processor.patch_size * processor.merge_size})"
     )
+
+
+def reference_params(model: nnx.Module, dtype, mesh):
+    """The model's parameters as the reference policy of a KL: cast to the compute dtype (it is
+    only ever run forward) and placed like the policy's parameters. A copy with buffers of its
+    own: the train state that takes the model's arrays is donated at every update. The copy is
+    made where the loaded model is, in host memory, never whole on one accelerator."""
+    with jax.default_device(_host_device()):
+        params = jax.tree.map(lambda p: jnp.array(p, dtype, copy=True), nnx.state(model, nnx.Param))
+    return sharding.put(params, sharding.param_shardings(mesh, params))
 
 
 def _host_device():

@@ -46,6 +46,7 @@ class TrainBatch:
     old_logp: jax.Array | None = None  # (M, b, R) from score_rollouts, or None (in-pass)
     dependency: jax.Array | None = None  # (M, b, R) from score_rollouts, or None (in-pass)
     old_entropy: jax.Array | None = None  # (M, b, R) for entropy-based TGF
+    ref_logp: jax.Array | None = None  # (M, b, R) the reference policy's, from score_rollouts with a KL on
     perturbed_patches: jax.Array | None = None  # (M, S, patch_dim) images I' made on the host ("blacken_pixels")
     prompt_group: int = flax.struct.field(pytree_node=False, default=1)
 
@@ -56,11 +57,12 @@ class TrainBatch:
         return self.old_logp is not None
 
 
-def scored_like(batch: TrainBatch) -> TrainBatch:
-    """The shapes score_rollouts returns for `batch` (ShapeDtypeStructs)."""
+def scored_like(batch: TrainBatch, reference: bool = False) -> TrainBatch:
+    """The shapes score_rollouts returns for `batch` (ShapeDtypeStructs), with the reference's
+    log-probs when it is given the reference's parameters."""
     scores = jax.ShapeDtypeStruct(batch.targets.shape, jnp.float32)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch).replace(
-        old_logp=scores, old_entropy=scores, dependency=scores
+        old_logp=scores, old_entropy=scores, dependency=scores, ref_logp=scores if reference else None
     )
 
 

@@ -25,14 +25,16 @@ LOG_RATIO_CLIP = 20.0  # clip on log-ratios before exp (reference code), avoids 
 K3_MAX = 10.0  # clip on the k3 value (reference code)
 
 
-def k3_divergence(logp, logq):
+def k3_divergence(logp, logq, floor=0.0):
     """Per-token k3 estimate of KL(p || q) on a token sampled from p (paper Definition 3.1).
 
-    d = clip(log q(o) - log p(o), -20, 20);  k3 = clip(exp(d) - d - 1, 0, 10).
-    Since E_p[q/p] = 1 and E_p[-d] = KL(p || q), it is unbiased before clipping.
+    d = clip(log q(o) - log p(o), -20, 20);  k3 = clip(exp(d) - d - 1, floor, 10).
+    Since E_p[q/p] = 1 and E_p[-d] = KL(p || q), it is unbiased before clipping. The value is
+    never negative, but in float32 it can round below 0 for d near 0: a floor of 0 (the
+    reference's, for the dependency) gives it no gradient there; verl's KL loss floors at -10.
     """
     d = jnp.clip(logq - logp, -LOG_RATIO_CLIP, LOG_RATIO_CLIP)
-    return jnp.clip(jnp.exp(d) - d - 1.0, 0.0, K3_MAX)
+    return jnp.clip(jnp.exp(d) - d - 1.0, floor, K3_MAX)
 
 
 def _sampled_k3(logp, logp_perturbed, tokens):

@@ -35,6 +35,7 @@ def step_metrics(
         "loss": loss,
         "pg_loss": sums.policy / jnp.maximum(counts.policy, 1.0),
         "entropy_loss": sums.entropy / tokens,
+        "kl_loss": sums.kl / jnp.maximum(counts.policy, 1.0),  # 0 unless algo.kl_coef
         "entropy": (entropy * mask).sum() / tokens,
         "grad_norm": grad_norm,
         "skipped": (~finite).astype(jnp.float32),

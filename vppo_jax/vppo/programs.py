@@ -4,6 +4,7 @@
     state, metrics = train_step(state, batch, key)     # state donated, metrics replicated
     score = make_score_rollouts(step_config, graphdef, mesh)
     batch = score(params, batch, key)                  # old_logp, old_entropy, dependency filled
+    batch = score(params, batch, key, ref_params)      # and ref_logp (a KL to the reference)
 
 The state and the batch (NumPy or placed) are placed by the sharding rules; one compile per
 batch signature. The planner lowers the same programs (`train_step_program`,
@@ -51,20 +52,34 @@ def train_step_program(
 
 
 def score_program(
-    config: StepConfig, graphdef, mesh, params, batch: TrainBatch, key: jax.Array, programs: ProgramCache | None = None
+    config: StepConfig,
+    graphdef,
+    mesh,
+    params,
+    batch: TrainBatch,
+    key: jax.Array,
+    ref_params=None,
+    programs: ProgramCache | None = None,
 ) -> Program:
-    """score_rollouts compiled for the signature of (params, batch, key) on `mesh`."""
+    """score_rollouts compiled for the signature of (params, batch, key, ref_params) on `mesh`;
+    the reference's parameters (or None) are sharded like the policy's."""
 
     def build():
         sharding.check_rows(batch.targets.shape[1], mesh, "train batch (rows per micro-batch)")
+        ref_shardings = None if ref_params is None else sharding.param_shardings(mesh, ref_params)
         return (
             functools.partial(score_rollouts, config, graphdef),
-            (sharding.param_shardings(mesh, params), batch_shardings(mesh, batch), sharding.replicated(mesh)),
-            batch_shardings(mesh, scored_like(batch)),
+            (
+                sharding.param_shardings(mesh, params),
+                batch_shardings(mesh, batch),
+                sharding.replicated(mesh),
+                ref_shardings,
+            ),
+            batch_shardings(mesh, scored_like(batch, ref_params is not None)),
             (),
         )
 
-    return (programs or ProgramCache()).get("score_rollouts", mesh, (params, batch, key), build)
+    return (programs or ProgramCache()).get("score_rollouts", mesh, (params, batch, key, ref_params), build)
 
 
 def make_train_step(config: StepConfig, optimizer: optax.GradientTransformation, graphdef, mesh=None):
@@ -76,8 +91,9 @@ def make_train_step(config: StepConfig, optimizer: optax.GradientTransformation,
 
 
 def make_score_rollouts(config: StepConfig, graphdef, mesh=None):
-    """`score(params, batch, key) -> batch` with old_logp, old_entropy and dependency filled, on `mesh`."""
+    """`score(params, batch, key, ref_params=None) -> batch` with old_logp, old_entropy and
+    dependency filled (and ref_logp with `ref_params`), on `mesh`."""
     mesh, programs = sharding.mesh_or_default(mesh), ProgramCache()
-    return lambda params, batch, key: score_program(config, graphdef, mesh, params, batch, key, programs)(
-        params, batch, key
-    )
+    return lambda params, batch, key, ref_params=None: score_program(
+        config, graphdef, mesh, params, batch, key, ref_params, programs
+    )(params, batch, key, ref_params)

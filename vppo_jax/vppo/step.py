@@ -57,6 +57,9 @@ class StepConfig:
     tgf_k: float = 0.4
     temperature: float = 1.0
     vocab_chunk: int = DEFAULT_CHUNK_SIZE  # tokens per chunk when projecting onto the vocabulary
+    # PPO-style KL to the reference policy in the reward: the trainer subtracts this times each
+    # response's summed loss.kl_estimator(pi_old, pi_ref) from its reward before the advantages.
+    kl_penalty_coef: float = 0.0
     loss: LossConfig = LossConfig()
 
     def __post_init__(self):
@@ -72,12 +75,19 @@ class StepConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}.")
         if self.tas_mode == "static" and self.beta_max is None:
             raise ValueError("tas_mode='static' needs beta_max (the paper's ablations use 1.1 or 1.2).")
-        if self.loss.kl_coef:
-            # loss_sums has the k3 term, but the step runs no reference policy to give it log-probs.
+        if self.vppo and self.tgf and self.loss.policy_loss == "gspo":
+            # GSPO's loss is one term per response whose gradient reaches all its tokens through
+            # s_i: no token has a term of its own for TGF to weight.
             raise ValueError(
-                f"kl_coef={self.loss.kl_coef}: the KL penalty to a reference policy is not wired into "
-                "the step (no reference forward); the paper's recipes use 0."
+                "policy_loss='gspo' has no per-token term for TGF to filter: use policy_loss='gspo_token' "
+                "(GSPO's ratio, each token's own gradient) or tgf=False."
             )
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether a KL to the reference policy is on (loss term or reward penalty): the scoring
+        pass then also gives the reference's log-probs."""
+        return bool(self.loss.kl_coef or self.kl_penalty_coef)
 
 
 def shaping_is_local(config: StepConfig, rows: int) -> bool:
@@ -90,16 +100,23 @@ def shaping_is_local(config: StepConfig, rows: int) -> bool:
 def needs_scoring(config: StepConfig, updates_per_rollout: int, micro_batches: int, rows: int) -> bool:
     """Whether pi_old's statistics need a scoring pass before the updates of micro-batches of
     `rows` rows: a later update on the same rollouts no longer has pi_theta = pi_old, and
-    global TAS needs the whole batch's dependency before the first micro-batch's gradient."""
-    shaped_across = config.vppo and micro_batches > 1 and not shaping_is_local(config, rows)
-    return updates_per_rollout > 1 or shaped_across
+    global TAS needs the whole batch's dependency before the first micro-batch's gradient;
+    a KL to the reference needs the reference's log-probs, which the scoring pass gives."""
+    return updates_per_rollout > 1 or shaped_across(config, micro_batches, rows) or config.uses_reference
+
+
+def shaped_across(config: StepConfig, micro_batches: int, rows: int) -> bool:
+    """Whether VPPO's shaping of one micro-batch needs the dependency of the others."""
+    return config.vppo and micro_batches > 1 and not shaping_is_local(config, rows)
 
 
 def extra_forwards(config: StepConfig, updates_per_rollout: int, micro_batches: int, rows: int) -> tuple[int, int]:
     """Forwards of the batch a step runs besides its updates' own (vppo_jax/flops.py), as
     (with the original images, with perturbed images): the scoring pass's pi_old where one is
-    needed, and VPPO's perturbed forward (in the scoring pass or inside the update)."""
-    return int(needs_scoring(config, updates_per_rollout, micro_batches, rows)), int(config.vppo)
+    needed and the reference policy's with a KL, and VPPO's perturbed forward (in the scoring
+    pass or inside the update)."""
+    original = int(needs_scoring(config, updates_per_rollout, micro_batches, rows)) + int(config.uses_reference)
+    return original, int(config.vppo)
 
 
 def token_scores(config: StepConfig, model, inputs, perturbed_patches, targets, response_mask, hidden, key):
@@ -126,25 +143,38 @@ def token_scores(config: StepConfig, model, inputs, perturbed_patches, targets, 
 
 
 @jax.named_scope("scoring")
-def score_rollouts(config: StepConfig, graphdef, params, batch: TrainBatch, key: jax.Array) -> TrainBatch:
-    """Fills old_logp, old_entropy and dependency with the given (rollout) policy, no gradient."""
+def score_rollouts(
+    config: StepConfig, graphdef, params, batch: TrainBatch, key: jax.Array, ref_params=None
+) -> TrainBatch:
+    """Fills old_logp, old_entropy and dependency with the given (rollout) policy, and ref_logp
+    with the reference policy's parameters `ref_params` when given; no gradient."""
     model = nnx.merge(graphdef, params)
+    reference = None if ref_params is None else nnx.merge(graphdef, ref_params)
 
     def score(micro):
         inputs, perturbed_patches, targets, mask, micro_key = micro
         hidden = model.response_hidden_states(inputs, targets.shape[-1], batch.prompt_group)
         if config.vppo:  # one pass over the vocabulary gives the log-probs, entropy and dependency
-            return token_scores(config, model, inputs, perturbed_patches, targets, mask, hidden, micro_key)
-        logp, entropy = token_logprobs_and_entropy(
-            hidden, model.unembedding(), targets, config.temperature, config.vocab_chunk
-        )
-        return logp, entropy, jnp.zeros_like(logp)
+            scores = token_scores(config, model, inputs, perturbed_patches, targets, mask, hidden, micro_key)
+        else:
+            logp, entropy = token_logprobs_and_entropy(
+                hidden, model.unembedding(), targets, config.temperature, config.vocab_chunk
+            )
+            scores = logp, entropy, jnp.zeros_like(logp)
+        if reference is None:
+            return scores, None
+        with jax.named_scope("reference_forward"):
+            hidden = reference.response_hidden_states(inputs, targets.shape[-1], batch.prompt_group)
+            ref_logp, _ = token_logprobs_and_entropy(
+                hidden, reference.unembedding(), targets, config.temperature, config.vocab_chunk
+            )
+        return scores, ref_logp
 
     keys = jax.random.split(key, batch.targets.shape[0])
-    logp, entropy, dep = jax.lax.map(
+    (logp, entropy, dep), ref_logp = jax.lax.map(
         score, (batch.inputs, batch.perturbed_patches, batch.targets, batch.response_mask, keys)
     )
-    return batch.replace(old_logp=logp, old_entropy=entropy, dependency=dep)
+    return batch.replace(old_logp=logp, old_entropy=entropy, dependency=dep, ref_logp=ref_logp)
 
 
 @jax.named_scope("shaping")
@@ -181,9 +211,13 @@ def train_step(
 ) -> tuple[TrainState, dict]:
     """One optimizer update; see the module docstring."""
     micro_batches, rows, length = batch.targets.shape
-    if not batch.scored and needs_scoring(config, 1, micro_batches, rows):
+    if not batch.scored and shaped_across(config, micro_batches, rows):
         raise ValueError(
             "Gradient accumulation with VPPO's global TAS needs precomputed scores: call score_rollouts first."
+        )
+    if config.loss.kl_coef and batch.ref_logp is None:
+        raise ValueError(
+            "loss.kl_coef needs the reference's log-probs: call score_rollouts with the reference's parameters first."
         )
     perturb_key, filter_key = jax.random.split(key)
 
@@ -228,8 +262,9 @@ def train_step(
             entropy_old = jax.lax.stop_gradient(entropy)
             alpha, weights = shape_rows(config, dep, entropy_old, micro.response_mask, own(filter_key))
         with jax.named_scope("loss"):
+            ref_logp = micro.ref_logp if config.loss.kl_coef else None
             sums, metric_sums = loss_sums(
-                logp, old_logp, micro.advantages, micro.response_mask, alpha, weights, None, config.loss
+                logp, old_logp, micro.advantages, micro.response_mask, alpha, weights, ref_logp, config.loss
             )
             loss = total_loss(sums, counts, config.loss)
         per_token = {"entropy": entropy, "alpha": alpha, "weights": weights, "dependency": dep}
