@@ -41,7 +41,7 @@ def test_continuous_batching_gives_the_rollout_of_waves(port, end_ids, devices, 
     )
     keys = keys_for(len(PROMPTS) * GROUP, seed=3)
     waves = sampling.generate(port, processor_batch(PROMPTS), keys, params, mesh)
-    slotted = sampling.generate(
+    slotted = continuous.generate(
         port, processor_batch(PROMPTS), keys, dataclasses.replace(params, continuous_slots=slots), mesh
     )
     lengths = np.asarray(waves.mask).sum(axis=1)
@@ -64,9 +64,12 @@ def test_one_slot_spends_one_step_per_token(port, end_ids):
     assert np.asarray(steps).tolist() == [int(np.asarray(rollout.mask).sum())]
 
 
-def test_a_negative_slot_count_is_refused():
+def test_a_negative_slot_count_is_refused_and_waves_do_not_take_slots():
     with pytest.raises(ValueError, match="continuous_slots=-1"):
         sampling.SamplingParams(max_new_tokens=1, end_token_ids=(), pad_token_id=0, continuous_slots=-1)
+    slots = sampling.SamplingParams(max_new_tokens=1, end_token_ids=(), pad_token_id=0, continuous_slots=2)
+    with pytest.raises(ValueError, match="continuous_slots=2: sample with vppo_jax.rollout.continuous.generate"):
+        sampling.generate(None, {}, None, slots)
 
 
 def test_stop_lengths_force_the_same_lengths_in_waves_and_slots(port):
@@ -76,7 +79,7 @@ def test_stop_lengths_force_the_same_lengths_in_waves_and_slots(port):
     keys = keys_for(len(PROMPTS) * GROUP, seed=3)
     stops = np.array([1, 12, 5, 3, 12, 7, 2, 9], np.int32)
     waves = sampling.generate(port, processor_batch(PROMPTS), keys, params, stop_lengths=stops)
-    slotted = sampling.generate(
+    slotted = continuous.generate(
         port, processor_batch(PROMPTS), keys, dataclasses.replace(params, continuous_slots=3), stop_lengths=stops
     )
     np.testing.assert_array_equal(np.asarray(waves.mask).sum(axis=1), stops)

@@ -146,7 +146,7 @@ def test_an_unrestorable_checkpoint_is_set_aside_and_a_failed_write_stops_the_ru
     assert os.path.getsize(aside / os.path.relpath(largest, checkpoints / "2")) == cut  # kept as it was
     (ours,) = re.findall(r"error: checkpoint \d+ could not be written .*", out.stderr)  # once, whole
     assert ours.startswith(f"error: checkpoint 2 could not be written to {checkpoints} (")
-    assert "File too large" in ours and "Checkpoints [1] are kept" in ours
+    assert "File too large" in ours and "Checkpoints [1] are kept" in ours, ours
     # It stopped at the first step boundary after the failure: step 1 (done again from checkpoint 1)
     # and at most step 2, in flight while checkpoint 2 was being written in the background.
     assert [line["step"] for line in read_metrics(workdir / "metrics.jsonl")] in ([0, 1], [0, 1, 2])

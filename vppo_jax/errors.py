@@ -12,3 +12,16 @@ class InputError(ValueError):
 
     A ValueError, so code that already refuses bad values with ValueError keeps working while its
     raises move to this type."""
+
+
+def one_line(error: BaseException, limit: int | None = None) -> str:
+    """`Type: message` on one line, for a message of ours that quotes an error (pyarrow's and
+    TensorStore's span several lines). Beyond `limit` characters the middle gives way, since
+    both ends matter: what failed comes first and the operating system's reason ("File too
+    large") last."""
+    message = " ".join(str(error).split())
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    if limit is None or len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from vppo_jax.errors import InputError
+from vppo_jax.errors import InputError, one_line
 from vppo_jax.io import hub, paths
 
 log = logging.getLogger(__name__)
@@ -137,11 +137,6 @@ class JsonLinesRows:
         if not isinstance(row, dict):
             raise ValueError(f"line holds a JSON {type(row).__name__}, not an object")
         return row
-
-
-def one_line(error: BaseException) -> str:
-    """ "Type: message" on one line (pyarrow's messages span several)."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from typing import IO
 import fsspec
 from etils import epath
 
-from vppo_jax.errors import InputError
+from vppo_jax.errors import InputError, one_line
 
 COPY_CHUNK_BYTES = 16 << 20
 
@@ -85,7 +85,7 @@ def _storage_errors(function):
 
 def _storage_error_message(path: str, error: BaseException) -> str:
     """One line: the path, what failed, and what to do about it."""
-    detail = " ".join(f"{type(error).__name__}: {error}".split())
+    detail = one_line(error)
     status = getattr(error, "code", None)  # gcsfs's HttpError carries the HTTP status
     if isinstance(error, PermissionError) or status in (401, 403) or str(error).startswith("Forbidden"):
         return f"{path}: access denied ({detail}): {CREDENTIALS_FIX}."

@@ -2,7 +2,7 @@
 the rollout as soon as its row ends, so no step is spent on a finished row while rows wait.
 
     params = dataclasses.replace(params, continuous_slots=32)
-    rollout = sampling.generate(model, batch, keys, params)  # the same tokens as in waves
+    rollout = continuous.generate(model, batch, keys, params)  # sampling.generate's tokens
 
 The prompts are prefilled once, all of them (`sampling.prefill`), and the prompt cache stays
 one row per prompt: a slot reads its prompt's row by index (the slot's block table is that
@@ -41,7 +41,9 @@ from vppo_jax.rollout.sampling import (
     _start_state,
     _step_uniforms,
     ends,
+    padded_prompts,
     padded_rows,
+    prefill,
     sample_tokens,
     vision_token_ids,
 )
@@ -58,6 +60,22 @@ class _SlotState:
     mask: jax.Array
     logprobs: jax.Array
     finished: jax.Array
+
+
+def generate(
+    model: Qwen2_5_VLForConditionalGeneration,
+    batch: dict,
+    keys: jax.Array,
+    params: SamplingParams,
+    mesh: Mesh | None = None,
+    stop_lengths: jax.Array | None = None,
+) -> Rollout:
+    """`sampling.generate`'s rollout (the same tokens for the same keys), every prompt prefilled
+    first, then decoded in `params.continuous_slots` slots per device."""
+    if params.continuous_slots < 1:
+        raise ValueError(f"continuous_slots={params.continuous_slots}: continuous batching needs at least one slot.")
+    prefilled = prefill(model, padded_prompts(batch, keys, params), params, mesh)
+    return decode(model, prefilled, keys, params, mesh, stop_lengths)[0]
 
 
 def decode(

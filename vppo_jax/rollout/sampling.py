@@ -451,6 +451,19 @@ def padded_rows(prefilled: Prefilled, params: SamplingParams, keys: jax.Array, *
     return real, *map(pad, (keys, *per_row))
 
 
+def padded_prompts(batch: dict, keys: jax.Array, params: SamplingParams) -> dict:
+    """The HF-processor batch left-padded to its length bucket, once its keys are checked: one
+    per sample, prompts x group_size."""
+    batch = left_pad_to_bucket(batch, params.min_prompt_length, params.pad_token_id)
+    prompts = batch["input_ids"].shape[0]
+    if keys.shape != (prompts * params.group_size,):
+        raise ValueError(
+            f"keys has shape {keys.shape}; expected ({prompts * params.group_size},): one key per sample, "
+            "prompts x group_size."
+        )
+    return batch
+
+
 def generate(
     model: Qwen2_5_VLForConditionalGeneration,
     batch: dict,
@@ -460,24 +473,20 @@ def generate(
     stop_lengths: jax.Array | None = None,
 ) -> Rollout:
     """G samples for each prompt of an HF-processor batch: `prefill`, then `decode` with one key per
-    sample (N,), in waves of `params.wave_prompts` prompts, or in `params.continuous_slots`
-    slots per device (`continuous.decode`). stop_lengths (N,): see `ends`.
+    sample (N,), in waves of `params.wave_prompts` prompts. stop_lengths (N,): see `ends`.
+    (Continuous batching, `params.continuous_slots` > 0, is `continuous.generate`.)
 
     Every wave is left-padded to the whole batch's prompt length and the last one is padded
     to a full wave with empty prompts: one compiled prefill and decode serve all waves, and
     each row computes what it would in one wave (its tokens are drawn from its own key).
     """
-    batch = left_pad_to_bucket(batch, params.min_prompt_length, params.pad_token_id)
-    prompts = batch["input_ids"].shape[0]
-    if keys.shape != (prompts * params.group_size,):
-        raise ValueError(
-            f"keys has shape {keys.shape}; expected ({prompts * params.group_size},): one key per sample, "
-            "prompts x group_size."
-        )
     if params.continuous_slots:
-        from vppo_jax.rollout import continuous  # it builds on this module
-
-        return continuous.decode(model, prefill(model, batch, params, mesh), keys, params, mesh, stop_lengths)[0]
+        raise ValueError(
+            f"continuous_slots={params.continuous_slots}: sample with vppo_jax.rollout.continuous.generate, "
+            "or set 0 for waves."
+        )
+    batch = padded_prompts(batch, keys, params)
+    prompts = batch["input_ids"].shape[0]
     wave = min(params.wave_prompts or prompts, prompts)
     if wave == prompts:
         return decode(model, prefill(model, batch, params, mesh), keys, params, mesh, stop_lengths)

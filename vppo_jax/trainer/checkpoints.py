@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vppo_jax.errors import InputError
+from vppo_jax.errors import InputError, one_line
 from vppo_jax.io import paths
 from vppo_jax.parallel import distributed
 
@@ -100,15 +100,8 @@ class CheckpointRestoreError(InputError):
 
 # A checkpoint that cannot be restored is moved here, out of orbax's sight, and kept.
 UNRESTORABLE_DIR = "unrestorable_checkpoints"
-
-
-def one_line(error: BaseException, limit: int = 400) -> str:
-    """`Type: first line of the message`, within `limit` characters: TensorStore's run long, with
-    what failed first and the operating system's reason last ("File too large"), so both ends stay."""
-    first = (str(error).strip().splitlines() or [""])[0]
-    text = f"{type(error).__name__}: {first}" if first else type(error).__name__
-    half = (limit - 5) // 2
-    return text if len(text) <= limit else f"{text[:half]} ... {text[-half:]}"
+# TensorStore's errors quote whole specs: a checkpoint's error line keeps this much of one.
+ERROR_TEXT_LIMIT = 400
 
 
 class RunCheckpoints:
@@ -154,8 +147,9 @@ class RunCheckpoints:
             yield
         except Exception as error:  # whatever orbax or the storage raised: the write failed
             kept = [s for s in complete_steps_in(self.directory) if s != step]
+            reason = one_line(error, ERROR_TEXT_LIMIT)
             raise CheckpointWriteError(
-                f"checkpoint {step} could not be written to {self.directory} ({one_line(error)}); the run stopped. "
+                f"checkpoint {step} could not be written to {self.directory} ({reason}); the run stopped. "
                 f"{f'Checkpoints {kept} are kept' if kept else 'No earlier checkpoint exists'}: fix the cause "
                 "(free space, permissions), then rerun the same command to resume."
             ) from error
@@ -170,7 +164,7 @@ class RunCheckpoints:
                 restored = self.restore(step, abstract_state)
             except Exception as error:  # a truncated or missing file, whatever layer noticed it
                 # Every process reads its own shards: all move on when any could not.
-                problem = one_line(error)
+                problem = one_line(error, ERROR_TEXT_LIMIT)
             else:
                 problem = None
             problems = [p for p in distributed.allgather(problem) if p]

@@ -12,7 +12,7 @@ in the directory of the config file.
 
 import importlib
 
-from vppo_jax.errors import InputError
+from vppo_jax.errors import InputError, one_line
 
 _REWARDS = {}
 
@@ -46,7 +46,7 @@ def get_reward(name):
         try:
             importlib.import_module(module)
         except Exception as error:  # ImportError, or a SyntaxError, NameError, ... in the module's code
-            detail = " ".join(f"{type(error).__name__}: {error}".split())
+            detail = one_line(error)
             raise InputError(
                 f"reward {name!r}: cannot import {module} ({detail}). A reward module is found on "
                 "PYTHONPATH, in the directory the command runs from, or next to the config file."
