@@ -3,11 +3,12 @@ the gap knob, and the teacher's demonstrations graded by the training reward."""
 
 import re
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from test_synthetic import read_scene
 
-from vppo_jax.embedded import reasoning
+from vppo_jax.embedded import dependency_profile, reasoning
 from vppo_jax.rollout.rewards.accuracy import accuracy
 
 OPS = {"add": lambda v, k: v + k, "subtract": lambda v, k: v - k, "multiply by": lambda v, k: v * k}
@@ -61,3 +62,12 @@ def test_deterministic_by_seed_and_splits_disjoint(tmp_path):
     train, val = (pq.read_table(files[split]).to_pylist() for split in ("train", "val"))
     assert (len(train), len(val)) == (20, 10)
     assert not {r["images"][0]["bytes"] for r in train} & {r["images"][0]["bytes"] for r in val}
+
+
+def test_profile_marks_the_two_counts_as_perception_tokens():
+    row = reasoning.generate_rows(1, seed=0, gap=2)[0]
+    tokens = re.findall(r"\s*\S+?(?=[.:\s]|$)|[.:]", row["reasoning"])  # words and punctuation, as a BPE splits
+    assert "".join(tokens) == row["reasoning"]
+    counts = [t.strip() for t, marked in zip(tokens, dependency_profile.perception_mask(tokens)) if marked]
+    assert counts == re.findall(r"s: (\d+)\.", row["reasoning"])
+    assert dependency_profile.share_holding(np.array([8.0, 1.0, 1.0, 0.0, 0.0])) == 0.2  # one token holds 80%
