@@ -23,7 +23,7 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from vppo_jax.demo.report import DependencySample, top_share
+from vppo_jax.demo.report import DependencySample, tokens_html, top_share
 from vppo_jax.demo.run import dependency_samples
 from vppo_jax.embedded.assets import prepare_embedded_default
 from vppo_jax.io import paths
@@ -64,9 +64,18 @@ def profile(samples: list[DependencySample]) -> dict:
         "top_20%_share": top_share(values),
         "mean_S_perception": float(values[perception].mean()),
         "mean_S_reasoning": float(values[~perception].mean()),
+        "median_S_perception": float(np.median(values[perception])),
         "median_S_reasoning": float(np.median(values[~perception])),
         "perception_share_of_total": float(values[perception].sum() / values.sum()),
+        "top_tokens": _top_tokens(samples, values),
     }
+
+
+def _top_tokens(samples: list[DependencySample], values: np.ndarray, count: int = 15) -> list[str]:
+    """The tokens with the highest S_t, each after the three tokens before it: which steps of
+    the answer the dependency sits on when it is not on the counts."""
+    contexts = ["".join(s.tokens[max(i - 3, 0) : i]) + f"[{t}]" for s in samples for i, t in enumerate(s.tokens)]
+    return [f"{contexts[i]} {values[i]:.3g}" for i in np.argsort(values)[::-1][:count]]
 
 
 FLAGS = flags.FLAGS
@@ -87,8 +96,10 @@ def main(argv):
     samples = dependency_samples(trainer, FLAGS.prompts, jax.random.key(config.train.seed + 1))
     numbers = profile(samples)
     paths.write_json(os.path.join(FLAGS.workdir, "dependency_profile.json"), numbers, indent=1)
+    tokens_html(samples, os.path.join(FLAGS.workdir, "dependency_profile.html"))
     for name, value in numbers.items():
         print(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}")
+    print(f"tokens coloured by S_t: {os.path.join(FLAGS.workdir, 'dependency_profile.html')}")
 
 
 if __name__ == "__main__":
