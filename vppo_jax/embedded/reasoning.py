@@ -9,13 +9,14 @@ b = the blue squares, kinds chosen per problem) and a calculation on them given 
     Start from a, add 3, multiply by 2, subtract 4, then add b, then add 1. What number do you get?
 
 The worked answer reads a, carries out the `gap` operations between a and b, reads b and
-finishes; only the two counts need the pixels, every other token follows from the text:
+finishes with one more operation; only the two counts need the pixels, every other token
+follows from the text:
 
     <think> red triangles: 2. 2 + 3 = 5. 5 * 2 = 10. 10 - 4 = 6. blue squares: 1. 6 + 1 = 7.
     7 + 1 = 8. </think> \\boxed{8}
 
-`gap` is the knob: the operations (about seven tokens each) between the two perception steps.
-The noisy teacher misperceives one of the two counts (off by one) in a `teacher_noise` share of
+`gap` is the knob: the operations (six tokens each with the tiny model's tokenizer) between the
+two perception steps. The noisy teacher misperceives one of the two counts (off by one) in a `teacher_noise` share of
 scenes and computes the rest of the chain correctly from its wrong count, so its boxed answer is
 wrong while `answer` stays right. Rows have the shapes task's columns, so its warm start, data
 pipeline and reward read them unchanged.
@@ -37,8 +38,8 @@ KINDS = [(colour, shape) for colour in COLORS for shape in SHAPES]
 MAX_COUNT = 3  # of each asked kind; the rest of the 3 x 3 grid holds up to 3 distractors
 
 
-def _plural(count: int, colour: str, shape: str) -> str:
-    return f"{colour} {shape}{'' if count == 1 else 's'}"
+def _plural(colour: str, shape: str) -> str:
+    return f"{colour} {shape}s"
 
 
 def _scene(rng: np.random.Generator, asked: list[tuple[str, str]], counts: list[int]):
@@ -98,11 +99,11 @@ def generate_rows(count: int, seed: int, image_size: int = 84, teacher_noise: fl
         steps, taught = _run(seen[0], before + [(combine, seen[1])] + after)
         (ca, sa), (cb, sb) = asked
         thought = " ".join(
-            [f"{_plural(2, ca, sa)}: {seen[0]}."] + steps[:gap] + [f"{_plural(2, cb, sb)}: {seen[1]}."] + steps[gap:]
+            [f"{_plural(ca, sa)}: {seen[0]}."] + steps[:gap] + [f"{_plural(cb, sb)}: {seen[1]}."] + steps[gap:]
         )
         operations = ", ".join(_WORDS[op].format(k=k) for op, k in before)
         problem = (
-            f"Let a be the number of {_plural(2, ca, sa)} and b the number of {_plural(2, cb, sb)} in the image. "
+            f"Let a be the number of {_plural(ca, sa)} and b the number of {_plural(cb, sb)} in the image. "
             f"Start from a{', ' + operations if operations else ''}, then {_WORDS[combine].format(k='b')}, "
             f"then {_WORDS[after[0][0]].format(k=after[0][1])}. What number do you get?"
         )
