@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-from vppo_jax.embedded import synthetic
+from vppo_jax.embedded import reasoning, synthetic
 from vppo_jax.embedded.tiny_model import write_tiny_model
 from vppo_jax.embedded.warm_start import warm_start
 from vppo_jax.io import paths
@@ -32,7 +32,10 @@ def prepare_embedded_default(config: ml_collections.ConfigDict, workdir: str) ->
     assets = os.path.join(workdir, "embedded")
     files = synthetic.split_paths(assets)
     if not all(paths.exists(f) for f in files.values()):
-        synthetic.write_splits(assets, s.train, s.val, s.seed, teacher_noise=s.teacher_noise)
+        if s.get("task") == "reasoning":  # configs/tiny_reasoning.py; the shapes task otherwise
+            reasoning.write_splits(assets, s.train, s.val, s.seed, teacher_noise=s.teacher_noise, gap=s.gap)
+        else:
+            synthetic.write_splits(assets, s.train, s.val, s.seed, teacher_noise=s.teacher_noise)
     model_dir = os.path.join(assets, "tiny_model")
     if not paths.exists(model_dir):
         write_tiny_model(model_dir, synthetic.tokenizer_corpus(files["train"]), seed=config.train.seed)
