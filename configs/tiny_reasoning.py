@@ -2,7 +2,7 @@
 must read two counts from the image and carry them through `gap` arithmetic steps given in the
 text, so most tokens of an answer read no pixel, the regime VPPO was built for (issue 34).
 
-    python -m vppo_jax.embedded.dependency_profile --config=configs/tiny_reasoning.py --workdir=runs/reasoning
+    python -m vppo_jax.demo.dependency_profile --config=configs/tiny_reasoning.py --workdir=runs/reasoning
 
 Everything else is configs/tiny.py; the answers are longer (about 60 tokens at gap 3), so the
 rollouts sample more tokens.

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from test_synthetic import read_scene
 
-from vppo_jax.embedded import dependency_profile, reasoning
+from vppo_jax.demo import dependency_profile
+from vppo_jax.embedded import reasoning
 from vppo_jax.rollout.rewards.accuracy import accuracy
 
 OPS = {"add": lambda v, k: v + k, "subtract": lambda v, k: v - k, "multiply by": lambda v, k: v * k}

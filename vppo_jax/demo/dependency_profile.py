@@ -10,7 +10,7 @@ splits the tokens by what they are in the worked answer:
 VPPO's premise (the paper's Figure 3) holds when a small share of the tokens holds most of the
 dependency and the reasoning tokens sit near zero; that is what this prints.
 
-    python -m vppo_jax.embedded.dependency_profile --config=configs/tiny_reasoning.py --workdir=runs/reasoning
+    python -m vppo_jax.demo.dependency_profile --config=configs/tiny_reasoning.py --workdir=runs/reasoning
 """
 
 from __future__ import annotations
