@@ -31,7 +31,8 @@ import io
 import numpy as np
 from absl import flags, logging
 
-from vppo_jax.embedded.synthetic import COLORS, GRID, SHAPES, draw_scene, split_paths, write_parquet
+from vppo_jax.embedded import synthetic
+from vppo_jax.embedded.synthetic import COLORS, GRID, SHAPES, draw_scene, write_generated_splits
 from vppo_jax.io.cli import run_program
 
 KINDS = [(colour, shape) for colour in COLORS for shape in SHAPES]
@@ -124,23 +125,16 @@ def write_splits(
     directory: str, train: int, val: int, seed: int, image_size: int = 84, teacher_noise: float = 0.0, gap: int = 3
 ) -> dict[str, str]:
     """Writes train.parquet and val.parquet (disjoint seeds, as the shapes task) and returns their paths."""
-    files = split_paths(directory)
-    for split, count, split_seed in (("train", train, seed), ("val", val, seed + 1_000_003)):
-        write_parquet(generate_rows(count, split_seed, image_size, teacher_noise, gap), files[split])
-    return files
+    make_rows = lambda count, split_seed: generate_rows(count, split_seed, image_size, teacher_noise, gap)
+    return write_generated_splits(directory, train, val, seed, make_rows)
 
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_string("out", None, "Directory for train.parquet and val.parquet.")
-    flags.DEFINE_integer("train", 2000, "Training problems.")
-    flags.DEFINE_integer("val", 200, "Validation problems.")
-    flags.DEFINE_integer("seed", 0, "Seed of the task's problems and images.")
-    flags.DEFINE_float("teacher_noise", 0.0, "Share of worked answers with a misperceived count.")
+    synthetic.define_flags("Share of worked answers with a misperceived count.")
     flags.DEFINE_integer("gap", 3, "Arithmetic operations between the two perception steps.")
-    flags.mark_flags_as_required(["out"])
 
 
 def main(argv):

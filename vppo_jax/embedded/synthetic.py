@@ -127,9 +127,16 @@ def write_splits(
     directory: str, train: int, val: int, seed: int, image_size: int = 84, teacher_noise: float = 0.0
 ) -> dict[str, str]:
     """Writes train.parquet and val.parquet (disjoint seeds) and returns their paths."""
+    make_rows = lambda count, split_seed: generate_rows(count, split_seed, image_size, teacher_noise)
+    return write_generated_splits(directory, train, val, seed, make_rows)
+
+
+def write_generated_splits(directory: str, train: int, val: int, seed: int, make_rows) -> dict[str, str]:
+    """train.parquet and val.parquet of `make_rows(count, seed)` rows, on disjoint seeds (a task of
+    this package: the shapes, the reasoning chains); returns their paths."""
     files = split_paths(directory)
     for split, count, split_seed in (("train", train, seed), ("val", val, seed + 1_000_003)):
-        write_parquet(generate_rows(count, split_seed, image_size, teacher_noise), files[split])
+        write_parquet(make_rows(count, split_seed), files[split])
     return files
 
 
@@ -144,12 +151,13 @@ def tokenizer_corpus(train_file: str) -> list[str]:
 FLAGS = flags.FLAGS
 
 
-def define_flags():
+def define_flags(teacher_noise_help: str = "Share of wrong worked answers."):
+    """A task's split-writer command line, shared by the tasks (reasoning.py adds its knob)."""
     flags.DEFINE_string("out", None, "Directory for train.parquet and val.parquet.")
     flags.DEFINE_integer("train", 2000, "Training problems.")
     flags.DEFINE_integer("val", 200, "Validation problems.")
     flags.DEFINE_integer("seed", 0, "Seed of the task's problems and images.")
-    flags.DEFINE_float("teacher_noise", 0.0, "Share of wrong worked answers.")
+    flags.DEFINE_float("teacher_noise", 0.0, teacher_noise_help)
     flags.mark_flags_as_required(["out"])
 
 
