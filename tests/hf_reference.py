@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from flax import nnx
 from PIL import Image
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
 from vppo_jax.models import qwen2_5_vl
+from vppo_jax.models.qwen2_5_vl.weights import weight_table
 
 VOCAB = 1024
 IMAGE_TOKEN, VISION_START, VISION_END = 1000, 1001, 1002
@@ -117,3 +119,19 @@ def hf_logits(model, batch: dict) -> np.ndarray:
 
 def text_ids(length: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(3, 900, length).tolist()
+
+
+def assert_gradients_match(config, grads, hf_grads: dict) -> None:
+    """Every parameter's gradient of our port (an nnx.State) equals transformers' (by our legacy
+    HF name) within 1e-4 of the tensor's largest, and the vision tower and every decoder layer
+    got some: the check of the shared-prompt and packed forwards' backward passes."""
+    flat = dict(nnx.to_flat_state(grads))
+    checked = 0
+    for entry in weight_table(config):
+        ours_grad = np.asarray(flat[entry.path][...])
+        for i, name in enumerate(entry.hf_names()):
+            got = entry.transform.to_hf(ours_grad[i] if entry.layers else ours_grad)
+            scale = np.abs(hf_grads[name]).max()
+            np.testing.assert_allclose(got, hf_grads[name], atol=1e-4 * max(scale, 1e-3), err_msg=name)
+            checked += scale > 0
+    assert checked > 40  # the vision tower's and every decoder layer's weights get gradient
