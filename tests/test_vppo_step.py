@@ -67,6 +67,25 @@ def train_batch(model, arrays, response, micro_batches=1):
     )
 
 
+def parameter_changes(train_step, state, batches) -> list:
+    """(parameter change, metrics) of one step from `state` on each batch (the same key): with
+    SGD at rate 1 the change is -gradient."""
+    before = jax.tree.map(np.asarray, state.params)
+    copy = lambda s: jax.tree.map(jnp.array, s)
+    changes = []
+    for batch in batches:
+        new_state, metrics = train_step(copy(state), batch, jax.random.key(4))
+        changes.append((jax.tree.map(lambda a, b: np.asarray(a) - b, new_state.params, before), metrics))
+    return changes
+
+
+def assert_same_update(one, other):
+    """Two parameter changes equal within 1e-5, the first one large enough to mean something."""
+    assert max(np.abs(g).max() for g in jax.tree.leaves(one)) > 1e-3
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(other)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def hf_token_logprobs(hf_model, arrays, pixel_values=None):
     batch = dict(arrays, pixel_values=arrays["pixel_values"] if pixel_values is None else pixel_values)
     logits = torch.from_numpy(hf_logits(hf_model, batch)).double()
@@ -151,16 +170,8 @@ def test_gradient_accumulation_over_4_micro_batches_equals_full_batch(setup):
         old_logp=regroup(full.old_logp), dependency=regroup(full.dependency), old_entropy=regroup(full.old_entropy)
     )
     train_step = programs.make_train_step(config, optimizer, graphdef)
-    before = jax.tree.map(np.asarray, state.params)
-    copy = lambda s: jax.tree.map(jnp.array, s)
-    state_full, metrics_full = train_step(copy(state), full, jax.random.key(4))
-    state_micro, metrics_micro = train_step(copy(state), micro, jax.random.key(4))
-    grads_full = jax.tree.map(lambda a, b: np.asarray(a) - b, state_full.params, before)
-    grads_micro = jax.tree.map(lambda a, b: np.asarray(a) - b, state_micro.params, before)
-    biggest = max(np.abs(g).max() for g in jax.tree.leaves(grads_full))
-    assert biggest > 1e-3
-    for a, b in zip(jax.tree.leaves(grads_full), jax.tree.leaves(grads_micro)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    (grads_full, metrics_full), (grads_micro, metrics_micro) = parameter_changes(train_step, state, (full, micro))
+    assert_same_update(grads_full, grads_micro)
     assert float(metrics_full["loss"]) == pytest.approx(float(metrics_micro["loss"]), abs=1e-5)
 
 
@@ -185,16 +196,8 @@ def test_another_loss_and_a_kl_accumulate_over_micro_batches_exactly(setup):
         **{name: regroup(getattr(full, name)) for name in ("old_logp", "dependency", "old_entropy", "ref_logp")}
     )
     train_step = programs.make_train_step(config, optimizer, graphdef)
-    before = jax.tree.map(np.asarray, state.params)
-    copy = lambda s: jax.tree.map(jnp.array, s)
-    changes = []
-    for batch in (full, micro):
-        new_state, metrics = train_step(copy(state), batch, jax.random.key(4))
-        changes.append((jax.tree.map(lambda a, b: np.asarray(a) - b, new_state.params, before), metrics))
-    (one, metrics_one), (four, metrics_four) = changes
-    assert max(np.abs(g).max() for g in jax.tree.leaves(one)) > 1e-3
-    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    (one, metrics_one), (four, metrics_four) = parameter_changes(train_step, state, (full, micro))
+    assert_same_update(one, four)
     assert float(metrics_one["kl_loss"]) > 1e-4
     for name in ("loss", "kl_loss", "pg_loss"):
         assert float(metrics_one[name]) == pytest.approx(float(metrics_four[name]), abs=1e-5)
@@ -210,18 +213,10 @@ def test_per_group_tas_accumulates_in_pass_over_whole_groups_exactly(setup):
     optimizer = optax.sgd(1.0)  # the parameter change is then exactly -gradient
     graphdef, state = init(model, optimizer)
     train_step = programs.make_train_step(config, optimizer, graphdef)
-    before = jax.tree.map(np.asarray, state.params)
-    copy = lambda s: jax.tree.map(jnp.array, s)
-    changes = []
-    for micro_batches in (1, 2):
-        batch = train_batch(model, arrays, response, micro_batches)
-        assert not batch.scored
-        new_state, metrics = train_step(copy(state), batch, jax.random.key(4))
-        changes.append((jax.tree.map(lambda a, b: np.asarray(a) - b, new_state.params, before), metrics))
-    (one, metrics_one), (two, metrics_two) = changes
-    assert max(np.abs(g).max() for g in jax.tree.leaves(one)) > 1e-3
-    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    batches = [train_batch(model, arrays, response, micro_batches) for micro_batches in (1, 2)]
+    assert not any(batch.scored for batch in batches)
+    (one, metrics_one), (two, metrics_two) = parameter_changes(train_step, state, batches)
+    assert_same_update(one, two)
     for name in ("loss", "tas/alpha_max", "dependency/token_mean"):
         assert float(metrics_one[name]) == pytest.approx(float(metrics_two[name]), abs=1e-5)
 
