@@ -101,8 +101,8 @@ def main(_):
         return nnx.merge(graphdef, params).response_hidden_states(inputs, window, padded.prompt_group)
 
     def packed_hidden(params, packed):
-        hidden = nnx.merge(graphdef, params).packed_hidden_states(packed.inputs, packed.tree)
-        return packing.predicting_hidden(hidden, packed.predicted_by)
+        hidden = nnx.merge(graphdef, params).packed_hidden_states(packed.inputs, packed.layout.tree)
+        return packing.predicting_hidden(hidden, packed.layout.predicted_by)
 
     # The backward of a sum over the response tokens' hidden states: the decoder's and vision
     # tower's whole backward, without the vocabulary projection (the same work on both sides).
@@ -110,7 +110,7 @@ def main(_):
     forwards = jax.jit(padded_hidden), jax.jit(packed_hidden)
     backwards = (
         jax.jit(gradient(padded_hidden, padded.response_mask[0])),
-        jax.jit(gradient(packed_hidden, packed.response_mask)),
+        jax.jit(gradient(packed_hidden, packed.layout.response_mask)),
     )
     response_tokens = int(padded.response_mask.sum())
     print(

@@ -5,6 +5,7 @@ gradients against transformers run on each row alone."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from flax import nnx
@@ -15,8 +16,11 @@ from vppo_jax.models.qwen2_5_vl.packed import token_tree, tree_attention, tree_m
 from vppo_jax.models.qwen2_5_vl.weights import legacy_name
 from vppo_jax.parallel import sharding
 from vppo_jax.vppo import packing
+from vppo_jax.vppo import step as step_lib
+from vppo_jax.vppo.batch import build_packed_train_batch, build_padded_train_batch, init_state
 
 from hf_reference import IMAGE_TOKEN, assert_gradients_match, load_port, processor_batch, text_ids, tiny_hf_model
+from update_checks import assert_same_update, parameter_changes
 
 BUDGET = 96
 # Per group: (prompt text ids, image sizes, response lengths), groups of 3 and 4 samples, one
@@ -60,11 +64,11 @@ def test_sequences_fill_bins_first_fit_decreasing(models):
     assert packed.inputs.input_ids.shape == (4, BUDGET)
     assert not packed.inputs.attention_mask[3].any()  # the bin that pads 3 bins to 4 shards
     # Bin 2: group 0's prompt, its responses as branches 1..3, then group 1 as segment 1.
-    assert packed.tree.segment_ids[2, 13 + 43] == 1 and packed.tree.branch_ids[2, 13 + 30] == 2
+    assert packed.layout.tree.segment_ids[2, 13 + 43] == 1 and packed.layout.tree.branch_ids[2, 13 + 30] == 2
     # The prompt's last position predicts the first token of each of its responses.
-    firsts = np.flatnonzero((packed.column[2] == 0) & (packed.tree.segment_ids[2] == 0))
-    assert firsts.tolist() == [13, 43, 45] and np.all(packed.predicted_by[2, firsts] == 12)
-    assert packed.row[2, firsts].tolist() == [0, 1, 2] and packed.row[0, 27] == 8  # group 2's sample 1
+    firsts = np.flatnonzero((packed.layout.column[2] == 0) & (packed.layout.tree.segment_ids[2] == 0))
+    assert firsts.tolist() == [13, 43, 45] and np.all(packed.layout.predicted_by[2, firsts] == 12)
+    assert packed.layout.row[2, firsts].tolist() == [0, 1, 2] and packed.layout.row[0, 27] == 8  # group 2's sample 1
     with pytest.raises(ValueError, match="raise the token budget to at least 67"):
         packing.sequences(groups, 66)
 
@@ -166,10 +170,11 @@ def test_packed_log_probs_and_gradients_match_transformers_row_by_row(models, at
 
     def loss(params, packed):
         m = nnx.merge(graphdef, params)
-        hidden = packing.predicting_hidden(m.packed_hidden_states(packed.inputs, packed.tree), packed.predicted_by)
+        hidden = m.packed_hidden_states(packed.inputs, packed.layout.tree)
+        hidden = packing.predicting_hidden(hidden, packed.layout.predicted_by)
         logp = jax.nn.log_softmax(jnp.dot(hidden, m.unembedding()), -1)
         logp = jnp.take_along_axis(logp, packed.inputs.input_ids[..., None], -1)[..., 0]
-        per_row = packing.unpack(logp, packed, rows, width)
+        per_row = packing.unpack(logp, packed.layout, rows, width)
         return (per_row * weights).sum(), per_row
 
     run = jax.jit(
@@ -181,3 +186,75 @@ def test_packed_log_probs_and_gradients_match_transformers_row_by_row(models, at
     for row, reference in enumerate(expected):
         np.testing.assert_allclose(np.asarray(ours)[row, : len(reference)], reference, atol=1e-5, err_msg=f"row {row}")
     assert_gradients_match(model.config, grads, hf_grads)
+
+
+def images_that_matter(model):
+    """A copy of the model whose image features and logits are scaled up (x10, x5). The random
+    tiny model is nearly uniform over its vocabulary and barely sees its images: a token's
+    dependency (1e-4 nats) is then of the order of the float rounding by which two layouts of
+    the same sums differ, and TAS's min-max normalisation magnifies that. Here it is 0.02."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    model = nnx.merge(graphdef, jax.tree.map(jnp.array, params))
+    model.visual.merger.fc2.kernel[...] = 10 * model.visual.merger.fc2.kernel[...]
+    model.lm_head[...] = 5 * model.lm_head[...]
+    return model
+
+
+def update_of(model, config: step_lib.StepConfig, batch, score: bool):
+    """(parameter change, metrics) of one SGD step at rate 1 on `batch`, scored first or not."""
+    graphdef, state = init_state(model, optax.sgd(1.0))
+    state = jax.tree.map(jnp.array, state)
+    if score:
+        batch = step_lib.score_rollouts(config, graphdef, state.model_params, batch, jax.random.key(3))
+    step = jax.jit(lambda state, batch, key: step_lib.train_step(config, optax.sgd(1.0), graphdef, state, batch, key))
+    ((change, metrics),) = parameter_changes(step, state, [batch])
+    return change, metrics
+
+
+# GRPO packs a group's prompt once for its samples; VPPO each row with its own prompt (its own
+# perturbed images). A budget of 96 tokens: several micro-batches (global TAS then needs the
+# scoring pass); of 512: one (every configuration in the update's own forward).
+@pytest.mark.parametrize(
+    "vppo, tas, score, budget",
+    [(False, False, False, 96), (True, False, False, 96), (True, True, True, 96), (True, True, False, 512)],
+    ids=["grpo", "vppo-tgf", "vppo-scored", "vppo-in-pass"],
+)
+def test_a_packed_update_is_the_padded_update(models, vppo, tas, score, budget):
+    """The same rollout (groups of 3, 4 and 3 samples, responses of 0..40 tokens, four images of
+    three sizes) laid out padded (one micro-batch) and packed: the same parameter change and
+    the same metrics. The perturbation is the gray image (deterministic: a random blackening
+    draws its patches by slot, and slots differ between the layouts)."""
+    model = images_that_matter(with_config(models[1], models[1].config.with_compute(attention_block=16)))
+    groups = make_groups()
+    advantages = np.random.default_rng(3).normal(size=len(rows_of(groups))).astype(np.float32)
+    config = step_lib.StepConfig(vppo=vppo, tas=tas, perturbation="gray", estimator="kl", group_size=3)
+    window = 48  # wider than the longest response (40)
+    padded = build_padded_train_batch(model.config, groups, advantages, window)
+    packed = build_packed_train_batch(model.config, groups, advantages, window, budget, per_row=vppo)
+    assert (packed.targets.shape[0] > 1) == (budget == 96)
+    padded_change, padded_metrics = update_of(model, config, padded, score)
+    packed_change, packed_metrics = update_of(model, config, packed, score)
+    assert_same_update(padded_change, packed_change)
+    assert padded_metrics.keys() == packed_metrics.keys()
+    for name in padded_metrics:
+        np.testing.assert_allclose(packed_metrics[name], padded_metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    if vppo:
+        assert float(packed_metrics["dependency/token_mean"]) > 0.01
+
+
+def test_per_group_tas_ranks_packed_rows_in_their_groups():
+    """Rows laid out in another order than the rollout's (as packed micro-batches hold them, with
+    rows that are none): per-group TAS of each row is that of the rollout-ordered rows."""
+    config = step_lib.StepConfig(tas_scope="per_group", group_size=4, tgf=False)
+    rng = np.random.default_rng(5)
+    dependency = jnp.asarray(rng.random((8, 6)), jnp.float32)
+    mask = jnp.asarray(rng.random((8, 6)) < 0.8)
+    key = jax.random.key(0)
+    alpha, _ = step_lib.shape_rows(config, dependency, None, mask, key)
+    rows = np.array([5, -1, 0, 7, 2, 1, 6, -1, 3, 4])  # ten places for eight rows
+    place = np.maximum(rows, 0)
+    shuffled_alpha, _ = step_lib.shape_in_rollout_order(
+        config, dependency[place], None, mask[place] & (rows >= 0)[:, None], key, jnp.asarray(rows), 8
+    )
+    np.testing.assert_allclose(np.asarray(shuffled_alpha)[rows >= 0], np.asarray(alpha)[rows[rows >= 0]], rtol=1e-6)
+    assert np.ptp(np.asarray(alpha)) > 0.1  # TAS ranked something

@@ -19,6 +19,7 @@ from vppo_jax.vppo.perturbation import CLIP_MEAN, CLIP_STD
 
 from hf_reference import hf_logits, processor_batch, text_ids, tiny_hf_model
 from numpy_reference import numpy_grpo_advantages
+from update_checks import assert_same_update, parameter_changes
 
 GROUP = 4
 RESPONSE_LENGTHS = [5, 9, 0, 7, 3, 10, 6, 8]  # one empty response; lengths where ceil(0.4 L) rounds up
@@ -65,25 +66,6 @@ def train_batch(model, arrays, response, micro_batches=1):
         arrays["image_grid_thw"],
         micro_batches,
     )
-
-
-def parameter_changes(train_step, state, batches) -> list:
-    """(parameter change, metrics) of one step from `state` on each batch (the same key): with
-    SGD at rate 1 the change is -gradient."""
-    before = jax.tree.map(np.asarray, state.params)
-    copy = lambda s: jax.tree.map(jnp.array, s)
-    changes = []
-    for batch in batches:
-        new_state, metrics = train_step(copy(state), batch, jax.random.key(4))
-        changes.append((jax.tree.map(lambda a, b: np.asarray(a) - b, new_state.params, before), metrics))
-    return changes
-
-
-def assert_same_update(one, other):
-    """Two parameter changes equal within 1e-5, the first one large enough to mean something."""
-    assert max(np.abs(g).max() for g in jax.tree.leaves(one)) > 1e-3
-    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(other)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def hf_token_logprobs(hf_model, arrays, pixel_values=None):

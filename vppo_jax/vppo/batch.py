@@ -3,6 +3,7 @@ the host by `build_train_batch`) and the training state (`TrainState`), with the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -22,6 +23,7 @@ from vppo_jax.models.qwen2_5_vl.inputs import (
     vision_inputs,
 )
 from vppo_jax.parallel import sharding
+from vppo_jax.vppo import packing
 
 
 @flax.struct.dataclass
@@ -48,7 +50,28 @@ class TrainBatch:
     old_entropy: jax.Array | None = None  # (M, b, R) for entropy-based TGF
     ref_logp: jax.Array | None = None  # (M, b, R) the reference policy's, from score_rollouts with a KL on
     perturbed_patches: jax.Array | None = None  # (M, S, patch_dim) images I' made on the host ("blacken_pixels")
+    # Packed (`build_packed_train_batch`): `inputs` hold each micro-batch's bins (M, K, N) laid
+    # out by `packed`, and `rows` (M, b) names each row's rollout row (-1: none, a micro-batch
+    # holding fewer than b). None: padded rows, micro-batch after micro-batch in rollout order.
+    packed: packing.PackedLayout | None = None
+    rows: jax.Array | None = None
     prompt_group: int = flax.struct.field(pytree_node=False, default=1)
+    rollout_rows: int = flax.struct.field(pytree_node=False, default=0)  # packed: the rollout's rows
+
+    def token_targets(self) -> jax.Array:
+        """The tokens the per-token scores are of, in the inputs' layout: (b, R) targets of the
+        response window, or every token of the packed bins (K, N); of one micro-batch."""
+        return self.targets if self.packed is None else self.inputs.input_ids
+
+    def token_mask(self) -> jax.Array:
+        """Which of `token_targets` are response tokens."""
+        return self.response_mask if self.packed is None else self.packed.response_mask
+
+    def as_rows(self, values: jax.Array) -> jax.Array:
+        """Per-token values of one micro-batch in the inputs' layout -> its (b, R) rows."""
+        if self.packed is None:
+            return values
+        return packing.unpack(values, self.packed, *self.targets.shape[-2:])
 
     @property
     def scored(self) -> bool:
@@ -268,3 +291,87 @@ def _check_shared_prompts(prompt_ids: np.ndarray, prompt_mask: np.ndarray, row_i
                     "before the responses, or their images) differ: pass rows grouped as a rollout "
                     "lays them out (a prompt's samples next to each other), or prompt_group=1."
                 )
+
+
+def build_packed_train_batch(
+    config: Qwen2_5_VLConfig,
+    groups: list[packing.Group],
+    advantages: np.ndarray,
+    window: int,
+    budget: int,
+    shards: int = 1,
+    per_row: bool = False,
+    min_micro_batches: int = 1,
+    min_rows: int = 1,
+) -> TrainBatch:
+    """The groups' rows packed in micro-batches of `shards` bins of `budget` tokens
+    (vppo_jax/vppo/packing.py), with one advantage per row (rows numbered group by group), the
+    per-row arrays (targets, response mask, advantages, scores) in each micro-batch's rows
+    (b of them, `rows` says which) over a response window of `window` tokens.
+
+    `per_row`: each row a sequence of its own, its prompt copied (VPPO's perturbed forward
+    perturbs each row's images); otherwise a group's prompt runs once for its samples.
+    `min_micro_batches` and `min_rows` let batches share one compiled shape."""
+    responses = [np.asarray(r) for g in groups for r in g.responses]
+    if len(advantages) != len(responses):
+        raise ValueError(f"{len(advantages)} advantages for {len(responses)} rows.")
+    longest = max(map(len, responses), default=0)
+    if longest > window:
+        raise ValueError(f"a response of {longest} tokens does not fit in the response window of {window}.")
+    if per_row:
+        groups = [dataclasses.replace(g, responses=(r,)) for g in groups for r in g.responses]
+    packed, rows = packing.pack_micro_batches(config, groups, budget, shards, min_micro_batches, min_rows)
+    targets = np.zeros((*rows.shape, window), np.int32)
+    response_mask = np.zeros(targets.shape, bool)
+    for m, r in zip(*np.nonzero(rows >= 0)):
+        response = responses[rows[m, r]]
+        targets[m, r, : len(response)] = response
+        response_mask[m, r, : len(response)] = True
+    return TrainBatch(
+        inputs=packed.inputs,
+        targets=targets,
+        response_mask=response_mask,
+        advantages=np.where(rows >= 0, np.asarray(advantages, np.float32)[np.maximum(rows, 0)], 0.0),
+        packed=packed.layout,
+        rows=rows.astype(np.int32),
+        prompt_group=max(len(g.responses) for g in groups),
+        rollout_rows=len(responses),
+    )
+
+
+def build_padded_train_batch(
+    config: Qwen2_5_VLConfig,
+    groups: list[packing.Group],
+    advantages: np.ndarray,
+    window: int | None = None,
+    micro_batches: int = 1,
+) -> TrainBatch:
+    """The groups' rows as `build_train_batch` lays out a rollout: prompts left-padded to the
+    longest, responses right-padded to `window` (default: the longest response); the layout a
+    packed batch of the same groups is measured against (tests, benchmarks/packing.py)."""
+    width = max(len(g.prompt) for g in groups)
+    window = window or max(len(r) for g in groups for r in g.responses)
+    ids, response, pixels, grids = [], [], [], []
+    for g in groups:
+        for r in g.responses:
+            row = np.zeros(width + window, np.int64)
+            row[width - len(g.prompt) : width + len(r)] = np.concatenate([g.prompt, r])
+            ids.append(row)
+            response.append(np.isin(np.arange(width + window), np.arange(width, width + len(r))))
+            if g.pixel_values is not None:
+                pixels.append(g.pixel_values)
+                grids.append(g.image_grid_thw)
+    padding = np.array([width - len(g.prompt) for g in groups for _ in g.responses])
+    prompt_mask = np.arange(width)[None] >= padding[:, None]
+    return build_train_batch(
+        config,
+        np.stack(ids),
+        np.concatenate([prompt_mask, np.stack(response)[:, width:]], axis=1),
+        np.stack(response),
+        advantages,
+        np.concatenate(pixels) if pixels else None,
+        np.concatenate(grids) if grids else None,
+        micro_batches,
+        response_start=width,
+        prompt_group=math.gcd(*(len(g.responses) for g in groups)),
+    )

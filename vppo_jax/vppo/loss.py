@@ -98,8 +98,9 @@ class LossCounts(NamedTuple):
     tokens: jax.Array  # valid response tokens: denominator of `entropy` and the metrics
 
 
-def loss_counts(response_mask, aggregation="token"):
-    """Denominators from the response mask alone; sum them over micro-batches / devices."""
+def loss_counts(response_mask, aggregation="token", rows=None):
+    """Denominators from the response mask alone (of `rows` rows under "constant", default all
+    of the mask's: a packed batch has more); sum them over micro-batches / devices."""
     mask = response_mask.astype(jnp.float32)
     tokens = mask.sum()
     if aggregation == "token":
@@ -109,7 +110,8 @@ def loss_counts(response_mask, aggregation="token"):
     if aggregation == "constant":
         # Dr.GRPO: every row counts as the response window's width (rollout.max_new_tokens in
         # the trainer), so no response's tokens weigh more for being in a short response.
-        return LossCounts(policy=jnp.float32(mask.size), tokens=tokens)
+        size = mask.size if rows is None else rows * mask.shape[-1]
+        return LossCounts(policy=jnp.float32(size), tokens=tokens)
     raise ValueError(f"aggregation={aggregation!r}; choose one of {AGGREGATIONS}.")
 
 

@@ -37,7 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from vppo_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
-from vppo_jax.models.qwen2_5_vl.inputs import ModelInputs, image_inputs, rope_index
+from vppo_jax.models.qwen2_5_vl.inputs import (
+    ModelInputs,
+    count_windows,
+    image_inputs,
+    largest_frame_windows,
+    rope_index,
+)
 from vppo_jax.models.qwen2_5_vl.packed import TokenTree, token_tree
 
 
@@ -61,15 +67,20 @@ class Sequence:
 
 
 @flax.struct.dataclass
-class PackedBatch:
-    """K bins of N = budget tokens (see the module docstring)."""
+class PackedLayout:
+    """Where each token of K bins of N = budget tokens belongs (see the module docstring)."""
 
-    inputs: ModelInputs  # the bins as rows (K, N): ids, valid tokens, M-RoPE positions, images
     tree: TokenTree
     predicted_by: jax.Array  # (K, N) int32: the position whose hidden state predicts the token
     response_mask: jax.Array  # (K, N) bool: a response token (what the loss covers)
-    row: jax.Array  # (K, N) int32: a response token's rollout row, -1 elsewhere
+    row: jax.Array  # (K, N) int32: a response token's row, -1 elsewhere
     column: jax.Array  # (K, N) int32: its index within its response, -1 elsewhere
+
+
+@flax.struct.dataclass
+class PackedBatch:
+    inputs: ModelInputs  # the bins as rows (K, N): ids, valid tokens, M-RoPE positions, images
+    layout: PackedLayout
 
 
 def sequences(groups: list[Group], budget: int) -> list[Sequence]:
@@ -138,14 +149,81 @@ def pack_groups(
     bins = first_fit_decreasing([s.length for s in all_sequences], budget)
     count = -(-max(len(bins), min_bins) // shards) * shards
     bins += [[] for _ in range(count - len(bins))]
-    first_row = np.cumsum([0] + [len(g.responses) for g in groups])
+    fill = _fill_bins(config, groups, all_sequences, bins, budget)
+    return _packed_batch(config, fill, fill.row)
 
-    arrays = {
-        name: np.full((count, budget), fill, np.int64)
-        for name, fill in [("ids", 0), ("segment", -1), ("branch", 0), ("predicted_by", 0), ("row", -1), ("column", -1)]
-    }
-    positions = np.zeros((3, count, budget), np.int64)
-    pixel_values, grids = [], []
+
+def pack_micro_batches(
+    config: Qwen2_5_VLConfig,
+    groups: list[Group],
+    budget: int,
+    shards: int = 1,
+    min_micro_batches: int = 1,
+    min_rows: int = 1,
+) -> tuple[PackedBatch, np.ndarray]:
+    """The groups' sequences in micro-batches of `shards` bins of `budget` tokens (one bin per
+    device), at least `min_micro_batches` of them: a PackedBatch with a leading micro-batch
+    axis M, and `rows` (M, b): the rows of each micro-batch, ascending, -1 where it has fewer
+    than b (b at least `min_rows` and a multiple of `shards`). The layout's `row` indexes a
+    micro-batch's own rows (0 .. b - 1), so per-row arrays of a micro-batch are (b, ...)."""
+    all_sequences = sequences(groups, budget)
+    bins = first_fit_decreasing([s.length for s in all_sequences], budget)
+    micro_batches = max(-(-len(bins) // shards), min_micro_batches)
+    bins += [[] for _ in range(micro_batches * shards - len(bins))]
+    fills = [
+        _fill_bins(config, groups, all_sequences, bins[m * shards : (m + 1) * shards], budget)
+        for m in range(micro_batches)
+    ]
+    width = max(min_rows, max(len(f.rows) for f in fills))
+    width = -(-width // shards) * shards
+    rows = np.full((micro_batches, width), -1, np.int64)
+    for m, f in enumerate(fills):
+        rows[m, : len(f.rows)] = f.rows
+    # One image layout for all micro-batches, so that their inputs stack (no image: all padding).
+    grids = [np.concatenate(f.grids) for f in fills if f.grids]
+    if grids:
+        dtype = next(f.pixel_values[0].dtype for f in fills if f.pixel_values)
+        for f in fills:
+            if not f.grids:
+                f.pixel_values, f.grids = [np.zeros((0, config.vision.patch_dim), dtype)], [np.zeros((0, 3), int)]
+    windows = max((count_windows(config.vision, g) for g in grids), default=1)
+    frame_windows = max((largest_frame_windows(config.vision, g) for g in grids), default=1)
+    packed = [
+        _packed_batch(config, f, np.searchsorted(f.rows, f.row), windows, frame_windows, f.row < 0) for f in fills
+    ]
+    return jax.tree.map(lambda *leaves: np.stack(leaves), *packed), rows
+
+
+@dataclasses.dataclass
+class _Fill:
+    """Bins' token arrays (K, N), their M-RoPE positions (3, K, N), images, and rows (ascending)."""
+
+    ids: np.ndarray
+    segment: np.ndarray
+    branch: np.ndarray
+    predicted_by: np.ndarray
+    row: np.ndarray
+    column: np.ndarray
+    positions: np.ndarray
+    pixel_values: list
+    grids: list
+    rows: np.ndarray
+
+
+def _fill_bins(
+    config: Qwen2_5_VLConfig, groups: list[Group], all_sequences: list[Sequence], bins: list[list[int]], budget: int
+) -> _Fill:
+    """The bins' tokens, each bin its sequences one after another (rows numbered group by group)."""
+    first_row = np.cumsum([0] + [len(g.responses) for g in groups])
+    members = [all_sequences[item] for items in bins for item in items]
+    shape = (len(bins), budget)
+    fill = _Fill(
+        **{name: np.full(shape, value, np.int64) for name, value in _EMPTY_TOKEN.items()},
+        positions=np.zeros((3, *shape), np.int64),
+        pixel_values=[],
+        grids=[],
+        rows=np.array(sorted(first_row[s.group] + g for s in members for g in s.responses), np.int64),
+    )
     for b, members in enumerate(bins):
         start = 0
         for segment, item in enumerate(members):
@@ -156,43 +234,61 @@ def pack_groups(
             prompt_end = start + len(group.prompt) - 1
             for (tokens, branch), part_positions in zip(parts, _sequence_positions(config, group, responses)):
                 span = slice(start, start + len(tokens))
-                arrays["ids"][b, span] = tokens
-                arrays["segment"][b, span] = segment
-                arrays["branch"][b, span] = branch
-                positions[:, b, span] = part_positions
+                fill.ids[b, span] = tokens
+                fill.segment[b, span] = segment
+                fill.branch[b, span] = branch
+                fill.positions[:, b, span] = part_positions
                 if branch and len(tokens):
                     # The first response token is predicted by the prompt's last position.
-                    arrays["predicted_by"][b, span] = np.arange(start - 1, start + len(tokens) - 1)
-                    arrays["predicted_by"][b, start] = prompt_end
-                    arrays["row"][b, span] = first_row[sequence.group] + branch - 1
-                    arrays["column"][b, span] = np.arange(len(tokens))
+                    fill.predicted_by[b, span] = np.arange(start - 1, start + len(tokens) - 1)
+                    fill.predicted_by[b, start] = prompt_end
+                    fill.row[b, span] = first_row[sequence.group] + branch - 1
+                    fill.column[b, span] = np.arange(len(tokens))
                 start += len(tokens)
             if group.pixel_values is not None:
-                pixel_values.append(group.pixel_values)
-                grids.append(group.image_grid_thw)
+                fill.pixel_values.append(group.pixel_values)
+                fill.grids.append(group.image_grid_thw)
+    return fill
 
-    valid = arrays["segment"] >= 0
+
+_EMPTY_TOKEN = {"ids": 0, "segment": -1, "branch": 0, "predicted_by": 0, "row": -1, "column": -1}
+
+
+def _packed_batch(
+    config: Qwen2_5_VLConfig,
+    fill: _Fill,
+    row: np.ndarray,
+    min_windows: int = 1,
+    min_frame_windows: int = 1,
+    not_response: np.ndarray | None = None,
+) -> PackedBatch:
+    """The model's inputs and the layout of filled bins, each response token's row `row` (-1
+    where `not_response`, default: where the fill's row is -1)."""
+    not_response = fill.row < 0 if not_response is None else not_response
+    valid = fill.segment >= 0
     vision, image_token_slot = image_inputs(
         config,
-        arrays["ids"],
-        np.concatenate(pixel_values) if pixel_values else None,
-        np.concatenate(grids) if grids else None,
+        fill.ids,
+        np.concatenate(fill.pixel_values) if fill.pixel_values else None,
+        np.concatenate(fill.grids) if fill.grids else None,
+        min_windows,
+        min_frame_windows,
     )
     inputs = ModelInputs(
-        input_ids=arrays["ids"].astype(np.int32),
+        input_ids=fill.ids.astype(np.int32),
         attention_mask=valid,
-        position_ids=positions.astype(np.int32),
+        position_ids=fill.positions.astype(np.int32),
         image_token_slot=image_token_slot,
         vision=vision,
     )
-    return PackedBatch(
-        inputs=inputs,
-        tree=token_tree(valid, arrays["segment"], arrays["branch"], config.attention_block),
-        predicted_by=arrays["predicted_by"].astype(np.int32),
-        response_mask=arrays["row"] >= 0,
-        row=arrays["row"].astype(np.int32),
-        column=arrays["column"].astype(np.int32),
+    layout = PackedLayout(
+        tree=token_tree(valid, fill.segment, fill.branch, config.attention_block),
+        predicted_by=fill.predicted_by.astype(np.int32),
+        response_mask=~not_response,
+        row=np.where(not_response, -1, row).astype(np.int32),
+        column=fill.column.astype(np.int32),
     )
+    return PackedBatch(inputs=inputs, layout=layout)
 
 
 def predicting_hidden(hidden: jax.Array, predicted_by: jax.Array) -> jax.Array:
@@ -200,8 +296,8 @@ def predicting_hidden(hidden: jax.Array, predicted_by: jax.Array) -> jax.Array:
     return jnp.take_along_axis(hidden, predicted_by[..., None], axis=1)
 
 
-def unpack(values: jax.Array, packed: PackedBatch, rows: int, width: int, fill=0) -> jax.Array:
+def unpack(values: jax.Array, layout: PackedLayout, rows: int, width: int, fill=0) -> jax.Array:
     """Per-token values (K, N) of the response tokens in the padded layout (rows, width):
     `fill` where a row has no token."""
-    row = jnp.where(packed.response_mask, packed.row, rows)  # out of range: dropped
-    return jnp.full((rows, width), fill, values.dtype).at[row, packed.column].set(values, mode="drop")
+    row = jnp.where(layout.response_mask, layout.row, rows)  # out of range: dropped
+    return jnp.full((rows, width), fill, values.dtype).at[row, layout.column].set(values, mode="drop")

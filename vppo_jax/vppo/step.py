@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 
 from vppo_jax.vppo import dependency as dependency_lib
-from vppo_jax.vppo import perturbation, shaping
+from vppo_jax.vppo import packing, perturbation, shaping
 from vppo_jax.vppo.batch import TrainBatch, TrainState
 from vppo_jax.vppo.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs_and_entropy
 from vppo_jax.vppo.loss import LossConfig, LossCounts, loss_counts, loss_sums, total_loss
@@ -90,24 +90,29 @@ class StepConfig:
         return bool(self.loss.kl_coef or self.kl_penalty_coef)
 
 
-def shaping_is_local(config: StepConfig, rows: int) -> bool:
+def shaping_is_local(config: StepConfig, rows: int, packed: bool = False) -> bool:
     """Whether VPPO's shaping of a micro-batch of `rows` consecutive rows (groups of
     group_size in a row) needs no other micro-batch: TGF ranks each response's own tokens,
-    and TAS is off or scoped per group with whole groups in the micro-batch."""
-    return not config.tas or (config.tas_scope == "per_group" and rows % config.group_size == 0)
+    and TAS is off or scoped per group with whole groups in the micro-batch (never sure of
+    packed micro-batches: a group's sequences may go to several)."""
+    whole_groups = not packed and rows % config.group_size == 0
+    return not config.tas or (config.tas_scope == "per_group" and whole_groups)
 
 
-def needs_scoring(config: StepConfig, updates_per_rollout: int, micro_batches: int, rows: int) -> bool:
+def needs_scoring(
+    config: StepConfig, updates_per_rollout: int, micro_batches: int, rows: int, packed: bool = False
+) -> bool:
     """Whether pi_old's statistics need a scoring pass before the updates of micro-batches of
     `rows` rows: a later update on the same rollouts no longer has pi_theta = pi_old, and
     global TAS needs the whole batch's dependency before the first micro-batch's gradient;
     a KL to the reference needs the reference's log-probs, which the scoring pass gives."""
-    return updates_per_rollout > 1 or shaped_across(config, micro_batches, rows) or config.uses_reference
+    across = shaped_across(config, micro_batches, rows, packed)
+    return updates_per_rollout > 1 or across or config.uses_reference
 
 
-def shaped_across(config: StepConfig, micro_batches: int, rows: int) -> bool:
+def shaped_across(config: StepConfig, micro_batches: int, rows: int, packed: bool = False) -> bool:
     """Whether VPPO's shaping of one micro-batch needs the dependency of the others."""
-    return config.vppo and micro_batches > 1 and not shaping_is_local(config, rows)
+    return config.vppo and micro_batches > 1 and not shaping_is_local(config, rows, packed)
 
 
 def extra_forwards(config: StepConfig, updates_per_rollout: int, micro_batches: int, rows: int) -> tuple[int, int]:
@@ -119,24 +124,41 @@ def extra_forwards(config: StepConfig, updates_per_rollout: int, micro_batches: 
     return original, int(config.vppo)
 
 
-def token_scores(config: StepConfig, model, inputs, perturbed_patches, targets, response_mask, hidden, key):
-    """(log p(o_t), H_t, S_t) under the policy whose final hidden states (original images) at
-    the response positions are `hidden`; S_t a divergence between its distributions with I and I'."""
+def response_hidden(model, micro: TrainBatch, inputs=None) -> jax.Array:
+    """Final hidden states at the positions that predict `micro.token_targets()` (one micro-batch:
+    (b, R, D) of padded rows, (K, N, D) of packed bins), with `inputs` (perturbed images) in
+    place of the micro-batch's own: each row then runs its own prompt."""
+    if micro.packed is None:
+        if inputs is None:
+            return model.response_hidden_states(micro.inputs, micro.targets.shape[-1], micro.prompt_group)
+        return model.response_hidden_states(inputs, micro.targets.shape[-1])
+    if inputs is not None and micro.prompt_group > 1:
+        raise ValueError(
+            "VPPO's perturbed forward gives each row its own images, so a packed batch must hold each "
+            "row's own copy of its prompt: build it with build_packed_train_batch(per_row=True)."
+        )
+    hidden = model.packed_hidden_states(micro.inputs if inputs is None else inputs, micro.packed.tree)
+    return packing.predicting_hidden(hidden, micro.packed.predicted_by)
+
+
+def token_scores(config: StepConfig, model, micro: TrainBatch, hidden, key):
+    """(log p(o_t), H_t, S_t) of the micro-batch's token targets, in its inputs' layout, under the
+    policy whose final hidden states (original images) are `hidden` (`response_hidden`); S_t a
+    divergence between its distributions with I and I'."""
     with jax.named_scope("perturbed_forward"):
         perturbed = perturbation.perturb_images(
-            config.perturbation, inputs, key, config.blacken_prob, perturbed_patches
+            config.perturbation, micro.inputs, key, config.blacken_prob, micro.perturbed_patches
         )
-        # Each sample of a prompt gets its own perturbation (as in the reference), so the perturbed
-        # forward runs every row's prompt.
-        hidden_perturbed = jax.lax.stop_gradient(model.response_hidden_states(perturbed, targets.shape[-1]))
+        # Each sample of a prompt gets its own perturbation (as in the reference).
+        hidden_perturbed = jax.lax.stop_gradient(response_hidden(model, micro, perturbed))
     with jax.named_scope("dependency"):
         return dependency_lib.scores_with_dependency(
             config.estimator,
             jax.lax.stop_gradient(hidden),
             hidden_perturbed,
             model.unembedding(),
-            targets,
-            response_mask,
+            micro.token_targets(),
+            micro.token_mask(),
             config.temperature,
             config.vocab_chunk,
         )
@@ -151,30 +173,51 @@ def score_rollouts(
     model = nnx.merge(graphdef, params)
     reference = None if ref_params is None else nnx.merge(graphdef, ref_params)
 
-    def score(micro):
-        inputs, perturbed_patches, targets, mask, micro_key = micro
-        hidden = model.response_hidden_states(inputs, targets.shape[-1], batch.prompt_group)
+    def score(args):
+        micro, micro_key = args
+        hidden = response_hidden(model, micro)
         if config.vppo:  # one pass over the vocabulary gives the log-probs, entropy and dependency
-            scores = token_scores(config, model, inputs, perturbed_patches, targets, mask, hidden, micro_key)
+            scores = token_scores(config, model, micro, hidden, micro_key)
         else:
             logp, entropy = token_logprobs_and_entropy(
-                hidden, model.unembedding(), targets, config.temperature, config.vocab_chunk
+                hidden, model.unembedding(), micro.token_targets(), config.temperature, config.vocab_chunk
             )
             scores = logp, entropy, jnp.zeros_like(logp)
+        scores = tuple(map(micro.as_rows, scores))
         if reference is None:
             return scores, None
         with jax.named_scope("reference_forward"):
-            hidden = reference.response_hidden_states(inputs, targets.shape[-1], batch.prompt_group)
             ref_logp, _ = token_logprobs_and_entropy(
-                hidden, reference.unembedding(), targets, config.temperature, config.vocab_chunk
+                response_hidden(reference, micro),
+                reference.unembedding(),
+                micro.token_targets(),
+                config.temperature,
+                config.vocab_chunk,
             )
-        return scores, ref_logp
+        return scores, micro.as_rows(ref_logp)
 
     keys = jax.random.split(key, batch.targets.shape[0])
-    (logp, entropy, dep), ref_logp = jax.lax.map(
-        score, (batch.inputs, batch.perturbed_patches, batch.targets, batch.response_mask, keys)
-    )
+    (logp, entropy, dep), ref_logp = jax.lax.map(score, (batch, keys))
     return batch.replace(old_logp=logp, old_entropy=entropy, dependency=dep, ref_logp=ref_logp)
+
+
+def shape_in_rollout_order(
+    config: StepConfig, dependency, entropy, response_mask, key, rows=None, rollout_rows: int = 0
+) -> tuple[jax.Array, jax.Array]:
+    """`shape_rows` of N rows laid out as `rows` (N,) names them (packed micro-batches; -1: no
+    row; None: in rollout order already). Only TAS per group ranks rows by their place (a group's
+    rows one after another): for it they go in rollout order and come back."""
+    if rows is None or not (config.vppo and config.tas and config.tas_scope == "per_group"):
+        return shape_rows(config, dependency, entropy, response_mask, key)
+    source = (
+        jnp.zeros(rollout_rows, jnp.int32)
+        .at[jnp.where(rows >= 0, rows, rollout_rows)]
+        .set(jnp.arange(rows.shape[0], dtype=jnp.int32), mode="drop")
+    )
+    ordered = lambda a: None if a is None else a[source]
+    alpha, weights = shape_rows(config, ordered(dependency), ordered(entropy), ordered(response_mask), key)
+    back = jnp.maximum(rows, 0)  # a row that is none takes row 0's values, and has no token
+    return alpha[back], weights[back]
 
 
 @jax.named_scope("shaping")
@@ -211,7 +254,7 @@ def train_step(
 ) -> tuple[TrainState, dict]:
     """One optimizer update; see the module docstring."""
     micro_batches, rows, length = batch.targets.shape
-    if not batch.scored and shaped_across(config, micro_batches, rows):
+    if not batch.scored and shaped_across(config, micro_batches, rows, batch.packed is not None):
         raise ValueError(
             "Gradient accumulation with VPPO's global TAS needs precomputed scores: call score_rollouts first."
         )
@@ -225,22 +268,29 @@ def train_step(
     shaped = None
     if batch.scored:
         flat = lambda a: None if a is None else a.reshape(micro_batches * rows, *a.shape[2:])
-        alpha, weights = shape_rows(
-            config, flat(batch.dependency), flat(batch.old_entropy), flat(batch.response_mask), filter_key
+        alpha, weights = shape_in_rollout_order(
+            config,
+            flat(batch.dependency),
+            flat(batch.old_entropy),
+            flat(batch.response_mask),
+            filter_key,
+            flat(batch.rows),
+            batch.rollout_rows,
         )
         shaped = alpha.reshape(micro_batches, rows), weights.reshape(micro_batches, rows, length)
 
-    counts = LossCounts(*loss_counts(batch.response_mask, config.loss.aggregation))
+    counts = LossCounts(*loss_counts(batch.response_mask, config.loss.aggregation, batch.rollout_rows or None))
 
     def micro_loss(params, micro: TrainBatch, shaped_micro, index):
         """Loss of micro-batch `index`, its sums divided by the whole batch's counts (exact
         accumulation), with the per-token statistics the metrics need as auxiliaries."""
         model = nnx.merge(graphdef, params, state.frozen)  # only `params` are differentiated
         with jax.named_scope("policy_forward"):
-            hidden = model.response_hidden_states(micro.inputs, micro.targets.shape[-1], micro.prompt_group)
-            logp, entropy = token_logprobs_and_entropy(
-                hidden, model.unembedding(), micro.targets, config.temperature, config.vocab_chunk
+            hidden = response_hidden(model, micro)
+            token_logp, token_entropy = token_logprobs_and_entropy(
+                hidden, model.unembedding(), micro.token_targets(), config.temperature, config.vocab_chunk
             )
+            logp, entropy = micro.as_rows(token_logp), micro.as_rows(token_entropy)
         if batch.scored:
             old_logp, dep = micro.old_logp, micro.dependency
             alpha, weights = shaped_micro
@@ -248,19 +298,12 @@ def train_step(
             old_logp, dep = jax.lax.stop_gradient(logp), None
             # Each micro-batch draws its own perturbations and random TGF (one: the step's keys).
             own = lambda k: k if micro_batches == 1 else jax.random.fold_in(k, index)
-            if config.vppo:
-                dep = token_scores(
-                    config,
-                    model,
-                    micro.inputs,
-                    micro.perturbed_patches,
-                    micro.targets,
-                    micro.response_mask,
-                    hidden,
-                    own(perturb_key),
-                )[2]  # the log-probs and entropy with gradient come from logp_and_entropy above
+            if config.vppo:  # the log-probs and entropy with gradient come from the forward above
+                dep = micro.as_rows(token_scores(config, model, micro, hidden, own(perturb_key))[2])
             entropy_old = jax.lax.stop_gradient(entropy)
-            alpha, weights = shape_rows(config, dep, entropy_old, micro.response_mask, own(filter_key))
+            alpha, weights = shape_in_rollout_order(
+                config, dep, entropy_old, micro.response_mask, own(filter_key), micro.rows, batch.rollout_rows
+            )
         with jax.named_scope("loss"):
             ref_logp = micro.ref_logp if config.loss.kl_coef else None
             sums, metric_sums = loss_sums(

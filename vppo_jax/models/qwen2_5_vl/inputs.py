@@ -110,6 +110,8 @@ def _windowed_slots(vcfg: VisionConfig, grid_thw: np.ndarray) -> tuple[np.ndarra
             positions.append(np.stack([uh * m + sh, uw * m + sw], axis=-1).reshape(-1, 2))
             row_offset += gh * gw
             frame_id += 1
+    if not sources:  # no image (a micro-batch of packed bins without one): every slot padding
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
     return np.concatenate(sources), np.concatenate(frames), np.concatenate(positions)
 
 
