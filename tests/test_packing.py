@@ -64,11 +64,14 @@ def test_sequences_fill_bins_first_fit_decreasing(models):
     assert packed.inputs.input_ids.shape == (4, BUDGET)
     assert not packed.inputs.attention_mask[3].any()  # the bin that pads 3 bins to 4 shards
     # Bin 2: group 0's prompt, its responses as branches 1..3, then group 1 as segment 1.
-    assert packed.layout.tree.segment_ids[2, 13 + 43] == 1 and packed.layout.tree.branch_ids[2, 13 + 30] == 2
-    # The prompt's last position predicts the first token of each of its responses.
-    firsts = np.flatnonzero((packed.layout.column[2] == 0) & (packed.layout.tree.segment_ids[2] == 0))
-    assert firsts.tolist() == [13, 43, 45] and np.all(packed.layout.predicted_by[2, firsts] == 12)
-    assert packed.layout.row[2, firsts].tolist() == [0, 1, 2] and packed.layout.row[0, 27] == 8  # group 2's sample 1
+    layout = packed.layout
+    assert layout.tree.segment_ids[2, 13 + 43] == 1 and layout.tree.branch_ids[2, 13 + 30] == 2
+    # Its response slots: group 0's 30 + 2 + 11 tokens, then group 1's 23; the prompt's last
+    # position (12) predicts the first token of each of its responses, a token the one before.
+    firsts = np.flatnonzero(layout.column[2] == 0)
+    assert firsts.tolist() == [0, 30, 32, 43, 50, 65] and layout.row[2, firsts].tolist() == [0, 1, 2, 3, 4, 5]
+    assert np.all(layout.predicted_by[2, firsts[:3]] == 12) and layout.predicted_by[2, 1] == 13
+    assert layout.response_mask[2].sum() == 66 and layout.row[0, 0] == 8  # bin 0: group 2's sample 1
     with pytest.raises(ValueError, match="raise the token budget to at least 67"):
         packing.sequences(groups, 66)
 
@@ -173,7 +176,7 @@ def test_packed_log_probs_and_gradients_match_transformers_row_by_row(models, at
         hidden = m.packed_hidden_states(packed.inputs, packed.layout.tree)
         hidden = packing.predicting_hidden(hidden, packed.layout.predicted_by)
         logp = jax.nn.log_softmax(jnp.dot(hidden, m.unembedding()), -1)
-        logp = jnp.take_along_axis(logp, packed.inputs.input_ids[..., None], -1)[..., 0]
+        logp = jnp.take_along_axis(logp, packed.layout.targets[..., None], -1)[..., 0]
         per_row = packing.unpack(logp, packed.layout, rows, width)
         return (per_row * weights).sum(), per_row
 

@@ -60,8 +60,8 @@ class TrainBatch:
 
     def token_targets(self) -> jax.Array:
         """The tokens the per-token scores are of, in the inputs' layout: (b, R) targets of the
-        response window, or every token of the packed bins (K, N); of one micro-batch."""
-        return self.targets if self.packed is None else self.inputs.input_ids
+        response window, or the response slots of the packed bins (K, S); of one micro-batch."""
+        return self.targets if self.packed is None else self.packed.targets
 
     def token_mask(self) -> jax.Array:
         """Which of `token_targets` are response tokens."""

@@ -2,8 +2,8 @@
 
     packed = pack_groups(config, groups, budget, shards=data_parallel_shards)
     hidden = model.packed_hidden_states(packed.inputs, packed.tree)        # (K, N, D)
-    logp = ...(predicting_hidden(hidden, packed.predicted_by), targets=packed.inputs.input_ids)
-    per_row = unpack(logp, packed, rows, width)                            # (rows, width)
+    logp = ...(predicting_hidden(hidden, packed.layout.predicted_by), packed.layout.targets)   # (K, S)
+    per_row = unpack(logp, packed.layout, rows, width)                     # (rows, width)
 
 A padded batch lays each sample out as its own row, the prompt left-padded to the longest
 prompt and the response right-padded to the longest response: at the paper's lengths most
@@ -19,12 +19,15 @@ is padded to a multiple of the data-parallel shards with empty bins (no valid to
 Every token keeps its M-RoPE positions of the unpadded row prompt + response (`rope_index`,
 as transformers numbers them), so the decoder's hidden states are those of each row alone.
 
-Predictions are indexed by the token predicted: the prompt's last position predicts the first
-token of each of its G responses, so per token `predicted_by` is the position whose hidden
-state predicts it (its response's previous token, or its prompt's last), and the token itself
-is the target. `row` and `column` place each response token in the (rows, response window)
-layout of the padded update (row p * G + g for sample g of group p, column = its index in its
-response): per-row reductions (loss, TAS, TGF, metrics) run as they do on padded rows.
+Predictions are indexed by the token predicted, and only response tokens are predicted: a
+bin's S response slots (S the most response tokens any bin holds) list its response tokens
+in order, each with its target (the token), the position whose hidden state predicts it
+(`predicted_by`: its response's previous token, or, for the first, its prompt's last: the
+prompt's last position predicts the first token of each of its G responses), and its place
+in the (rows, response window) layout of the padded update (`row`, p * G + g for sample g of
+group p, and `column`, its index in its response). The vocabulary projection then runs at
+the response tokens only, as in the padded update, and per-row reductions (loss, TAS, TGF,
+metrics) run as they do on padded rows.
 """
 
 from __future__ import annotations
@@ -71,10 +74,12 @@ class PackedLayout:
     """Where each token of K bins of N = budget tokens belongs (see the module docstring)."""
 
     tree: TokenTree
-    predicted_by: jax.Array  # (K, N) int32: the position whose hidden state predicts the token
-    response_mask: jax.Array  # (K, N) bool: a response token (what the loss covers)
-    row: jax.Array  # (K, N) int32: a response token's row, -1 elsewhere
-    column: jax.Array  # (K, N) int32: its index within its response, -1 elsewhere
+    # (K, S) per response slot of each bin:
+    targets: jax.Array  # int32: the response token
+    predicted_by: jax.Array  # int32: the position whose hidden state predicts it
+    response_mask: jax.Array  # bool: the slot holds a response token (the bin may hold fewer than S)
+    row: jax.Array  # int32: the token's row, -1 in an empty slot
+    column: jax.Array  # int32: its index within its response, -1 in an empty slot
 
 
 @flax.struct.dataclass
@@ -150,7 +155,7 @@ def pack_groups(
     count = -(-max(len(bins), min_bins) // shards) * shards
     bins += [[] for _ in range(count - len(bins))]
     fill = _fill_bins(config, groups, all_sequences, bins, budget)
-    return _packed_batch(config, fill, fill.row)
+    return _packed_batch(config, fill, fill.row, _most_responses([fill]))
 
 
 def pack_micro_batches(
@@ -160,12 +165,14 @@ def pack_micro_batches(
     shards: int = 1,
     min_micro_batches: int = 1,
     min_rows: int = 1,
+    min_slots: int = 1,
 ) -> tuple[PackedBatch, np.ndarray]:
     """The groups' sequences in micro-batches of `shards` bins of `budget` tokens (one bin per
     device), at least `min_micro_batches` of them: a PackedBatch with a leading micro-batch
     axis M, and `rows` (M, b): the rows of each micro-batch, ascending, -1 where it has fewer
     than b (b at least `min_rows` and a multiple of `shards`). The layout's `row` indexes a
-    micro-batch's own rows (0 .. b - 1), so per-row arrays of a micro-batch are (b, ...)."""
+    micro-batch's own rows (0 .. b - 1), so per-row arrays of a micro-batch are (b, ...).
+    Bins have at least `min_slots` response slots."""
     all_sequences = sequences(groups, budget)
     bins = first_fit_decreasing([s.length for s in all_sequences], budget)
     micro_batches = max(-(-len(bins) // shards), min_micro_batches)
@@ -188,9 +195,8 @@ def pack_micro_batches(
                 f.pixel_values, f.grids = [np.zeros((0, config.vision.patch_dim), dtype)], [np.zeros((0, 3), int)]
     windows = max((count_windows(config.vision, g) for g in grids), default=1)
     frame_windows = max((largest_frame_windows(config.vision, g) for g in grids), default=1)
-    packed = [
-        _packed_batch(config, f, np.searchsorted(f.rows, f.row), windows, frame_windows, f.row < 0) for f in fills
-    ]
+    slots = max(min_slots, _most_responses(fills))
+    packed = [_packed_batch(config, f, np.searchsorted(f.rows, f.row), slots, windows, frame_windows) for f in fills]
     return jax.tree.map(lambda *leaves: np.stack(leaves), *packed), rows
 
 
@@ -254,17 +260,28 @@ def _fill_bins(
 _EMPTY_TOKEN = {"ids": 0, "segment": -1, "branch": 0, "predicted_by": 0, "row": -1, "column": -1}
 
 
+def _most_responses(fills: list[_Fill]) -> int:
+    """The most response tokens a bin of the fills holds."""
+    return max(1, *(int((f.row >= 0).sum(1).max()) for f in fills))
+
+
 def _packed_batch(
     config: Qwen2_5_VLConfig,
     fill: _Fill,
     row: np.ndarray,
+    slots: int,
     min_windows: int = 1,
     min_frame_windows: int = 1,
-    not_response: np.ndarray | None = None,
 ) -> PackedBatch:
-    """The model's inputs and the layout of filled bins, each response token's row `row` (-1
-    where `not_response`, default: where the fill's row is -1)."""
-    not_response = fill.row < 0 if not_response is None else not_response
+    """The model's inputs and the layout of filled bins, `slots` response slots per bin, each
+    response token's row taken from `row` (K, N)."""
+    response = fill.row >= 0
+    position = np.zeros((len(fill.ids), slots), np.int64)  # of each slot's token in its bin
+    for b, tokens in enumerate(response):
+        where = np.flatnonzero(tokens)
+        position[b, : len(where)] = where
+    occupied = np.arange(slots)[None] < response.sum(1)[:, None]
+    at_slots = lambda a, empty: np.where(occupied, np.take_along_axis(a, position, axis=1), empty).astype(np.int32)
     valid = fill.segment >= 0
     vision, image_token_slot = image_inputs(
         config,
@@ -283,21 +300,22 @@ def _packed_batch(
     )
     layout = PackedLayout(
         tree=token_tree(valid, fill.segment, fill.branch, config.attention_block),
-        predicted_by=fill.predicted_by.astype(np.int32),
-        response_mask=~not_response,
-        row=np.where(not_response, -1, row).astype(np.int32),
-        column=fill.column.astype(np.int32),
+        targets=at_slots(fill.ids, 0),
+        predicted_by=at_slots(fill.predicted_by, 0),
+        response_mask=occupied,
+        row=at_slots(row, -1),
+        column=at_slots(fill.column, -1),
     )
     return PackedBatch(inputs=inputs, layout=layout)
 
 
 def predicting_hidden(hidden: jax.Array, predicted_by: jax.Array) -> jax.Array:
-    """(K, N, D) hidden states of K bins -> at each token, the one that predicts it (K, N, D)."""
+    """(K, N, D) hidden states of K bins -> at each response slot, the one that predicts its token (K, S, D)."""
     return jnp.take_along_axis(hidden, predicted_by[..., None], axis=1)
 
 
 def unpack(values: jax.Array, layout: PackedLayout, rows: int, width: int, fill=0) -> jax.Array:
-    """Per-token values (K, N) of the response tokens in the padded layout (rows, width):
+    """Per-slot values (K, S) of the response tokens in the padded layout (rows, width):
     `fill` where a row has no token."""
     row = jnp.where(layout.response_mask, layout.row, rows)  # out of range: dropped
     return jnp.full((rows, width), fill, values.dtype).at[row, layout.column].set(values, mode="drop")
