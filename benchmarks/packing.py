@@ -1,129 +1,217 @@
-"""Time of the training forward on packed bins / on the padded batch of the same rollout.
+"""The update step on packed micro-batches / on padded ones: the same rollout, at the paper's
+lengths scaled to a CPU.
 
-Responses follow a long tail (lognormal, mean about 0.3 of the length limit, clipped to the
-limit), as at the paper's lengths. The padded forward is today's update's
-(`response_hidden_states`: rows left-padded to the longest prompt and right-padded to the
-longest response, each prompt run once for its G samples, every row's images through the
-vision tower); the packed one is `packed_hidden_states` on bins of `--budget` tokens
-(vppo_jax/vppo/packing.py), then the hidden states that predict each token. Both compiled,
-without and with a backward; the model is the speed benchmarks' "small" preset, the decoder
-attention in blocks of `--block` tokens.
+The rollout: --groups prompts of G = --group samples. A prompt is 20 to 180 text tokens
+around one image of 112, 168 or 224 pixels a side (16, 36 or 64 image tokens): prompts vary
+with their image, as ViRL39K's do. Responses are lognormal with mean 0.3 x --limit before
+clipping to [1, limit], sigma 1: a long tail, about 4% of the rows at the limit, as a
+reasoning policy's lengths sit under the paper's 2,048-token limit.
+
+Padded: `build_train_batch`'s layout (prompts left-padded to the longest, responses
+right-padded to the longest), micro-batches of as many rows as fit in --budget tokens (a
+prompt counted once for its group's rows in a micro-batch, as the trainer counts). Packed:
+`build_packed_train_batch`, bins of --budget tokens (GRPO: a group's prompt once for its
+samples; VPPO: each row with its own prompt, for its own perturbed images). Each runs the
+update as the trainer does: the scoring pass where one is needed (VPPO's global TAS over
+several micro-batches), then `train_step`; each (algorithm, layout) in a fresh process, for
+its own peak RSS. The model is the speed benchmarks' "small" preset, the decoder's attention
+in blocks of --block tokens.
+
+It prints per algorithm and layout the update's wall time (median of --repeats after a
+compiling run), the FLOPs its programs execute on their shapes and the FLOPs of the
+rollout's real tokens (vppo_jax/flops.py's convention: matrix products, a backward twice its
+forward), and the peak RSS; last, `ratio: X.XXx`, the smaller of GRPO's and VPPO's speed-ups
+(target >= 1.8x, executed FLOPs within 1.3x of the real tokens').
 
     python benchmarks/packing.py [--groups=4] [--group=8] [--limit=1024] [--budget=4096] [--repeats=3]
 """
 
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
 import numpy as np
-from absl import app, flags
-from flax import nnx
+from absl import app, flags, logging
 from step import IMAGE_TOKEN, small_config
 
+from vppo_jax import flops
 from vppo_jax.io.cli import parse_flags
 from vppo_jax.models.qwen2_5_vl import init_model
-from vppo_jax.vppo import packing
-from vppo_jax.vppo.batch import build_train_batch
+from vppo_jax.trainer.optimizer import make_optimizer
+from vppo_jax.vppo import packing, programs
+from vppo_jax.vppo import step as step_lib
+from vppo_jax.vppo.batch import build_packed_train_batch, build_padded_train_batch, init_state
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("groups", 4, "prompts in the rollout")
 flags.DEFINE_integer("group", 8, "samples per prompt (G)")
 flags.DEFINE_integer("limit", 1024, "the response length limit")
-flags.DEFINE_integer("budget", 4096, "tokens per bin")
+flags.DEFINE_integer("budget", 4096, "tokens per micro-batch (per bin, packed)")
 flags.DEFINE_integer("block", 512, "decoder attention block (model.attention_block)")
-flags.DEFINE_integer("repeats", 3, "timed runs of each forward (after one compiling run)")
+flags.DEFINE_integer("repeats", 3, "timed updates of each (after one compiling run)")
+flags.DEFINE_string("measure", "", "internal: ALGORITHM:LAYOUT, measured in this process")
+
+TARGET, FLOPS_TARGET = 1.8, 1.3
+ALGORITHMS, LAYOUTS = ("grpo", "vppo"), ("padded", "packed")
+IMAGE_SIDES = (8, 12, 16)  # patches a side: 112, 168, 224 pixels
 
 
-def rollout(groups: int, group: int, limit: int) -> list[packing.Group]:
-    """Prompts of 40-200 text tokens around one 112 x 112 image (16 tokens), responses of
-    lognormal lengths with mean about 0.3 * limit, clipped to [1, limit]."""
+def rollout() -> list[packing.Group]:
+    """The rollout of the module docstring, its advantages aside (random content)."""
     rng = np.random.default_rng(0)
-    image = [4002, *[IMAGE_TOKEN] * 16, 4003]
-    out = []
-    for _ in range(groups):
-        prompt = np.array([*rng.integers(0, 3000, 10), *image, *rng.integers(0, 3000, rng.integers(30, 190))])
-        lengths = np.clip(rng.lognormal(np.log(0.3 * limit) - 0.5, 1.0, group), 1, limit).astype(int)
-        pixels = rng.standard_normal((64, small_config().vision.patch_dim)).astype(np.float32)
+    limit, out = FLAGS.limit, []
+    for _ in range(FLAGS.groups):
+        side = int(rng.choice(IMAGE_SIDES))
+        image = [4002, *[IMAGE_TOKEN] * (side * side // 4), 4003]
+        prompt = np.array([*rng.integers(0, 3000, 10), *image, *rng.integers(0, 3000, rng.integers(10, 170))])
+        lengths = np.clip(rng.lognormal(np.log(0.3 * limit) - 0.5, 1.0, FLAGS.group), 1, limit).astype(int)
+        pixels = rng.standard_normal((side * side, small_config().vision.patch_dim)).astype(np.float32)
         responses = tuple(rng.integers(0, 3000, n) for n in lengths)
-        out.append(packing.Group(prompt, responses, pixels, np.array([[1, 8, 8]])))
+        out.append(packing.Group(prompt, responses, pixels, np.array([[1, side, side]])))
     return out
 
 
-def padded_batch(config, groups: list[packing.Group]):
-    """The rollout as the padded update lays it out (`build_train_batch`)."""
-    width = max(len(g.prompt) for g in groups)
-    longest = max(len(r) for g in groups for r in g.responses)
-    ids, mask, response, pixels, grids = [], [], [], [], []
-    for g in groups:
-        for r in g.responses:
-            row = np.zeros(width + longest, np.int64)
-            row[width - len(g.prompt) : width + len(r)] = np.concatenate([g.prompt, r])
-            ids.append(row)
-            mask.append(row != 0)
-            response.append((np.arange(width + longest) >= width) & (np.arange(width + longest) < width + len(r)))
-            pixels.append(g.pixel_values)
-            grids.append(g.image_grid_thw)
-    rows = len(ids)
-    return build_train_batch(
-        config,
-        np.stack(ids),
-        np.stack(mask),
-        np.stack(response),
-        np.zeros(rows, np.float32),
-        np.concatenate(pixels),
-        np.concatenate(grids),
-        response_start=width,
-        prompt_group=len(groups[0].responses),
-    )
+def padded_micro_batches(groups: list[packing.Group], window: int) -> int:
+    """The fewest micro-batches (dividing the rows) whose rows fit in the budget, a group's
+    prompt counted once in a micro-batch (trainer.config.micro_batches)."""
+    rows, prompt = sum(len(g.responses) for g in groups), max(len(g.prompt) for g in groups)
+    tokens = lambda r: r * (prompt + window) - (r - r // np.gcd(r, FLAGS.group)) * prompt
+    return next(m for m in range(1, rows + 1) if rows % m == 0 and (m == rows or tokens(rows // m) <= FLAGS.budget))
 
 
-def timed(function, *args) -> float:
-    jax.block_until_ready(function(*args))  # compile
+def update_batch(config, groups, algorithm: str, layout: str):
+    rows = sum(len(g.responses) for g in groups)
+    advantages = np.random.default_rng(1).normal(size=rows).astype(np.float32)
+    window = max(len(r) for g in groups for r in g.responses)
+    if layout == "padded":
+        return build_padded_train_batch(config, groups, advantages, window, padded_micro_batches(groups, window))
+    return build_packed_train_batch(config, groups, advantages, window, FLAGS.budget, rows_alone=algorithm == "vppo")
+
+
+def scored(config: step_lib.StepConfig, batch) -> bool:
+    micro_batches, rows = batch.targets.shape[:2]
+    return step_lib.needs_scoring(config, 1, micro_batches, rows, batch.packed is not None)
+
+
+def measure(algorithm: str, layout: str) -> dict:
+    """This process's update: median seconds, compile seconds, peak RSS bytes."""
+    model_config = small_config().with_compute(attention_block=FLAGS.block)
+    batch = update_batch(model_config, rollout(), algorithm, layout)
+    config = step_lib.StepConfig(vppo=algorithm == "vppo", group_size=FLAGS.group)
+    optimizer = make_optimizer(1e-6)
+    graphdef, state = init_state(init_model(model_config), optimizer)
+    score = programs.make_score_rollouts(config, graphdef)
+    step = programs.make_train_step(config, optimizer, graphdef)
+    needs_scores = scored(config, batch)
     times = []
-    for _ in range(FLAGS.repeats):
+    for i in range(FLAGS.repeats + 1):
         start = time.perf_counter()
-        jax.block_until_ready(function(*args))
+        key = jax.random.key(i)
+        scored_batch = score(state.model_params, batch, key) if needs_scores else batch
+        state, metrics = step(state, scored_batch, key)
+        jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return {
+        "seconds": statistics.median(times[1:]),
+        "first": times[0],
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def real_token_flops(config, groups, passes: int, perturbed: int) -> float:
+    """The rollout's real tokens: an image and its prompt once per group, each response after
+    its prompt, the vocabulary at response tokens, in `passes` forwards with the original
+    images; every row whole in `perturbed` forwards (each its own perturbed image)."""
+    original = perturbed_forward = 0.0
+    for g in groups:
+        vision = flops.vision_flops(config.vision, g.pixel_values.shape[0])
+        original += vision + flops.decoder_sequence_flops(config.text, len(g.prompt))
+        for r in g.responses:
+            response = flops.decoder_sequence_flops(config.text, len(r), start=len(g.prompt))
+            response += flops.vocabulary_flops(config.text, len(r))
+            original += response
+            perturbed_forward += vision + flops.decoder_sequence_flops(config.text, len(g.prompt)) + response
+    return passes * original + perturbed * perturbed_forward
+
+
+def executed_flops(config, groups, batch, passes: int, perturbed: int) -> float:
+    """What the programs run on their shapes: every image of the layout (a padded row's own,
+    a packed sequence's; each row's in the perturbed forward), the decoder over every position
+    (padding and bins' tails included) and the vocabulary at every response-window position or
+    slot; a packed bin's attention reads whole the key blocks its tree names."""
+    vision = {id(g): flops.vision_flops(config.vision, g.pixel_values.shape[0]) for g in groups}
+    if batch.packed is None:
+        micro_batches, rows, window = batch.targets.shape
+        prompt = batch.inputs.input_ids.shape[-1] - window
+        run = np.gcd(batch.prompt_group, rows)
+        decoder = micro_batches * (
+            rows // run * flops.decoder_sequence_flops(config.text, prompt)
+            + rows * flops.decoder_sequence_flops(config.text, window, start=prompt)
+        )
+        vocabulary = flops.vocabulary_flops(config.text, micro_batches * rows * window)
+        images = sum(vision[id(g)] * len(g.responses) for g in groups)
+        original = decoder + vocabulary + images
+        whole_rows = flops.decoder_sequence_flops(config.text, prompt + window) * micro_batches * rows
+        return passes * original + perturbed * (whole_rows + vocabulary + images)
+
+    def decoder(inputs, tree):  # over whole bins, attention reading whole the key blocks the tree names
+        count, length = int(np.prod(inputs.input_ids.shape[:-1])), inputs.input_ids.shape[-1]
+        keys_read = tree.counts.sum() * FLAGS.block**2 if length > FLAGS.block else count * length**2
+        return flops.decoder_flops(config.text, count * length, float(keys_read))
+
+    vocabulary = flops.vocabulary_flops(config.text, batch.packed.targets.size)
+    copies = [s.group for s in packing.sequences(groups, FLAGS.budget)]  # a sequence's prompt and image
+    original = decoder(batch.inputs, batch.packed.tree) + vocabulary + sum(vision[id(groups[p])] for p in copies)
+    if not perturbed:
+        return passes * original
+    twin = batch.packed.rows_alone  # each row its own prompt and image
+    row_images = sum(vision[id(g)] * len(g.responses) for g in groups)
+    return passes * original + perturbed * (decoder(twin.inputs, twin.tree) + vocabulary + row_images)
 
 
 def main(_):
-    config = small_config().with_compute(attention_block=FLAGS.block)
-    graphdef, params = nnx.split(init_model(config), nnx.Param)
-    groups = rollout(FLAGS.groups, FLAGS.group, FLAGS.limit)
-    padded = padded_batch(config, groups)
-    packed = packing.pack_groups(config, groups, FLAGS.budget)
-    inputs = jax.tree.map(lambda a: a[0], padded.inputs)
-    window = padded.targets.shape[-1]
-
-    def padded_hidden(params, inputs):
-        return nnx.merge(graphdef, params).response_hidden_states(inputs, window, padded.prompt_group)
-
-    def packed_hidden(params, packed):
-        hidden = nnx.merge(graphdef, params).packed_hidden_states(packed.inputs, packed.layout.tree)
-        return packing.predicting_hidden(hidden, packed.layout.predicted_by)
-
-    # The backward of a sum over the response tokens' hidden states: the decoder's and vision
-    # tower's whole backward, without the vocabulary projection (the same work on both sides).
-    gradient = lambda hidden, mask: jax.grad(lambda p, x: (hidden(p, x).sum(-1) * mask).sum())
-    forwards = jax.jit(padded_hidden), jax.jit(packed_hidden)
-    backwards = (
-        jax.jit(gradient(padded_hidden, padded.response_mask[0])),
-        jax.jit(gradient(packed_hidden, packed.layout.response_mask)),
-    )
-    response_tokens = int(padded.response_mask.sum())
+    logging.set_verbosity(logging.WARNING)
+    if FLAGS.measure:
+        print(json.dumps(measure(*FLAGS.measure.split(":"))))
+        return
+    model_config = small_config().with_compute(attention_block=FLAGS.block)
+    groups = rollout()
+    lengths = [len(r) for g in groups for r in g.responses]
+    prompts = [len(g.prompt) for g in groups]
     print(
-        f"{FLAGS.groups} groups x {FLAGS.group} samples, {response_tokens} response tokens "
-        f"(mean {response_tokens / padded.response_mask[0].shape[0]:.0f}, limit {FLAGS.limit})"
+        f"{FLAGS.groups} prompts of {min(prompts)}-{max(prompts)} tokens x {FLAGS.group} samples; responses "
+        f"mean {np.mean(lengths):.0f}, max {max(lengths)} (limit {FLAGS.limit}); budget {FLAGS.budget} tokens"
     )
-    print(f"padded: {inputs.input_ids.shape} tokens, {inputs.vision.slot_valid.shape[0]} patch slots")
-    print(f"packed: {packed.inputs.input_ids.shape} tokens, {packed.inputs.vision.slot_valid.shape[0]} patch slots")
-    for name, (padded_run, packed_run) in (("forward", forwards), ("forward + backward", backwards)):
-        padded_time, packed_time = timed(padded_run, params, inputs), timed(packed_run, params, packed)
-        print(
-            f"{name}: padded {padded_time:.2f} s, packed {packed_time:.2f} s, speedup {padded_time / packed_time:.2f}x"
-        )
+    speedups = {}
+    for algorithm in ALGORITHMS:
+        config = step_lib.StepConfig(vppo=algorithm == "vppo", group_size=FLAGS.group)
+        seconds = {}
+        for layout in LAYOUTS:
+            batch = update_batch(model_config, groups, algorithm, layout)
+            command = [sys.executable, sys.argv[0], f"--measure={algorithm}:{layout}", *sys.argv[1:]]
+            run = subprocess.run(command, capture_output=True, text=True, check=True)
+            result = json.loads(run.stdout.strip().splitlines()[-1])
+            passes = 3 + int(scored(config, batch))  # forward + backward, and pi_old's scoring forward
+            perturbed = int(config.vppo)
+            real = real_token_flops(model_config, groups, passes, perturbed)
+            executed = executed_flops(model_config, groups, batch, passes, perturbed)
+            seconds[layout] = result["seconds"]
+            shape = "x".join(map(str, batch.inputs.input_ids.shape))
+            print(
+                f"{algorithm} {layout}: {shape} tokens, update {result['seconds']:.2f} s "
+                f"(first {result['first']:.1f} s), "
+                f"executed {executed / 1e12:.2f} TFLOP = {executed / real:.2f}x the real tokens' "
+                f"{real / 1e12:.2f}, peak RSS {result['peak_rss'] / 2**30:.2f} GiB"
+                + (", scored first" if passes == 4 else "")
+            )
+        speedups[algorithm] = seconds["padded"] / seconds["packed"]
+        print(f"{algorithm}: packed {speedups[algorithm]:.2f}x faster than padded")
+    ratio = min(speedups.values())
+    print(f"ratio: {ratio:.2f}x ({'meets' if ratio >= TARGET else 'misses'} target >= {TARGET}x)")
 
 
 if __name__ == "__main__":

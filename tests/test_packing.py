@@ -233,7 +233,7 @@ def test_a_packed_update_is_the_padded_update(models, vppo, tas, score, budget):
     config = step_lib.StepConfig(vppo=vppo, tas=tas, perturbation="gray", estimator="kl", group_size=3)
     window = 48  # wider than the longest response (40)
     padded = build_padded_train_batch(model.config, groups, advantages, window)
-    packed = build_packed_train_batch(model.config, groups, advantages, window, budget, per_row=vppo)
+    packed = build_packed_train_batch(model.config, groups, advantages, window, budget, rows_alone=vppo)
     assert (packed.targets.shape[0] > 1) == (budget == 96)
     padded_change, padded_metrics = update_of(model, config, padded, score)
     packed_change, packed_metrics = update_of(model, config, packed, score)

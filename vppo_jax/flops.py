@@ -52,12 +52,17 @@ class StepShape:
 def decoder_sequence_flops(text: TextConfig, length: float, start: float = 0.0) -> float:
     """Forward FLOPs of `length` tokens through the decoder layers, the first at position
     `start` of its sequence: each token attends to itself and every earlier token."""
+    # Token at position p reads p + 1 keys.
+    return decoder_flops(text, length, keys_read=length * start + length * (length + 1) / 2)
+
+
+def decoder_flops(text: TextConfig, tokens: float, keys_read: float) -> float:
+    """Forward FLOPs of `tokens` tokens through the decoder layers whose queries read
+    `keys_read` keys in all (for the scores and again for the weighted values)."""
     query = text.num_attention_heads * text.head_dim
     key_value = text.num_key_value_heads * text.head_dim
     per_token = text.hidden_size * (2 * query + 2 * key_value) + 3 * text.hidden_size * text.intermediate_size
-    # Token at position p reads p + 1 keys, for its scores and again for the weighted values.
-    keys_read = length * start + length * (length + 1) / 2
-    return 2 * text.num_hidden_layers * (per_token * length + 2 * query * keys_read)
+    return 2 * text.num_hidden_layers * (per_token * tokens + 2 * query * keys_read)
 
 
 def vocabulary_flops(text: TextConfig, tokens: float) -> float:

@@ -3,7 +3,6 @@ the host by `build_train_batch`) and the training state (`TrainState`), with the
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -66,6 +65,18 @@ class TrainBatch:
     def token_mask(self) -> jax.Array:
         """Which of `token_targets` are response tokens."""
         return self.response_mask if self.packed is None else self.packed.response_mask
+
+    def rows_alone_inputs(self) -> ModelInputs:
+        """Inputs where each row has its own prompt and images (to perturb them row by row): a
+        padded batch's own, a packed batch's twin bins."""
+        if self.packed is None:
+            return self.inputs
+        if self.packed.rows_alone is None:
+            raise ValueError(
+                "VPPO's perturbed forward gives each row its own images: build the packed batch with "
+                "build_packed_train_batch(rows_alone=True)."
+            )
+        return self.packed.rows_alone.inputs
 
     def as_rows(self, values: jax.Array) -> jax.Array:
         """Per-token values of one micro-batch in the inputs' layout -> its (b, R) rows."""
@@ -300,27 +311,29 @@ def build_packed_train_batch(
     window: int,
     budget: int,
     shards: int = 1,
-    per_row: bool = False,
+    rows_alone: bool = False,
     min_micro_batches: int = 1,
     min_rows: int = 1,
+    min_slots: int = 1,
+    min_row_tokens: int = 1,
 ) -> TrainBatch:
     """The groups' rows packed in micro-batches of `shards` bins of `budget` tokens
     (vppo_jax/vppo/packing.py), with one advantage per row (rows numbered group by group), the
     per-row arrays (targets, response mask, advantages, scores) in each micro-batch's rows
     (b of them, `rows` says which) over a response window of `window` tokens.
 
-    `per_row`: each row a sequence of its own, its prompt copied (VPPO's perturbed forward
-    perturbs each row's images); otherwise a group's prompt runs once for its samples.
-    `min_micro_batches` and `min_rows` let batches share one compiled shape."""
+    A group's prompt runs once for its samples; `rows_alone` adds each bin's twin where each
+    row has its own copy of its prompt, for VPPO's perturbed forward (each row its own
+    perturbed images). The minimums let batches share one compiled shape."""
     responses = [np.asarray(r) for g in groups for r in g.responses]
     if len(advantages) != len(responses):
         raise ValueError(f"{len(advantages)} advantages for {len(responses)} rows.")
     longest = max(map(len, responses), default=0)
     if longest > window:
         raise ValueError(f"a response of {longest} tokens does not fit in the response window of {window}.")
-    if per_row:
-        groups = [dataclasses.replace(g, responses=(r,)) for g in groups for r in g.responses]
-    packed, rows = packing.pack_micro_batches(config, groups, budget, shards, min_micro_batches, min_rows)
+    packed, rows = packing.pack_micro_batches(
+        config, groups, budget, shards, min_micro_batches, min_rows, min_slots, rows_alone, min_row_tokens
+    )
     targets = np.zeros((*rows.shape, window), np.int32)
     response_mask = np.zeros(targets.shape, bool)
     for m, r in zip(*np.nonzero(rows >= 0)):
@@ -334,7 +347,6 @@ def build_packed_train_batch(
         advantages=np.where(rows >= 0, np.asarray(advantages, np.float32)[np.maximum(rows, 0)], 0.0),
         packed=packed.layout,
         rows=rows.astype(np.int32),
-        prompt_group=max(len(g.responses) for g in groups),
         rollout_rows=len(responses),
     )
 

@@ -70,6 +70,17 @@ class Sequence:
 
 
 @flax.struct.dataclass
+class RowBins:
+    """A bin's twin: the same rows and response slots (in the same order), each row a sequence of
+    its own after its own copy of its prompt and images. VPPO perturbs each row's images on its
+    own (as the reference does), so its perturbed forward cannot share a prompt between rows."""
+
+    inputs: ModelInputs  # (K, N') the twin bins
+    tree: TokenTree
+    predicted_by: jax.Array  # (K, S): the twin's position whose hidden state predicts each slot's token
+
+
+@flax.struct.dataclass
 class PackedLayout:
     """Where each token of K bins of N = budget tokens belongs (see the module docstring)."""
 
@@ -80,6 +91,7 @@ class PackedLayout:
     response_mask: jax.Array  # bool: the slot holds a response token (the bin may hold fewer than S)
     row: jax.Array  # int32: the token's row, -1 in an empty slot
     column: jax.Array  # int32: its index within its response, -1 in an empty slot
+    rows_alone: RowBins | None = None
 
 
 @flax.struct.dataclass
@@ -166,27 +178,51 @@ def pack_micro_batches(
     min_micro_batches: int = 1,
     min_rows: int = 1,
     min_slots: int = 1,
+    rows_alone: bool = False,
+    min_row_tokens: int = 1,
 ) -> tuple[PackedBatch, np.ndarray]:
     """The groups' sequences in micro-batches of `shards` bins of `budget` tokens (one bin per
     device), at least `min_micro_batches` of them: a PackedBatch with a leading micro-batch
     axis M, and `rows` (M, b): the rows of each micro-batch, ascending, -1 where it has fewer
     than b (b at least `min_rows` and a multiple of `shards`). The layout's `row` indexes a
     micro-batch's own rows (0 .. b - 1), so per-row arrays of a micro-batch are (b, ...).
-    Bins have at least `min_slots` response slots."""
+    Bins have at least `min_slots` response slots.
+
+    `rows_alone`: the layout also holds each bin's twin, its rows each with its own copy of
+    its prompt (`RowBins`, at least `min_row_tokens` tokens a bin), for VPPO's perturbed forward."""
     all_sequences = sequences(groups, budget)
     bins = first_fit_decreasing([s.length for s in all_sequences], budget)
     micro_batches = max(-(-len(bins) // shards), min_micro_batches)
     bins += [[] for _ in range(micro_batches * shards - len(bins))]
-    fills = [
-        _fill_bins(config, groups, all_sequences, bins[m * shards : (m + 1) * shards], budget)
-        for m in range(micro_batches)
-    ]
+    per_micro_batch = lambda a: [a[m * shards : (m + 1) * shards] for m in range(micro_batches)]
+    fills = [_fill_bins(config, groups, all_sequences, part, budget) for part in per_micro_batch(bins)]
     width = max(min_rows, max(len(f.rows) for f in fills))
     width = -(-width // shards) * shards
     rows = np.full((micro_batches, width), -1, np.int64)
     for m, f in enumerate(fills):
         rows[m, : len(f.rows)] = f.rows
-    # One image layout for all micro-batches, so that their inputs stack (no image: all padding).
+    slots = max(min_slots, _most_responses(fills))
+    packed = _stacked(config, fills, slots)
+    if rows_alone:
+        alone = [
+            Sequence(s.group, (g,), len(groups[s.group].prompt) + len(groups[s.group].responses[g]))
+            for s in all_sequences
+            for g in s.responses
+        ]
+        first = np.cumsum([0] + [len(s.responses) for s in all_sequences])  # each sequence's first in `alone`
+        twin_bins = [[i for item in items for i in range(first[item], first[item + 1])] for items in bins]
+        length = max(min_row_tokens, *(sum(alone[i].length for i in items) for items in twin_bins))
+        twins = _stacked(
+            config, [_fill_bins(config, groups, alone, part, length) for part in per_micro_batch(twin_bins)], slots
+        )
+        twin = RowBins(inputs=twins.inputs, tree=twins.layout.tree, predicted_by=twins.layout.predicted_by)
+        packed = packed.replace(layout=packed.layout.replace(rows_alone=twin))
+    return packed, rows
+
+
+def _stacked(config: Qwen2_5_VLConfig, fills: list["_Fill"], slots: int) -> PackedBatch:
+    """Micro-batches' fills as one PackedBatch (M, K, ...), rows numbered within each, with
+    one image layout for all (a fill without an image gets slots of padding)."""
     grids = [np.concatenate(f.grids) for f in fills if f.grids]
     if grids:
         dtype = next(f.pixel_values[0].dtype for f in fills if f.pixel_values)
@@ -195,9 +231,8 @@ def pack_micro_batches(
                 f.pixel_values, f.grids = [np.zeros((0, config.vision.patch_dim), dtype)], [np.zeros((0, 3), int)]
     windows = max((count_windows(config.vision, g) for g in grids), default=1)
     frame_windows = max((largest_frame_windows(config.vision, g) for g in grids), default=1)
-    slots = max(min_slots, _most_responses(fills))
     packed = [_packed_batch(config, f, np.searchsorted(f.rows, f.row), slots, windows, frame_windows) for f in fills]
-    return jax.tree.map(lambda *leaves: np.stack(leaves), *packed), rows
+    return jax.tree.map(lambda *leaves: np.stack(leaves), *packed)
 
 
 @dataclasses.dataclass

@@ -124,21 +124,22 @@ def extra_forwards(config: StepConfig, updates_per_rollout: int, micro_batches: 
     return original, int(config.vppo)
 
 
-def response_hidden(model, micro: TrainBatch, inputs=None) -> jax.Array:
+def response_hidden(model, micro: TrainBatch) -> jax.Array:
     """Final hidden states at the positions that predict `micro.token_targets()` (one micro-batch:
-    (b, R, D) of padded rows, (K, N, D) of packed bins), with `inputs` (perturbed images) in
-    place of the micro-batch's own: each row then runs its own prompt."""
+    (b, R, D) of padded rows, (K, S, D) of packed bins' response slots)."""
     if micro.packed is None:
-        if inputs is None:
-            return model.response_hidden_states(micro.inputs, micro.targets.shape[-1], micro.prompt_group)
-        return model.response_hidden_states(inputs, micro.targets.shape[-1])
-    if inputs is not None and micro.prompt_group > 1:
-        raise ValueError(
-            "VPPO's perturbed forward gives each row its own images, so a packed batch must hold each "
-            "row's own copy of its prompt: build it with build_packed_train_batch(per_row=True)."
-        )
-    hidden = model.packed_hidden_states(micro.inputs if inputs is None else inputs, micro.packed.tree)
+        return model.response_hidden_states(micro.inputs, micro.targets.shape[-1], micro.prompt_group)
+    hidden = model.packed_hidden_states(micro.inputs, micro.packed.tree)
     return packing.predicting_hidden(hidden, micro.packed.predicted_by)
+
+
+def rows_alone_hidden(model, micro: TrainBatch, inputs) -> jax.Array:
+    """`response_hidden` of `inputs` laid out as `micro.rows_alone_inputs()` (each row with its
+    own prompt and images, perturbed): the same tokens in the same order."""
+    if micro.packed is None:
+        return model.response_hidden_states(inputs, micro.targets.shape[-1])
+    twin = micro.packed.rows_alone
+    return packing.predicting_hidden(model.packed_hidden_states(inputs, twin.tree), twin.predicted_by)
 
 
 def token_scores(config: StepConfig, model, micro: TrainBatch, hidden, key):
@@ -146,11 +147,16 @@ def token_scores(config: StepConfig, model, micro: TrainBatch, hidden, key):
     policy whose final hidden states (original images) are `hidden` (`response_hidden`); S_t a
     divergence between its distributions with I and I'."""
     with jax.named_scope("perturbed_forward"):
-        perturbed = perturbation.perturb_images(
-            config.perturbation, micro.inputs, key, config.blacken_prob, micro.perturbed_patches
-        )
+        if micro.packed is not None and config.perturbation == "blacken_pixels":
+            raise ValueError(
+                "perturbation='blacken_pixels' (blackened on the host) is not packed: use 'blacken' (the same "
+                "Bernoulli patch blackening, drawn in the step) or train.packing=False."
+            )
         # Each sample of a prompt gets its own perturbation (as in the reference).
-        hidden_perturbed = jax.lax.stop_gradient(response_hidden(model, micro, perturbed))
+        perturbed = perturbation.perturb_images(
+            config.perturbation, micro.rows_alone_inputs(), key, config.blacken_prob, micro.perturbed_patches
+        )
+        hidden_perturbed = jax.lax.stop_gradient(rows_alone_hidden(model, micro, perturbed))
     with jax.named_scope("dependency"):
         return dependency_lib.scores_with_dependency(
             config.estimator,
