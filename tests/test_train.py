@@ -159,6 +159,36 @@ def test_a_hanging_grader_times_out_and_the_run_goes_on(tmp_path, assets):
     assert not os.listdir(tmp_path / "run" / "checkpoints")  # checkpoint.every_steps=0: none, not even the last
 
 
+def test_a_packed_run_updates_as_a_padded_one(tmp_path, assets):
+    """The same first step (the same rollout) with train.packing off and on: the same update.
+    VPPO's dependency against the gray image (a random blackening draws by patch slot, and slots
+    differ between layouts), TAS and TGF off: the tiny model's dependency is of the order of the
+    float rounding by which the layouts differ, and their rankings would magnify it
+    (tests/test_packing.py checks them exactly on a model that sees its images)."""
+    overrides = {
+        "train.steps": 1,
+        "checkpoint.every_steps": 0,
+        "eval.every_steps": 100,
+        "algo.online_filter": False,
+        "reward.name": "tests.hash_reward:one_in_six",
+        "algo.perturbation": "gray",
+        "algo.tas": False,
+        "algo.tgf": False,
+    }
+    lines = {}
+    # The padded rows in one micro-batch (the tiny recipe's), the packed ones in one bin.
+    layouts = {False: {}, True: {"train.packing": True, "train.micro_batches": 0, "train.micro_batch_tokens": 8192}}
+    for packing, layout in layouts.items():
+        config = write_config(tmp_path / f"config_{packing}.py", assets, **(overrides | layout))
+        run(config, tmp_path / f"run_{packing}")
+        (lines[packing],) = read_metrics(tmp_path / f"run_{packing}" / "metrics.jsonl")
+    padded, packed = lines[False], lines[True]
+    assert padded["rollout/accuracy"] == packed["rollout/accuracy"] > 0  # one rollout, some rewards
+    assert padded["response_tokens"] == packed["response_tokens"]
+    for name in ("loss", "pg_loss", "entropy", "grad_norm", "dependency/token_mean"):
+        assert packed[name] == pytest.approx(padded[name], rel=1e-4), name
+
+
 def test_a_workdir_of_another_config_is_refused(tmp_path):
     from configs import tiny
 

@@ -2,6 +2,8 @@
 
 groups, grader_stats = sample_and_grade(policy, prompts, keys, sampling_params, grade, image_token_id)
 arrays = update_arrays(groups)          # full sequences (prompt + response), per row
+batch = train_batch(config, groups, advantages, micro_batches)     # padded rows
+batch = packed_train_batch(config, groups, advantages, budget)     # packed bins
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import numpy as np
 
 from vppo_jax.models.qwen2_5_vl.inputs import left_pad_to_bucket
 from vppo_jax.rollout import sampling
-from vppo_jax.vppo.batch import TrainBatch, build_train_batch
+from vppo_jax.vppo import packing
+from vppo_jax.vppo.batch import TrainBatch, build_packed_train_batch, build_train_batch
 
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")
 
@@ -196,4 +199,29 @@ def train_batch(
         perturbed_pixel_values,
         response_start=groups.prompt_arrays["input_ids"].shape[1],  # the prompts' padded width
         prompt_group=groups.group_size,
+    )
+
+
+def packed_train_batch(
+    config,
+    groups: GradedGroups,
+    advantages: np.ndarray,
+    budget: int,
+    shards: int = 1,
+    rows_alone: bool = False,
+    minimums: dict | None = None,
+) -> TrainBatch:
+    """The groups packed in bins of `budget` tokens (vppo_jax/vppo/batch.py,
+    build_packed_train_batch): each prompt unpadded with its images, its samples' responses
+    (a filler group's empty: it is in no bin), the response window the rollout's."""
+    g = groups.group_size
+    packed_groups = []
+    for p, prompt in enumerate(groups.prompts):
+        rows = range(p * g, (p + 1) * g)
+        responses = tuple(groups.tokens[r][groups.mask[r] & groups.live[p]] for r in rows)
+        has_images = prompt.image_grid_thw is not None and len(prompt.image_grid_thw) > 0
+        images = (prompt.pixel_values, prompt.image_grid_thw) if has_images else (None, None)
+        packed_groups.append(packing.Group(np.asarray(prompt.prompt_ids), responses, *images))
+    return build_packed_train_batch(
+        config, packed_groups, advantages, groups.tokens.shape[1], budget, shards, rows_alone, **(minimums or {})
     )

@@ -145,6 +145,11 @@ def default_config() -> ml_collections.ConfigDict:
             # the activations (README, "Training").
             micro_batches=0,
             micro_batch_tokens=2048,
+            # Packed micro-batches (vppo_jax/vppo/packing.py): each device's share is one bin of
+            # micro_batch_tokens tokens filled with whole sequences (a prompt once, then its
+            # samples' responses), not rows padded to the longest: the update's work follows the
+            # tokens. Needs micro_batches=0 and a budget that holds the longest prompt and response.
+            packing=False,
             seed=0,
         )
     )
@@ -203,6 +208,7 @@ def check_names(c: ml_collections.ConfigDict):
             raise InputError(f"algo.advantage={c.algo.advantage!r}; choose one of {advantages.ADVANTAGES}.")
         optimizer(c)  # and make_optimizer the parameter dtype
         check_micro_batching(c.train)
+        check_packing(c)
         wandb_run.check_available(c.logging)
     except InputError:
         raise
@@ -266,6 +272,29 @@ def check_micro_batching(t: ml_collections.ConfigDict):
             f"train.micro_batches={t.micro_batches}, train.micro_batch_tokens={t.micro_batch_tokens}: give a "
             "positive micro-batch count, or 0 and a positive token budget per device."
         )
+
+
+def check_packing(c: ml_collections.ConfigDict):
+    """Raises InputError where train.packing cannot pack: a fixed micro-batch count, a bin that
+    cannot hold the longest prompt and response, or the host's pixel blackening."""
+    if not c.train.packing:
+        return
+    longest = c.data.max_prompt_length + c.rollout.max_new_tokens
+    if c.train.micro_batches:
+        problem = f"train.micro_batches={c.train.micro_batches}: packed micro-batches follow the token budget"
+        fix = "set train.micro_batches=0 and size train.micro_batch_tokens"
+    elif c.train.micro_batch_tokens < longest:
+        problem = (
+            f"train.micro_batch_tokens={c.train.micro_batch_tokens} cannot hold the longest prompt and response "
+            f"(data.max_prompt_length + rollout.max_new_tokens = {longest})"
+        )
+        fix = f"raise train.micro_batch_tokens to at least {longest}"
+    elif c.algo.perturbation == "blacken_pixels":
+        problem = "algo.perturbation='blacken_pixels' (blackened on the host) is not packed"
+        fix = "use algo.perturbation='blacken' (the same Bernoulli patch blackening, drawn in the step)"
+    else:
+        return
+    raise InputError(f"train.packing: {problem}: {fix}, or train.packing=False.")
 
 
 def micro_batches(

@@ -33,7 +33,7 @@ from vppo_jax.errors import InputError
 from vppo_jax.models.qwen2_5_vl import lora, with_config
 from vppo_jax.parallel import distributed, host_memory, sharding
 from vppo_jax.rollout.evaluation import evaluate_prompts
-from vppo_jax.rollout.groups import GradedGroups, concatenate, sample_and_grade, train_batch
+from vppo_jax.rollout.groups import GradedGroups, concatenate, packed_train_batch, sample_and_grade, train_batch
 from vppo_jax.rollout.policy import compute_model, load_policy, prompt_builder
 from vppo_jax.rollout.rewards import RewardPool
 from vppo_jax.trainer import config as config_lib
@@ -138,6 +138,7 @@ class Trainer:
         tokenizer."""
         self.step_config = config_lib.step_config(self.config)
         self.optimizer = config_lib.optimizer(self.config)
+        self.packed_minimums = None  # the largest packed batch's shape so far (`packed_batch`)
         # The reference is the weights model.path names, read again at every start (a resumed
         # run included), so that no checkpoint has to hold a second copy of the model.
         self.reference = None
@@ -304,6 +305,9 @@ class Trainer:
         batches = []
         for u in range(c.train.updates_per_rollout):
             part = groups.select(np.arange(u * per_update, (u + 1) * per_update))
+            if c.train.packing:
+                batches.append(self.packed_batch(part, advantages[u]))
+                continue
             perturbed = None
             blacken_pixels = self.step_config.vppo and self.step_config.perturbation == "blacken_pixels"
             if blacken_pixels and "pixel_values" in part.prompt_arrays:
@@ -322,6 +326,21 @@ class Trainer:
             )
             batches.append(train_batch(self.model_config, part, advantages[u], micro, perturbed))
         return batches
+
+    def packed_batch(self, groups: GradedGroups, advantages: np.ndarray) -> TrainBatch:
+        """The groups in packed micro-batches (train.packing), at least as large as every earlier
+        one (`packed_minimums`), so that the update compiles again only when a batch needs more room."""
+        batch = packed_train_batch(
+            self.model_config,
+            groups,
+            advantages,
+            self.config.train.micro_batch_tokens,
+            sharding.batch_shards(self.mesh),
+            rows_alone=self.step_config.vppo,
+            minimums=self.packed_minimums,
+        )
+        self.packed_minimums = batch.packed_minimums()
+        return batch
 
     def evaluate(self, key: jax.Array) -> dict[str, float]:
         e = self.config.eval
@@ -344,9 +363,11 @@ class Trainer:
         and the response tokens they trained on."""
         c = self.config
         batches = self.update_batches(groups, score_key)
+        on_host = batches  # each row's place in its batch (packed batches hold their rows in their own order)
         tokens = float(sum(np.asarray(b.response_mask).sum() for b in batches))  # while still on the host
         metrics = {}
-        if needs_scoring(self.step_config, c.train.updates_per_rollout, *batches[0].targets.shape[:2]):
+        shape = (*batches[0].targets.shape[:2], batches[0].packed is not None)
+        if needs_scoring(self.step_config, c.train.updates_per_rollout, *shape):
             # pi_old statistics for every slice from the rollout policy, before any update.
             with timer("dependency"):
                 batches = jax.block_until_ready(
@@ -358,9 +379,9 @@ class Trainer:
                     ]
                 )
             if self.step_config.kl_penalty_coef:  # the rewards lose their KL before the advantages
-                kl = np.concatenate([np.asarray(self.sequence_kl(b)).reshape(-1) for b in batches])
-                advantages = self.advantages(groups, kl).reshape(len(batches), *batches[0].advantages.shape)
-                batches = [b.replace(advantages=a) for b, a in zip(batches, advantages)]
+                kl = np.concatenate([h.in_rollout_order(self.sequence_kl(b)) for h, b in zip(on_host, batches)])
+                advantages = self.advantages(groups, kl).reshape(len(batches), -1)
+                batches = [b.replace(advantages=h.in_batch_order(a)) for h, b, a in zip(on_host, batches, advantages)]
                 valid = groups.mask.any(1) & np.repeat(groups.live, c.rollout.group_size)
                 metrics["rollout/kl_penalty"] = float(self.step_config.kl_penalty_coef * kl[valid].mean())
         with timer("update"):

@@ -84,6 +84,36 @@ class TrainBatch:
             return values
         return packing.unpack(values, self.packed, *self.targets.shape[-2:])
 
+    def in_rollout_order(self, values: np.ndarray) -> np.ndarray:
+        """Per-row values (M, b) of this batch (on the host) -> (rollout rows,) in rollout order."""
+        values = np.asarray(values)
+        if self.rows is None:
+            return values.reshape(-1)
+        rows = np.asarray(self.rows)
+        out = np.zeros(self.rollout_rows, values.dtype)
+        out[rows[rows >= 0]] = values[rows >= 0]
+        return out
+
+    def in_batch_order(self, values: np.ndarray) -> np.ndarray:
+        """Per-row values in rollout order (rollout rows,) -> (M, b) as this batch holds its rows."""
+        values = np.asarray(values)
+        if self.rows is None:
+            return values.reshape(self.advantages.shape)
+        rows = np.asarray(self.rows)
+        return np.where(rows >= 0, values[np.maximum(rows, 0)], 0).astype(values.dtype)
+
+    def packed_minimums(self) -> dict:
+        """The shape of this packed batch as `build_packed_train_batch`'s minimums: a later
+        batch built with them compiles no new program unless it needs more room."""
+        micro_batches, rows, _ = self.targets.shape
+        twin = self.packed.rows_alone
+        return dict(
+            min_micro_batches=micro_batches,
+            min_rows=rows,
+            min_slots=self.packed.targets.shape[-1],
+            min_row_tokens=1 if twin is None else twin.inputs.input_ids.shape[-1],
+        )
+
     @property
     def scored(self) -> bool:
         """Whether pi_old's statistics came with the batch (`score_rollouts`) rather than
@@ -340,15 +370,16 @@ def build_packed_train_batch(
         response = responses[rows[m, r]]
         targets[m, r, : len(response)] = response
         response_mask[m, r, : len(response)] = True
-    return TrainBatch(
+    batch = TrainBatch(
         inputs=packed.inputs,
         targets=targets,
         response_mask=response_mask,
-        advantages=np.where(rows >= 0, np.asarray(advantages, np.float32)[np.maximum(rows, 0)], 0.0),
+        advantages=np.zeros(rows.shape, np.float32),
         packed=packed.layout,
         rows=rows.astype(np.int32),
         rollout_rows=len(responses),
     )
+    return batch.replace(advantages=batch.in_batch_order(np.asarray(advantages, np.float32)))
 
 
 def build_padded_train_batch(

@@ -102,9 +102,12 @@ class PackedBatch:
 
 def sequences(groups: list[Group], budget: int) -> list[Sequence]:
     """Each group as one sequence, or, where it exceeds `budget`, split into runs of consecutive
-    responses, each after a copy of the prompt and as long as fits."""
+    responses, each after a copy of the prompt and as long as fits; none of a group whose
+    responses are all empty."""
     out = []
     for index, group in enumerate(groups):
+        if not any(map(len, group.responses)):
+            continue  # nothing to learn from (a filler group): its rows are in no bin
         prompt = len(group.prompt)
         run, length = [], prompt
         for g, response in enumerate(group.responses):
