@@ -164,7 +164,7 @@ def executed_flops(config, groups, batch, passes: int, perturbed: int) -> float:
         return flops.decoder_flops(config.text, count * length, float(keys_read))
 
     vocabulary = flops.vocabulary_flops(config.text, batch.packed.targets.size)
-    copies = [s.group for s in packing.sequences(groups, FLAGS.budget)]  # a sequence's prompt and image
+    copies = [s.group for s in packing.pack_sequences(groups, FLAGS.budget)[0]]  # a sequence's prompt and image
     original = decoder(batch.inputs, batch.packed.tree) + vocabulary + sum(vision[id(groups[p])] for p in copies)
     if not perturbed:
         return passes * original

@@ -50,16 +50,18 @@ def rows_of(groups):
     return [(group, np.concatenate([group.prompt, r]), len(r)) for group in groups for r in group.responses]
 
 
-def test_sequences_fill_bins_first_fit_decreasing(models):
+def test_groups_fill_bins_longest_first_split_where_none_has_room(models):
     groups = make_groups()  # prompts of 13, 15 and 27 tokens
-    sequences = packing.sequences(groups, BUDGET)
+    sequences, bins = packing.pack_sequences(groups, BUDGET)
+    # Group 2 (27 + 40 + 35 + 20 tokens) fits no bin: its first response in one, the other two
+    # in another, each after a copy of its prompt; group 0 in a third, where group 1 fits too.
     assert [(s.group, s.responses, s.length) for s in sequences] == [
-        (0, (0, 1, 2), 13 + 43),
-        (1, (0, 1, 2, 3), 15 + 23),
         (2, (0,), 27 + 40),
         (2, (1, 2), 27 + 55),
+        (0, (0, 1, 2), 13 + 43),
+        (1, (0, 1, 2, 3), 15 + 23),
     ]
-    assert packing.first_fit_decreasing([s.length for s in sequences], BUDGET) == [[3], [2], [0, 1]]
+    assert bins == [[0], [1], [2, 3]]
     packed = packing.pack_groups(models[1].config, groups, BUDGET, shards=4)
     assert packed.inputs.input_ids.shape == (4, BUDGET)
     assert not packed.inputs.attention_mask[3].any()  # the bin that pads 3 bins to 4 shards
@@ -71,9 +73,13 @@ def test_sequences_fill_bins_first_fit_decreasing(models):
     firsts = np.flatnonzero(layout.column[2] == 0)
     assert firsts.tolist() == [0, 30, 32, 43, 50, 65] and layout.row[2, firsts].tolist() == [0, 1, 2, 3, 4, 5]
     assert np.all(layout.predicted_by[2, firsts[:3]] == 12) and layout.predicted_by[2, 1] == 13
-    assert layout.response_mask[2].sum() == 66 and layout.row[0, 0] == 8  # bin 0: group 2's sample 1
+    assert layout.response_mask[2].sum() == 66 and layout.row[0, 0] == 7 and layout.row[1, 0] == 8  # group 2's
     with pytest.raises(ValueError, match="raise the token budget to at least 67"):
-        packing.sequences(groups, 66)
+        packing.pack_sequences(groups, 66)
+    # Two micro-batches of two bins: rows 7-9 and 0-6, as many places in each (8, a multiple of
+    # the shards). Per-row values go between the batch's order and the rollout's.
+    batch = build_packed_train_batch(models[1].config, groups, np.arange(10.0), 48, BUDGET, shards=2)
+    assert batch.rows.shape == (2, 8) and batch.in_rollout_order(batch.advantages).tolist() == list(range(10))
 
 
 def dense_tree_attention(q, k, v, tree):

@@ -10,11 +10,13 @@ prompt and the response right-padded to the longest response: at the paper's len
 of it is padding. Here a bin of `budget` tokens holds whole *sequences* one after another,
 and nothing else but its unused tail. A sequence is a group's prompt followed by its G
 responses, each response attending to the prompt and to itself only (the token tree of
-vppo_jax/models/qwen2_5_vl/packed.py), so the prompt runs once; where the whole group exceeds
-the budget, the prompt followed by as many of its next responses as fit, the group split over
-several sequences, each with a copy of the prompt and its images. Sequences fill the bins
-first-fit-decreasing (longest first, ties in rollout order: deterministic), and the bin count
-is padded to a multiple of the data-parallel shards with empty bins (no valid token).
+vppo_jax/models/qwen2_5_vl/packed.py), so the prompt runs once. Groups go into the bins
+longest first (ties in rollout order: deterministic), each whole into the first bin with
+room; where no bin has room for it, it is split: the first bin with room for its prompt and
+its next response takes a copy of the prompt (and its images) and as many of its next
+responses as fit, and so on, a new bin when no bin has room. Bins fill nearly full (a
+group of G long responses is a large item), at the price of a prompt copy per split. The
+bin count is padded to a multiple of the data-parallel shards with empty bins (no valid token).
 
 Every token keeps its M-RoPE positions of the unpadded row prompt + response (`rope_index`,
 as transformers numbers them), so the decoder's hidden states are those of each row alone.
@@ -100,45 +102,39 @@ class PackedBatch:
     layout: PackedLayout
 
 
-def sequences(groups: list[Group], budget: int) -> list[Sequence]:
-    """Each group as one sequence, or, where it exceeds `budget`, split into runs of consecutive
-    responses, each after a copy of the prompt and as long as fits; none of a group whose
-    responses are all empty."""
-    out = []
+def pack_sequences(groups: list[Group], budget: int) -> tuple[list[Sequence], list[list[int]]]:
+    """The groups' sequences and the bins they fill (indexes into the sequences), as the module
+    docstring says; a group whose responses are all empty (a filler group) is in no bin."""
     for index, group in enumerate(groups):
-        if not any(map(len, group.responses)):
-            continue  # nothing to learn from (a filler group): its rows are in no bin
-        prompt = len(group.prompt)
-        run, length = [], prompt
-        for g, response in enumerate(group.responses):
-            if prompt + len(response) > budget:
-                raise ValueError(
-                    f"group {index}: its prompt ({prompt} tokens) and response {g} ({len(response)} tokens) "
-                    f"do not fit in a bin of {budget} tokens: raise the token budget to at least "
-                    f"{prompt + len(response)}."
-                )
-            if length + len(response) > budget:
-                out.append(Sequence(index, tuple(run), length))
-                run, length = [], prompt
-            run.append(g)
-            length += len(response)
-        out.append(Sequence(index, tuple(run), length))
-    return out
-
-
-def first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
-    """Items (their indexes) in bins of `budget`: longest first (ties in order), each into the
-    first bin with room, a new bin when none has."""
-    bins, free = [], []
-    for item in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        fits = next((b for b, room in enumerate(free) if lengths[item] <= room), None)
-        if fits is None:
-            bins.append([])
-            free.append(budget)
-            fits = len(bins) - 1
-        bins[fits].append(item)
-        free[fits] -= lengths[item]
-    return bins
+        longest = max(map(len, group.responses), default=0)
+        if len(group.prompt) + longest > budget:
+            raise ValueError(
+                f"group {index}: its prompt ({len(group.prompt)} tokens) and its longest response "
+                f"({longest} tokens) do not fit in a bin of {budget} tokens: raise the token budget to at "
+                f"least {len(group.prompt) + longest}."
+            )
+    length = lambda i: len(groups[i].prompt) + sum(map(len, groups[i].responses))
+    all_sequences, bins, free = [], [], []
+    for index in sorted(range(len(groups)), key=lambda i: (-length(i), i)):
+        group = groups[index]
+        prompt, sizes = len(group.prompt), [len(r) for r in group.responses]
+        pending = list(range(len(sizes))) if any(sizes) else []
+        while pending:
+            whole = prompt + sum(sizes[g] for g in pending)
+            b = next((b for b, room in enumerate(free) if room >= whole), None)
+            if b is None:
+                b = next((b for b, room in enumerate(free) if room >= prompt + sizes[pending[0]]), len(bins))
+            if b == len(bins):
+                bins.append([])
+                free.append(budget)
+            take, used = [], prompt
+            while pending and used + sizes[pending[0]] <= free[b]:
+                used += sizes[pending[0]]
+                take.append(pending.pop(0))
+            all_sequences.append(Sequence(index, tuple(take), used))
+            bins[b].append(len(all_sequences) - 1)
+            free[b] -= used
+    return all_sequences, bins
 
 
 def _sequence_positions(config: Qwen2_5_VLConfig, group: Group, responses: list[np.ndarray]) -> list[np.ndarray]:
@@ -165,8 +161,7 @@ def pack_groups(
     """The groups' sequences in bins of `budget` tokens, at least `min_bins` of them (one compiled
     shape for several batches) and a multiple of `shards`. Rows are numbered group by group.
     The attention tree is built for `config.attention_block`."""
-    all_sequences = sequences(groups, budget)
-    bins = first_fit_decreasing([s.length for s in all_sequences], budget)
+    all_sequences, bins = pack_sequences(groups, budget)
     count = -(-max(len(bins), min_bins) // shards) * shards
     bins += [[] for _ in range(count - len(bins))]
     fill = _fill_bins(config, groups, all_sequences, bins, budget)
@@ -193,8 +188,7 @@ def pack_micro_batches(
 
     `rows_alone`: the layout also holds each bin's twin, its rows each with its own copy of
     its prompt (`RowBins`, at least `min_row_tokens` tokens a bin), for VPPO's perturbed forward."""
-    all_sequences = sequences(groups, budget)
-    bins = first_fit_decreasing([s.length for s in all_sequences], budget)
+    all_sequences, bins = pack_sequences(groups, budget)
     micro_batches = max(-(-len(bins) // shards), min_micro_batches)
     bins += [[] for _ in range(micro_batches * shards - len(bins))]
     per_micro_batch = lambda a: [a[m * shards : (m + 1) * shards] for m in range(micro_batches)]
