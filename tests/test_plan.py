@@ -203,3 +203,21 @@ def test_the_update_holds_what_the_config_trains():
     (full_update,), (frozen_update,) = full["phases"], frozen["phases"]
     assert full_update.arguments - frozen_update.arguments == 10 * vision
     assert frozen_update.temporaries < full_update.temporaries
+
+
+def test_a_packed_update_is_planned_for_the_tokens_of_the_mean_lengths(tmp_path):
+    """train.packing: the update runs bins of the token budget, as many as the rollout's mean
+    lengths fill; at short responses its compiled FLOPs fall below the padded update's, whose
+    rows run to rollout.max_new_tokens (32) whatever the responses' lengths."""
+    packing = ("--config.train.packing=True", "--config.train.micro_batches=0", "--config.train.micro_batch_tokens=512")
+    flops = {}
+    for name, options in (("padded", ()), ("packed", packing)):
+        out = run_plan("--topology=v5p-8", "--mesh=1,4,1", "--response_tokens=8", *options, f"--json={tmp_path}/p.json")
+        assert out.returncode == 0, out.stderr[-3000:]
+        plan = json.loads((tmp_path / "p.json").read_text())
+        flops[name] = next(p["flops"] for p in plan["phases"] if p["name"] == "update step")
+    # 8 prompts of 116 tokens (16 the image) and 8 x 8 responses: 1,440 tokens, three bins of 512.
+    assert plan["packed"]["micro_batches"] == 1 and plan["packed"]["rows"] == 4 * 22
+    assert "update: packed, one bin of 512 tokens per device and micro-batch, 1 micro-batches" in out.stdout
+    assert "VPPO's twin bin" in out.stdout
+    assert flops["packed"] < 0.7 * flops["padded"]

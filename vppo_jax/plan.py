@@ -151,8 +151,9 @@ def image_grid(config, max_pixels: int) -> tuple[int, int, int]:
     return 1, side * config.vision.spatial_merge_size, side * config.vision.spatial_merge_size
 
 
-def abstract_batch(model_cfg, rows: int, length: int, grid, leading: tuple[int, ...] = ()):
-    """ModelInputs of ShapeDtypeStructs: `rows` sequences of `length` tokens, one image each."""
+def abstract_batch(model_cfg, rows: int, length: int, grid, leading: tuple[int, ...] = (), images: int = 0):
+    """ModelInputs of ShapeDtypeStructs: `rows` sequences of `length` tokens, one image each
+    (or `images` images in all)."""
     import jax
     import numpy as np
 
@@ -165,7 +166,7 @@ def abstract_batch(model_cfg, rows: int, length: int, grid, leading: tuple[int, 
     )
 
     vcfg = model_cfg.vision
-    windows = bucket(count_windows(vcfg, np.array([grid] * rows)))
+    windows = bucket(count_windows(vcfg, np.array([grid] * (images or rows))))
     slots = windows * vcfg.window_units**2 * vcfg.merge_unit
     shape = lambda *s, dtype: jax.ShapeDtypeStruct((*leading, *s), dtype)
     return ModelInputs(
@@ -280,11 +281,14 @@ def plan(
     host_memory: bool = False,
     sampling_rounds: float = 1.0,
     hlo_dir: str = "",
+    mean_lengths: tuple[float, float] | None = None,
 ) -> dict:
     """Per-device bytes of parameters, optimizer state and each compiled phase on `mesh`, and
     each phase's cost; `host_memory`: the devices have host memory of their own (TPU, GPU)
     for the optimizer state to wait in while sampling (rollout.offload_optimizer_state);
-    `sampling_rounds`: mean rounds of sampling per step (dynamic sampling).
+    `sampling_rounds`: mean rounds of sampling per step (dynamic sampling); `mean_lengths`:
+    the mean text tokens of a prompt (its image aside) and of a response, which size a packed
+    update's micro-batches (train.packing; default: the longest).
 
     How often each program runs in a step (Phase.runs), as the trainer runs them: the scoring
     pass and the update once per update of the rollout (train.updates_per_rollout), each over
@@ -330,19 +334,33 @@ def plan(
         config, update_rows, prompt_length + r.max_new_tokens, sharding.batch_shards(mesh), prompt_length, r.group_size
     )
     rows = update_rows // micro_batches
+    packed = None
+    if t.packing:  # bins of the token budget, as many as a rollout of the mean lengths fills
+        text_tokens, response_tokens = mean_lengths or (prompt_length, r.max_new_tokens)
+        prompt_tokens = text_tokens + math.prod(grid) // model_cfg.vision.merge_unit
+        packed = packed_shape(config, sharding.batch_shards(mesh), update_rows, prompt_tokens, response_tokens)
+        packed["twin"] *= step_config.vppo  # GRPO perturbs nothing: no twin bins
+        micro_batches, rows = packed["micro_batches"], packed["rows"]
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
     results = []
     compiled_phase = functools.partial(_compiled_phase, hlo_dir=hlo_dir)
 
     # The update on one micro-batched slice of the rollout batch, as the trainer runs it.
-    inputs = abstract_batch(model_cfg, rows, prompt_length + r.max_new_tokens, grid, leading=(micro_batches,))
     per_row = lambda dtype: jax.ShapeDtypeStruct((micro_batches, rows, r.max_new_tokens), dtype)  # the responses
-    batch = TrainBatch(
-        inputs=inputs,
+    if packed:
+        batch = packed_batch(model_cfg, packed, grid, step_config.vppo, sharding.batch_shards(mesh))
+    else:
+        batch = TrainBatch(
+            inputs=abstract_batch(model_cfg, rows, prompt_length + r.max_new_tokens, grid, leading=(micro_batches,)),
+            prompt_group=math.gcd(r.group_size, rows),  # as build_train_batch finds a rollout's rows
+            targets=None,
+            response_mask=None,
+            advantages=None,
+        )
+    batch = batch.replace(
         targets=per_row(np.int32),
         response_mask=per_row(np.bool_),
         advantages=jax.ShapeDtypeStruct((micro_batches, rows), np.float32),
-        prompt_group=math.gcd(r.group_size, rows),  # as build_train_batch finds a rollout's rows
     )
     # A KL's reference policy: the initial weights in the compute dtype, sharded like the
     # parameters, resident through every phase (an argument of the scoring pass).
@@ -352,7 +370,7 @@ def plan(
         ref_shardings = sharding.param_shardings(mesh, ref_params)
         ref_params = sharded(ref_params, ref_shardings)
         ref_bytes = bytes_per_device(ref_params, ref_shardings)
-    if needs_scoring(step_config, t.updates_per_rollout, micro_batches, rows):  # pi_old, dependency first
+    if needs_scoring(step_config, t.updates_per_rollout, micro_batches, rows, bool(packed)):  # pi_old first
         if "score" in phases:
             program = programs.score_program(step_config, graphdef, mesh, state.model_params, batch, key, ref_params)
             results.append(
@@ -428,17 +446,98 @@ def plan(
         length=prompt_length + r.max_new_tokens,
         grid=grid,
         remat=model_cfg.remat,
-        extra_forwards=extra_forwards(step_config, t.updates_per_rollout, micro_batches, rows),
-        prompt_run=prompt_run(batch.prompt_group, rows, mesh),  # as the model runs the update's rows
+        extra_forwards=extra_forwards(step_config, t.updates_per_rollout, micro_batches, rows, bool(packed)),
+        # as the model runs the update's rows (packed: a prompt once for its group)
+        prompt_run=r.group_size if packed else prompt_run(batch.prompt_group, rows, mesh),
+        packed=packed,
+    )
+
+
+def packed_shape(config, shards: int, update_rows: int, prompt_tokens: float, response_tokens: float) -> dict:
+    """The packed update's shapes (train.packing) for a rollout of these mean lengths: a
+    group's prompt and G responses fill bins of train.micro_batch_tokens, split (a prompt copy
+    per piece) where a group exceeds one; one bin per device per micro-batch, the bins full
+    but for the last micro-batch's; each bin's rows, response slots (its tokens less its
+    prompts') and images (one per piece), and its VPPO twin (each row its own prompt)."""
+    budget, group = config.train.micro_batch_tokens, config.rollout.group_size
+    group_tokens = prompt_tokens + group * response_tokens
+    pieces = math.ceil(group_tokens / budget)  # per group
+    tokens = update_rows // group * (group_tokens + (pieces - 1) * prompt_tokens)
+    bins = math.ceil(tokens / budget)
+    sequences = math.ceil(update_rows // group * pieces / bins)  # per bin
+    rows_per_bin = math.ceil(update_rows / bins)
+    slots = max(1, round(budget - sequences * prompt_tokens))
+    return dict(
+        budget=budget,
+        micro_batches=math.ceil(bins / shards),
+        rows=rows_per_bin * shards,
+        rows_per_bin=rows_per_bin,
+        slots=slots,
+        sequences=sequences,
+        twin=round(slots + rows_per_bin * prompt_tokens),
+        update_rows=update_rows,
+        mean_lengths=(prompt_tokens, response_tokens),
+    )
+
+
+def packed_batch(model_cfg, packed: dict, grid, vppo: bool, shards: int):
+    """An abstract packed TrainBatch of `packed_shape`'s shapes, its per-row arrays left to fill."""
+    import jax
+    import numpy as np
+
+    from vppo_jax.models.qwen2_5_vl.packed import TokenTree
+    from vppo_jax.vppo.batch import TrainBatch
+    from vppo_jax.vppo.packing import PackedLayout, RowBins
+
+    leading = (packed["micro_batches"], shards)
+    struct = lambda *shape, dtype=np.int32: jax.ShapeDtypeStruct((*leading, *shape), dtype)
+
+    def tree(length: int) -> TokenTree:
+        blocks = -(-length // model_cfg.attention_block)
+        per_token = struct(length)
+        return TokenTree(struct(length, dtype=np.bool_), per_token, per_token, struct(blocks, blocks), struct(blocks))
+
+    slot = struct(packed["slots"])
+    twin = None
+    if vppo:
+        inputs = abstract_batch(model_cfg, shards, packed["twin"], grid, (packed["micro_batches"],), packed["rows"])
+        twin = RowBins(inputs=inputs, tree=tree(packed["twin"]), predicted_by=slot)
+    return TrainBatch(
+        inputs=abstract_batch(
+            model_cfg, shards, packed["budget"], grid, (packed["micro_batches"],), packed["sequences"] * shards
+        ),
+        targets=None,
+        response_mask=None,
+        advantages=None,
+        packed=PackedLayout(
+            tree=tree(packed["budget"]),
+            targets=slot,
+            predicted_by=slot,
+            response_mask=struct(packed["slots"], dtype=np.bool_),
+            row=slot,
+            column=slot,
+            rows_alone=twin,
+        ),
+        rows=jax.ShapeDtypeStruct((packed["micro_batches"], packed["rows"]), np.int32),
+        rollout_rows=packed["update_rows"],
     )
 
 
 def report(result: dict, mesh_shape: dict, topo: Topology, compiler: str) -> str:
     gib = lambda b: f"{b / GIB:,.2f}"
+    update = f"{result['rows']} rows x {result['length']} tokens per micro-batch"
+    if packed := result.get("packed"):
+        update = (
+            f"packed, one bin of {packed['budget']} tokens per device and micro-batch, {packed['micro_batches']} "
+            f"micro-batches at {packed['mean_lengths'][0]:.0f} prompt and {packed['mean_lengths'][1]:.0f} response "
+            f"tokens on average (the work follows the tokens); a bin holds {packed['rows_per_bin']} "
+            f"rows and {packed['slots']} response slots"
+            + (f", VPPO's twin bin {packed['twin']} tokens" if packed["twin"] else "")
+        )
     lines = [
         f"compiler: {compiler}",
-        f"mesh {mesh_shape} on {topo.devices} devices; update: {result['rows']} rows x {result['length']} tokens per "
-        f"micro-batch, sampler: {result['prompts']} prompts per wave, image grid {result['grid']} per row",
+        f"mesh {mesh_shape} on {topo.devices} devices; update: {update}, sampler: {result['prompts']} prompts per "
+        f"wave, image grid {result['grid']} per row",
         f"parameters {gib(result['params'])} GiB trained + {gib(result['frozen'])} GiB frozen, optimizer state "
         f"{gib(result['opt_state'])} GiB per device",
         "",
@@ -643,7 +742,13 @@ def main(argv):
     )
     host_memory = sharding.host_memory_is_separate(backend)
     result = plan(
-        config, model_cfg, mesh, host_memory=host_memory, sampling_rounds=FLAGS.sampling_rounds, hlo_dir=FLAGS.hlo_dir
+        config,
+        model_cfg,
+        mesh,
+        host_memory=host_memory,
+        sampling_rounds=FLAGS.sampling_rounds,
+        hlo_dir=FLAGS.hlo_dir,
+        mean_lengths=(FLAGS.text_tokens, FLAGS.response_tokens or config.rollout.max_new_tokens),
     )
     print(report(result, mesh_shape, topo, compiler))
     if topo.kind != "cpu":

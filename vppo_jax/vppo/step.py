@@ -115,12 +115,15 @@ def shaped_across(config: StepConfig, micro_batches: int, rows: int, packed: boo
     return config.vppo and micro_batches > 1 and not shaping_is_local(config, rows, packed)
 
 
-def extra_forwards(config: StepConfig, updates_per_rollout: int, micro_batches: int, rows: int) -> tuple[int, int]:
+def extra_forwards(
+    config: StepConfig, updates_per_rollout: int, micro_batches: int, rows: int, packed: bool = False
+) -> tuple[int, int]:
     """Forwards of the batch a step runs besides its updates' own (vppo_jax/flops.py), as
     (with the original images, with perturbed images): the scoring pass's pi_old where one is
     needed and the reference policy's with a KL, and VPPO's perturbed forward (in the scoring
     pass or inside the update)."""
-    original = int(needs_scoring(config, updates_per_rollout, micro_batches, rows)) + int(config.uses_reference)
+    scoring = needs_scoring(config, updates_per_rollout, micro_batches, rows, packed)
+    original = int(scoring) + int(config.uses_reference)
     return original, int(config.vppo)
 
 
