@@ -58,7 +58,9 @@ def get_config(arg: str = ""):
     config.optim.warmup_steps = 10
     config.train.steps = 80
     config.train.updates_per_rollout = 1
-    config.train.micro_batches = 1  # 64 rows in one pass: the step scores them in-pass (no separate scoring)
+    # The 64 rows in one packed micro-batch (at most 8 x (256 + 8 x 32) tokens): the step scores
+    # them in-pass (no separate scoring).
+    config.train.micro_batch_tokens = 4096
     config.checkpoint.every_steps = 20
     config.eval.every_steps = 20
     config.eval.k = 4

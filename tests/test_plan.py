@@ -206,13 +206,13 @@ def test_the_update_holds_what_the_config_trains():
 
 
 def test_a_packed_update_is_planned_for_the_tokens_of_the_mean_lengths(tmp_path):
-    """train.packing: the update runs bins of the token budget, as many as the rollout's mean
+    """train.packing (the tiny recipe's): the update runs bins of the token budget, as many as the rollout's mean
     lengths fill; at short responses its compiled FLOPs fall below the padded update's, whose
     rows run to rollout.max_new_tokens (32) whatever the responses' lengths."""
-    packing = ("--config.train.packing=True", "--config.train.micro_batches=0", "--config.train.micro_batch_tokens=512")
     flops = {}
-    for name, options in (("padded", ()), ("packed", packing)):
-        out = run_plan("--topology=v5p-8", "--mesh=1,4,1", "--response_tokens=8", *options, f"--json={tmp_path}/p.json")
+    layouts = {"padded": "--config.train.packing=False", "packed": "--config.train.micro_batch_tokens=512"}
+    for name, option in layouts.items():
+        out = run_plan("--topology=v5p-8", "--mesh=1,4,1", "--response_tokens=8", option, f"--json={tmp_path}/p.json")
         assert out.returncode == 0, out.stderr[-3000:]
         plan = json.loads((tmp_path / "p.json").read_text())
         flops[name] = next(p["flops"] for p in plan["phases"] if p["name"] == "update step")

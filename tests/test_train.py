@@ -176,8 +176,8 @@ def test_a_packed_run_updates_as_a_padded_one(tmp_path, assets):
         "algo.tgf": False,
     }
     lines = {}
-    # The padded rows in one micro-batch (the tiny recipe's), the packed ones in one bin.
-    layouts = {False: {}, True: {"train.packing": True, "train.micro_batches": 0, "train.micro_batch_tokens": 8192}}
+    # The padded rows in one micro-batch, the packed ones in one bin (the tiny recipe's).
+    layouts = {False: {"train.packing": False, "train.micro_batches": 1}, True: {}}
     for packing, layout in layouts.items():
         config = write_config(tmp_path / f"config_{packing}.py", assets, **(overrides | layout))
         run(config, tmp_path / f"run_{packing}")

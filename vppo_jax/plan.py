@@ -335,7 +335,7 @@ def plan(
     )
     rows = update_rows // micro_batches
     packed = None
-    if t.packing:  # bins of the token budget, as many as a rollout of the mean lengths fills
+    if config_lib.packs(config):  # bins of the token budget, as many as a rollout of the mean lengths fills
         text_tokens, response_tokens = mean_lengths or (prompt_length, r.max_new_tokens)
         prompt_tokens = text_tokens + math.prod(grid) // model_cfg.vision.merge_unit
         packed = packed_shape(config, sharding.batch_shards(mesh), update_rows, prompt_tokens, response_tokens)

@@ -148,8 +148,11 @@ def default_config() -> ml_collections.ConfigDict:
             # Packed micro-batches (vppo_jax/vppo/packing.py): each device's share is one bin of
             # micro_batch_tokens tokens filled with whole sequences (a prompt once, then its
             # samples' responses), not rows padded to the longest: the update's work follows the
-            # tokens. Needs micro_batches=0 and a budget that holds the longest prompt and response.
-            packing=False,
+            # tokens. It packs where it is exact: with micro-batches from the token budget
+            # (micro_batches=0, a budget that holds the longest prompt and response) and the
+            # step's own perturbation; a fixed micro_batches or algo.perturbation="blacken_pixels"
+            # (the host's) keep padded rows.
+            packing=True,
             seed=0,
         )
     )
@@ -274,27 +277,21 @@ def check_micro_batching(t: ml_collections.ConfigDict):
         )
 
 
+def packs(c: ml_collections.ConfigDict) -> bool:
+    """Whether the update runs packed micro-batches (train.packing, where it is exact: micro-
+    batches from the token budget, the perturbation drawn in the step)."""
+    return bool(c.train.packing) and not c.train.micro_batches and c.algo.perturbation != "blacken_pixels"
+
+
 def check_packing(c: ml_collections.ConfigDict):
-    """Raises InputError where train.packing cannot pack: a fixed micro-batch count, a bin that
-    cannot hold the longest prompt and response, or the host's pixel blackening."""
-    if not c.train.packing:
-        return
+    """Raises InputError where a packed update's bin cannot hold the longest prompt and response."""
     longest = c.data.max_prompt_length + c.rollout.max_new_tokens
-    if c.train.micro_batches:
-        problem = f"train.micro_batches={c.train.micro_batches}: packed micro-batches follow the token budget"
-        fix = "set train.micro_batches=0 and size train.micro_batch_tokens"
-    elif c.train.micro_batch_tokens < longest:
-        problem = (
-            f"train.micro_batch_tokens={c.train.micro_batch_tokens} cannot hold the longest prompt and response "
-            f"(data.max_prompt_length + rollout.max_new_tokens = {longest})"
+    if packs(c) and c.train.micro_batch_tokens < longest:
+        raise InputError(
+            f"train.packing: train.micro_batch_tokens={c.train.micro_batch_tokens} cannot hold the longest "
+            f"prompt and response (data.max_prompt_length + rollout.max_new_tokens = {longest}): raise "
+            f"train.micro_batch_tokens to at least {longest}, or train.packing=False."
         )
-        fix = f"raise train.micro_batch_tokens to at least {longest}"
-    elif c.algo.perturbation == "blacken_pixels":
-        problem = "algo.perturbation='blacken_pixels' (blackened on the host) is not packed"
-        fix = "use algo.perturbation='blacken' (the same Bernoulli patch blackening, drawn in the step)"
-    else:
-        return
-    raise InputError(f"train.packing: {problem}: {fix}, or train.packing=False.")
 
 
 def micro_batches(

@@ -212,6 +212,8 @@ class Trainer:
         self.data.set_state(data_states[jax.process_index()])
         self.skips.counts.update(hosts[jax.process_index()]["skips"])
         self.collapse_guard.restore(hosts[jax.process_index()].get("collapse_guard", {}))
+        # The packed batches' shapes so far: the resumed run compiles what the uninterrupted one would.
+        self.packed_minimums = hosts[jax.process_index()].get("packed_minimums")
         return latest
 
     def current_policy(self):
@@ -305,7 +307,7 @@ class Trainer:
         batches = []
         for u in range(c.train.updates_per_rollout):
             part = groups.select(np.arange(u * per_update, (u + 1) * per_update))
-            if c.train.packing:
+            if config_lib.packs(c):
                 batches.append(self.packed_batch(part, advantages[u]))
                 continue
             perturbed = None
@@ -428,7 +430,11 @@ class Trainer:
             self.state,
             self.rng,
             self.data.get_state(),
-            {"skips": dict(self.skips.counts), "collapse_guard": self.collapse_guard.state()},
+            {
+                "skips": dict(self.skips.counts),
+                "collapse_guard": self.collapse_guard.state(),
+                "packed_minimums": self.packed_minimums,
+            },
         )
 
     def train(self):
