@@ -41,6 +41,7 @@ from step import IMAGE_TOKEN, small_config
 from vppo_jax import flops
 from vppo_jax.io.cli import parse_flags
 from vppo_jax.models.qwen2_5_vl import init_model
+from vppo_jax.trainer.config import default_config, micro_batches
 from vppo_jax.trainer.optimizer import make_optimizer
 from vppo_jax.vppo import packing, programs
 from vppo_jax.vppo import step as step_lib
@@ -76,11 +77,12 @@ def rollout() -> list[packing.Group]:
 
 
 def padded_micro_batches(groups: list[packing.Group], window: int) -> int:
-    """The fewest micro-batches (dividing the rows) whose rows fit in the budget, a group's
-    prompt counted once in a micro-batch (trainer.config.micro_batches)."""
+    """The trainer's count for these padded rows: the fewest micro-batches whose rows fit in the
+    budget, a group's prompt counted once in a micro-batch."""
+    config = default_config()
+    config.train.micro_batch_tokens = FLAGS.budget
     rows, prompt = sum(len(g.responses) for g in groups), max(len(g.prompt) for g in groups)
-    tokens = lambda r: r * (prompt + window) - (r - r // np.gcd(r, FLAGS.group)) * prompt
-    return next(m for m in range(1, rows + 1) if rows % m == 0 and (m == rows or tokens(rows // m) <= FLAGS.budget))
+    return micro_batches(config, rows, prompt + window, prompt_tokens=prompt, group_size=FLAGS.group)
 
 
 def update_batch(config, groups, algorithm: str, layout: str):

@@ -1,6 +1,7 @@
 """Packed sequences (vppo_jax/vppo/packing.py, models/qwen2_5_vl/packed.py): the host layout,
-the tree attention against a dense mask, and the packed forward's response log-probs and their
-gradients against transformers run on each row alone."""
+the tree attention against a dense mask, the packed forward's response log-probs and their
+gradients against transformers run on each row alone, and the packed update against the
+padded update of the same rollout."""
 
 import jax
 import jax.numpy as jnp
