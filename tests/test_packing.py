@@ -221,9 +221,10 @@ def update_of(model, config: step_lib.StepConfig, batch, score: bool):
     return change, metrics
 
 
-# GRPO packs a group's prompt once for its samples; VPPO each row with its own prompt (its own
-# perturbed images). A budget of 96 tokens: several micro-batches (global TAS then needs the
-# scoring pass); of 512: one (every configuration in the update's own forward).
+# A group's prompt runs once for its samples; VPPO's perturbed forward runs each row with its
+# own prompt (the twin bins). A budget of 96 tokens: several micro-batches (global TAS then
+# needs the scoring pass), and for GRPO the room of a larger earlier batch (empty micro-batches,
+# more rows and slots: the trainer's high-water shapes); of 512: one micro-batch.
 @pytest.mark.parametrize(
     "vppo, tas, score, budget",
     [(False, False, False, 96), (True, False, False, 96), (True, True, True, 96), (True, True, False, 512)],
@@ -240,7 +241,8 @@ def test_a_packed_update_is_the_padded_update(models, vppo, tas, score, budget):
     config = step_lib.StepConfig(vppo=vppo, tas=tas, perturbation="gray", estimator="kl", group_size=3)
     window = 48  # wider than the longest response (40)
     padded = build_padded_train_batch(model.config, groups, advantages, window)
-    packed = build_packed_train_batch(model.config, groups, advantages, window, budget, rows_alone=vppo)
+    room = {} if vppo else dict(min_micro_batches=5, min_rows=12, min_slots=90)
+    packed = build_packed_train_batch(model.config, groups, advantages, window, budget, rows_alone=vppo, **room)
     assert (packed.targets.shape[0] > 1) == (budget == 96)
     padded_change, padded_metrics = update_of(model, config, padded, score)
     packed_change, packed_metrics = update_of(model, config, packed, score)

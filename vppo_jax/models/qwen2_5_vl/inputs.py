@@ -164,7 +164,10 @@ def vision_inputs(
     source = np.pad(source, (0, pad), constant_values=-1)
     frame = np.pad(frame, (0, pad), constant_values=-1)
     hw = np.pad(hw, ((0, pad), (0, 0)))
-    patches = np.where((source >= 0)[:, None], pixel_values[np.maximum(source, 0)], 0).astype(pixel_values.dtype)
+    if len(pixel_values):
+        patches = np.where((source >= 0)[:, None], pixel_values[np.maximum(source, 0)], 0).astype(pixel_values.dtype)
+    else:  # no image: every slot padding
+        patches = np.zeros((len(source), vcfg.patch_dim), pixel_values.dtype)
     # A unit's slot is found from its first patch: unit u of HF order has first pixel row 4u.
     unit_first = source[:: vcfg.merge_unit]
     unit_slot = np.full(expected_rows // vcfg.merge_unit, -1, np.int64)
