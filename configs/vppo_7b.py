@@ -19,13 +19,13 @@ def get_config(arg: str = ""):
     # rows (FSDP); `python -m vppo_jax.plan` prints what this needs per device.
     config.mesh.fsdp = -1
     # The update's memory: each layer's backward keeps only its input, and each device takes one
-    # 6144-token row per micro-batch: as many micro-batches as the topology needs (64 on v5p-32,
-    # 128 on 8 x H100), whatever the device count. The TPU compiler's figures (libtpu 0.0.42.1,
-    # no TPU needed; requirements-tpu.txt), v5p-32, 16 chips of 95 GiB:
-    #   python -m vppo_jax.plan --config=configs/vppo_7b.py --model=7b --topology=v5p-32
-    #   update 26.9, scoring 14.2, prefill 5.7, decode 19.2 GiB per chip: fits, 72% headroom.
-    # (XLA:CPU's estimates, --compiler=xla_cpu: 28.4 GiB for the update; 2.0 TiB with no remat
-    # and 32 micro-batches; two rows per device, micro_batch_tokens=12288: 37.6 GiB.)
+    # 6144-token bin per micro-batch (packed: a prompt once, then its samples' responses; the
+    # longest prompt and response fit one), as many micro-batches as the rollout's tokens fill.
+    # XLA:CPU's figures for v5p-32 at 600-token responses on average (docs/results.md):
+    #   python -m vppo_jax.plan --config=configs/vppo_7b.py --model=7b --topology=v5p-32 --response_tokens=600
+    #   8 micro-batches; update 26.5, scoring 26.5, prefill 10.8, decode 34.8 GiB per chip.
+    # Padded rows (train.packing=False: one 6144-token row per device, 64 micro-batches on
+    # v5p-32), by the TPU compiler: update 26.9, scoring 14.2, prefill 5.7, decode 19.2 GiB.
     config.model.remat = "full"
     config.train.micro_batches = 0
     config.train.micro_batch_tokens = 6144
