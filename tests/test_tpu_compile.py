@@ -37,9 +37,10 @@ def test_the_four_programs_compile_for_tpu():
         assert phase.cycles > 0 and phase.flops > 0, phase
     # The update takes the train state and gives it back in place (donated).
     assert phases["update step"].aliased >= result["params"] + result["opt_state"]
-    # The compiler's optimal_seconds (-1 where it has none: the decode loop's data-bounded
-    # loops), and a time for every program from its cycles (see plan.plan).
-    assert phases["update step"].xla_seconds > 0 and phases["rollout decode"].xla_seconds == 0
+    # The compiler's optimal_seconds (-1 where it has none: loops bounded by data, the decode
+    # loop's and the packed update's tree attention's), and a time for every program from its
+    # cycles (see plan.plan).
+    assert phases["rollout prefill"].xla_seconds > 0 and phases["rollout decode"].xla_seconds == 0
     assert all(phase.seconds > 0 for phase in phases.values())
     assert sum(not known for _, known in phases["rollout decode"].loops) == 4  # the decode blocks
 

@@ -148,10 +148,10 @@ def default_config() -> ml_collections.ConfigDict:
             # Packed micro-batches (vppo_jax/vppo/packing.py): each device's share is one bin of
             # micro_batch_tokens tokens filled with whole sequences (a prompt once, then its
             # samples' responses), not rows padded to the longest: the update's work follows the
-            # tokens. It packs where it is exact: with micro-batches from the token budget
-            # (micro_batches=0, a budget that holds the longest prompt and response) and the
-            # step's own perturbation; a fixed micro_batches or algo.perturbation="blacken_pixels"
-            # (the host's) keep padded rows.
+            # tokens. It packs where it can and is exact: with micro-batches from the token
+            # budget (micro_batches=0) that holds the longest prompt and response, and the step's
+            # own perturbation; otherwise (a fixed micro_batches, a smaller budget, or
+            # algo.perturbation="blacken_pixels", the host's) the update keeps padded rows.
             packing=True,
             seed=0,
         )
@@ -211,7 +211,6 @@ def check_names(c: ml_collections.ConfigDict):
             raise InputError(f"algo.advantage={c.algo.advantage!r}; choose one of {advantages.ADVANTAGES}.")
         optimizer(c)  # and make_optimizer the parameter dtype
         check_micro_batching(c.train)
-        check_packing(c)
         wandb_run.check_available(c.logging)
     except InputError:
         raise
@@ -278,20 +277,12 @@ def check_micro_batching(t: ml_collections.ConfigDict):
 
 
 def packs(c: ml_collections.ConfigDict) -> bool:
-    """Whether the update runs packed micro-batches (train.packing, where it is exact: micro-
-    batches from the token budget, the perturbation drawn in the step)."""
-    return bool(c.train.packing) and not c.train.micro_batches and c.algo.perturbation != "blacken_pixels"
-
-
-def check_packing(c: ml_collections.ConfigDict):
-    """Raises InputError where a packed update's bin cannot hold the longest prompt and response."""
+    """Whether the update runs packed micro-batches (train.packing, where it can and is exact:
+    micro-batches from a token budget that holds the longest prompt and response, the
+    perturbation drawn in the step)."""
     longest = c.data.max_prompt_length + c.rollout.max_new_tokens
-    if packs(c) and c.train.micro_batch_tokens < longest:
-        raise InputError(
-            f"train.packing: train.micro_batch_tokens={c.train.micro_batch_tokens} cannot hold the longest "
-            f"prompt and response (data.max_prompt_length + rollout.max_new_tokens = {longest}): raise "
-            f"train.micro_batch_tokens to at least {longest}, or train.packing=False."
-        )
+    budget = not c.train.micro_batches and c.train.micro_batch_tokens >= longest
+    return bool(c.train.packing) and budget and c.algo.perturbation != "blacken_pixels"
 
 
 def micro_batches(
